@@ -1,0 +1,13 @@
+"""Generate the captioned world (deterministic by seed) into data/world/.
+
+    python data/make_world.py                       # every split
+    python data/make_world.py style/train style/test
+"""
+
+import sys
+from pathlib import Path
+
+from toolkit.data.world import generate_all
+
+if __name__ == "__main__":
+    generate_all(Path(__file__).parent / "world", only=tuple(sys.argv[1:]) or None)

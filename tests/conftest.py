@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny random SD pipeline saved with save_pretrained, tiny captioned datasets
+in the three supported layouts, and a helper that composes the real Hydra config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+from toolkit.config import CONFIG_DIR, ROOT, register_resolvers  # noqa: E402
+from toolkit.data.world import generate  # noqa: E402
+from toolkit.models.tiny import build_tiny_pipeline  # noqa: E402
+
+register_resolvers()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_v(tmp_path_factory) -> str:
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v", seed=1,
+                                   prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def imagefolder_data(tmp_path_factory) -> Path:
+    """16 captioned 32px images, imagefolder layout with metadata.jsonl."""
+    return generate(tmp_path_factory.mktemp("data") / "imagefolder", n=16, seed=0, size=32)
+
+
+@pytest.fixture(scope="session")
+def csv_data(imagefolder_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "csv"
+    shutil.copytree(imagefolder_data, out, dirs_exist_ok=True)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    (out / "metadata.jsonl").unlink()
+    (out / "metadata.csv").write_text("file_name,text\n" + "".join(
+        f'{r["file_name"]},"{r["text"]}"\n' for r in rows))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sidecar_data(imagefolder_data, tmp_path_factory) -> Path:
+    """kohya layout: image.png + image.txt."""
+    out = tmp_path_factory.mktemp("data") / "sidecar"
+    out.mkdir(exist_ok=True)
+    for line in (imagefolder_data / "metadata.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        shutil.copy(imagefolder_data / r["file_name"], out / r["file_name"])
+        (out / r["file_name"]).with_suffix(".txt").write_text(r["text"])
+    return out
+
+
+def tiny_overrides(model: str, data: Path, out: Path) -> list[str]:
+    """Shrink the real config to a seconds-long CPU run."""
+    return [
+        f"model.name_or_path={model}", f"data.path={data}", "data.resolution=16",
+        "data.global_batch_size=4", "data.val_fraction=0.25", "logger=csv",
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={out}",
+    ]
+
+
+def compose_cfg(overrides: list[str], output_dir: Path | None = None):
+    """Compose conf/config.yaml as run.py would, with the Hydra runtime set for interpolations."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run: the task sees no hydra node
+    return cfg
+
+
+def run_entry(args: list[str], timeout: int = 600, env: dict | None = None):
+    """Run ``python run.py ARGS`` in a subprocess (the real entry point)."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,165 @@
+"""The LightningModule that fine-tunes LoRA adapters on a frozen latent-diffusion pipeline.
+
+Checkpoints hold only the trainable (LoRA) tensors plus Lightning's optimizer/scheduler/loop
+state: the frozen base is reloaded from ``model.name_or_path`` and never written to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from peft import LoraConfig
+
+from toolkit.models import objectives
+from toolkit.models.lora import add_lora
+from toolkit.models.pretrained import load_components
+
+
+class LoRADiffusion(L.LightningModule):
+    """LoRA fine-tuning of an SD-layout UNet (and optionally its text encoder).
+
+    Args:
+        pretrained: kwargs of :func:`toolkit.models.pretrained.load_components`
+            (``name_or_path``, ``revision``, ``variant``, ``dtype``).
+        lora: peft ``LoraConfig`` for the UNet.
+        text_encoder_lora: ``LoraConfig`` for the text encoder, or None to keep it frozen.
+        optimizer: partial optimizer, called with the trainable parameters.
+        lr_scheduler: partial ``diffusers.optimization.get_scheduler`` (called with the optimizer
+            and ``num_training_steps``), or None for a constant LR.
+        caption_dropout: probability of training on the empty prompt (keeps CFG working).
+        snr_gamma: min-SNR-γ weighting; None for the plain MSE.
+        noise_offset: noise-offset strength (0 disables it).
+        min_timestep / max_timestep: training timestep range [min, max); None = whole schedule.
+        gradient_checkpointing: recompute UNet activations in backward to save memory.
+        attention: ``sdpa`` (PyTorch scaled_dot_product_attention) or ``default``.
+        val_timesteps: fixed timesteps of the validation loss (same noise every time, so the
+            figure is comparable across runs and checkpoints).
+        val_seed: seed of the fixed validation noise.
+    """
+
+    def __init__(
+        self,
+        pretrained: Mapping[str, Any],
+        lora: LoraConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        text_encoder_lora: LoraConfig | None = None,
+        caption_dropout: float = 0.0,
+        snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        min_timestep: int = 0,
+        max_timestep: int | None = None,
+        gradient_checkpointing: bool = False,
+        attention: str = "sdpa",
+        val_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
+        val_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.pretrained = dict(pretrained)
+        c = load_components(**self.pretrained)
+        self.tokenizer, self.noise_scheduler = c.tokenizer, c.noise_scheduler
+        self.text_encoder, self.vae, self.unet = c.text_encoder, c.vae, c.unet
+        if attention == "sdpa":
+            self.unet.set_attn_processor(AttnProcessor2_0())
+        elif attention != "default":
+            raise ValueError(f"attention={attention!r}: expected 'sdpa' or 'default'")
+        self.unet_lora_params = add_lora(self.unet, lora)
+        self.text_lora_params = (
+            add_lora(self.text_encoder, text_encoder_lora) if text_encoder_lora is not None else []
+        )
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.text_lora_params:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
+        self.caption_dropout, self.snr_gamma, self.noise_offset = caption_dropout, snr_gamma, noise_offset
+        self.min_timestep, self.max_timestep = min_timestep, max_timestep
+        self.val_timesteps, self.val_seed = tuple(val_timesteps), val_seed
+        # Frozen base weights are absent from our checkpoints, so loading must not be strict.
+        self.strict_loading = False
+
+    # ---------------------------------------------------------------- checkpoint content
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["pretrained"] = self.pretrained
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = set(self.trainable_state_dict()) - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[:3]}; "
+                           "was it written with a different LoRA config?")
+
+    # ---------------------------------------------------------------- the objective
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt",
+                             max_length=self.tokenizer.model_max_length).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return ((latents - shift) * cfg.scaling_factor).float()
+
+    def diffusion_loss(self, batch: Mapping[str, Any], timesteps: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        latents = self.encode_images(batch["pixel_values"])
+        text = self.encode_text(batch["captions"])
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        noise = objectives.offset_noise(noise, self.noise_offset, generator)
+        if timesteps is None:
+            timesteps = objectives.sample_timesteps(
+                latents.shape[0], self.noise_scheduler.config.num_train_timesteps,
+                self.min_timestep, self.max_timestep, device=latents.device, generator=generator)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = objectives.training_target(self.noise_scheduler, latents, noise, timesteps)
+        pred = self.unet(noisy.to(self.unet.dtype), timesteps, text.to(self.unet.dtype)).sample
+        weights = objectives.min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
+        return objectives.weighted_mse(pred, target, weights)
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning puts the whole module in train mode; the frozen VAE (and a frozen text
+        # encoder) must stay in eval mode so dropout/normalisation behave as in inference.
+        self.vae.eval()
+        if not self.text_lora_params:
+            self.text_encoder.eval()
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        batch = {**batch, "captions": objectives.drop_captions(batch["captions"], self.caption_dropout)}
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        # Fixed noise and fixed timesteps: each image is scored at every val timestep.
+        n, k = len(batch["captions"]), len(self.val_timesteps)
+        gen = torch.Generator(self.device).manual_seed(self.val_seed + batch_idx)
+        rep = {"pixel_values": batch["pixel_values"].repeat_interleave(k, 0),
+               "captions": [c for c in batch["captions"] for _ in range(k)]}
+        t = torch.tensor(self.val_timesteps, device=self.device).repeat(n)
+        loss = self.diffusion_loss(rep, timesteps=t, generator=gen)
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.unet_lora_params + self.text_lora_params if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def configure_optimizers(self) -> Any:
+        params = self.unet_lora_params + self.text_lora_params
+        opt = self.optimizer_fn(params)
+        if self.lr_scheduler_fn is None:
+            return opt
+        sched = self.lr_scheduler_fn(optimizer=opt,
+                                     num_training_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,81 @@
+"""Load the components of an SD-1.x/2.x-layout diffusers pipeline and freeze them.
+
+Works for a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local pipeline dir
+(the embedded miniature, or a test's tiny random pipeline): both go through ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Components:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A path-looking model that does not exist fails here, not as a hub lookup error."""
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+    if looks_local and not (Path(name_or_path).expanduser() / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model.name_or_path={name_or_path!r} is not a diffusers pipeline directory "
+            "(no model_index.json). Pass a hub id or a directory written by save_pretrained."
+        )
+
+
+def load_components(
+    name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    dtype: str | None = "float32",
+    trust_remote_code: bool = False,
+) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all frozen.
+
+    Args:
+        name_or_path: hub id or local diffusers pipeline directory.
+        revision: hub revision (branch, tag or commit).
+        variant: weight variant, e.g. ``fp16``.
+        dtype: dtype of the frozen weights (trainable LoRA weights are kept in float32).
+        trust_remote_code: passed to transformers; off unless the user sets it.
+    """
+    check_model_path(name_or_path)
+    kw = {"revision": revision}
+    torch_dtype = resolve_dtype(dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(
+        name_or_path, subfolder="text_encoder", variant=variant, dtype=torch_dtype,
+        trust_remote_code=trust_remote_code, **kw,
+    )
+    vae = AutoencoderKL.from_pretrained(
+        name_or_path, subfolder="vae", variant=variant, torch_dtype=torch_dtype, **kw
+    )
+    unet = UNet2DConditionModel.from_pretrained(
+        name_or_path, subfolder="unet", variant=variant, torch_dtype=torch_dtype, **kw
+    )
+    noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
