@@ -24,6 +24,7 @@ from omegaconf import open_dict  # noqa: E402
 from toolkit.config import CONFIG_DIR, ROOT, register_resolvers  # noqa: E402
 from toolkit.data.world import generate  # noqa: E402
 from toolkit.models.tiny import build_tiny_pipeline  # noqa: E402
+from toolkit.models.tokenizer import load_clip_tokenizer  # noqa: E402
 
 register_resolvers()
 
@@ -37,6 +38,28 @@ def tiny_model(tmp_path_factory) -> str:
 def tiny_model_v(tmp_path_factory) -> str:
     return str(build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v", seed=1,
                                    prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A random CLIPModel (+ the shipped tokenizer) saved with save_pretrained."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tok = load_clip_tokenizer()
+    cfg = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 77,
+                     "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    out = tmp_path_factory.mktemp("models") / "tiny-clip"
+    CLIPModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +98,8 @@ def tiny_overrides(model: str, data: Path, out: Path) -> list[str]:
         "data.global_batch_size=4", "data.val_fraction=0.25", "logger=csv",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "trainer.enable_progress_bar=false", f"hydra.run.dir={out}",
+        "trainer.enable_progress_bar=false", "callbacks.sample_grid.steps=2",
+        "callbacks.sample_grid.every_n_steps=2", f"hydra.run.dir={out}",
     ]
 
 

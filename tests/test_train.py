@@ -63,6 +63,7 @@ def test_train_task_writes_adapter_that_stock_pipeline_loads(tiny_model, csv_dat
     assert ck["state_dict"] and all("lora_" in k for k in ck["state_dict"])
     assert ck["optimizer_states"] and ck["loops"]
     assert (out / "checkpoints/adapters/step=2/pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step=2.png", "step=4.png"]
 
     kw = {"num_inference_steps": 3, "height": 16, "width": 16, "output_type": "np"}
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
@@ -109,7 +110,7 @@ def test_ddp_two_processes_keep_identical_lora(tiny_model, imagefolder_data, tmp
     out = tmp_path / "ddp"
     res = run_entry(tiny_overrides(tiny_model, imagefolder_data, out) + [
         "trainer=ddp", "trainer.devices=2", "trainer.max_steps=3",
-        f"+callbacks.dump._target_=tests.helpers.DumpRankLoRA", f"+callbacks.dump.dirpath={out}/ranks",
+        "+callbacks.dump._target_=tests.helpers.DumpRankLoRA", f"+callbacks.dump.dirpath={out}/ranks",
     ])
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (load_file(out / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
@@ -135,4 +136,5 @@ def test_every_experiment_composes_and_instantiates(experiment, tiny_model, imag
 
 def test_default_config_composes(tmp_path):
     cfg = compose_cfg([], tmp_path)
-    assert cfg.task_name == "train" and Path(cfg.data.path).name == "train"
+    assert cfg.task_name == "finetune_eval" and Path(cfg.data.path).name == "train"
+    assert Path(cfg.eval.dataset).name == "test"  # evaluated on the held-out split

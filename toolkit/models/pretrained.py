@@ -69,10 +69,10 @@ def load_components(
         trust_remote_code=trust_remote_code, **kw,
     )
     vae = AutoencoderKL.from_pretrained(
-        name_or_path, subfolder="vae", variant=variant, torch_dtype=torch_dtype, **kw
+        name_or_path, subfolder="vae", variant=variant, dtype=torch_dtype, **kw
     )
     unet = UNet2DConditionModel.from_pretrained(
-        name_or_path, subfolder="unet", variant=variant, torch_dtype=torch_dtype, **kw
+        name_or_path, subfolder="unet", variant=variant, dtype=torch_dtype, **kw
     )
     noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
     for module in (text_encoder, vae, unet):

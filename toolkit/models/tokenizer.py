@@ -39,7 +39,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def convert_open_clip_bpe(bpe_gz: str | Path, out_dir: str | Path) -> Path:
     """Write vocab.json / merges.txt equivalent to open_clip's SimpleTokenizer."""
-    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_gz) as fh:
+        lines = fh.read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]

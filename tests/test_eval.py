@@ -1,0 +1,127 @@
+"""Sampling, evaluation, sharding, sweeps and the reference cache, through the real tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import compose_cfg, run_entry
+from toolkit.data.world import generate
+from toolkit.results import read_rows
+from toolkit.tasks import eval as eval_task
+from toolkit.tasks import sample as sample_task
+
+
+def eval_overrides(model: str, clip: str, data: Path, cache: Path, out: Path) -> list[str]:
+    return ["task=eval", f"model.name_or_path={model}", f"metrics.clip_model={clip}", f"eval.dataset={data}",
+            f"metrics.cache_dir={cache}", "eval.num_images=6", "eval.steps=2", "eval.batch_size=4",
+            "eval.bootstrap=20", "metrics.kid_subsets=5", f"hydra.run.dir={out}", "fabric.accelerator=cpu",
+            "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("evaldata"), n=8, seed=5, striped=True, size=32)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_sample_same_seed_same_image(tiny_model, tmp_path):
+    outs = []
+    for name, seeds in (("a", "[0,1]"), ("b", "[0,1]"), ("c", "[2,3]")):
+        out = tmp_path / name
+        cfg = compose_cfg(["task=sample", f"model.name_or_path={tiny_model}", "sample.steps=3",
+                           f"sample.seeds={seeds}", "sample.prompts=[a red circle,a blue square]",
+                           f"hydra.run.dir={out}"], out)
+        assert sample_task.run(cfg)["num_images"] == 4
+        outs.append(out)
+    a, b, c = ([pixels(o / "samples" / f"{i:05d}.png") for i in range(4)] for o in outs)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))          # same settings + seeds: identical
+    assert not any(np.array_equal(x, y) for x, y in zip(a, c))      # other seeds: different
+    assert not np.array_equal(a[0], a[1])
+    meta = json.loads((outs[0] / "samples" / "00001.json").read_text())
+    assert meta["prompt"] == "a red circle" and meta["seed"] == 1 and meta["steps"] == 3
+    assert meta["scheduler"] == "DDIMScheduler" and meta["versions"]["torch"]
+    assert (outs[0] / "grid.png").is_file()
+
+
+def test_eval_cache_protocol_and_sharding(tiny_model, tiny_clip, eval_data, tmp_path):
+    cache = tmp_path / "cache"
+    out1 = tmp_path / "e1"
+    m1 = eval_task.run(compose_cfg(eval_overrides(tiny_model, tiny_clip, eval_data, cache, out1), out1))
+    assert m1["n_real"] == 8 and m1["n_fake"] == 6
+    assert m1["fid"] > 0 and m1["fid_ci_low"] <= m1["fid_ci_high"] and 0 <= m1["clip_score"] <= 100
+    row = read_rows(out1 / "results.jsonl")[0]
+    for k in ("weights_sha256", "resize", "input_range", "versions", "clip_model", "metric_impl"):
+        assert k in row["protocol"]
+    for k in ("model", "adapters", "steps", "guidance_scale", "scheduler", "dataset", "seed", "num_images"):
+        assert k in row["settings"]
+    assert len(list(cache.glob("*.npy"))) == 1
+
+    # second run: reference features come from the cache (and equal a recomputation)
+    out2 = tmp_path / "e2"
+    m2 = eval_task.run(compose_cfg(eval_overrides(tiny_model, tiny_clip, eval_data, cache, out2), out2))
+    assert m2["seconds_reference"] < 0.5 * m1["seconds_reference"]
+    assert m2["fid"] == pytest.approx(m1["fid"], rel=1e-9)
+
+    # 2 processes (gloo), same settings: same images, same metrics
+    out3 = tmp_path / "e3"
+    res = run_entry(eval_overrides(tiny_model, tiny_clip, eval_data, cache, out3) +
+                    ["fabric.devices=2", "fabric.strategy=ddp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    m3 = read_rows(out3 / "results.jsonl")[0]["metrics"]
+    assert m3["n_fake"] == 6 and read_rows(out3 / "results.jsonl")[0]["protocol"]["world_size"] == 2
+    # Same prompt, seed and batch members per image. The other process runs with another
+    # intra-op thread count, so CPU reductions may round differently: at most a 1-level pixel
+    # change on a few pixels (seen: 1 pixel of 6 images), never a different image.
+    for i in range(6):
+        a, b = (pixels(o / "samples" / f"{i:05d}.png").astype(int) for o in (out1, out3))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
+    # FID on 6 images (rank-5 covariance, ill-conditioned sqrtm) amplifies that float noise.
+    assert m3["fid"] == pytest.approx(m1["fid"], rel=1e-3)
+    assert m3["kid"] == pytest.approx(m1["kid"], rel=1e-3)
+    assert m3["clip_score"] == pytest.approx(m1["clip_score"], rel=1e-5, abs=1e-6)
+
+    # a changed dataset file invalidates the reference cache
+    img = Image.open(eval_data / "00000.png")
+    img.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(eval_data / "00000.png")
+    out4 = tmp_path / "e4"
+    eval_task.run(compose_cfg(eval_overrides(tiny_model, tiny_clip, eval_data, cache, out4), out4))
+    assert len(list(cache.glob("*.npy"))) == 2
+
+
+def test_clip_missing_is_skipped_not_faked(tiny_model, eval_data, tmp_path):
+    out = tmp_path / "e"
+    m = eval_task.run(compose_cfg(eval_overrides(tiny_model, str(tmp_path / "no-clip"), eval_data,
+                                                 tmp_path / "c", out), out))
+    assert "clip_score" not in m and "fid" in m
+    assert read_rows(out / "results.jsonl")[0]["protocol"]["clip"] == "skipped"
+
+
+def test_sweep_resumes_and_summarizes(tiny_model, tiny_clip, eval_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    base = eval_overrides(tiny_model, tiny_clip, eval_data, tmp_path / "cache", tmp_path / "unused")[:-2]
+    base += ["fabric.accelerator=cpu", f"hydra.sweep.dir={sweep}", "eval.save_images=false"]
+    # "interrupted" sweep: only part of the grid ran
+    res = run_entry(["-m", *base, "eval.guidance_scale=1,3", "eval.seed=0"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(read_rows(sweep / "results.jsonl")) == 2
+    # the full sweep in the same dir computes only the missing cells
+    res = run_entry(["-m", *base, "eval.guidance_scale=1,3", "eval.seed=0,1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_rows(sweep / "results.jsonl")
+    assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
+    assert res.stderr.count("already in") + res.stdout.count("already in") == 2
+
+    res = run_entry(["task=summarize", f"sweep={sweep}", f"hydra.run.dir={tmp_path / 'sum'}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = (sweep / "summary.md").read_text().splitlines()
+    assert len(lines) == 2 + 2                   # header, rule, one row per guidance scale
+    assert all("(t, 2 seeds)" in ln for ln in lines[2:])
+    assert (sweep / "fid_vs_clip.png").stat().st_size > 1000

@@ -1,0 +1,65 @@
+"""Reference (real-image) features, cached on disk.
+
+The cache key is a hash of the dataset fingerprint (file contents for local data, the
+``datasets`` fingerprint + revision for hub data), the feature extractor's weights hash, the
+preprocessing protocol and the number of images; a changed file gives a new key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.data.sources import detect_format, fingerprint_files, load_captioned
+
+log = logging.getLogger(__name__)
+
+
+def dataset_fingerprint(path: str, ds: Any, revision: str | None = None) -> str:
+    if detect_format(path) == "hub":
+        return f"hub:{path}@{revision or 'main'}:{ds._fingerprint}"
+    return f"files:{fingerprint_files(path)}"
+
+
+def load_reference(path: str, image_column: str, caption_column: str, split: str,
+                   num: int | None, revision: str | None = None) -> tuple[Any, str]:
+    """The first ``num`` rows (all when None) of the reference set and its fingerprint."""
+    ds = load_captioned(path, split=split, image_column=image_column, caption_column=caption_column,
+                        revision=revision)
+    fp = dataset_fingerprint(path, ds, revision)
+    if num is not None:
+        if num > len(ds):
+            raise ValueError(f"eval.num_ref={num} but {path!r} has only {len(ds)} images")
+        ds = ds.select(range(num))
+    return ds, fp
+
+
+def cache_key(fingerprint: str, protocol: dict[str, Any], n: int) -> str:
+    blob = json.dumps({"data": fingerprint, "protocol": protocol, "n": n}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def load_cached(cache_dir: str | Path, key: str) -> np.ndarray | None:
+    f = Path(cache_dir) / f"{key}.npy"
+    if f.is_file():
+        log.info("reference features: cache hit %s", f)
+        return np.load(f)
+    return None
+
+
+def save_cached(cache_dir: str | Path, key: str, feats: np.ndarray) -> Path:
+    """Write atomically: a temp file in the same folder, then rename."""
+    d = Path(cache_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npy")
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, feats)
+    os.replace(tmp, d / f"{key}.npy")
+    return d / f"{key}.npy"

@@ -1,0 +1,110 @@
+"""A base pipeline plus zero or more LoRA adapters, and seeded, batch-invariant generation.
+
+Each image i is generated from its own ``torch.Generator`` seeded with ``seeds[i]``, so an
+image depends only on (settings, prompt, seed): not on the batch size, the batch it fell in,
+or the rank that made it. That is what makes sharded evaluation equal single-process runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from tqdm import tqdm
+
+from toolkit.models.lora import WEIGHT_NAME
+from toolkit.models.pretrained import check_model_path, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """A run dir (uses ``<run>/adapter``), an adapter dir, or the weights file itself."""
+    p = Path(path).expanduser()
+    for cand in (p, p / WEIGHT_NAME, p / "adapter" / WEIGHT_NAME):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"adapter {str(path)!r}: no {WEIGHT_NAME} there or in its adapter/ folder "
+                            "(pass a training run dir, an adapter dir or the .safetensors file)")
+
+
+def adapter_sha256(path: str | Path) -> str:
+    return hashlib.sha256(resolve_adapter(path).read_bytes()).hexdigest()[:16]
+
+
+def load_pipeline(name_or_path: str, revision: str | None = None, variant: str | None = None,
+                  dtype: str | None = "float32", trust_remote_code: bool = False,
+                  adapters: Sequence[str] = (), lora_scales: Sequence[float] = (),
+                  scheduler: str | None = None, device: str | torch.device = "cpu"
+                  ) -> StableDiffusionPipeline:
+    """Load the base, swap the scheduler (any diffusers scheduler class name), add adapters.
+
+    Args:
+        name_or_path, revision, variant, dtype, trust_remote_code: the ``model`` config.
+        adapters: adapter paths (see :func:`resolve_adapter`).
+        lora_scales: one scale per adapter (a single value applies to all).
+        scheduler: e.g. ``DDIMScheduler``, ``EulerDiscreteScheduler``; None keeps the model's.
+        device: where to run.
+    """
+    del trust_remote_code  # diffusers pipelines here are the stock classes: no remote code
+    check_model_path(name_or_path)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        name_or_path, revision=revision, variant=variant, dtype=resolve_dtype(dtype),
+        safety_checker=None, requires_safety_checker=False)
+    if scheduler:
+        cls = getattr(diffusers, scheduler, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ValueError(f"scheduler={scheduler!r} is not a diffusers scheduler class")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    one = float(lora_scales[0]) if lora_scales else 1.0
+    scales = list(lora_scales) if len(lora_scales) > 1 else [one] * len(adapters)
+    if len(scales) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(scales)} LoRA scales")
+    names = []
+    for i, path in enumerate(adapters):
+        f = resolve_adapter(path)
+        pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=f"a{i}")
+        names.append(f"a{i}")
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def default_size(pipe: StableDiffusionPipeline) -> int:
+    """Native resolution: UNet sample size × VAE factor (both read from the configs)."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+             guidance_scale: float, negative_prompt: str | None = None, height: int | None = None,
+             width: int | None = None, batch_size: int = 16, progress: bool = True,
+             desc: str = "generate") -> list[Image.Image]:
+    """One PIL image per (prompt, seed) pair, each from its own seeded generator."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    size = default_size(pipe)
+    images: list[Image.Image] = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
+        gens = [torch.Generator("cpu").manual_seed(int(x)) for x in s]
+        out = pipe(p, generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
+                   negative_prompt=[negative_prompt] * len(p) if negative_prompt else None,
+                   height=height or size, width=width or size, output_type="pil")
+        images.extend(out.images)
+    return images
+
+
+def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

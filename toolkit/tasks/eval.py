@@ -1,0 +1,131 @@
+"""Task ``eval``: generate images for a reference set's captions, score FID/KID/CLIP with CIs.
+
+    python run.py task=eval adapter=<run dir> eval.dataset=<captioned dataset> eval.num_images=5000
+    python run.py -m task=eval adapter=runA,runB eval.guidance_scale=3,5,7.5 eval.seed=0,1,2
+    python run.py task=eval fabric.devices=2 fabric.strategy=ddp      # sharded over 2 processes
+
+Image i uses caption i of the reference set (cycled) and seed ``eval.seed·10⁶ + i``; ranks take
+disjoint indices, so N processes give the same images and metrics as one. Each cell appends one
+row (settings hash, metrics, full protocol) to the results table: ``<sweep dir>/results.jsonl``
+in a multirun, ``<run dir>/results.jsonl`` otherwise; a cell whose key is there is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from toolkit.evaluation import reference
+from toolkit.evaluation.distributed import gather_by_index, shard
+from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
+from toolkit.evaluation.scores import compute_scores
+from toolkit.inference.pipeline import generate, make_grid
+from toolkit.metrics.clip import load_clip
+from toolkit.metrics.inception import InceptionFeatures
+from toolkit.results import append_row, find_row, settings_key
+from toolkit.tasks.sample import generation_record, pipeline_from_cfg
+
+log = logging.getLogger(__name__)
+
+
+def results_path(cfg: DictConfig) -> Path:
+    if cfg.eval.results_file:
+        return Path(cfg.eval.results_file)
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is not None and hc.mode == RunMode.MULTIRUN:
+        return Path(hc.sweep.dir) / "results.jsonl"
+    return Path(cfg.paths.output_dir) / "results.jsonl"
+
+
+def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg_cfg in (cfg.get("logger") or {}).values():
+        lg = instantiate(lg_cfg)
+        lg.log_metrics({f"eval/{k}": v for k, v in row["metrics"].items()})
+        if isinstance(lg, WandbLogger):
+            cols = ["key", *row["metrics"], "grid"]
+            import wandb
+
+            lg.log_table("eval/results", columns=cols,
+                         data=[[row["key"], *row["metrics"].values(), wandb.Image(str(grid_path))]])
+        lg.finalize("success")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    fabric = instantiate(cfg.fabric)
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    ev, m = cfg.eval, cfg.metrics
+    out = Path(cfg.paths.output_dir)
+    table = results_path(cfg)
+
+    ref, data_fp = reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split,
+                                            ev.num_ref, ev.revision)
+    inception = InceptionFeatures(m.inception_weights, fabric.device, m.feature_batch_size)
+    clip = load_clip(m.clip_model)
+    prompts = read_prompts(ev.prompts) if ev.prompts else [str(c) for c in ref[ev.caption_column]]
+    n = int(ev.num_images)
+    settings = {**generation_record(cfg, ev), "dataset": data_fp, "num_ref": len(ref), "num_images": n,
+                "seed": int(ev.seed), "prompts": str(ev.prompts or "dataset captions"),
+                "inception_sha256": inception.sha256, "clip_model": m.clip_model if clip else None}
+    key = settings_key(settings)
+    done = find_row(table, key)
+    if done is not None and not ev.force:
+        log.info("cell %s already in %s: skipped (eval.force=true recomputes)", key, table)
+        return done["metrics"]
+
+    t0 = time.time()
+    ckey = reference.cache_key(data_fp, inception.protocol, len(ref))
+    real = reference.load_cached(m.cache_dir, ckey) if m.cache_reference else None
+    if real is None:
+        idx = shard(len(ref), rank, world, m.feature_batch_size)
+        feats = inception([ref[i][ev.image_column] for i in idx], desc="reference features")
+        real = np.stack(gather_by_index(idx, list(feats), world))
+        if rank == 0 and m.cache_reference:
+            reference.save_cached(m.cache_dir, ckey, real)
+    t_ref = time.time() - t0
+
+    idx = shard(n, rank, world, ev.batch_size)
+    my_prompts = [prompts[i % len(prompts)] for i in idx]
+    seeds = [int(ev.seed) * 10**6 + i for i in idx]
+    pipe = pipeline_from_cfg(cfg, ev, fabric.device)
+    t1 = time.time()
+    images = generate(pipe, my_prompts, seeds, ev.steps, ev.guidance_scale, ev.negative_prompt,
+                      ev.height, ev.width, ev.batch_size, desc=f"generate (rank {rank})")
+    t_gen = time.time() - t1
+    if ev.save_images:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        for i, img in zip(idx, images):
+            img.save(out / "samples" / f"{i:05d}.png")
+    feats = inception(images, desc="generated features")
+    clips = clip.scores(images, my_prompts) if clip else [None] * len(images)
+    gathered = gather_by_index(idx, list(zip(feats, clips)), world)
+    fabric.barrier()
+    if rank != 0:
+        return {}
+
+    fake = np.stack([f for f, _ in gathered])
+    clip_scores = np.array([c for _, c in gathered]) if clip else None
+    metrics = compute_scores(real, fake, clip_scores, ev.bootstrap, m.kid_subsets, m.kid_subset_size,
+                             seed=int(ev.seed))
+    metrics.update(seconds_reference=t_ref, seconds_generate=t_gen, images_per_second=n / max(t_gen, 1e-9))
+    grid = out / "grid.png"
+    make_grid(images[:64], cols=8).save(grid)  # rank zero's first images
+    row = {"key": key, "settings": settings, "metrics": metrics, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "protocol": {**inception.protocol, **(clip.protocol if clip else {"clip": "skipped"}),
+                        "metric_impl": METRIC_IMPL, "versions": versions(), "world_size": world,
+                        "seed_rule": "seed_i = eval.seed*1e6 + i", "reference_cache": ckey},
+           "run_dir": str(out)}
+    append_row(table, row)
+    log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics.items()})
+    log_to_loggers(cfg, row, grid)
+    return metrics
