@@ -1,0 +1,73 @@
+"""Task ``pretrain_autoencoder``: train the miniature's AutoencoderKL (32 px -> 8x8x4 latents).
+
+    python run.py experiment=pretrain_autoencoder     # writes <pretrain.miniature_dir>/sd/vae
+
+Data: world base/train images plus procedural textures (``toolkit.pretrain.imagery``), so the
+AE also reconstructs looks the base world lacks (the striped style a LoRA must learn later).
+Reports reconstruction MSE on held-out base and style images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from toolkit.pretrain.autoencoder import latent_std
+from toolkit.pretrain.export import num_params, save_fp16
+from toolkit.pretrain.imagery import KINDS, pattern_bank
+from toolkit.pretrain.measure import reconstruction_mse
+from toolkit.pretrain.world_data import load_images, read_rows, to_unit
+
+log = logging.getLogger(__name__)
+
+
+def training_images(world: str, world_limit: int, patterns: int, resolution: int, seed: int,
+                    kinds: tuple[str, ...] = KINDS) -> torch.Tensor:
+    """World images and procedural textures (drawn from ``kinds``), as one uint8 NHWC tensor."""
+    rows = read_rows(world, world_limit)
+    bank = torch.from_numpy(pattern_bank(patterns, seed, resolution, tuple(kinds)))
+    return torch.cat([load_images(world, rows, resolution), bank])
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    p = cfg.pretrain
+    L.seed_everything(cfg.seed, workers=True)
+    images = training_images(p.data.world, p.data.world_limit, p.data.patterns, p.data.resolution,
+                             cfg.seed + p.data.seed_offset, p.data.kinds)
+    loader = DataLoader(TensorDataset(to_unit(images)), batch_size=p.data.batch_size, shuffle=True,
+                        drop_last=True)
+    module = instantiate(p.module)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    start = time.time()
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=cfg.get("ckpt_path"))
+    train_s = time.time() - start
+
+    vae = module.vae.eval()
+    base = to_unit(images[: min(len(images), p.scaling_images)])
+    std = latent_std(vae, base, seed=cfg.seed)
+    vae.register_to_config(scaling_factor=1.0 / std)
+    metrics: dict[str, Any] = {"global_step": trainer.global_step, "train_seconds": train_s,
+                               "params": num_params(vae), "latent_std": std,
+                               "scaling_factor": 1.0 / std}
+    for name, folder in p.eval.items():
+        rows = read_rows(folder, p.eval_images)
+        x = to_unit(load_images(folder, rows, p.data.resolution))
+        metrics[f"mse_{name}"] = reconstruction_mse(vae, x)
+    if trainer.is_global_zero:
+        out = save_fp16(vae, Path(p.miniature_dir) / "sd" / "vae")
+        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("autoencoder -> %s: %s", out, metrics)
+    return metrics
