@@ -94,7 +94,7 @@ def sidecar_data(imagefolder_data, tmp_path_factory) -> Path:
 def tiny_overrides(model: str, data: Path, out: Path) -> list[str]:
     """Shrink the real config to a seconds-long CPU run."""
     return [
-        f"model.name_or_path={model}", f"data.path={data}", "data.resolution=16",
+        "task=train", f"model.name_or_path={model}", f"data.path={data}", "data.resolution=16",
         "data.global_batch_size=4", "data.val_fraction=0.25", "logger=csv",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=2",

@@ -19,8 +19,8 @@ from toolkit.tasks import sample as sample_task
 def eval_overrides(model: str, clip: str, data: Path, cache: Path, out: Path) -> list[str]:
     return ["task=eval", f"model.name_or_path={model}", f"metrics.clip_model={clip}", f"eval.dataset={data}",
             f"metrics.cache_dir={cache}", "eval.num_images=6", "eval.steps=2", "eval.batch_size=4",
-            "eval.bootstrap=20", "metrics.kid_subsets=5", f"hydra.run.dir={out}", "fabric.accelerator=cpu",
-            "logger=none"]
+            "eval.bootstrap=20", "metrics.kid_subsets=5", "eval.num_ref=null", "fabric.accelerator=cpu",
+            "logger=none", f"hydra.run.dir={out}"]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def test_clip_missing_is_skipped_not_faked(tiny_model, eval_data, tmp_path):
 
 def test_sweep_resumes_and_summarizes(tiny_model, tiny_clip, eval_data, tmp_path):
     sweep = tmp_path / "sweep"
-    base = eval_overrides(tiny_model, tiny_clip, eval_data, tmp_path / "cache", tmp_path / "unused")[:-2]
-    base += ["fabric.accelerator=cpu", f"hydra.sweep.dir={sweep}", "eval.save_images=false"]
+    base = eval_overrides(tiny_model, tiny_clip, eval_data, tmp_path / "cache", tmp_path / "unused")[:-1]
+    base += [f"hydra.sweep.dir={sweep}", "eval.save_images=false"]
     # "interrupted" sweep: only part of the grid ran
     res = run_entry(["-m", *base, "eval.guidance_scale=1,3", "eval.seed=0"])
     assert res.returncode == 0, res.stderr[-3000:]
