@@ -17,6 +17,7 @@ from peft import LoraConfig
 from toolkit.models import objectives
 from toolkit.models.lora import add_lora
 from toolkit.models.pretrained import load_components
+from toolkit.training import optimizers
 
 
 class LoRADiffusion(L.LightningModule):
@@ -156,10 +157,5 @@ class LoRADiffusion(L.LightningModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self) -> Any:
-        params = self.unet_lora_params + self.text_lora_params
-        opt = self.optimizer_fn(params)
-        if self.lr_scheduler_fn is None:
-            return opt
-        sched = self.lr_scheduler_fn(optimizer=opt,
-                                     num_training_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return optimizers(self.unet_lora_params + self.text_lora_params, self.optimizer_fn,
+                          self.lr_scheduler_fn, self.trainer.estimated_stepping_batches)

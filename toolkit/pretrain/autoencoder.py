@@ -18,6 +18,8 @@ import lightning as L
 import torch
 from diffusers import AutoencoderKL
 
+from toolkit.training import optimizers
+
 
 def reconstruction_losses(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
     """Batch-mean L2 and L1 between images in [-1, 1]."""
@@ -73,8 +75,4 @@ class AutoencoderPretraining(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_fn(self.parameters())
-        if self.lr_scheduler_fn is None:
-            return opt
-        sched = self.lr_scheduler_fn(optimizer=opt, num_training_steps=self.trainer.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return optimizers(self.parameters(), self.optimizer_fn, self.lr_scheduler_fn, self.trainer.max_steps)

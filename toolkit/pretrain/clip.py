@@ -23,6 +23,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from toolkit.models.tokenizer import load_clip_tokenizer
 from toolkit.pretrain.world_data import swapped_caption
+from toolkit.training import optimizers
 
 # OpenAI CLIP's pixel statistics (what CLIPImageProcessor uses by default).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -144,8 +145,4 @@ class ClipPretraining(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_fn(self.parameters())
-        if self.lr_scheduler_fn is None:
-            return opt
-        sched = self.lr_scheduler_fn(optimizer=opt, num_training_steps=self.trainer.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return optimizers(self.parameters(), self.optimizer_fn, self.lr_scheduler_fn, self.trainer.max_steps)

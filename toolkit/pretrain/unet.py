@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from toolkit.models import objectives
+from toolkit.training import optimizers
 
 
 class UNetPretraining(L.LightningModule):
@@ -62,8 +63,4 @@ class UNetPretraining(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_fn(self.parameters())
-        if self.lr_scheduler_fn is None:
-            return opt
-        sched = self.lr_scheduler_fn(optimizer=opt, num_training_steps=self.trainer.max_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return optimizers(self.parameters(), self.optimizer_fn, self.lr_scheduler_fn, self.trainer.max_steps)

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from toolkit.pretrain.autoencoder import latent_std
@@ -26,6 +26,7 @@ from toolkit.pretrain.export import num_params, save_fp16
 from toolkit.pretrain.imagery import KINDS, pattern_bank
 from toolkit.pretrain.measure import reconstruction_mse
 from toolkit.pretrain.world_data import load_images, read_rows, to_unit
+from toolkit.training import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loader = DataLoader(TensorDataset(to_unit(images)), batch_size=p.data.batch_size, shuffle=True,
                         drop_last=True)
     module = instantiate(p.module)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_trainer(cfg)
     start = time.time()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=cfg.get("ckpt_path"))
     train_s = time.time() - start

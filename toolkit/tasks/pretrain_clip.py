@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import CLIPImageProcessor
 
@@ -25,6 +25,7 @@ from toolkit.pretrain.clip import CLIP_MEAN, CLIP_STD, CaptionedWorld, collate, 
 from toolkit.pretrain.export import copy_tokenizer, num_params, save_fp16
 from toolkit.pretrain.measure import attribute_binding
 from toolkit.pretrain.world_data import load_images, read_rows
+from toolkit.training import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loader = DataLoader(dataset, batch_size=p.data.batch_size, shuffle=True, drop_last=True,
                         collate_fn=collate)
     module = instantiate(p.module)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_trainer(cfg)
     start = time.time()
     trainer.fit(module, train_dataloaders=loader)
     train_s = time.time() - start

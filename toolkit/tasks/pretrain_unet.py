@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 from diffusers import AutoencoderKL
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import CLIPModel
 
@@ -27,6 +27,7 @@ from toolkit.pretrain.clip import text_encoder_from_clip
 from toolkit.pretrain.export import assemble_pipeline, num_params
 from toolkit.pretrain.latent_cache import build_cache
 from toolkit.pretrain.world_data import load_images, read_rows, to_unit
+from toolkit.training import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # The latent scale is read from the trained VAE, not repeated in the config.
     module = instantiate(p.module, scaling_factor=vae.config.scaling_factor)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_trainer(cfg)
     start = time.time()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=cfg.get("ckpt_path"))
     train_s = time.time() - start

@@ -15,8 +15,9 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from toolkit.training import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    if not loggers:  # logger=none: LearningRateMonitor refuses to run without a logger
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_trainer(cfg)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
