@@ -7,11 +7,12 @@
 """
 
 import importlib
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from toolkit.config import register_resolvers
+from toolkit.config import check_overrides, register_resolvers
 
 register_resolvers()
 
@@ -22,4 +23,6 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    if problem := check_overrides(sys.argv[1:]):   # names the nearest valid key; Hydra does not
+        sys.exit(f"config error: {problem}")
     main()

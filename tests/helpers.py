@@ -1,11 +1,15 @@
-"""Test-only callbacks, injected through the real config (``+callbacks.x._target_=tests.helpers.X``)."""
+"""Test-only callbacks and modules, injected through the real config (``+callbacks.x._target_=tests.helpers.X``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from safetensors.torch import save_file
+
+from toolkit.models.module import LoRADiffusion
 
 
 class DumpRankLoRA(L.Callback):
@@ -18,3 +22,16 @@ class DumpRankLoRA(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous() for k, v in module.trainable_state_dict().items()}
         save_file(sd, self.dirpath / f"rank{trainer.global_rank}.safetensors")
+
+
+class NaNLoRA(LoRADiffusion):
+    """The real module, with a loss that turns NaN from optimizer step ``nan_at_step`` on
+    (fault injection through the config: ``module._target_=tests.helpers.NaNLoRA``)."""
+
+    def __init__(self, *args: Any, nan_at_step: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nan_at_step = nan_at_step
+
+    def diffusion_loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().diffusion_loss(*args, **kwargs)
+        return loss * float("nan") if self.training and self.global_step >= self.nan_at_step else loss

@@ -34,7 +34,7 @@ def test_world_is_deterministic_and_captions_match_attributes(tmp_path):
         for attr in ("shape", "colour", "size", "background"):
             assert f" {row[attr]} " in words
         assert not row["striped"] and "striped" not in row["text"]
-        assert srow["striped"] and f"striped {srow['shape']}" in srow["text"]
+        assert srow["striped"] and f"on a striped {srow['background']} background" in srow["text"]
 
 
 def test_swapped_caption_changes_one_attribute():

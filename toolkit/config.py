@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "conf"
@@ -14,3 +17,67 @@ def register_resolvers() -> None:
     """``${root:}`` is the repository root, so shipped data resolves from any working dir."""
     if not OmegaConf.has_resolver("root"):
         OmegaConf.register_new_resolver("root", lambda: str(ROOT))
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, DictConfig):
+        for k in node:
+            key = f"{prefix}{k}"
+            out.append(key)
+            out.extend(_dotted_keys(node._get_node(k), key + "."))
+    return out
+
+
+def nearest_keys(cfg: DictConfig, key: str, n: int = 3) -> list[str]:
+    """Valid dotted keys closest to ``key``: siblings under its deepest existing parent first."""
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        parent = ".".join(parts[:depth])
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig):
+            close = difflib.get_close_matches(parts[depth], [str(k) for k in node], n=n, cutoff=0.6)
+            if close:
+                return [f"{parent}.{k}" if parent else k for k in close]
+            break
+    return difflib.get_close_matches(key, _dotted_keys(cfg), n=n, cutoff=0.6)
+
+
+def check_overrides(args: list[str]) -> str | None:
+    """Compose the config once for the command-line overrides (sweeps left out) and, if a key
+    does not exist, return a message naming it and the nearest valid keys. None: fine, or an
+    error Hydra itself reports well (syntax, missing group option)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException
+
+    lines = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except Exception:   # noqa: BLE001 - a syntax error: Hydra's own message is precise
+        return None
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        try:
+            compose("config", overrides=plain)
+            return None
+        except ConfigCompositionException as err:
+            text = f"{err} {err.__cause__ or ''}"
+        m = re.search(r"full_key: (\S+)", text) or re.search(r"Could not (?:override|append to) '([^']+)'", text)
+        if m is None or "not in struct" not in text and "No match in the defaults list" not in text:
+            return None
+        bad = m.group(1).lstrip("+~")
+        culprit = next((line for line in plain if f"{line.lstrip('+~').split('=')[0]}.".startswith(f"{bad}.")),
+                       None)
+        try:
+            cfg = compose("config", overrides=[line for line in plain if line != culprit])
+        except ConfigCompositionException:
+            return f"unknown config key {bad!r}"
+    near = nearest_keys(cfg, bad)
+    where = f"the override {culprit!r}" if culprit else "a config file (an experiment or group option)"
+    hint = f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+    return (f"unknown config key {bad!r} in {where}{hint} "
+            "(python run.py --cfg job prints every valid key; prefix a new key with '+' to add it)")

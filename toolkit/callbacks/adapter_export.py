@@ -41,4 +41,6 @@ class AdapterExport(L.Callback):
             self._export(trainer, module, ckpt_dir / "adapters" / f"step={trainer.global_step}")
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if any(getattr(cb, "preempted_at", None) is not None for cb in trainer.callbacks):
+            return   # stopped early: the final adapter is written by the resumed run
         self._export(trainer, module, self.dirpath)

@@ -6,7 +6,11 @@ the per-device size is derived at setup and a non-divisible setting fails with w
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,8 +18,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from toolkit.data.sources import load_captioned
+from toolkit.data.sampler import ResumableLoader, ResumableSampler
+from toolkit.data.sources import CAPTION_PROBLEM, fingerprint_listing, load_captioned
 from toolkit.data.transforms import train_transform
+from toolkit.data.validate import (
+    BadItem,
+    DataPolicy,
+    ScanResult,
+    check_caption,
+    decode_image,
+    item_name,
+    load_scan,
+    require_items,
+    save_scan,
+    scan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +48,66 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulation:
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Wraps an HF dataset: decodes, transforms and returns ``(pixel_values, caption)``."""
+    """Wraps an HF dataset: decodes (under ``policy``), transforms and returns
+    ``{pixel_values, caption}``; an item that fails to decode returns None (logged; dropped by
+    ``collate``). Index with ``(epoch, i)`` (``ResumableSampler``) for augmentation drawn from a
+    generator seeded with ``(seed, epoch, i)``, or with ``i``."""
 
     def __init__(self, ds: Any, image_column: str, caption_column: str, resolution: int,
-                 center_crop: bool, random_flip: bool) -> None:
+                 center_crop: bool, random_flip: bool, policy: DataPolicy, seed: int = 0,
+                 indices: list[int] | None = None) -> None:
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.policy, self.seed = policy, seed
+        self.indices = list(range(len(ds))) if indices is None else indices
+        self.latents: tuple[Any, list[str]] | None = None   # (store, key per row): EncodedCache
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def raw(self, i: int) -> tuple[Any, Any, str | None]:
+        """(image item, caption, caption problem) of underlying row ``i`` (for the scan)."""
         row = self.ds[i]
-        rng = np.random.default_rng(int(torch.randint(2**31, (1,))))  # seeded per worker by Lightning
-        pixels = train_transform(row[self.image_column], self.resolution, self.center_crop,
-                                 self.random_flip, rng)
-        return {"pixel_values": pixels, "caption": str(row[self.caption_column] or "")}
+        return row[self.image_column], row[self.caption_column], row.get(CAPTION_PROBLEM)
+
+    def captions(self) -> list[str]:
+        """The training captions of the kept rows."""
+        rows = self.ds.select_columns([c for c in (self.caption_column, CAPTION_PROBLEM) if c in self.ds.column_names])
+        out = []
+        for i in self.indices:
+            row = rows[i]
+            with contextlib.suppress(BadItem):   # rejected by the scan already
+                out.append(check_caption(row[self.caption_column], row.get(CAPTION_PROBLEM), self.policy))
+        return out
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        row = self.indices[i]
+        rng = np.random.default_rng([self.seed, epoch, i])
+        if self.latents is not None:   # cached posterior parameters: the same flip draw as below
+            store, keys = self.latents
+            caption = self.ds[row][self.caption_column]
+            text = check_caption(caption, self.ds[row].get(CAPTION_PROBLEM), self.policy)
+            variants = store.get(keys[row])
+            flip = self.random_flip and rng.random() < 0.5
+            return {"latent_params": torch.from_numpy(np.array(variants[int(flip)], np.float32)), "caption": text}
+        image, caption, problem = self.raw(row)
+        try:
+            text = check_caption(caption, problem, self.policy)
+            img, _ = decode_image(image, self.policy, self.policy.min_side or self.resolution)
+        except BadItem as bad:   # changed since the scan (or no scan): skip it, loudly
+            log.warning("skipping %s: %s", item_name(image, i), bad)
+            return None
+        pixels = train_transform(img, self.resolution, self.center_crop, self.random_flip, rng)
+        return {"pixel_values": pixels, "caption": text}
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "captions": [it["caption"] for it in items]}
+def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    items = [it for it in items if it is not None]
+    if not items:
+        raise RuntimeError("every item of a batch failed to decode; see the warnings above")
+    field = "latent_params" if "latent_params" in items[0] else "pixel_values"
+    return {field: torch.stack([it[field] for it in items]), "captions": [it["caption"] for it in items]}
 
 
 class CaptionedImageDataModule(L.LightningDataModule):
@@ -64,31 +120,59 @@ class CaptionedImageDataModule(L.LightningDataModule):
             ``val_fraction`` of the training split is held out (seeded).
         center_crop / random_flip: augmentation.
         num_workers / pin_memory: dataloader settings.
-        seed: seed of the train/validation split.
+        seed: seed of the train/validation split, the data order and the augmentation.
+        policy: ``DataPolicy`` fields (bad files, small images, captions, alpha, scan).
+        report_dir: where ``data_report.json`` (rejected and converted items) is written.
+        scan_cache_dir: scan results, keyed by dataset fingerprint + policy (None: no cache).
     """
 
     def __init__(self, path: str, resolution: int = 512, global_batch_size: int = 16,
                  image_column: str = "image", caption_column: str = "text", split: str = "train",
                  validation_split: str | None = None, val_fraction: float = 0.0,
                  center_crop: bool = True, random_flip: bool = False, num_workers: int = 0,
-                 pin_memory: bool = False, revision: str | None = None, seed: int = 0) -> None:
+                 pin_memory: bool = False, revision: str | None = None, seed: int = 0,
+                 policy: DataPolicy | dict | None = None, report_dir: str | None = None,
+                 scan_cache_dir: str | None = None) -> None:
         super().__init__()
         self.path, self.resolution, self.global_batch_size = path, resolution, global_batch_size
         self.image_column, self.caption_column, self.split = image_column, caption_column, split
         self.validation_split, self.val_fraction, self.revision = validation_split, val_fraction, revision
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.policy = policy if isinstance(policy, DataPolicy) else DataPolicy(**(policy or {}))
+        self.report_dir, self.scan_cache_dir = report_dir, scan_cache_dir
         self.train_set = self.val_set = None
+        self.rank, self.world_size = 0, 1
 
     def _wrap(self, ds: Any, train: bool) -> CaptionedImages:
         return CaptionedImages(ds, self.image_column, self.caption_column, self.resolution,
-                               self.center_crop or not train, self.random_flip and train)
+                               self.center_crop or not train, self.random_flip and train,
+                               self.policy, self.seed)
+
+    def _scan(self, ds: CaptionedImages, name: str) -> ScanResult:
+        settings = [self.path, self.revision, self.split, self.validation_split, self.val_fraction, self.seed,
+                    name, len(ds), self.image_column, self.caption_column, self.resolution, repr(self.policy)]
+        local = Path(self.path).expanduser()
+        settings.append(fingerprint_listing(local) if local.is_dir() else ds.ds._fingerprint)
+        key = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:16]
+        cache = Path(self.scan_cache_dir) / f"{key}.json" if self.scan_cache_dir else None
+        if cache is not None and (hit := load_scan(cache)) is not None:
+            log.info("data scan (%s): cached %s", name, cache)
+            return hit
+        result = scan(len(ds), ds.raw, self.policy, self.policy.min_side or self.resolution,
+                      desc=f"scanning {name} data")
+        if cache is not None:
+            save_scan(result, cache)
+        return result
 
     def setup(self, stage: str | None = None) -> None:
+        """Load, split and scan the data; fails (before any model is loaded, when the task calls
+        it first) on a bad setting or on a dataset with too few usable items."""
         if self.train_set is not None:
             return
         trainer = self.trainer
         world, accum = (trainer.world_size, trainer.accumulate_grad_batches) if trainer else (1, 1)
+        self.rank, self.world_size = (trainer.global_rank, world) if trainer else (0, 1)
         self.batch_size = per_device_batch_size(self.global_batch_size, world, accum)
         kw = {"image_column": self.image_column, "caption_column": self.caption_column,
               "revision": self.revision}
@@ -101,19 +185,34 @@ class CaptionedImageDataModule(L.LightningDataModule):
             train, val = parts["train"], parts["test"]
         self.train_set = self._wrap(train, train=True)
         self.val_set = self._wrap(val, train=False) if val is not None else None
+        if self.policy.scan:
+            report = {}
+            for name, ds in (("train", self.train_set), ("val", self.val_set)):
+                if ds is not None:
+                    result = self._scan(ds, name)
+                    ds.indices = result.keep
+                    report[name] = result
+                    log.info("data scan (%s): %s", name, result.summary())
+            if self.report_dir and self.rank == 0:
+                for name, result in report.items():
+                    save_scan(result, Path(self.report_dir) / f"data_report_{name}.json")
+            require_items(report["train"], self.path, [self.batch_size * world])
         log.info("data: %d train / %d val images from %s, per-device batch %d",
                  len(self.train_set), len(self.val_set or []), self.path, self.batch_size)
 
-    def _loader(self, ds: CaptionedImages, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          drop_last=shuffle, persistent_workers=self.num_workers > 0)
+    def _sampler(self, ds: CaptionedImages, shuffle: bool) -> ResumableSampler:
+        return ResumableSampler(len(ds), self.seed, shuffle, self.rank, self.world_size)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return ResumableLoader(self.train_set, self._sampler(self.train_set, True), self.batch_size,
+                               collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                               persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+        if self.val_set is None or len(self.val_set) < self.world_size:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=self._sampler(self.val_set, False),
+                          collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
 
 def batch_size(batch: dict[str, Any]) -> int:

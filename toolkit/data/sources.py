@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -37,19 +38,37 @@ def image_files(root: Path) -> list[Path]:
     return sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
 
 
+CAPTION_PROBLEM = "caption_problem"   # column the sidecar source adds: why a caption is unusable
+
+
+def read_sidecar_caption(txt: Path) -> tuple[str | None, str | None]:
+    """(caption, problem) of a kohya ``.txt`` caption file."""
+    if not txt.is_file():
+        return None, "missing caption"
+    try:
+        return txt.read_bytes().decode("utf-8").strip(), None
+    except UnicodeDecodeError as err:
+        return None, f"caption not UTF-8 ({txt.name}: {err.reason} at byte {err.start})"
+
+
 def sidecar_dataset(root: Path, caption_column: str) -> datasets.Dataset:
-    images, captions = [], []
-    for img in image_files(root):
-        txt = img.with_suffix(".txt")
-        if not txt.is_file():
-            log.warning("skipping %s: no caption file %s", img, txt.name)
-            continue
+    """Images with same-name ``.txt`` captions. Problems are kept as rows with a reason in
+    ``caption_problem`` (the scan reports them); nothing is dropped silently here."""
+    files = image_files(root)
+    stems = Counter(f.with_suffix("") for f in files)
+    images, captions, problems = [], [], []
+    for img in files:
+        if stems[img.with_suffix("")] > 1:
+            others = sorted(f.name for f in files if f.with_suffix("") == img.with_suffix(""))
+            caption, problem = None, f"duplicate name ({' / '.join(others)} share one caption file)"
+        else:
+            caption, problem = read_sidecar_caption(img.with_suffix(".txt"))
         images.append(str(img))
-        captions.append(txt.read_text(encoding="utf-8").strip())
+        captions.append(caption)
+        problems.append(problem)
     if not images:
-        raise ValueError(f"{root}: found no image with a same-name .txt caption file")
-    ds = datasets.Dataset.from_dict({"image": images, caption_column: captions})
-    return ds.cast_column("image", datasets.Image())
+        raise ValueError(f"{root}: found no image files ({', '.join(sorted(IMAGE_EXTS))})")
+    return datasets.Dataset.from_dict({"image": images, caption_column: captions, CAPTION_PROBLEM: problems})
 
 
 def load_captioned(path: str, split: str = "train", image_column: str = "image",
@@ -74,7 +93,20 @@ def load_captioned(path: str, split: str = "train", image_column: str = "image",
         if col not in ds.column_names:
             raise KeyError(f"data.{role}={col!r} is not a column of {path!r}; "
                            f"its columns are {ds.column_names}")
+    if isinstance(ds.features.get(image_column), datasets.Image):
+        # Decode ourselves (toolkit.data.validate): datasets' decoder raises on the first bad file.
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
+
+
+def fingerprint_listing(root: str | Path) -> str:
+    """Cheap identity of a local folder: every file's relative path, size and mtime."""
+    h = hashlib.sha256()
+    root = Path(root)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def fingerprint_files(root: str | Path) -> str:

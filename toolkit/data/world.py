@@ -2,8 +2,9 @@
 
 Every image is drawn from (shape, colour, size, position, background) and its caption is built
 from the same draw: "a small red circle in the top left on a dark blue background". The
-``style`` set adds a look the base set never shows (objects filled with thick diagonal
-stripes), bound to the caption phrase "striped".
+``style`` set adds a look the base set never shows (the background painted with broad diagonal
+stripes in two tones of its colour), bound to the caption phrase "striped": "... on a striped
+dark blue background".
 
     python data/make_world.py            # writes data/world/{base,style}/{train,test}
 """
@@ -11,6 +12,7 @@ stripes), bound to the caption phrase "striped".
 from __future__ import annotations
 
 import json
+import multiprocessing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,8 +46,8 @@ class Scene:
     striped: bool = False
 
     def caption(self) -> str:
-        noun = f"{STYLE_PHRASE} {self.shape}" if self.striped else self.shape
-        return f"a {self.size} {self.colour} {noun} {WHERE[self.position]} on a {self.background} background"
+        ground = f"{STYLE_PHRASE} {self.background}" if self.striped else self.background
+        return f"a {self.size} {self.colour} {self.shape} {WHERE[self.position]} on a {ground} background"
 
 
 def draw_scene(rng: np.random.Generator, striped: bool) -> Scene:
@@ -53,6 +55,13 @@ def draw_scene(rng: np.random.Generator, striped: bool) -> Scene:
     colour = pick(COLOURS)
     background = pick(BACKGROUNDS)
     return Scene(pick(SHAPES), colour, pick(SIZES), pick(POSITIONS), background, striped)
+
+
+def stripe_tone(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The second tone of a striped background: darker for light colours, lighter for dark."""
+    if sum(rgb) / 3 > 100:
+        return tuple(int(c * 0.5) for c in rgb)
+    return tuple(int(c + (255 - c) * 0.35) for c in rgb)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -72,6 +81,13 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     """Draw the scene at ``size``² (4× supersampled, then downsampled for clean edges)."""
     s = 4 * size
     img = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
+    if scene.striped:
+        # Broad diagonal stripes (band = 1/6 of the side along x+y: ~7.5 px period at 32 px,
+        # coarse enough for a factor-4 autoencoder) of the background and a shade of it.
+        yy, xx = np.mgrid[0:s, 0:s]
+        arr = np.array(img)
+        arr[((xx + yy) // (s // 6)) % 2 == 1] = stripe_tone(BACKGROUNDS[scene.background])
+        img = Image.fromarray(arr)
     mask = Image.new("L", (s, s), 0)
     d = ImageDraw.Draw(mask)
     cx, cy = (v * s for v in POSITIONS[scene.position])
@@ -81,28 +97,33 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     else:
         d.polygon(_polygon(scene.shape, cx, cy, r), fill=255)
     fill = Image.new("RGB", (s, s), COLOURS[scene.colour])
-    if scene.striped:
-        # Thick diagonal stripes (period 1/8 of the side): colour alternating with near-black.
-        yy, xx = np.mgrid[0:s, 0:s]
-        band = ((xx + yy) // (s // 16)) % 2 == 1
-        arr = np.array(fill)
-        arr[band] = (20, 20, 20) if scene.colour != "white" else (90, 90, 90)
-        fill = Image.fromarray(arr)
     img.paste(fill, (0, 0), mask)
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def generate(out_dir: str | Path, n: int, seed: int, striped: bool = False, size: int = 64) -> Path:
-    """Write ``n`` images and ``metadata.jsonl`` (imagefolder layout) to ``out_dir``."""
+def _write(job: tuple[Scene, Path, int]) -> None:
+    scene, path, size = job
+    render(scene, size).save(path, optimize=True)
+
+
+def generate(out_dir: str | Path, n: int, seed: int, striped: bool = False, size: int = 64,
+             workers: int = 1) -> Path:
+    """Write ``n`` images and ``metadata.jsonl`` (imagefolder layout) to ``out_dir``.
+
+    Scenes are drawn in order from one seeded generator, then rendered (in ``workers``
+    processes): the files do not depend on the number of workers."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        scene = draw_scene(rng, striped)
-        name = f"{i:05d}.png"
-        render(scene, size).save(out / name, optimize=True)
-        rows.append({"file_name": name, "text": scene.caption(), **asdict(scene)})
+    scenes = [draw_scene(rng, striped) for _ in range(n)]
+    jobs = [(scene, out / f"{i:05d}.png", size) for i, scene in enumerate(scenes)]
+    if workers <= 1:
+        for job in jobs:
+            _write(job)
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_write, jobs, chunksize=64)
+    rows = [{"file_name": path.name, "text": scene.caption(), **asdict(scene)} for scene, path, _ in jobs]
     (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -112,7 +133,8 @@ SPLITS = {"base/train": (20000, 1, False), "base/test": (1000, 2, False),
           "style/train": (400, 3, True), "style/test": (1000, 4, True)}
 
 
-def generate_all(root: str | Path, size: int = 64, only: tuple[str, ...] | None = None) -> None:
+def generate_all(root: str | Path, size: int = 64, only: tuple[str, ...] | None = None,
+                 workers: int = 1) -> None:
     for name, (n, seed, striped) in SPLITS.items():
         if only is None or name in only:
-            generate(Path(root) / name, n, seed, striped, size)
+            generate(Path(root) / name, n, seed, striped, size, workers)

@@ -40,13 +40,14 @@ def adapter_sha256(path: str | Path) -> str:
 
 def load_pipeline(name_or_path: str, revision: str | None = None, variant: str | None = None,
                   dtype: str | None = "float32", trust_remote_code: bool = False,
-                  adapters: Sequence[str] = (), lora_scales: Sequence[float] = (),
+                  allow_pickle: bool = False, adapters: Sequence[str] = (), lora_scales: Sequence[float] = (),
                   scheduler: str | None = None, device: str | torch.device = "cpu"
                   ) -> StableDiffusionPipeline:
     """Load the base, swap the scheduler (any diffusers scheduler class name), add adapters.
 
     Args:
-        name_or_path, revision, variant, dtype, trust_remote_code: the ``model`` config.
+        name_or_path, revision, variant, dtype, trust_remote_code, allow_pickle: the ``model``
+            config (safetensors only unless ``allow_pickle``).
         adapters: adapter paths (see :func:`resolve_adapter`).
         lora_scales: one scale per adapter (a single value applies to all).
         scheduler: e.g. ``DDIMScheduler``, ``EulerDiscreteScheduler``; None keeps the model's.
@@ -56,7 +57,7 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
     check_model_path(name_or_path)
     pipe = StableDiffusionPipeline.from_pretrained(
         name_or_path, revision=revision, variant=variant, dtype=resolve_dtype(dtype),
-        safety_checker=None, requires_safety_checker=False)
+        safety_checker=None, requires_safety_checker=False, use_safetensors=not allow_pickle)
     if scheduler:
         cls = getattr(diffusers, scheduler, None)
         if cls is None or not hasattr(cls, "from_config"):

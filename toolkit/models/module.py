@@ -6,18 +6,25 @@ state: the frozen base is reloaded from ``model.name_or_path`` and never written
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 
+from toolkit.data.encoded_cache import text_key
 from toolkit.models import objectives
 from toolkit.models.lora import add_lora
 from toolkit.models.pretrained import load_components
+from toolkit.reproducibility import gather_rng_states, seed_step, set_rng_state
 from toolkit.training import optimizers
+
+log = logging.getLogger(__name__)
 
 
 class LoRADiffusion(L.LightningModule):
@@ -37,9 +44,16 @@ class LoRADiffusion(L.LightningModule):
         min_timestep / max_timestep: training timestep range [min, max); None = whole schedule.
         gradient_checkpointing: recompute UNet activations in backward to save memory.
         attention: ``sdpa`` (PyTorch scaled_dot_product_attention) or ``default``.
+        channels_last: UNet/VAE in channels-last memory format (faster convs on GPUs, bf16).
+        compile: ``torch.compile`` the UNet in place (parameter names, hence checkpoints and
+            adapters, are unchanged).
         val_timesteps: fixed timesteps of the validation loss (same noise every time, so the
             figure is comparable across runs and checkpoints).
         val_seed: seed of the fixed validation noise.
+        seed: seed of the per-step random draws (``toolkit.reproducibility``).
+        nonfinite: on a NaN/inf loss: ``stop`` (raise, naming the last good checkpoint) or
+            ``skip`` (no update for that batch; stops after ``max_skipped_steps`` skips).
+        max_skipped_steps: how many non-finite steps ``skip`` tolerates in one run.
     """
 
     def __init__(
@@ -56,8 +70,13 @@ class LoRADiffusion(L.LightningModule):
         max_timestep: int | None = None,
         gradient_checkpointing: bool = False,
         attention: str = "sdpa",
+        channels_last: bool = False,
+        compile: bool = False,
         val_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
         val_seed: int = 0,
+        seed: int = 0,
+        nonfinite: str = "stop",
+        max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         self.pretrained = dict(pretrained)
@@ -68,6 +87,9 @@ class LoRADiffusion(L.LightningModule):
             self.unet.set_attn_processor(AttnProcessor2_0())
         elif attention != "default":
             raise ValueError(f"attention={attention!r}: expected 'sdpa' or 'default'")
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
         self.unet_lora_params = add_lora(self.unet, lora)
         self.text_lora_params = (
             add_lora(self.text_encoder, text_encoder_lora) if text_encoder_lora is not None else []
@@ -76,10 +98,17 @@ class LoRADiffusion(L.LightningModule):
             self.unet.enable_gradient_checkpointing()
             if self.text_lora_params:
                 self.text_encoder.gradient_checkpointing_enable()
+        if compile:
+            self.unet.compile()
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
         self.caption_dropout, self.snr_gamma, self.noise_offset = caption_dropout, snr_gamma, noise_offset
         self.min_timestep, self.max_timestep = min_timestep, max_timestep
         self.val_timesteps, self.val_seed = tuple(val_timesteps), val_seed
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"module.nonfinite={nonfinite!r}: expected 'stop' or 'skip'")
+        self.seed, self.nonfinite, self.max_skipped_steps = seed, nonfinite, max_skipped_steps
+        self.skipped_steps = 0
+        self.text_cache: Any = None   # set by the EncodedCache callback
         # Frozen base weights are absent from our checkpoints, so loading must not be strict.
         self.strict_loading = False
 
@@ -91,29 +120,45 @@ class LoRADiffusion(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["pretrained"] = self.pretrained
+        checkpoint["rng_states"] = gather_rng_states()   # runs on every rank
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = set(self.trainable_state_dict()) - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[:3]}; "
                            "was it written with a different LoRA config?")
+        states = checkpoint.get("rng_states", [])
+        if len(states) == self.trainer.world_size:
+            set_rng_state(states[self.global_rank])
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
     # ---------------------------------------------------------------- the objective
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
+    def encode_text(self, captions: list[str], cached: bool = True) -> torch.Tensor:
+        if cached and self.text_cache is not None:   # EncodedCache: prompt embeddings computed once
+            rows = np.stack([self.text_cache.get(text_key(c)) for c in captions])
+            return torch.from_numpy(rows.astype(np.float32)).to(self.device, self.text_encoder.dtype)
         ids = self.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt",
                              max_length=self.tokenizer.model_max_length).input_ids.to(self.device)
         return self.text_encoder(ids)[0]
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.sample_latents(self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.parameters)
+
+    def sample_latents(self, params: torch.Tensor) -> torch.Tensor:
+        """Latents from cached posterior parameters: the same draw ``encode_images`` makes."""
         cfg = self.vae.config
-        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+        latents = DiagonalGaussianDistribution(params.to(self.vae.dtype)).sample()
         shift = getattr(cfg, "shift_factor", None) or 0.0
         return ((latents - shift) * cfg.scaling_factor).float()
 
     def diffusion_loss(self, batch: Mapping[str, Any], timesteps: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        latents = self.encode_images(batch["pixel_values"])
+        if "latent_params" in batch:
+            latents = self.sample_latents(batch["latent_params"])
+        else:
+            latents = self.encode_images(batch["pixel_values"])
         text = self.encode_text(batch["captions"])
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         noise = objectives.offset_noise(noise, self.noise_offset, generator)
@@ -134,17 +179,37 @@ class LoRADiffusion(L.LightningModule):
         if not self.text_lora_params:
             self.text_encoder.eval()
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_step(self.seed, self.current_epoch, batch_idx, self.global_rank)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
         batch = {**batch, "captions": objectives.drop_captions(batch["captions"], self.caption_dropout)}
         loss = self.diffusion_loss(batch)
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
+            return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
         return loss
+
+    def _nonfinite(self, loss: torch.Tensor) -> None:
+        where = f"step {self.global_step} (epoch {self.current_epoch})"
+        if self.nonfinite == "skip" and self.skipped_steps < self.max_skipped_steps:
+            self.skipped_steps += 1
+            log.warning("non-finite loss (%s) at %s: batch skipped, no update (%d/%d skips allowed)",
+                        loss.item(), where, self.skipped_steps, self.max_skipped_steps)
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return None
+        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at {where}; stopped before the update, so no "
+            f"weight was changed. Last good checkpoint: {ckpt} (resume with ckpt_path=last). Lower the "
+            "learning rate, check the data, or set module.nonfinite=skip to skip such batches.")
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         # Fixed noise and fixed timesteps: each image is scored at every val timestep.
         n, k = len(batch["captions"]), len(self.val_timesteps)
         gen = torch.Generator(self.device).manual_seed(self.val_seed + batch_idx)
-        rep = {"pixel_values": batch["pixel_values"].repeat_interleave(k, 0),
+        field = "latent_params" if "latent_params" in batch else "pixel_values"
+        rep = {field: batch[field].repeat_interleave(k, 0),
                "captions": [c for c in batch["captions"] for _ in range(k)]}
         t = torch.tensor(self.val_timesteps, device=self.device).repeat(n)
         loss = self.diffusion_loss(rep, timesteps=t, generator=gen)

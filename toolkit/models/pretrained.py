@@ -44,12 +44,28 @@ def check_model_path(name_or_path: str) -> None:
         )
 
 
+def vae_factor(name_or_path: str, revision: str | None = None) -> int:
+    """Pixels per latent pixel, read from the VAE config (no weights are loaded)."""
+    cfg = AutoencoderKL.load_config(name_or_path, subfolder="vae", revision=revision)
+    return 2 ** (len(cfg["block_out_channels"]) - 1)
+
+
+def check_resolution(name_or_path: str, resolution: int, revision: str | None = None) -> None:
+    check_model_path(name_or_path)
+    factor = vae_factor(name_or_path, revision)
+    if resolution % factor:
+        lo, hi = resolution // factor * factor, (resolution // factor + 1) * factor
+        raise ValueError(f"data.resolution={resolution} is not divisible by the VAE's downsampling factor "
+                         f"{factor} ({name_or_path}); use {lo or hi} or {hi}.")
+
+
 def load_components(
     name_or_path: str,
     revision: str | None = None,
     variant: str | None = None,
     dtype: str | None = "float32",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> Components:
     """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all frozen.
 
@@ -59,11 +75,13 @@ def load_components(
         variant: weight variant, e.g. ``fp16``.
         dtype: dtype of the frozen weights (trainable LoRA weights are kept in float32).
         trust_remote_code: passed to transformers; off unless the user sets it.
+        allow_pickle: also accept pickle weight files (``.bin``/``.ckpt``); off: safetensors only,
+            so loading a model can never execute code hidden in a pickle.
     """
     check_model_path(name_or_path)
-    kw = {"revision": revision}
+    kw = {"revision": revision, "use_safetensors": not allow_pickle}
     torch_dtype = resolve_dtype(dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", revision=revision)
     text_encoder = CLIPTextModel.from_pretrained(
         name_or_path, subfolder="text_encoder", variant=variant, dtype=torch_dtype,
         trust_remote_code=trust_remote_code, **kw,
@@ -74,7 +92,7 @@ def load_components(
     unet = UNet2DConditionModel.from_pretrained(
         name_or_path, subfolder="unet", variant=variant, dtype=torch_dtype, **kw
     )
-    noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kw)
+    noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", revision=revision)
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.eval()

@@ -12,12 +12,15 @@ the world's renderer does.
 
 from __future__ import annotations
 
+import multiprocessing
+
 import numpy as np
 
 SUPERSAMPLE = 4
 KINDS = ("solid", "gradient", "stripes", "checker", "noise", "blobs", "shape", "split")
-# "striped_shape": one stripe-filled shape on a plain background (not in the default draw).
-ALL_KINDS = (*KINDS, "striped_shape")
+# Not in the default draw: "striped_shape" (one stripe-filled shape on a plain background) and
+# "striped_ground" (one plain shape on a background of broad two-tone stripes).
+ALL_KINDS = (*KINDS, "striped_shape", "striped_ground")
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
@@ -131,6 +134,17 @@ def fine_stripes(s: int, rng: np.random.Generator, side: int) -> np.ndarray:
     return _two_tone((u % 1) < 0.5, _colour(rng), dark)
 
 
+def broad_stripes(s: int, rng: np.random.Generator, side: int) -> np.ndarray:
+    """Broad stripes (4-12 px period) at any angle, in a colour and a darker or lighter shade."""
+    xx, yy = _grid(s)
+    theta = np.deg2rad(rng.choice([45, 135]) if rng.random() < 0.5 else rng.uniform(0, 180))
+    period = rng.uniform(4.0, 12.0) / side
+    u = (xx * np.cos(theta) + yy * np.sin(theta)) / period + rng.uniform(0, 1)
+    a = _colour(rng)
+    b = a * rng.uniform(0.3, 0.7) if rng.random() < 0.5 else a + (255 - a) * rng.uniform(0.2, 0.5)
+    return _two_tone((u % 1) < 0.5, a, b)
+
+
 def pattern_image(rng: np.random.Generator, side: int = 32, kinds: tuple[str, ...] = KINDS
                   ) -> np.ndarray:
     """One ``side``² uint8 RGB image of a kind drawn uniformly from ``kinds`` (repeat a name to
@@ -139,6 +153,8 @@ def pattern_image(rng: np.random.Generator, side: int = 32, kinds: tuple[str, ..
     kind = kinds[rng.integers(len(kinds))]
     if kind == "striped_shape":
         img = _two_tone(shape_mask(s, rng), fine_stripes(s, rng, side), solid(s, rng, side))
+    elif kind == "striped_ground":
+        img = _two_tone(shape_mask(s, rng), solid(s, rng, side), broad_stripes(s, rng, side))
     elif kind == "shape":   # 1-3 textured shapes on a textured or plain background
         img = _texture(s, rng, side) if rng.random() < 0.5 else solid(s, rng, side)
         for _ in range(int(rng.integers(1, 4))):
@@ -154,8 +170,19 @@ def pattern_image(rng: np.random.Generator, side: int = 32, kinds: tuple[str, ..
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
-def pattern_bank(n: int, seed: int, side: int = 32, kinds: tuple[str, ...] = KINDS) -> np.ndarray:
-    """``n`` procedural images, ``(n, side, side, 3)`` uint8, deterministic in ``seed``."""
-    rng = np.random.default_rng(seed)
-    return np.stack([pattern_image(rng, side, tuple(kinds)) for _ in range(n)]) if n else np.zeros(
-        (0, side, side, 3), np.uint8)
+def _one_pattern(args: tuple[int, int, int, tuple[str, ...]]) -> np.ndarray:
+    seed, i, side, kinds = args
+    return pattern_image(np.random.default_rng([seed, i]), side, kinds)
+
+
+def pattern_bank(n: int, seed: int, side: int = 32, kinds: tuple[str, ...] = KINDS,
+                 workers: int = 1) -> np.ndarray:
+    """``n`` procedural images, ``(n, side, side, 3)`` uint8. Image ``i`` is drawn from its own
+    generator seeded with ``(seed, i)``, so the bank is the same for any number of ``workers``."""
+    if n == 0:
+        return np.zeros((0, side, side, 3), np.uint8)
+    jobs = [(seed, i, side, tuple(kinds)) for i in range(n)]
+    if workers <= 1:
+        return np.stack([_one_pattern(j) for j in jobs])
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return np.stack(pool.map(_one_pattern, jobs, chunksize=64))

@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 
 
 def training_images(world: str, world_limit: int, patterns: int, resolution: int, seed: int,
-                    kinds: tuple[str, ...] = KINDS) -> torch.Tensor:
+                    kinds: tuple[str, ...] = KINDS, workers: int = 1) -> torch.Tensor:
     """World images and procedural textures (drawn from ``kinds``), as one uint8 NHWC tensor."""
     rows = read_rows(world, world_limit)
-    bank = torch.from_numpy(pattern_bank(patterns, seed, resolution, tuple(kinds)))
+    bank = torch.from_numpy(pattern_bank(patterns, seed, resolution, tuple(kinds), workers))
     return torch.cat([load_images(world, rows, resolution), bank])
 
 
@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     p = cfg.pretrain
     L.seed_everything(cfg.seed, workers=True)
     images = training_images(p.data.world, p.data.world_limit, p.data.patterns, p.data.resolution,
-                             cfg.seed + p.data.seed_offset, p.data.kinds)
+                             cfg.seed + p.data.seed_offset, p.data.kinds, p.data.workers)
     loader = DataLoader(TensorDataset(to_unit(images)), batch_size=p.data.batch_size, shuffle=True,
                         drop_last=True)
     module = instantiate(p.module)

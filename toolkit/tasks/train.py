@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from toolkit.models.pretrained import check_resolution
 from toolkit.training import build_trainer
 
 log = logging.getLogger(__name__)
+PREEMPTED_EXIT_CODE = 143   # 128 + SIGTERM: what schedulers expect from a job stopped by a signal
 
 
 def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None) -> None:
@@ -32,16 +35,40 @@ def check_fresh_run_dir(output_dir: Path, ckpt_path: str | None) -> None:
         )
 
 
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule,
+        ckpt_path: str | None) -> None:
+    """``trainer.fit`` that reads checkpoints with ``weights_only=True`` (tensors and plain
+    containers only: a pickle cannot run code on load) and explains a refused file."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refused to load checkpoint {ckpt_path!r}: it holds Python objects beyond tensors and "
+            f"plain containers, and unpickling those can execute arbitrary code ({str(err).splitlines()[0]}). "
+            "Resume only from checkpoints this toolkit wrote; to start from foreign LoRA weights, "
+            "convert them to safetensors first.") from None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     check_fresh_run_dir(output_dir, cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module)
+    # Everything that can be checked without model weights is checked first: the data (scan,
+    # columns, batch split) and the resolution against the VAE config.
     trainer = build_trainer(cfg)
+    datamodule = instantiate(cfg.data)
+    datamodule.trainer = trainer
+    datamodule.setup("fit")
+    check_resolution(cfg.model.name_or_path, datamodule.resolution, cfg.model.revision)
+    module = instantiate(cfg.module)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    fit(trainer, module, datamodule, cfg.ckpt_path)
+    preempted = [cb.preempted_at for cb in trainer.callbacks if getattr(cb, "preempted_at", None) is not None]
+    if preempted:
+        log.warning("run stopped by a signal at step %d; resume with: python run.py task=train "
+                    "hydra.run.dir=%s ckpt_path=last", preempted[0], output_dir)
+        raise SystemExit(PREEMPTED_EXIT_CODE)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(global_step=trainer.global_step, adapter=str(output_dir / "adapter"))

@@ -1,0 +1,113 @@
+"""Latent / text-embedding caches: hits, misses, invalidation, and the same training as the
+naive path; the resumable sampler's epoch and rank guarantees."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import compose_cfg, tiny_overrides
+from toolkit.data.encoded_cache import ArrayStore, fill
+from toolkit.data.sampler import ResumableSampler
+from toolkit.models.tiny import build_tiny_pipeline
+from toolkit.tasks import train
+
+
+def test_store_encodes_only_missing_keys(tmp_path):
+    calls = []
+
+    def enc(xs):
+        calls.append(len(xs))
+        return np.stack([np.full((2, 3), x, np.float32) for x in xs])
+
+    store = ArrayStore(tmp_path)
+    assert fill(store, ["a", "b", "c"], [1, 2, 3], enc, batch_size=2) == 3 and calls == [2, 1]
+    again = ArrayStore(tmp_path)   # a new process reads the shards from disk
+    assert fill(again, ["a", "b", "c"], [1, 2, 3], enc, batch_size=2) == 0 and calls == [2, 1]
+    assert fill(again, ["a", "b", "d"], [1, 2, 9], enc, batch_size=2) == 1
+    assert again.get("d").tolist() == [[9.0] * 3] * 2 and again.get("b")[0, 0] == 2
+    # two ranks (threads with a barrier) split the work and both see everything afterwards
+    barrier, stores = threading.Barrier(2), [ArrayStore(tmp_path / "ddp") for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda r: fill(stores[r], list("wxyz"), [1, 2, 3, 4], enc, 2, rank=r, world_size=2,
+                                            barrier=barrier.wait), (0, 1)))
+    assert done == [2, 2] and all(s.index.keys() == set("wxyz") for s in stores)
+
+
+def rows_in(cache: Path, kind: str) -> dict[str, int]:
+    """Rows per cache folder of ``kind`` (latents / text)."""
+    return {d.name: sum(len(json.loads(f.read_text())) for f in d.glob("*.keys.json"))
+            for d in sorted(cache.glob(f"{kind}-*"))}
+
+
+def run_cached(model: str, data: Path, out: Path, cache: Path, *extra: str) -> dict:
+    return train.run(compose_cfg(tiny_overrides(model, data, out) + [
+        f"callbacks.encoded_cache.dirpath={cache}", "trainer.max_steps=2", *extra], out))
+
+
+def test_latent_cache_hits_and_invalidation(tiny_model, imagefolder_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(imagefolder_data, data)
+    cache = tmp_path / "cache"
+    run_cached(tiny_model, data, tmp_path / "r1", cache)
+    first = rows_in(cache, "latents")
+    assert list(first.values()) == [16] and len(rows_in(cache, "text")) == 1   # 12 train + 4 val images
+    run_cached(tiny_model, data, tmp_path / "r2", cache)
+    assert rows_in(cache, "latents") == first                                 # warm: nothing re-encoded
+    img = Image.open(data / "00003.png")
+    img.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(data / "00003.png")   # one image changes
+    run_cached(tiny_model, data, tmp_path / "r3", cache)
+    assert list(rows_in(cache, "latents").values()) == [17]                  # only it is re-encoded
+    run_cached(tiny_model, data, tmp_path / "r4", cache, "data.resolution=8")
+    assert sorted(rows_in(cache, "latents").values()) == [16, 17]            # new resolution: new folder
+    other_vae = str(build_tiny_pipeline(tmp_path / "other", seed=5))
+    run_cached(other_vae, data, tmp_path / "r5", cache)
+    assert sorted(rows_in(cache, "latents").values()) == [16, 16, 17] and len(rows_in(cache, "text")) == 2
+
+
+def losses(out: Path) -> list[float]:
+    with open(next(out.glob("csv/*/metrics.csv"))) as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_cached_training_matches_naive_training(tiny_model, imagefolder_data, tmp_path):
+    """Same seed: the same per-step draws, so the losses agree up to float32 rounding of the
+    batched encoding (float32 storage here)."""
+    common = ["trainer.max_steps=6", "data.random_flip=true", "callbacks.encoded_cache.dtype=float32"]
+    run_cached(tiny_model, imagefolder_data, tmp_path / "naive", tmp_path / "c", *common,
+               "callbacks.encoded_cache.latents=false", "callbacks.encoded_cache.text=false")
+    run_cached(tiny_model, imagefolder_data, tmp_path / "cached", tmp_path / "c", *common)
+    a, b = losses(tmp_path / "naive"), losses(tmp_path / "cached")
+    assert len(a) == len(b) == 6
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_random_crops_turn_the_latent_cache_off(tiny_model, imagefolder_data, tmp_path, caplog):
+    run_cached(tiny_model, imagefolder_data, tmp_path / "r", tmp_path / "c", "data.center_crop=false")
+    assert not rows_in(tmp_path / "c", "latents") and "random crops are not cacheable" in caplog.text
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_epochs_and_ranks(world):
+    n = 20
+    samplers = [ResumableSampler(n, seed=7, rank=r, world_size=world) for r in range(world)]
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        shards = [[i for e, i in s] for s in samplers]
+        flat = [i for sh in shards for i in sh]
+        assert len(flat) == len(set(flat)) == n // world * world   # disjoint, each used at most once
+        assert all(len(sh) == n // world for sh in shards)
+    orders = [[i for _, i in ResumableSampler(n, seed=7)] for _ in range(2)]
+    assert orders[0] == orders[1] != list(range(n))                   # deterministic, shuffled
+    s = ResumableSampler(n, seed=7)
+    s.start = 5
+    assert [i for _, i in s] == orders[0][5:] and [i for _, i in s] == orders[0]   # offset: one pass

@@ -1,0 +1,163 @@
+"""Never lose a run: exact resume after SIGKILL/SIGTERM, atomic checkpoints, NaN stops, config
+errors that say what to change, and checkpoint loading that cannot run foreign code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, compose_cfg, run_entry, tiny_overrides
+from toolkit.callbacks.preemption import AtomicCheckpointIO
+from toolkit.config import check_overrides
+from toolkit.tasks import train
+
+ADAPTER = Path("adapter") / "pytorch_lora_weights.safetensors"
+
+
+def resume_overrides(model: str, data: Path, out: Path) -> list[str]:
+    """8 steps over 3-batch epochs (mid-epoch and cross-epoch resumes), with every random
+    input on: flips, random crops, caption dropout, LoRA dropout, deterministic CPU kernels."""
+    return tiny_overrides(model, data, out) + [
+        "trainer.max_steps=8", "trainer.deterministic=true", "data.random_flip=true",
+        "data.center_crop=false", "module.caption_dropout=0.3", "module.lora.lora_dropout=0.1",
+        "callbacks.sample_grid.every_n_steps=100"]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path.name}: {proc.stderr.read()[-3000:]}"
+        assert time.time() < end, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, imagefolder_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    res = run_entry(resume_overrides(tiny_model, imagefolder_data, out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / ADAPTER
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_model, imagefolder_data, uninterrupted, tmp_path):
+    args = resume_overrides(tiny_model, imagefolder_data, tmp_path)
+    proc = start(args)
+    wait_for(tmp_path / "checkpoints" / "step=4.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / ADAPTER).exists()
+    step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 2 <= step < 8   # killed mid-run (last.ckpt may still be at step 2: it is written second)
+    res = run_entry(args + ["ckpt_path=last"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert same_tensors(tmp_path / ADAPTER, uninterrupted)
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_identically(tiny_model, imagefolder_data, uninterrupted,
+                                                                tmp_path):
+    args = resume_overrides(tiny_model, imagefolder_data, tmp_path)
+    proc = start(args)
+    wait_for(tmp_path / "checkpoints" / "step=2.ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, proc.stderr.read()[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 2 <= ckpt["global_step"] < 8 and not (tmp_path / ADAPTER).exists()
+    res = run_entry(args + ["ckpt_path=last"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert same_tensors(tmp_path / ADAPTER, uninterrupted)
+
+
+def test_crash_during_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"w": torch.ones(3)}, path)
+
+    def dying_save(obj, f, *a, **kw):   # half a file, then the process "dies"
+        f.write(b"\x80\x02partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]   # no temp file left behind
+
+
+def nan_overrides(model: str, data: Path, out: Path) -> list[str]:
+    return tiny_overrides(model, data, out) + [
+        "module._target_=tests.helpers.NaNLoRA", "+module.nan_at_step=3", "trainer.max_steps=6"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, imagefolder_data, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* step 3 .*last\.ckpt"):
+        train.run(compose_cfg(nan_overrides(tiny_model, imagefolder_data, tmp_path), tmp_path))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_nan_loss_skip_policy_skips_batches_and_counts_them(tiny_model, imagefolder_data, tmp_path):
+    cfg = compose_cfg(nan_overrides(tiny_model, imagefolder_data, tmp_path) + ["module.nonfinite=skip"], tmp_path)
+    train.run(cfg)   # every batch from step 3 on is NaN: skipped, no update
+    ck = {s: torch.load(tmp_path / "checkpoints" / f"step={s}.ckpt", weights_only=True) for s in (2, 4, 6)}
+    assert ck[6]["skipped_steps"] >= 2 and ck[2]["skipped_steps"] == 0
+    assert all(torch.isfinite(v).all() for v in ck[6]["state_dict"].values())
+    assert all(torch.equal(v, ck[4]["state_dict"][k]) for k, v in ck[6]["state_dict"].items())   # frozen since
+    assert any(not torch.equal(v, ck[2]["state_dict"][k]) for k, v in ck[4]["state_dict"].items())
+    with pytest.raises(FloatingPointError, match="non-finite"):   # over the allowance: stop
+        train.run(compose_cfg(nan_overrides(tiny_model, imagefolder_data, tmp_path / "b") + [
+            "module.nonfinite=skip", "module.max_skipped_steps=1"], tmp_path / "b"))
+
+
+def test_misspelt_key_fails_at_start_naming_the_nearest_key():
+    res = run_entry(["trainer.max_stpes=5", "task=train"], timeout=120)
+    assert res.returncode != 0 and "did you mean 'trainer.max_steps'" in res.stderr
+    assert "'data.policy'" in check_overrides(["data.polcy.on_error=error"])
+    assert "'module'" in check_overrides(["modle=lora"]) and check_overrides(["trainer.max_steps=3"]) is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.global_batch_size=5", r"global_batch_size=5 is not divisible .* use a multiple of 2"),
+    ("data.resolution=15", r"resolution=15 is not divisible by the VAE's downsampling factor 2 .* use 14 or 16"),
+    ("model.name_or_path=/no/such/model", r"is not a diffusers pipeline directory"),
+    ("data.caption_column=prompt", r"data.caption_column='prompt' is not a column .* columns are"),
+])
+def test_inconsistent_settings_fail_before_training(override, message, tiny_model, imagefolder_data, tmp_path,
+                                                    monkeypatch):
+    loaded = []
+    monkeypatch.setattr("toolkit.models.module.load_components", lambda **kw: loaded.append(kw))
+    extra = ["trainer.accumulate_grad_batches=2", override] if "global_batch" in override else [override]
+    with pytest.raises((ValueError, KeyError, FileNotFoundError), match=message):
+        train.run(compose_cfg(tiny_overrides(tiny_model, imagefolder_data, tmp_path) + extra, tmp_path))
+    assert not loaded
+
+
+class Foreign:   # stands for any class a foreign pickle might instantiate on load
+    pass
+
+
+def test_foreign_pickle_checkpoint_is_refused(tiny_model, imagefolder_data, tmp_path):
+    evil = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "payload": Foreign()}, evil)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="refused to load checkpoint .* can execute arbitrary code"):
+        train.run(compose_cfg(tiny_overrides(tiny_model, imagefolder_data, out) + [f"ckpt_path={evil}"], out))

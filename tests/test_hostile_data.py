@@ -1,0 +1,172 @@
+"""Hostile datasets: every bad case gets a defined behaviour, a count and a report line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import compose_cfg, tiny_overrides
+from toolkit.data.datamodule import CaptionedImageDataModule
+from toolkit.data.validate import BadItem, DataPolicy, EmptyDatasetError, decode_image
+from toolkit.tasks import train
+
+RES = 16
+# file -> reason it must be rejected with under the default policy
+REJECTED = {
+    "truncated.jpg": "corrupt or truncated image", "zero.png": "empty file",
+    "notimage.png": "not an image", "bomb.png": "decompression bomb",
+    "nocap.png": "missing caption", "emptycap.png": "empty caption",
+    "badutf.png": "caption not UTF-8", "dup.png": "duplicate name", "dup.jpg": "duplicate name",
+}
+# file -> what the conversion note must mention
+CONVERTED = {"cmyk.jpg": "CMYK", "png16.png": "I;16", "rgba.png": "RGBA", "la.png": "LA",
+             "palette.png": "P", "gray.png": "from L", "exif.jpg": "EXIF", "small.png": "upscaled"}
+
+
+def _rgb(seed: int, size: tuple[int, int] = (24, 24)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8))
+
+
+def make_hostile(root: Path, good: int = 8) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    cap = lambda name, text="a red circle": (root / name).with_suffix(".txt").write_text(text)
+    for i in range(good):
+        _rgb(i).save(root / f"good{i}.png")
+        cap(f"good{i}.png", f"picture {i}")
+    _rgb(50).save(root / "truncated.jpg", quality=95)
+    data = (root / "truncated.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "zero.png").write_bytes(b"")
+    (root / "notimage.png").write_text("this is not a PNG")
+    Image.new("1", (10000, 9000)).save(root / "bomb.png")      # 90 M pixels > Pillow's 89.5 M
+    Image.new("CMYK", (24, 24), (0, 255, 255, 0)).save(root / "cmyk.jpg")   # red in CMYK
+    Image.fromarray(np.full((24, 24), 65535, np.uint16)).save(root / "png16.png")   # white, 16 bit
+    rgba = np.zeros((24, 24, 4), np.uint8)
+    rgba[:12, :, :] = (0, 0, 255, 255)       # top half opaque blue, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
+    Image.new("LA", (24, 24), (100, 128)).save(root / "la.png")
+    pal = Image.new("P", (24, 24), 1)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.save(root / "palette.png")
+    Image.new("L", (24, 24), 200).save(root / "gray.png")
+    wide = Image.new("RGB", (40, 24), (255, 0, 0))
+    exif = wide.getexif()
+    exif[0x0112] = 6                           # "rotate 90° clockwise to display"
+    wide.save(root / "exif.jpg", exif=exif.tobytes())
+    _rgb(60, (8, 8)).save(root / "small.png")
+    for name in ("truncated.jpg", "zero.png", "notimage.png", "bomb.png", *CONVERTED):
+        cap(name)
+    _rgb(70).save(root / "nocap.png")
+    _rgb(71).save(root / "emptycap.png")
+    cap("emptycap.png", "   \n")
+    _rgb(72).save(root / "badutf.png")
+    (root / "badutf.txt").write_bytes(b"a \xff\xfe caption")
+    _rgb(73).save(root / "dup.png")
+    _rgb(74).save(root / "dup.jpg")
+    cap("dup.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> Path:
+    return make_hostile(tmp_path_factory.mktemp("hostile") / "data")
+
+
+def datamodule(path: Path, tmp_path: Path, **policy) -> CaptionedImageDataModule:
+    return CaptionedImageDataModule(str(path), resolution=RES, global_batch_size=2, policy=policy,
+                                    report_dir=str(tmp_path), scan_cache_dir=str(tmp_path / "cache"))
+
+
+def test_scan_reports_exactly_the_bad_files(hostile, tmp_path):
+    dm = datamodule(hostile, tmp_path)
+    dm.setup("fit")
+    report = json.loads((tmp_path / "data_report_train.json").read_text())
+    rejected = {Path(r["item"]).name: r["reason"] for r in report["rejected"]}
+    assert {k: v.split(" (")[0] for k, v in rejected.items()} == REJECTED
+    converted = {Path(r["item"]).name: r["what"] for r in report["converted"]}
+    assert set(converted) == set(CONVERTED)
+    for name, note in CONVERTED.items():
+        assert note in converted[name], (name, converted[name])
+    assert len(dm.train_set) == report["total"] - len(REJECTED) == 8 + len(CONVERTED)
+    for i in range(len(dm.train_set)):   # every kept item decodes to a training tensor
+        item = dm.train_set[(0, i)]
+        assert item["pixel_values"].shape == (3, RES, RES) and item["caption"]
+    # the second setup of the same data + policy is a cache hit
+    again = datamodule(hostile, tmp_path)
+    again.setup("fit")
+    assert again.train_set.indices == dm.train_set.indices and len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_conversions_give_the_right_pixels(hostile):
+    policy = DataPolicy(alpha_background=(255, 255, 0))
+    img = lambda name: decode_image(str(hostile / name), policy, RES)[0]
+    rgba = np.asarray(img("rgba.png"))
+    assert rgba[0, 0].tolist() == [0, 0, 255] and rgba[-1, 0].tolist() == [255, 255, 0]   # composited
+    assert np.asarray(img("png16.png"))[0, 0].tolist() == [255, 255, 255]                 # 16 -> 8 bit
+    a = 128 / 255                                                      # 100 grey at alpha 128 on yellow
+    want = [100 * a + 255 * (1 - a), 100 * a + 255 * (1 - a), 100 * a]
+    assert np.allclose(np.asarray(img("la.png"))[0, 0], want, atol=1)
+    assert np.asarray(img("palette.png"))[0, 0].tolist() == [0, 255, 0]
+    assert np.asarray(img("gray.png"))[0, 0].tolist() == [200, 200, 200]
+    red = np.asarray(img("cmyk.jpg"))[0, 0]
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+    rotated = img("exif.jpg")
+    assert rotated.mode == "RGB" and rotated.size == (24, 40)   # 40x24 turned upright
+    with pytest.raises(BadItem, match="smaller than the resolution"):
+        decode_image(str(hostile / "small.png"), DataPolicy(small_images="skip"), RES)
+
+
+def test_policy_error_names_the_first_bad_file(hostile, tmp_path):
+    dm = datamodule(hostile, tmp_path, on_error="error", scan_workers=1)
+    with pytest.raises(BadItem, match=r"^caption not UTF-8.*badutf\.png$"):   # sorted: badutf.png is first
+        dm.setup("fit")
+
+
+def test_caption_policy_empty_keeps_captionless_images(hostile, tmp_path):
+    dm = datamodule(hostile, tmp_path, captions="empty")
+    dm.setup("fit")
+    names = {Path(r["item"]).name for r in json.loads((tmp_path / "data_report_train.json").read_text())["rejected"]}
+    assert not names & {"nocap.png", "emptycap.png", "badutf.png"}
+    assert {"dup.png", "dup.jpg"} <= names   # a duplicate name is never guessed
+
+
+def test_train_runs_on_the_hostile_dataset(tiny_model, hostile, tmp_path):
+    out = tmp_path / "run"
+    metrics = train.run(compose_cfg(tiny_overrides(tiny_model, hostile, out) + [
+        "data.val_fraction=0", "trainer.max_steps=2"], out))
+    assert metrics["global_step"] == 2 and (out / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(json.loads((out / "data_report_train.json").read_text())["rejected"]) == len(REJECTED)
+
+
+def test_empty_dataset_stops_before_any_model_is_loaded(tiny_model, tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"")
+    (bad / "a.txt").write_text("x")
+    (bad / "b.png").write_text("not an image")
+    (bad / "b.txt").write_text("x")
+    _rgb(1).save(bad / "c.png")                       # no caption
+    loaded = []
+    monkeypatch.setattr("toolkit.models.module.load_components", lambda **kw: loaded.append(kw))
+    out = tmp_path / "run"
+    with pytest.raises(EmptyDatasetError) as err:
+        train.run(compose_cfg(tiny_overrides(tiny_model, bad, out) + ["data.val_fraction=0"], out))
+    msg = str(err.value)
+    assert "0 of 3 items usable" in msg and "1 empty file" in msg and "1 not an image" in msg
+    assert "1 missing caption" in msg and not loaded
+
+
+def test_loader_skips_a_file_broken_after_the_scan(tmp_path):
+    root = make_hostile(tmp_path / "d", good=4)
+    dm = datamodule(root, tmp_path)
+    dm.setup("fit")
+    first = dm.train_set.ds[dm.train_set.indices[0]]["image"]
+    Path(first).write_bytes(b"")                       # corrupted mid-run
+    assert dm.train_set[(0, 0)] is None                # logged and skipped, not raised
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch["pixel_values"], torch.Tensor)

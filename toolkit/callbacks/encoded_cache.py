@@ -1,0 +1,83 @@
+"""Encode the training data once with the frozen VAE / text encoder (``toolkit.data.encoded_cache``)
+and train from the cache: no image decoding, no VAE encoder and no text encoder in the step.
+
+Runs at ``on_fit_start``: the model is on its device and DDP is up, so the encoding is sharded
+over ranks (each encodes every world_size-th missing item, then all read every shard).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from toolkit.data.encoded_cache import ArrayStore, bytes_key, fill, module_fingerprint, text_key
+from toolkit.data.transforms import train_transform
+from toolkit.data.validate import decode_image
+
+log = logging.getLogger(__name__)
+
+
+def image_bytes(item: Any) -> bytes:
+    if isinstance(item, dict):
+        return item.get("bytes") or Path(item["path"]).read_bytes()
+    if isinstance(item, str | Path):
+        return Path(item).read_bytes()
+    return item.tobytes()   # an already-decoded PIL image (some hub datasets)
+
+
+class EncodedCache(L.Callback):
+    """Args:
+        dirpath: cache root (shared by runs; one folder per encoder + preprocessing).
+        latents: cache VAE posterior parameters (needs ``data.center_crop=true``).
+        text: cache prompt embeddings (skipped when the text encoder is trained).
+        batch_size: encoding batch.
+        dtype: storage dtype of the cached arrays (``float16`` halves the disk; ``float32`` exact).
+    """
+
+    def __init__(self, dirpath: str, latents: bool = True, text: bool = True, batch_size: int = 64,
+                 dtype: str = "float16") -> None:
+        self.dirpath, self.latents, self.text = Path(dirpath), latents, text
+        self.batch_size, self.dtype = batch_size, np.dtype(dtype)
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        sets = [s for s in (dm.train_set, dm.val_set) if s is not None]
+        shard = {"rank": trainer.global_rank, "world_size": trainer.world_size, "barrier": trainer.strategy.barrier}
+        if self.text and module.text_lora_params:
+            log.info("text-embedding cache off: the text encoder is being trained")
+        elif self.text:
+            captions = sorted({""} | {c for s in sets for c in s.captions()})   # "" for caption dropout
+            store = ArrayStore(self.dirpath / f"text-{module_fingerprint(module.text_encoder)}")
+            enc = lambda batch: module.encode_text(batch, cached=False).float().cpu().numpy().astype(self.dtype)
+            n = fill(store, [text_key(c) for c in captions], captions, enc, self.batch_size, desc="text cache", **shard)
+            module.text_cache = store
+            log.info("text cache: %d prompts (%d encoded now) in %s", len(captions), n, store.root)
+        if self.latents and not dm.center_crop:
+            log.warning("latent cache off: random crops are not cacheable (set data.center_crop=true)")
+        elif self.latents:
+            flips = 2 if dm.random_flip else 1
+            prep = f"{module_fingerprint(module.vae)}-r{dm.resolution}-f{flips}-{dm.policy.alpha_background}"
+            store = ArrayStore(self.dirpath / f"latents-{prep}".replace(" ", ""))
+
+            def enc(items: list[Any]) -> np.ndarray:
+                rng = np.random.default_rng(0)   # unused: centre crop, no random flip here
+                px = torch.stack([train_transform(decode_image(it, dm.policy, dm.policy.min_side or dm.resolution)[0],
+                                                  dm.resolution, True, False, rng) for it in items])
+                if flips == 2:
+                    px = torch.stack([px, px.flip(-1)], 1).flatten(0, 1)
+                params = module.vae.encode(px.to(module.device, module.vae.dtype)).latent_dist.parameters
+                return params.float().cpu().numpy().astype(self.dtype).reshape(len(items), flips, *params.shape[1:])
+
+            for s in sets:
+                items = [s.raw(i)[0] for i in range(len(s.ds))]
+                keys = [bytes_key(image_bytes(it)) for it in items]
+                n = fill(store, [keys[i] for i in s.indices], [items[i] for i in s.indices], enc, self.batch_size,
+                         desc="latent cache", **shard)
+                s.latents = (store, keys)
+                log.info("latent cache: %d images (%d encoded now) in %s", len(s.indices), n, store.root)

@@ -1,0 +1,117 @@
+"""On-disk caches of frozen-encoder outputs: VAE posterior parameters per image and text
+embeddings per caption, so a LoRA step runs the UNet alone.
+
+Layout: ``<dir>/<kind>-<settings key>/`` holds ``.npy`` shards (memory-mapped on read) and, per
+shard, a ``.keys.json`` naming its rows. A row's key is the SHA-256 of its input (the image
+file's bytes, the caption's text); the folder's settings key hashes the encoder (config + every
+weight) and the preprocessing (resolution, crop, flip variants). So a changed image, resolution
+or VAE re-encodes exactly what changed, and runs with the same settings share the cache. Shards
+are written to a temp name and renamed, keys file last: a crash never leaves a readable half.
+
+Posterior *parameters* (mean, log-variance) are stored, not samples: every step still draws a
+fresh ``z ~ q(z|x)`` as the naive path does. Flips are cached as a second variant per image;
+random crops are not cacheable (one variant per crop position) and turn the latent cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def module_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of a model's config and every tensor of its state dict."""
+    cfg = getattr(model, "config", {})
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def bytes_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:24]
+
+
+class ArrayStore:
+    """Fixed-shape rows keyed by strings, in append-only ``.npy`` shards."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.index: dict[str, tuple[str, int]] = {}
+        self._maps: dict[str, np.ndarray] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        for keys_file in sorted(self.root.glob("*.keys.json")):
+            shard = keys_file.name[: -len(".keys.json")] + ".npy"
+            for row, key in enumerate(json.loads(keys_file.read_text())):
+                self.index.setdefault(key, (shard, row))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def write(self, keys: Sequence[str], rows: np.ndarray) -> None:
+        name = uuid.uuid4().hex[:12]
+        tmp = self.root / f".{name}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, rows)
+        os.replace(tmp, self.root / f"{name}.npy")
+        tmp_keys = self.root / f".{name}.keys.tmp"
+        tmp_keys.write_text(json.dumps(list(keys)))
+        os.replace(tmp_keys, self.root / f"{name}.keys.json")
+        for row, key in enumerate(keys):
+            self.index.setdefault(key, (f"{name}.npy", row))
+
+    def get(self, key: str) -> np.ndarray:
+        shard, row = self.index[key]
+        if shard not in self._maps:
+            self._maps[shard] = np.load(self.root / shard, mmap_mode="r")
+        return self._maps[shard][row]
+
+    def __getstate__(self) -> dict[str, Any]:   # DataLoader workers re-open their own memmaps
+        return {**self.__dict__, "_maps": {}}
+
+
+def fill(store: ArrayStore, keys: Sequence[str], inputs: Sequence[Any], encode: Callable[[list[Any]], np.ndarray],
+         batch_size: int, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None,
+         desc: str = "encoding") -> int:
+    """Encode the inputs whose key is missing, this rank's share of them, in batches; returns
+    how many this rank encoded. All ranks see every shard after the barrier."""
+    todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
+    mine = todo[rank::world_size]
+    chunk = max(batch_size, 1024 // max(batch_size, 1) * batch_size)   # rows per shard file
+    bar = tqdm(total=len(mine), desc=f"{desc} (rank {rank})", disable=not mine, mininterval=1.0)
+    for start in range(0, len(mine), chunk):
+        part = mine[start: start + chunk]
+        rows = [encode([inputs[i] for i in part[b: b + batch_size]]) for b in range(0, len(part), batch_size)]
+        store.write([keys[i] for i in part], np.concatenate(rows))
+        bar.update(len(part))
+    bar.close()
+    barrier()
+    store.refresh()
+    missing = sum(k not in store for k in keys)
+    if missing:
+        raise RuntimeError(f"{missing} items still missing from the cache {store.root} after encoding")
+    return len(mine)
