@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 from PIL import Image
 
 from tests.conftest import compose_cfg, tiny_overrides
+from toolkit.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from toolkit.data.encoded_cache import ArrayStore, fill
 from toolkit.data.sampler import ResumableSampler
 from toolkit.models.tiny import build_tiny_pipeline
@@ -111,3 +113,34 @@ def test_sampler_epochs_and_ranks(world):
     s = ResumableSampler(n, seed=7)
     s.start = 5
     assert [i for _, i in s] == orders[0][5:] and [i for _, i in s] == orders[0]   # offset: one pass
+
+
+def test_aspect_buckets_single_bucket_batches_once_per_epoch(tiny_model, tmp_path):
+    sizes = make_buckets(32, step=8, max_aspect=2.0)
+    assert all(w % 8 == 0 and h % 8 == 0 and 0.5 <= w / h <= 2 for w, h in sizes) and (32, 32) in sizes
+    assert sizes == [(24, 40), (32, 32), (40, 24)] and sizes[nearest_bucket(64, 32, sizes)] == (40, 24)
+    data = tmp_path / "mixed"
+    data.mkdir()
+    shapes = [(64, 32), (32, 64), (48, 48), (60, 40)] * 5
+    for i, (w, h) in enumerate(shapes):
+        pixels = np.random.default_rng(i).integers(0, 255, (h, w, 3), np.uint8)
+        Image.fromarray(pixels).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(f"image {i}")
+    cfg = compose_cfg(tiny_overrides(tiny_model, data, tmp_path) + [
+        "data.val_fraction=0", "data.global_batch_size=3", "data.resolution=32",
+        "data.buckets={step:8,max_aspect:2.0}"], tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    assert len(set(dm.train_set.sizes)) >= 3                         # wide, tall, square buckets
+    seen = []
+    for batch in dm.train_dataloader():
+        assert len({tuple(t.shape) for t in batch["pixel_values"]}) == 1   # one bucket per batch
+        seen += batch["captions"]
+    assert sorted(seen) == sorted(f"image {i}" for i in range(len(shapes)))   # each image once
+    bucket_of = [i % 4 for i in range(20)]
+    ranks = [BucketBatchSampler(bucket_of, 3, seed=1, rank=r, world_size=2) for r in range(2)]
+    got = [[i for b in s for _, i in b] for s in ranks]
+    assert not set(got[0]) & set(got[1]) and len(list(ranks[0])) == len(list(ranks[1]))   # disjoint, in step
+    assert all(len({bucket_of[i] for _, i in b}) == 1 for s in ranks for b in s)
+    metrics = train.run(cfg)   # end to end: per-bucket latent cache, bucketed batches
+    assert metrics["global_step"] == 4 and rows_in(Path(cfg.callbacks.encoded_cache.dirpath), "latents")

@@ -7,6 +7,7 @@ over ranks (each encodes every world_size-th missing item, then all read every s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -62,22 +63,29 @@ class EncodedCache(L.Callback):
             log.warning("latent cache off: random crops are not cacheable (set data.center_crop=true)")
         elif self.latents:
             flips = 2 if dm.random_flip else 1
-            prep = f"{module_fingerprint(module.vae)}-r{dm.resolution}-f{flips}-{dm.policy.alpha_background}"
-            store = ArrayStore(self.dirpath / f"latents-{prep}".replace(" ", ""))
+            prep = (f"{module_fingerprint(module.vae)}-r{dm.resolution}-f{flips}-b{dm.buckets}"
+                    f"-{dm.policy.alpha_background}")
+            store = ArrayStore(self.dirpath / f"latents-{hashlib.sha256(prep.encode()).hexdigest()[:20]}")
 
-            def enc(items: list[Any]) -> np.ndarray:
-                rng = np.random.default_rng(0)   # unused: centre crop, no random flip here
-                px = torch.stack([train_transform(decode_image(it, dm.policy, dm.policy.min_side or dm.resolution)[0],
-                                                  dm.resolution, True, False, rng) for it in items])
-                if flips == 2:
-                    px = torch.stack([px, px.flip(-1)], 1).flatten(0, 1)
-                params = module.vae.encode(px.to(module.device, module.vae.dtype)).latent_dist.parameters
-                return params.float().cpu().numpy().astype(self.dtype).reshape(len(items), flips, *params.shape[1:])
+            def encoder(size: int | tuple[int, int]) -> Any:
+                def enc(items: list[Any]) -> np.ndarray:
+                    rng = np.random.default_rng(0)   # unused: centre crop, no random flip here
+                    min_side = dm.policy.min_side or dm.resolution
+                    px = torch.stack([train_transform(decode_image(it, dm.policy, min_side)[0], size, True, False, rng)
+                                      for it in items])
+                    if flips == 2:
+                        px = torch.stack([px, px.flip(-1)], 1).flatten(0, 1)
+                    params = module.vae.encode(px.to(module.device, module.vae.dtype)).latent_dist.parameters
+                    return params.float().cpu().numpy().astype(self.dtype).reshape(len(items), flips, *params.shape[1:])
+                return enc
 
             for s in sets:
                 items = [s.raw(i)[0] for i in range(len(s.ds))]
                 keys = [bytes_key(image_bytes(it)) for it in items]
-                n = fill(store, [keys[i] for i in s.indices], [items[i] for i in s.indices], enc, self.batch_size,
-                         desc="latent cache", **shard)
+                groups: dict[Any, list[int]] = {}   # one encoding shape per bucket
+                for pos, row in enumerate(s.indices):
+                    groups.setdefault(s.target_size(pos), []).append(row)
+                n = sum(fill(store, [keys[r] for r in rows], [items[r] for r in rows], encoder(size), self.batch_size,
+                             desc="latent cache", **shard) for size, rows in groups.items())
                 s.latents = (store, keys)
                 log.info("latent cache: %d images (%d encoded now) in %s", len(s.indices), n, store.root)

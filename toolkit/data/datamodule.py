@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from toolkit.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from toolkit.data.sampler import ResumableLoader, ResumableSampler
 from toolkit.data.sources import CAPTION_PROBLEM, fingerprint_listing, load_captioned
 from toolkit.data.transforms import train_transform
@@ -61,6 +62,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.policy, self.seed = policy, seed
         self.indices = list(range(len(ds))) if indices is None else indices
         self.latents: tuple[Any, list[str]] | None = None   # (store, key per row): EncodedCache
+        self.sizes: list[tuple[int, int]] | None = None     # bucket (width, height) per kept item
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -69,6 +71,10 @@ class CaptionedImages(torch.utils.data.Dataset):
         """(image item, caption, caption problem) of underlying row ``i`` (for the scan)."""
         row = self.ds[i]
         return row[self.image_column], row[self.caption_column], row.get(CAPTION_PROBLEM)
+
+    def target_size(self, i: int) -> int | tuple[int, int]:
+        """Training size of kept item ``i``: its bucket's (width, height), or the resolution."""
+        return self.sizes[i] if self.sizes is not None else self.resolution
 
     def captions(self) -> list[str]:
         """The training captions of the kept rows."""
@@ -98,7 +104,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         except BadItem as bad:   # changed since the scan (or no scan): skip it, loudly
             log.warning("skipping %s: %s", item_name(image, i), bad)
             return None
-        pixels = train_transform(img, self.resolution, self.center_crop, self.random_flip, rng)
+        pixels = train_transform(img, self.target_size(i), self.center_crop, self.random_flip, rng)
         return {"pixel_values": pixels, "caption": text}
 
 
@@ -122,6 +128,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
         num_workers / pin_memory: dataloader settings.
         seed: seed of the train/validation split, the data order and the augmentation.
         policy: ``DataPolicy`` fields (bad files, small images, captions, alpha, scan).
+        buckets: aspect-ratio buckets ``{step, max_aspect}`` (``toolkit.data.buckets``); None:
+            every image is cropped to a ``resolution`` square. Needs ``policy.scan`` (image sizes).
         report_dir: where ``data_report.json`` (rejected and converted items) is written.
         scan_cache_dir: scan results, keyed by dataset fingerprint + policy (None: no cache).
     """
@@ -131,8 +139,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
                  validation_split: str | None = None, val_fraction: float = 0.0,
                  center_crop: bool = True, random_flip: bool = False, num_workers: int = 0,
                  pin_memory: bool = False, revision: str | None = None, seed: int = 0,
-                 policy: DataPolicy | dict | None = None, report_dir: str | None = None,
-                 scan_cache_dir: str | None = None) -> None:
+                 policy: DataPolicy | dict | None = None, buckets: dict | None = None,
+                 report_dir: str | None = None, scan_cache_dir: str | None = None) -> None:
         super().__init__()
         self.path, self.resolution, self.global_batch_size = path, resolution, global_batch_size
         self.image_column, self.caption_column, self.split = image_column, caption_column, split
@@ -141,6 +149,9 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.policy = policy if isinstance(policy, DataPolicy) else DataPolicy(**(policy or {}))
         self.report_dir, self.scan_cache_dir = report_dir, scan_cache_dir
+        self.buckets = dict(buckets) if buckets else None
+        if self.buckets and not self.policy.scan:
+            raise ValueError("data.buckets needs data.policy.scan=true (the scan measures every image's size)")
         self.train_set = self.val_set = None
         self.rank, self.world_size = 0, 1
 
@@ -191,6 +202,9 @@ class CaptionedImageDataModule(L.LightningDataModule):
                 if ds is not None:
                     result = self._scan(ds, name)
                     ds.indices = result.keep
+                    if self.buckets:
+                        sizes = make_buckets(self.resolution, **self.buckets)
+                        ds.sizes = [sizes[nearest_bucket(w, h, sizes)] for w, h in result.sizes]
                     report[name] = result
                     log.info("data scan (%s): %s", name, result.summary())
             if self.report_dir and self.rank == 0:
@@ -203,16 +217,24 @@ class CaptionedImageDataModule(L.LightningDataModule):
     def _sampler(self, ds: CaptionedImages, shuffle: bool) -> ResumableSampler:
         return ResumableSampler(len(ds), self.seed, shuffle, self.rank, self.world_size)
 
+    def _bucket_sampler(self, ds: CaptionedImages, shuffle: bool) -> BucketBatchSampler:
+        bucket_of = [sorted(set(ds.sizes)).index(s) for s in ds.sizes]
+        return BucketBatchSampler(bucket_of, self.batch_size, self.seed, shuffle, self.rank, self.world_size)
+
     def train_dataloader(self) -> DataLoader:
-        return ResumableLoader(self.train_set, self._sampler(self.train_set, True), self.batch_size,
-                               collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                               persistent_workers=self.num_workers > 0)
+        kw = {"collate_fn": collate, "num_workers": self.num_workers, "pin_memory": self.pin_memory,
+              "persistent_workers": self.num_workers > 0}
+        if self.train_set.sizes is not None:
+            return ResumableLoader(self.train_set, batch_sampler=self._bucket_sampler(self.train_set, True), **kw)
+        return ResumableLoader(self.train_set, self._sampler(self.train_set, True), self.batch_size, **kw)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None or len(self.val_set) < self.world_size:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=self._sampler(self.val_set, False),
-                          collate_fn=collate, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        kw = {"collate_fn": collate, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        if self.val_set.sizes is not None:
+            return DataLoader(self.val_set, batch_sampler=self._bucket_sampler(self.val_set, False), **kw)
+        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=self._sampler(self.val_set, False), **kw)
 
 
 def batch_size(batch: dict[str, Any]) -> int:

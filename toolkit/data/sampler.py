@@ -60,29 +60,35 @@ class ResumableLoader(DataLoader):
     in the current epoch (Lightning fetches without prefetch when the length is known, so this is
     the number of batches trained on when a checkpoint is written)."""
 
-    sampler: ResumableSampler
-
-    def __init__(self, dataset: Any, sampler: ResumableSampler, batch_size: int, **kw: Any) -> None:
-        super().__init__(dataset, sampler=sampler, batch_size=batch_size, drop_last=True, **kw)
-        self._yielded, self._epoch = 0, sampler.epoch
+    def __init__(self, dataset: Any, sampler: ResumableSampler | None = None, batch_size: int = 1,
+                 batch_sampler: Any = None, **kw: Any) -> None:
+        """Either ``sampler`` (+ ``batch_size``, full batches) or a resumable ``batch_sampler``
+        (``toolkit.data.buckets.BucketBatchSampler``): both have ``epoch``, ``start``, ``seed``."""
+        if batch_sampler is not None:
+            super().__init__(dataset, batch_sampler=batch_sampler, **kw)
+            self._order, self._unit = batch_sampler, 1            # start counts batches
+        else:
+            super().__init__(dataset, sampler=sampler, batch_size=batch_size, drop_last=True, **kw)
+            self._order, self._unit = sampler, batch_size         # start counts items
+        self._yielded, self._epoch = 0, self._order.epoch
 
     def __iter__(self) -> Iterator[Any]:
-        if self._epoch != self.sampler.epoch:
-            self._epoch, self._yielded = self.sampler.epoch, 0
-        self.sampler.start = self._yielded * self.batch_size
+        if self._epoch != self._order.epoch:
+            self._epoch, self._yielded = self._order.epoch, 0
+        self._order.start = self._yielded * self._unit
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
         self._yielded = 0
-        self._epoch = self.sampler.epoch + 1
+        self._epoch = self._order.epoch + 1
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._yielded, "seed": self.sampler.seed,
-                "world_size": self.sampler.world_size}
+        return {"epoch": self._order.epoch, "batches": self._yielded, "seed": self._order.seed,
+                "world_size": self._order.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("world_size", self.sampler.world_size) != self.sampler.world_size:
+        if state.get("world_size", self._order.world_size) != self._order.world_size:
             raise ValueError(
                 f"the checkpoint's data position was saved with world_size={state['world_size']}, this "
-                f"run has {self.sampler.world_size}: an exact resume needs the same number of processes.")
-        self.sampler.epoch, self._epoch, self._yielded = state["epoch"], state["epoch"], state["batches"]
+                f"run has {self._order.world_size}: an exact resume needs the same number of processes.")
+        self._order.epoch, self._epoch, self._yielded = state["epoch"], state["epoch"], state["batches"]

@@ -17,22 +17,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+def as_wh(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_to_cover(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Scale so the image covers ``size`` (an int: a square) with the least enlargement."""
+    (tw, th), (w, h) = as_wh(size), img.size
+    scale = max(tw / w, th / h)
+    new = (max(tw, round(w * scale)), max(th, round(h * scale)))
     return img if new == (w, h) else img.resize(new, RESAMPLE)
 
 
-def crop_box(width: int, height: int, size: int, center: bool, rng: np.random.Generator
+def crop_box(width: int, height: int, size: int | tuple[int, int], center: bool, rng: np.random.Generator
              ) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a size×size crop: centred, or uniformly random."""
+    """(left, top, right, bottom) of a ``size`` crop: centred, or uniformly random."""
+    cw, ch = as_wh(size)
     if center:
-        left, top = (width - size) // 2, (height - size) // 2
+        left, top = (width - cw) // 2, (height - ch) // 2
     else:
-        left = int(rng.integers(0, width - size + 1))
-        top = int(rng.integers(0, height - size + 1))
-    return left, top, left + size, top + size
+        left = int(rng.integers(0, width - cw + 1))
+        top = int(rng.integers(0, height - ch + 1))
+    return left, top, left + cw, top + ch
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -41,9 +47,10 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def train_transform(img: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+def train_transform(img: Image.Image, resolution: int | tuple[int, int], center_crop: bool, random_flip: bool,
                     rng: np.random.Generator) -> torch.Tensor:
-    img = resize_shorter_side(to_rgb(img), resolution)
+    """Resize to cover ``resolution`` (side, or (width, height) of a bucket), crop, maybe flip."""
+    img = resize_to_cover(to_rgb(img), resolution)
     img = img.crop(crop_box(*img.size, resolution, center_crop, rng))
     if random_flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

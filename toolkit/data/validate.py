@@ -177,6 +177,7 @@ class ScanResult:
     total: int
     rejected: list[dict[str, str]] = field(default_factory=list)
     converted: list[dict[str, str]] = field(default_factory=list)
+    sizes: list[list[int]] = field(default_factory=list)   # (width, height) of each kept item
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(r["reason"] for r in self.rejected))
@@ -190,23 +191,24 @@ def scan(n: int, get: Callable[[int], tuple[Any, Any, str | None]], policy: Data
          desc: str = "scanning data") -> ScanResult:
     """Check items ``0..n-1``; ``get(i)`` returns (image item, caption, caption problem)."""
 
-    def one(i: int) -> tuple[int, str | None, list[str], str]:
+    def one(i: int) -> tuple[int, str | None, list[str], str, list[int]]:
         image, caption, problem = get(i)
         name = item_name(image, i)
         try:
             check_caption(caption, problem, policy)
-            _, notes = decode_image(image, policy, min_side)
-            return i, None, notes, name
+            img, notes = decode_image(image, policy, min_side)
+            return i, None, notes, name, list(img.size)
         except BadItem as bad:
             if policy.on_error == "error":
                 raise BadItem(bad.reason, f"{name} ({bad.detail})" if bad.detail else name) from None
-            return i, str(bad), [], name
+            return i, str(bad), [], name, []
 
     result = ScanResult(keep=[], total=n)
     with ThreadPoolExecutor(max(1, policy.scan_workers)) as pool:
-        for i, bad, notes, name in tqdm(pool.map(one, range(n)), total=n, desc=desc, mininterval=1.0):
+        for i, bad, notes, name, size in tqdm(pool.map(one, range(n)), total=n, desc=desc, mininterval=1.0):
             if bad is None:
                 result.keep.append(i)
+                result.sizes.append(size)
                 if notes:
                     result.converted.append({"item": name, "what": "; ".join(notes)})
             else:
@@ -226,7 +228,7 @@ def save_scan(result: ScanResult, path: Path) -> None:
 def load_scan(path: Path) -> ScanResult | None:
     try:
         d = json.loads(path.read_text())
-        return ScanResult(d["keep"], d["total"], d["rejected"], d["converted"])
+        return ScanResult(d["keep"], d["total"], d["rejected"], d["converted"], d["sizes"])
     except (OSError, ValueError, KeyError):
         return None
 

@@ -22,8 +22,10 @@ from toolkit.training import optimizers
 
 
 def reconstruction_losses(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Batch-mean L2 and L1 between images in [-1, 1]."""
-    return {"mse": (x_hat - x).pow(2).mean(), "l1": (x_hat - x).abs().mean()}
+    """Batch-mean L2, L1 and image-gradient L1 (edges and stripes) between images in [-1, 1]."""
+    grad = lambda t: (t[..., 1:, :] - t[..., :-1, :], t[..., :, 1:] - t[..., :, :-1])
+    edge = sum((a - b).abs().mean() for a, b in zip(grad(x_hat), grad(x), strict=True))
+    return {"mse": (x_hat - x).pow(2).mean(), "l1": (x_hat - x).abs().mean(), "grad": edge}
 
 
 @torch.no_grad()
@@ -51,17 +53,24 @@ class AutoencoderPretraining(L.LightningModule):
         l1_weight: weight of the L1 term, added to the MSE.
         init_from: an AutoencoderKL directory to start from (a second stage on other data);
             its weights must fit ``vae`` exactly. None: random initialisation.
+        grad_weight: weight of the image-gradient L1 term (sharp edges; 0: off).
+        train_encoder: False trains the decoder alone, so the latent space (and a UNet trained
+            on it) stays valid: SD's own ``ft-MSE`` VAE was made this way.
     """
 
     def __init__(self, vae: Mapping[str, Any], optimizer: Callable[..., torch.optim.Optimizer],
                  lr_scheduler: Callable[..., Any] | None = None, kl_weight: float = 1e-6,
-                 l1_weight: float = 1.0, init_from: str | None = None) -> None:
+                 l1_weight: float = 1.0, init_from: str | None = None, grad_weight: float = 0.0,
+                 train_encoder: bool = True) -> None:
         super().__init__()
         self.vae = AutoencoderKL(**vae)
         if init_from is not None:   # strict: a config that differs from the saved model fails here
             self.vae.load_state_dict(AutoencoderKL.from_pretrained(init_from).state_dict())
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
-        self.kl_weight, self.l1_weight = kl_weight, l1_weight
+        self.kl_weight, self.l1_weight, self.grad_weight = kl_weight, l1_weight, grad_weight
+        if not train_encoder:
+            for part in (self.vae.encoder, self.vae.quant_conv):
+                part.requires_grad_(False)
 
     def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
         (x,) = batch
@@ -69,10 +78,11 @@ class AutoencoderPretraining(L.LightningModule):
         x_hat = self.vae.decode(posterior.sample()).sample
         rec = reconstruction_losses(x, x_hat)
         kl = posterior.kl().mean() / x[0].numel()   # per pixel, comparable to the MSE
-        loss = rec["mse"] + self.l1_weight * rec["l1"] + self.kl_weight * kl
+        loss = rec["mse"] + self.l1_weight * rec["l1"] + self.grad_weight * rec["grad"] + self.kl_weight * kl
         self.log_dict({"train/loss": loss, "train/mse": rec["mse"], "train/l1": rec["l1"],
-                       "train/kl": kl}, prog_bar=True)
+                       "train/grad": rec["grad"], "train/kl": kl}, prog_bar=True)
         return loss
 
     def configure_optimizers(self) -> Any:
-        return optimizers(self.parameters(), self.optimizer_fn, self.lr_scheduler_fn, self.trainer.max_steps)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return optimizers(trainable, self.optimizer_fn, self.lr_scheduler_fn, self.trainer.max_steps)

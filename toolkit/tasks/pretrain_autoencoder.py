@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from diffusers import AutoencoderKL
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
@@ -55,10 +56,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     vae = module.vae.eval()
     base = to_unit(images[: min(len(images), p.scaling_images)])
     std = latent_std(vae, base, seed=cfg.seed)
-    vae.register_to_config(scaling_factor=1.0 / std)
+    if p.module.get("train_encoder", True):
+        vae.register_to_config(scaling_factor=1.0 / std)
+    else:   # same encoder, same latent space: keep the scale the UNet was trained with
+        vae.register_to_config(scaling_factor=AutoencoderKL.load_config(p.module.init_from)["scaling_factor"])
     metrics: dict[str, Any] = {"global_step": trainer.global_step, "train_seconds": train_s,
                                "params": num_params(vae), "latent_std": std,
-                               "scaling_factor": 1.0 / std}
+                               "scaling_factor": vae.config.scaling_factor}
     for name, folder in p.eval.items():
         rows = read_rows(folder, p.eval_images)
         x = to_unit(load_images(folder, rows, p.data.resolution))
