@@ -6,6 +6,7 @@ from PIL import Image
 from toolkit.data import transforms
 from toolkit.data.datamodule import CaptionedImageDataModule, per_device_batch_size
 from toolkit.data.sources import detect_format, load_captioned
+from toolkit.data.validate import DataPolicy, decode_image
 
 
 @pytest.mark.parametrize("fixture,fmt", [("imagefolder_data", "imagefolder"), ("csv_data", "imagefolder"),
@@ -17,7 +18,8 @@ def test_three_layouts_load_the_same_rows(request, imagefolder_data, fixture, fm
     ref = load_captioned(str(imagefolder_data))
     assert len(ds) == len(ref) == 16
     assert sorted(ds["text"]) == sorted(ref["text"])
-    assert isinstance(ds[0]["image"], Image.Image)
+    # images arrive undecoded (path/bytes); toolkit.data.validate decodes them under the policy
+    assert decode_image(ds[0]["image"], DataPolicy(), 16)[0].mode == "RGB"
 
 
 def test_missing_column_names_the_columns(imagefolder_data):

@@ -161,3 +161,14 @@ def test_foreign_pickle_checkpoint_is_refused(tiny_model, imagefolder_data, tmp_
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="refused to load checkpoint .* can execute arbitrary code"):
         train.run(compose_cfg(tiny_overrides(tiny_model, imagefolder_data, out) + [f"ckpt_path={evil}"], out))
+
+
+def test_interrupted_result_append_loses_only_the_partial_row(tmp_path):
+    from toolkit.results import append_row, read_rows
+
+    path = tmp_path / "results.jsonl"
+    append_row(path, {"cell": 1})
+    with open(path, "a") as f:
+        f.write('{"cell": 2, "metr')          # the process died mid-append
+    append_row(path, {"cell": 3})
+    assert [r["cell"] for r in read_rows(path)] == [1, 3]

@@ -45,6 +45,8 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(row, sort_keys=True, default=str) + "\n").encode()
+    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        data = b"\n" + data   # an interrupted earlier append: start on a fresh line (it is ignored)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, data)

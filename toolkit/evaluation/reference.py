@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from toolkit.data.sources import detect_format, fingerprint_files, load_captioned
+from toolkit.data.validate import BadItem, DataPolicy, decode_image, item_name
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,15 @@ def load_reference(path: str, image_column: str, caption_column: str, split: str
             raise ValueError(f"eval.num_ref={num} but {path!r} has only {len(ds)} images")
         ds = ds.select(range(num))
     return ds, fp
+
+
+def reference_image(item: Any) -> Image.Image:
+    """A reference image as 8-bit RGB (the loader hands out undecoded path/bytes items); a bad
+    reference file stops the evaluation naming it: silently dropping one would change N."""
+    try:
+        return decode_image(item, DataPolicy(), min_side=1)[0]
+    except BadItem as bad:
+        raise ValueError(f"reference image {item_name(item, -1)}: {bad}; fix or remove it") from None
 
 
 def cache_key(fingerprint: str, protocol: dict[str, Any], n: int) -> str:

@@ -88,7 +88,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     real = reference.load_cached(m.cache_dir, ckey) if m.cache_reference else None
     if real is None:
         idx = shard(len(ref), rank, world, m.feature_batch_size)
-        feats = inception([ref[i][ev.image_column] for i in idx], desc="reference features")
+        feats = inception([reference.reference_image(ref[i][ev.image_column]) for i in idx],
+                          desc="reference features")
         real = np.stack(gather_by_index(idx, list(feats), world))
         if rank == 0 and m.cache_reference:
             reference.save_cached(m.cache_dir, ckey, real)
