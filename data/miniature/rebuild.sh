@@ -2,6 +2,8 @@
 # Rebuild the embedded miniature (data/miniature/{sd,clip}) from scratch with the project's code.
 #
 #   bash data/miniature/rebuild.sh              # one GPU (the shipped weights: one H200, ~9 min)
+# (the shipped AE stage 3 ran as a separate call after the others, with pretrain.eval_images=200:
+#  it trains the decoder only, so its place before or after the UNet does not change the result)
 #   DEVICE=cpu bash data/miniature/rebuild.sh   # same recipe on CPU (hours on 2 cores)
 #
 # Step counts, batch sizes and time limits come from the environment (defaults below). Each
@@ -16,6 +18,7 @@ WORKERS=${WORKERS:-$(nproc)}
 if [ "${DEVICE:-gpu}" = gpu ]; then TRAINER="trainer=gpu trainer.precision=32-true"; else TRAINER="trainer=cpu"; fi
 AE_STEPS=${AE_STEPS:-4000} AE_TIME=${AE_TIME:-00:00:01:30}
 AE2_STEPS=${AE2_STEPS:-1500} AE2_TIME=${AE2_TIME:-00:00:00:40}
+DEC_STEPS=${DEC_STEPS:-3000} DEC_TIME=${DEC_TIME:-00:00:01:10}
 CLIP_STEPS=${CLIP_STEPS:-2500} CLIP_BATCH=${CLIP_BATCH:-256} CLIP_TIME=${CLIP_TIME:-00:00:01:30}
 UNET_STEPS=${UNET_STEPS:-10000} UNET_BATCH=${UNET_BATCH:-128} UNET_TIME=${UNET_TIME:-00:00:03:30}
 PATTERNS=${PATTERNS:-30000}
@@ -45,6 +48,9 @@ stage autoencoder_refine python run.py experiment=pretrain_autoencoder_refine $T
   hydra.run.dir="$RUNS/autoencoder_refine" trainer.max_steps="$AE2_STEPS" +trainer.max_time="$AE2_TIME" \
   pretrain.data.batch_size=64 pretrain.data.world_limit=20000 pretrain.data.patterns="$PATTERNS" \
   pretrain.data.workers="$WORKERS" callbacks.model_checkpoint.every_n_train_steps=100000 || exit 1
+stage autoencoder_decoder python run.py experiment=pretrain_autoencoder_decoder $TRAINER pretrain.miniature_dir="$MINI" \
+  hydra.run.dir="$RUNS/autoencoder_decoder" trainer.max_steps="$DEC_STEPS" +trainer.max_time="$DEC_TIME" \
+  pretrain.data.batch_size=64 pretrain.data.workers="$WORKERS" callbacks.model_checkpoint.every_n_train_steps=100000 || exit 1
 wait $clip || exit 1
 stage unet python run.py experiment=pretrain_unet $TRAINER pretrain.miniature_dir="$MINI" hydra.run.dir="$RUNS/unet" \
   trainer.max_steps="$UNET_STEPS" +trainer.max_time="$UNET_TIME" pretrain.data.batch_size="$UNET_BATCH" \

@@ -4,7 +4,8 @@
 
 Prints JSON: parameters and sizes per part, AE reconstruction MSE on held-out base vs style
 images, CLIP attribute-binding rates on held-out base images; writes a 4x4 grid of pipeline
-samples (DDIM, 50 steps, guidance 4, seeds 0-15) for the first 16 base/test captions.
+samples (DDIM, 50 steps, guidance 4, seeds 0-15) for the first 16 base/test captions and
+``ae_roundtrip.png`` (8 base/test and 8 style/test images over their AE round trips).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers import CLIPModel
 
 from toolkit.config import ROOT
 from toolkit.models.tokenizer import load_clip_tokenizer
+from toolkit.pretrain.autoencoder import reconstruct
 from toolkit.pretrain.clip import normalise
 from toolkit.pretrain.export import dir_size_mb, num_params
 from toolkit.pretrain.measure import attribute_binding, reconstruction_mse
@@ -42,6 +44,18 @@ def sample_grid(pipe: StableDiffusionPipeline, prompts: list[str], steps: int = 
         grid[(i // k) * h:(i // k + 1) * h, (i % k) * w:(i % k + 1) * w] = t
     img = Image.fromarray((grid * 255).round().astype(np.uint8))
     return img.resize((k * w * upscale, k * h * upscale), Image.Resampling.NEAREST)
+
+
+def roundtrip_grid(vae: torch.nn.Module, n: int = 8, resolution: int = 32, upscale: int = 4) -> Image.Image:
+    """Rows: n base/test images, their AE round trips, n style/test images, their round trips."""
+    rows = []
+    for split in ("base", "style"):
+        folder = WORLD / split / "test"
+        x = to_unit(load_images(folder, read_rows(folder, n), resolution))
+        rows += [x, reconstruct(vae, x)]
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)   # (3, 4·res, n·res)
+    img = Image.fromarray(((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    return img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
 
 
 def measure(root: Path, n_eval: int = 1000, resolution: int = 32) -> dict[str, Any]:
@@ -82,4 +96,5 @@ if __name__ == "__main__":
         pipe.set_progress_bar_config(disable=True)
         prompts = [r["text"] for r in read_rows(WORLD / "base" / "test", 16)]
         sample_grid(pipe, prompts, guidance=args.guidance).save(root / args.grid)
+        roundtrip_grid(pipe.vae).save(root / "ae_roundtrip.png")
         print("\n".join(f"{i:2d} {p}" for i, p in enumerate(prompts)))
