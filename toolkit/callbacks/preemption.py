@@ -14,7 +14,6 @@ writes the final path in place).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from toolkit.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +32,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Any | None = None) -> None:
         if "://" in str(path):   # remote storage: as Lightning does
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_open(path) as f:
+            torch.save(checkpoint, f)
 
 
 class PreemptionCheckpoint(L.Callback):

@@ -92,8 +92,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, i])
         if self.latents is not None:   # cached posterior parameters: the same flip draw as below
             store, keys = self.latents
-            caption = self.ds[row][self.caption_column]
-            text = check_caption(caption, self.ds[row].get(CAPTION_PROBLEM), self.policy)
+            _, caption, problem = self.raw(row)
+            text = check_caption(caption, problem, self.policy)
             variants = store.get(keys[row])
             flip = self.random_flip and rng.random() < 0.5
             return {"latent_params": torch.from_numpy(np.array(variants[int(flip)], np.float32)), "caption": text}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from toolkit.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,10 @@ class ArrayStore:
 
     def write(self, keys: Sequence[str], rows: np.ndarray) -> None:
         name = uuid.uuid4().hex[:12]
-        tmp = self.root / f".{name}.npy.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_open(self.root / f"{name}.npy") as f:
             np.save(f, rows)
-        os.replace(tmp, self.root / f"{name}.npy")
-        tmp_keys = self.root / f".{name}.keys.tmp"
-        tmp_keys.write_text(json.dumps(list(keys)))
-        os.replace(tmp_keys, self.root / f"{name}.keys.json")
+        with atomic_open(self.root / f"{name}.keys.json", "w") as f:   # last: a shard without it is unseen
+            json.dump(list(keys), f)
         for row, key in enumerate(keys):
             self.index.setdefault(key, (f"{name}.npy", row))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
+
+from toolkit.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +219,8 @@ def scan(n: int, get: Callable[[int], tuple[Any, Any, str | None]], policy: Data
 
 def save_scan(result: ScanResult, path: Path) -> None:
     """Atomic JSON write (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**asdict(result), "counts": result.counts(), "summary": result.summary()},
-                              indent=1))
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        json.dump({**asdict(result), "counts": result.counts(), "summary": result.summary()}, f, indent=1)
 
 
 def load_scan(path: Path) -> ScanResult | None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from toolkit.atomic import atomic_open
 from toolkit.data.sources import detect_format, fingerprint_files, load_captioned
 from toolkit.data.validate import BadItem, DataPolicy, decode_image, item_name
 
@@ -67,10 +66,7 @@ def load_cached(cache_dir: str | Path, key: str) -> np.ndarray | None:
 
 def save_cached(cache_dir: str | Path, key: str, feats: np.ndarray) -> Path:
     """Write atomically: a temp file in the same folder, then rename."""
-    d = Path(cache_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npy")
-    with os.fdopen(fd, "wb") as fh:
+    path = Path(cache_dir) / f"{key}.npy"
+    with atomic_open(path) as fh:
         np.save(fh, feats)
-    os.replace(tmp, d / f"{key}.npy")
-    return d / f"{key}.npy"
+    return path
