@@ -60,6 +60,8 @@ def test_eval_cache_protocol_and_sharding(tiny_model, tiny_clip, eval_data, tmp_
     row = read_rows(out1 / "results.jsonl")[0]
     for k in ("weights_sha256", "resize", "input_range", "versions", "clip_model", "metric_impl"):
         assert k in row["protocol"]
+    gen = Image.open(next((out1 / "samples").glob("*.png")))   # references compared at the generated size
+    assert row["protocol"]["reference_size"] == list(gen.size) != [32, 32]   # eval_data images are 32 px
     for k in ("model", "adapters", "steps", "guidance_scale", "scheduler", "dataset", "seed", "num_images"):
         assert k in row["settings"]
     assert len(list(cache.glob("*.npy"))) == 1

@@ -18,6 +18,7 @@ from PIL import Image
 
 from toolkit.atomic import atomic_open
 from toolkit.data.sources import detect_format, fingerprint_files, load_captioned
+from toolkit.data.transforms import crop_box, resize_to_cover
 from toolkit.data.validate import BadItem, DataPolicy, decode_image, item_name
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,20 @@ def load_reference(path: str, image_column: str, caption_column: str, split: str
     return ds, fp
 
 
-def reference_image(item: Any) -> Image.Image:
-    """A reference image as 8-bit RGB (the loader hands out undecoded path/bytes items); a bad
-    reference file stops the evaluation naming it: silently dropping one would change N."""
+def reference_image(item: Any, size: tuple[int, int] | None = None) -> Image.Image:
+    """A reference image as 8-bit RGB (the loader hands out undecoded path/bytes items), brought
+    to the generated images' ``size`` (width, height) the way training data is (bicubic resize
+    to cover, centre crop): real and generated images then reach Inception through the same
+    upscaling, as in the ADM evaluation protocol. A bad reference file stops the evaluation
+    naming it: silently dropping one would change N."""
     try:
-        return decode_image(item, DataPolicy(), min_side=1)[0]
+        img = decode_image(item, DataPolicy(), min_side=1)[0]
     except BadItem as bad:
         raise ValueError(f"reference image {item_name(item, -1)}: {bad}; fix or remove it") from None
+    if size is None or img.size == tuple(size):
+        return img
+    img = resize_to_cover(img, size)
+    return img.crop(crop_box(*img.size, size, True, np.random.default_rng(0)))
 
 
 def cache_key(fingerprint: str, protocol: dict[str, Any], n: int) -> str:

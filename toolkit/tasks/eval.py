@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from diffusers import UNet2DConditionModel
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -30,6 +31,7 @@ from toolkit.evaluation.scores import compute_scores
 from toolkit.inference.pipeline import generate, make_grid
 from toolkit.metrics.clip import load_clip
 from toolkit.metrics.inception import InceptionFeatures
+from toolkit.models.pretrained import vae_factor
 from toolkit.results import append_row, find_row, settings_key
 from toolkit.tasks.sample import generation_record, pipeline_from_cfg
 
@@ -60,6 +62,19 @@ def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> Non
         lg.finalize("success")
 
 
+def reference_size(cfg: DictConfig) -> tuple[int, int] | None:
+    """(width, height) reference images are brought to: the generated size (``metrics.reference_size
+    = generated``, read from the eval settings or the UNet/VAE configs), or None (``native``)."""
+    if cfg.metrics.reference_size == "native":
+        return None
+    if cfg.metrics.reference_size != "generated":
+        raise ValueError(f"metrics.reference_size={cfg.metrics.reference_size!r}: expected generated or native")
+    name, rev = cfg.model.name_or_path, cfg.model.revision
+    unet = UNet2DConditionModel.load_config(name, subfolder="unet", revision=rev)
+    native = unet["sample_size"] * vae_factor(name, rev)
+    return int(cfg.eval.width or native), int(cfg.eval.height or native)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     fabric = instantiate(cfg.fabric)
     fabric.launch()
@@ -84,11 +99,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return done["metrics"]
 
     t0 = time.time()
-    ckey = reference.cache_key(data_fp, inception.protocol, len(ref))
+    ref_size = reference_size(cfg)
+    protocol = {**inception.protocol, "reference_size": ref_size}
+    ckey = reference.cache_key(data_fp, protocol, len(ref))
     real = reference.load_cached(m.cache_dir, ckey) if m.cache_reference else None
     if real is None:
         idx = shard(len(ref), rank, world, m.feature_batch_size)
-        feats = inception([reference.reference_image(ref[i][ev.image_column]) for i in idx],
+        feats = inception([reference.reference_image(ref[i][ev.image_column], ref_size) for i in idx],
                           desc="reference features")
         real = np.stack(gather_by_index(idx, list(feats), world))
         if rank == 0 and m.cache_reference:
@@ -122,7 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     grid = out / "grid.png"
     make_grid(images[:64], cols=8).save(grid)  # rank zero's first images
     row = {"key": key, "settings": settings, "metrics": metrics, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "protocol": {**inception.protocol, **(clip.protocol if clip else {"clip": "skipped"}),
+           "protocol": {**protocol, **(clip.protocol if clip else {"clip": "skipped"}),
                         "metric_impl": METRIC_IMPL, "versions": versions(), "world_size": world,
                         "seed_rule": "seed_i = eval.seed*1e6 + i", "reference_cache": ckey},
            "run_dir": str(out)}
