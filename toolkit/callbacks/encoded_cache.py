@@ -80,8 +80,8 @@ class EncodedCache(L.Callback):
                 return enc
 
             for s in sets:
-                items = [s.raw(i)[0] for i in range(len(s.ds))]
-                keys = [bytes_key(image_bytes(it)) for it in items]
+                items = {r: s.raw(r)[0] for r in s.indices}   # rejected rows are never read
+                keys = {r: bytes_key(image_bytes(it)) for r, it in items.items()}
                 groups: dict[Any, list[int]] = {}   # one encoding shape per bucket
                 for pos, row in enumerate(s.indices):
                     groups.setdefault(s.target_size(pos), []).append(row)

@@ -61,7 +61,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.policy, self.seed = policy, seed
         self.indices = list(range(len(ds))) if indices is None else indices
-        self.latents: tuple[Any, list[str]] | None = None   # (store, key per row): EncodedCache
+        self.latents: tuple[Any, dict[int, str]] | None = None   # (store, key per kept row): EncodedCache
         self.sizes: list[tuple[int, int]] | None = None     # bucket (width, height) per kept item
 
     def __len__(self) -> int:
