@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write to a temp file beside ``path``, fsync, then rename it over ``path``. If the block
@@ -17,6 +23,9 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # mkstemp creates 0600; the finished file gets what open() would give it under the user's umask,
+    # so a teammate (or a job under another user) can read a shared run.
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         with os.fdopen(fd, mode) as f:
             yield f

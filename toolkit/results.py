@@ -47,7 +47,7 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
     data = (json.dumps(row, sort_keys=True, default=str) + "\n").encode()
     if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
         data = b"\n" + data   # an interrupted earlier append: start on a fresh line (it is ignored)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)   # the umask decides
     try:
         os.write(fd, data)
         os.fsync(fd)

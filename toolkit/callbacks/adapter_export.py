@@ -1,36 +1,65 @@
-"""Write the LoRA adapter in diffusers format next to every checkpoint and at the end of training.
+"""Write the LoRA adapter in every export format next to every checkpoint and at the end of training.
 
-``<checkpoint dir>/adapters/step=N/pytorch_lora_weights.safetensors`` at each save, and
-``<output dir>/adapter/`` when training ends. Rank zero only.
+``<checkpoint dir>/adapters/step=N/`` at each save, and ``<output dir>/adapter/`` when training
+ends: ``pytorch_lora_weights.safetensors`` (diffusers) and ``lora_kohya.safetensors``
+(kohya/A1111/ComfyUI, with the ``ss_*`` metadata those tools display). Rank zero only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
+from toolkit.adapters.formats import FORMATS
 from toolkit.models.lora import save_adapter
 
 log = logging.getLogger(__name__)
+
+
+def kohya_metadata(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+    """The ``ss_*`` entries kohya's trainer writes and A1111/ComfyUI show in their LoRA cards."""
+    dm = getattr(trainer, "datamodule", None)
+    opt = trainer.optimizers[0] if trainer.optimizers else None
+    res = getattr(dm, "resolution", None)
+    n_train = len(dm.train_set) if getattr(dm, "train_set", None) is not None else None
+    meta = {"ss_sd_model_name": str(module.pretrained.get("name_or_path")),
+            "ss_output_name": "lora_kohya", "ss_training_comment": "trained with toolkit (LoRA, denoising loss)",
+            "ss_steps": str(trainer.global_step), "ss_max_train_steps": str(trainer.max_steps),
+            "ss_seed": str(getattr(module, "seed", "")), "ss_training_finished_at": str(time.time()),
+            "ss_resolution": f"({res}, {res})" if res else "",
+            "ss_learning_rate": str(opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])) if opt else "",
+            "ss_mixed_precision": str(trainer.precision), "ss_caption_dropout_rate": str(module.caption_dropout)}
+    if dm is not None and n_train is not None:
+        meta["ss_num_train_images"] = str(n_train)
+        meta["ss_dataset_dirs"] = json.dumps({Path(str(dm.path)).name: {"n_repeats": 1, "img_count": n_train}})
+    if getattr(module, "init_adapter_sha256", None):
+        meta["toolkit_init_adapter_sha256"] = module.init_adapter_sha256
+    return meta
 
 
 class AdapterExport(L.Callback):
     """Args:
         dirpath: where the final adapter goes (``<run dir>/adapter``).
         every_checkpoint: also export next to each Lightning checkpoint.
+        formats: which formats to write (``diffusers``, ``kohya``).
     """
 
-    def __init__(self, dirpath: str, every_checkpoint: bool = True) -> None:
-        self.dirpath, self.every_checkpoint = Path(dirpath), every_checkpoint
+    def __init__(self, dirpath: str, every_checkpoint: bool = True, formats: Sequence[str] = FORMATS) -> None:
+        self.dirpath, self.every_checkpoint, self.formats = Path(dirpath), every_checkpoint, tuple(formats)
+        if not self.formats or set(self.formats) - set(FORMATS):
+            raise ValueError(f"callbacks.adapter_export.formats={list(self.formats)}: choose from {list(FORMATS)}")
         self._exported_step = -1  # "last" and "step=N" checkpoints of one step share one export
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, out: Path) -> None:
         if trainer.is_global_zero:
-            path = save_adapter(out, module.unet, module.text_encoder)
-            log.info("adapter written: %s", path)
+            paths = save_adapter(out, module.models, module.family, self.formats, kohya_metadata(trainer, module))
+            log.info("adapter written: %s", ", ".join(str(p) for p in paths.values()))
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:

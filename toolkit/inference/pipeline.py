@@ -7,43 +7,36 @@ or the rank that made it. That is what makes sharded evaluation equal single-pro
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from tqdm import tqdm
 
-from toolkit.models.lora import WEIGHT_NAME
+from toolkit.adapters.formats import file_sha256
+from toolkit.adapters.loading import load_adapters, resolve_adapter
+from toolkit.models.families import family_of
 from toolkit.models.pretrained import check_model_path, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
-def resolve_adapter(path: str | Path) -> Path:
-    """A run dir (uses ``<run>/adapter``), an adapter dir, or the weights file itself."""
-    p = Path(path).expanduser()
-    for cand in (p, p / WEIGHT_NAME, p / "adapter" / WEIGHT_NAME):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"adapter {str(path)!r}: no {WEIGHT_NAME} there or in its adapter/ folder "
-                            "(pass a training run dir, an adapter dir or the .safetensors file)")
-
-
 def adapter_sha256(path: str | Path) -> str:
-    return hashlib.sha256(resolve_adapter(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(resolve_adapter(path))
 
 
 def load_pipeline(name_or_path: str, revision: str | None = None, variant: str | None = None,
                   dtype: str | None = "float32", trust_remote_code: bool = False,
                   allow_pickle: bool = False, adapters: Sequence[str] = (), lora_scales: Sequence[float] = (),
                   scheduler: str | None = None, device: str | torch.device = "cpu"
-                  ) -> StableDiffusionPipeline:
-    """Load the base, swap the scheduler (any diffusers scheduler class name), add adapters.
+                  ) -> DiffusionPipeline:
+    """Load the base (its family's pipeline class), swap the scheduler (any diffusers scheduler
+    class name), and add adapters through the verified loader (``toolkit.adapters.loading``).
 
     Args:
         name_or_path, revision, variant, dtype, trust_remote_code, allow_pickle: the ``model``
@@ -55,35 +48,27 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
     """
     del trust_remote_code  # diffusers pipelines here are the stock classes: no remote code
     check_model_path(name_or_path)
-    pipe = StableDiffusionPipeline.from_pretrained(
+    family = family_of(UNet2DConditionModel.load_config(name_or_path, subfolder="unet", revision=revision))
+    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+    pipe = family.pipeline_class.from_pretrained(
         name_or_path, revision=revision, variant=variant, dtype=resolve_dtype(dtype),
-        safety_checker=None, requires_safety_checker=False, use_safetensors=not allow_pickle)
+        use_safetensors=not allow_pickle, **extra)
     if scheduler:
         cls = getattr(diffusers, scheduler, None)
         if cls is None or not hasattr(cls, "from_config"):
             raise ValueError(f"scheduler={scheduler!r} is not a diffusers scheduler class")
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    one = float(lora_scales[0]) if lora_scales else 1.0
-    scales = list(lora_scales) if len(lora_scales) > 1 else [one] * len(adapters)
-    if len(scales) != len(adapters):
-        raise ValueError(f"{len(adapters)} adapters but {len(scales)} LoRA scales")
-    names = []
-    for i, path in enumerate(adapters):
-        f = resolve_adapter(path)
-        pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=f"a{i}")
-        names.append(f"a{i}")
-    if names:
-        pipe.set_adapters(names, adapter_weights=scales)
+    load_adapters(pipe, family, list(adapters), list(lora_scales))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def default_size(pipe: StableDiffusionPipeline) -> int:
+def default_size(pipe: DiffusionPipeline) -> int:
     """Native resolution: UNet sample size × VAE factor (both read from the configs)."""
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
-def generate(pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+def generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], steps: int,
              guidance_scale: float, negative_prompt: str | None = None, height: int | None = None,
              width: int | None = None, batch_size: int = 16, progress: bool = True,
              desc: str = "generate") -> list[Image.Image]:

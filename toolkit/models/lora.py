@@ -1,29 +1,40 @@
-"""LoRA adapters (peft) on the UNet and, optionally, the text encoder.
+"""LoRA adapters (peft) on the UNet and, optionally, the text encoder(s).
 
     y = W x + (α/r) · B A x          W: frozen base weight (d_out × d_in)
           ▲        ▲  ▲              A: r × d_in   (random init)
         frozen     │  └─ trainable   B: d_out × r  (zero init → the adapter starts as a no-op)
                    └──── trainable
 
-Adapters are exported in the diffusers format (``pytorch_lora_weights.safetensors``) that a
-stock ``StableDiffusionPipeline.load_lora_weights(dir)`` reads; the peft config (rank, alpha,
-targets) travels in the safetensors metadata so alpha ≠ rank loads with the right scale.
+Adapters are exported from the trained factors in every format of ``toolkit.adapters.formats``
+(diffusers and kohya/A1111 by default), and a training run can start from any LoRA file
+(``init_from_file``): rank, α and targets come from the file, and its update is verified to be
+the one the model now applies.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict
 
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from toolkit.adapters.formats import (
+    FORMATS,
+    KOHYA_FILE,
+    AdapterFile,
+    lora_config,
+    save_diffusers,
+    save_kohya,
+)
+from toolkit.adapters.layers import lora_from_model
+from toolkit.adapters.loading import read_for, verify_loaded
+from toolkit.models.families import ModelFamily
+
+log = logging.getLogger(__name__)
 
 
 def add_lora(model: torch.nn.Module, config: LoraConfig) -> list[torch.nn.Parameter]:
@@ -55,20 +66,49 @@ def has_lora(model: torch.nn.Module | None) -> bool:
     return model is not None and bool(getattr(model, "peft_config", None))
 
 
-def save_adapter(out_dir: str | Path, unet: torch.nn.Module,
-                 text_encoder: torch.nn.Module | None = None) -> Path:
-    """Write ``out_dir/pytorch_lora_weights.safetensors`` atomically (temp file, then rename)."""
+def init_from_file(models: Mapping[str, torch.nn.Module], family: type[ModelFamily], path: str | Path,
+                   dropout: float = 0.0) -> tuple[AdapterFile, dict[str, list[torch.nn.Parameter]]]:
+    """Add LoRA layers shaped like the file's (rank, α, targets per layer) and load its factors.
+
+    Returns the file as read and the trainable parameters per component. Fails if the file has
+    layers the base model lacks, or if the update the model applies afterwards is not the file's.
+    """
+    af = read_for(path, models, family)
+    params = {}
+    for comp, layers in af.layers.items():
+        if not layers:
+            continue
+        model = models[comp]
+        params[comp] = add_lora(model, lora_config(layers, lora_dropout=dropout, init_lora_weights=True))
+        with torch.no_grad():
+            for name, w in layers.items():
+                mod = model.get_submodule(name)
+                mod.lora_A["default"].weight.copy_(w.down.reshape(mod.lora_A["default"].weight.shape))
+                mod.lora_B["default"].weight.copy_(w.up.reshape(mod.lora_B["default"].weight.shape))
+    counts = verify_loaded({c: models[c] for c in af.layers}, "default", af, tol=1e-6)
+    log.info("LoRA initialised from %s (%s, sha256 %s…): %s layers", af.path, af.format, af.sha256[:12], counts)
+    return af, params
+
+
+def trained_layers(models: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
+    return {c: lora_from_model(m) for c, m in models.items() if has_lora(m)}
+
+
+def save_adapter(out_dir: str | Path, models: Mapping[str, torch.nn.Module], family: type[ModelFamily],
+                 formats: Sequence[str] = FORMATS, metadata: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write the trained adapter of ``models`` (component -> model) in each format.
+
+    ``out_dir/pytorch_lora_weights.safetensors`` (diffusers) and ``out_dir/lora_kohya.safetensors``
+    (kohya/A1111/ComfyUI, with ``metadata`` as its ``ss_*`` entries), each written atomically.
+    """
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"adapter formats {sorted(unknown)} unknown; choose from {list(FORMATS)}")
+    layers = trained_layers(models)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    layers, meta = {}, {}
-    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if has_lora(model):
-            sd = get_peft_model_state_dict(model)
-            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
-                {k: v.detach().float().cpu() for k, v in sd.items()}
-            )
-            meta[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, **layers, **meta)
-        os.replace(Path(tmp) / WEIGHT_NAME, out_dir / WEIGHT_NAME)
-    return out_dir / WEIGHT_NAME
+    out = {}
+    if "diffusers" in formats:
+        out["diffusers"] = save_diffusers(layers, out_dir, family)
+    if "kohya" in formats:
+        out["kohya"] = save_kohya(layers, out_dir / KOHYA_FILE, family, models["unet"].config, metadata)
+    return out

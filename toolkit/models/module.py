@@ -19,7 +19,8 @@ from peft import LoraConfig
 
 from toolkit.data.encoded_cache import text_key
 from toolkit.models import objectives
-from toolkit.models.lora import add_lora
+from toolkit.models.families import family_of
+from toolkit.models.lora import add_lora, init_from_file
 from toolkit.models.pretrained import load_components
 from toolkit.reproducibility import gather_rng_states, seed_step, set_rng_state
 from toolkit.training import optimizers
@@ -35,6 +36,9 @@ class LoRADiffusion(L.LightningModule):
             (``name_or_path``, ``revision``, ``variant``, ``dtype``).
         lora: peft ``LoraConfig`` for the UNet.
         text_encoder_lora: ``LoraConfig`` for the text encoder, or None to keep it frozen.
+        init_adapter: a LoRA file (diffusers, kohya/A1111 or LyCORIS LoCon) to start from: its
+            rank, α and target layers replace ``lora``/``text_encoder_lora``'s, and training
+            continues from its weights (verified to apply the file's update exactly).
         optimizer: partial optimizer, called with the trainable parameters.
         lr_scheduler: partial ``diffusers.optimization.get_scheduler`` (called with the optimizer
             and ``num_training_steps``), or None for a constant LR.
@@ -63,6 +67,7 @@ class LoRADiffusion(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
         text_encoder_lora: LoraConfig | None = None,
+        init_adapter: str | None = None,
         caption_dropout: float = 0.0,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
@@ -90,10 +95,20 @@ class LoRADiffusion(L.LightningModule):
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
-        self.unet_lora_params = add_lora(self.unet, lora)
-        self.text_lora_params = (
-            add_lora(self.text_encoder, text_encoder_lora) if text_encoder_lora is not None else []
-        )
+        self.family = family_of(self.unet.config)
+        self.init_adapter_sha256: str | None = None
+        if init_adapter:
+            log.info("module.init_adapter=%s: rank, alpha and targets come from the file (module.lora's are "
+                     "not used)", init_adapter)
+            af, params = init_from_file(self.models, self.family, init_adapter, dropout=lora.lora_dropout)
+            self.init_adapter_sha256 = af.sha256
+            self.unet_lora_params = params.get("unet", [])
+            self.text_lora_params = [p for c, ps in params.items() if c != "unet" for p in ps]
+        else:
+            self.unet_lora_params = add_lora(self.unet, lora)
+            self.text_lora_params = (
+                add_lora(self.text_encoder, text_encoder_lora) if text_encoder_lora is not None else []
+            )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.text_lora_params:
@@ -112,6 +127,11 @@ class LoRADiffusion(L.LightningModule):
         # Frozen base weights are absent from our checkpoints, so loading must not be strict.
         self.strict_loading = False
 
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        """The pipeline components by their pipeline names (what adapter files are keyed by)."""
+        return {c: getattr(self, c) for c in self.family.components()}
+
     # ---------------------------------------------------------------- checkpoint content
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         names = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -122,6 +142,7 @@ class LoRADiffusion(L.LightningModule):
         checkpoint["pretrained"] = self.pretrained
         checkpoint["rng_states"] = gather_rng_states()   # runs on every rank
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["init_adapter_sha256"] = self.init_adapter_sha256
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = set(self.trainable_state_dict()) - set(checkpoint["state_dict"])

@@ -13,6 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from toolkit.models.families import ModelFamily, family_of
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -42,6 +44,25 @@ def check_model_path(name_or_path: str) -> None:
             f"model.name_or_path={name_or_path!r} is not a diffusers pipeline directory "
             "(no model_index.json). Pass a hub id or a directory written by save_pretrained."
         )
+
+
+def skeletons(name_or_path: str, revision: str | None = None) -> tuple[type[ModelFamily], dict[str, torch.nn.Module]]:
+    """The family and its UNet / text encoders built from their configs on the meta device: module
+    names and shapes without loading (or allocating) any weight."""
+    import transformers
+    from accelerate import init_empty_weights
+    from diffusers import DiffusionPipeline
+
+    check_model_path(name_or_path)
+    index = DiffusionPipeline.load_config(name_or_path, revision=revision)
+    unet_cfg = UNet2DConditionModel.load_config(name_or_path, subfolder="unet", revision=revision)
+    family = family_of(unet_cfg)
+    with init_empty_weights():
+        models: dict[str, torch.nn.Module] = {"unet": UNet2DConditionModel.from_config(unet_cfg)}
+        for comp in family.text_encoders:
+            cls = getattr(transformers, index[comp][1])
+            models[comp] = cls(cls.config_class.from_pretrained(name_or_path, subfolder=comp, revision=revision))
+    return family, models
 
 
 def vae_factor(name_or_path: str, revision: str | None = None) -> int:

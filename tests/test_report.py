@@ -1,0 +1,330 @@
+"""The HTML report (toolkit/report, task=report): collection and table functions on fake-but-schema-correct
+run/sweep dirs (written with the project's own writers: append_row, save_scan), and the rendered file
+in a real headless Chromium (no console errors, no network, every image loaded, one table row and one
+plot point per setting, header sorting), with a screenshot kept as a test artefact.
+
+    python -m pytest -q tests/test_report.py
+    REPORT_ARTIFACT_DIR=/tmp/shots python -m pytest -q tests/test_report.py     # also keep the screenshots there
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import compose_cfg
+from toolkit.data.validate import ScanResult, save_scan
+from toolkit.report import collect, detect, pareto_front, summary_entries, table_columns, write_report
+from toolkit.report.collect import read_curves
+from toolkit.report.figures import throughput
+from toolkit.report.render import MAX_SIDE, image_uri
+from toolkit.report.table import find_baseline
+from toolkit.results import append_row, settings_key
+from toolkit.tasks import report as report_task
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+EVIL = "<b>evil</b>.png"   # a file name that must reach the page as text, never as markup
+
+# The eval sweep: (lora_scale, seed) -> (fid, clip). Scale 0 has two seeds (t interval), the others one
+# (bootstrap interval). 0.5 dominates 0; 1 has the lowest FID: the Pareto front is {0.5, 1}.
+SWEEP = {(0, 0): (298.0, 19.5), (0, 1): (302.0, 20.5), (0.5, 0): (250.0, 22.0), (1, 0): (240.0, 18.0)}
+MEANS = {"lora_scale=[0]": (300.0, 20.0), "lora_scale=[0.5]": (250.0, 22.0), "lora_scale=[1]": (240.0, 18.0)}
+
+
+def grid_png(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", size)
+    im.putdata([((x * 7 + seed * 50) % 256, (y * 5) % 256, (x * y + seed) % 256)
+                for y in range(size[1]) for x in range(size[0])])
+    im.save(path)
+    return path
+
+
+def result_row(run_dir: Path, adapters: list, lora_scale: float, seed: int, fid: float, clip: float) -> dict:
+    settings = {"adapters": adapters, "lora_scale": [lora_scale], "seed": seed, "guidance_scale": 5.0, "steps": 4,
+                "scheduler": "DDIMScheduler", "num_images": 16, "num_ref": 32, "dataset": "files:0123",
+                "model": {"name_or_path": "tiny", "dtype": "float32"}, "prompts": "dataset captions"}
+    metrics = {"fid": fid, "fid_ci_low": fid - 10, "fid_ci_high": fid + 12, "kid": fid / 1000,
+               "kid_ci_low": fid / 1000 - 0.01, "kid_ci_high": fid / 1000 + 0.01, "kid_std": 0.01,
+               "clip_score": clip, "clip_ci_low": clip - 1, "clip_ci_high": clip + 1.5, "n_fake": 16, "n_real": 32}
+    return {"key": settings_key(settings), "settings": settings, "metrics": metrics, "time": "2026-01-01T00:00:00",
+            "protocol": {"feature_extractor": "tf-inception-v3 pool3 (2048-d)", "reference_size": [32, 32]},
+            "run_dir": str(run_dir)}
+
+
+def make_eval_sweep(root: Path) -> Path:
+    (root / "multirun.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\ntask_name: eval\n")
+    for i, ((scale, seed), (fid, clip)) in enumerate(SWEEP.items()):
+        cell = root / str(i)
+        grid_png(cell / "grid.png", (128, 32), seed=i)
+        (cell / ".hydra").mkdir(parents=True)
+        (cell / ".hydra/overrides.yaml").write_text(f"- eval.lora_scale={scale}\n- eval.seed={seed}\n")
+        append_row(root / "results.jsonl", result_row(cell, [{"path": "/runs/a/adapter", "sha256": "abcdef0123"}],
+                                                      scale, seed, fid, clip))
+    return root
+
+
+METRICS_CSV = """epoch,lr-AdamW,step,train/batches,train/grad_norm,train/loss,train/samples,train/time,val/loss
+,0.0,0,,,,,,
+0,,0,1,,,16,0.5,
+0,,0,,0.5,0.34,,,
+,5e-05,1,,,,,,
+0,,1,2,,,32,1.0,
+0,,1,,0.3,0.20,,,
+0,,1,,,,,,0.24
+,0.0001,2,,,,,,
+0,,2,3,,,48,1.25,
+0,,2,,0.4,0.26,,,
+"""
+
+
+def make_train_run(d: Path, seed: int = 0) -> Path:
+    (d / ".hydra").mkdir(parents=True, exist_ok=True)
+    (d / ".hydra/config.yaml").write_text(f"seed: {seed}\nmodule:\n  lora:\n    r: {4 * (seed + 1)}\n")
+    (d / ".hydra/overrides.yaml").write_text(f"- debug=fast\n- module.lora.r={4 * (seed + 1)}\n")
+    (d / "train_metrics.json").write_text(json.dumps({"train/loss": 0.26, "global_step": 3}))
+    (d / "csv/version_0").mkdir(parents=True)
+    (d / "csv/version_0/metrics.csv").write_text(METRICS_CSV)
+    for step in (1, 2, 3):
+        grid_png(d / "samples" / f"step={step}.png", seed=step + seed)
+    (d / "adapter").mkdir()
+    (d / "adapter/pytorch_lora_weights.safetensors").write_bytes(b"")
+    save_scan(ScanResult(keep=list(range(8)), total=10,
+                         rejected=[{"item": EVIL, "reason": "corrupt or truncated image", "detail": "truncated"},
+                                   {"item": "b.jpg", "reason": "empty file", "detail": "0 bytes"}],
+                         converted=[{"item": "c.png", "what": "converted from CMYK"}], sizes=[[32, 32]] * 8),
+              d / "data_report_train.json")
+    return d
+
+
+def make_train_eval_sweep(root: Path) -> Path:
+    """Two cells of the default job (module.lora.r=4, 8): each a training run with its own results.jsonl,
+    where the base model's row is the same cell (same key) in both."""
+    for i, (fid, clip) in enumerate(((230.0, 21.0), (220.0, 19.0))):
+        cell = make_train_run(root / str(i), seed=i)
+        for name, adapters, (f, c) in (("base", [], (300.0, 20.0)),
+                                       ("finetuned", [{"path": str(cell / "adapter"), "sha256": f"{i}" * 16}],
+                                        (fid, clip))):
+            grid_png(cell / f"eval_{name}" / "grid.png", (128, 32), seed=i)
+            append_row(cell / "results.jsonl", result_row(cell / f"eval_{name}", adapters, 1.0, 0, f, c))
+        grid_png(cell / "base_vs_finetuned.png", (128, 64))
+    return root
+
+
+# ---------------------------------------------------------------- collection and table functions
+
+
+def test_detect_kinds(tmp_path):
+    sweep = make_eval_sweep(tmp_path / "sweep")
+    tes = make_train_eval_sweep(tmp_path / "tes")
+    train = make_train_run(tmp_path / "train")
+    assert detect(sweep) == "eval_sweep"
+    assert detect(tes) == "train_eval_sweep"
+    assert detect(tes / "0") == "finetune_eval"
+    assert detect(train) == "train"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a training run"):
+        detect(tmp_path / "empty")
+
+
+def test_read_curves_skips_blanks_and_derives_throughput(tmp_path):
+    curves = read_curves(make_train_run(tmp_path / "run"))
+    assert curves["train/loss"] == [(0, 0.34), (1, 0.20), (2, 0.26)]
+    assert curves["val/loss"] == [(1, 0.24)]
+    assert curves["lr-AdamW"] == [(0, 0.0), (1, 5e-05), (2, 0.0001)]
+    assert "epoch" not in curves and "step" not in curves
+    assert throughput(curves) == [(1, 32.0), (2, 64.0)]   # 16 images in 0.5 s, then in 0.25 s
+
+
+def test_summary_entries_intervals_pareto_baseline(tmp_path):
+    rows = collect(make_eval_sweep(tmp_path / "sweep")).rows
+    varying, entries = summary_entries(rows)
+    assert varying == ["lora_scale"]
+    by = {e["lora_scale"]: e for e in entries}
+    assert by["[0]"]["n_seeds"] == 2 and by["[0]"]["fid"] == pytest.approx(300.0)
+    assert math.isfinite(by["[0]"]["fid_half"])                                    # t interval across 2 seeds
+    assert (by["[1]"]["fid_ci_low"], by["[1]"]["fid_ci_high"]) == (230.0, 252.0)   # the row's bootstrap CI
+    assert (by["[1]"]["clip_score_ci_low"], by["[1]"]["clip_score_ci_high"]) == (17.0, 19.5)
+    assert {k: e["pareto"] for k, e in by.items()} == {"[0]": False, "[0.5]": True, "[1]": True}
+    assert by["[0]"]["baseline"] and not by["[1]"].get("baseline")                # scale 0 = the base model
+    assert by["[1]"]["delta_fid"] == pytest.approx(-60.0)                           # plain difference of means
+    with pytest.raises(ValueError, match="matches 0 settings"):
+        summary_entries(rows, baseline="lora_scale=[7]")
+    _, entries = summary_entries(rows, baseline="lora_scale=[1]")
+    assert next(e for e in entries if e.get("baseline"))["lora_scale"] == "[1]"
+
+
+def test_table_columns_reads_generic_fields():
+    """Fields the statistics may add later (Δ with CI and p-value, a new metric, flags) become columns."""
+    entries = [{"adapter": "a", "n_seeds": 3, "n_images": 100, "fid": 10.0, "fid_ci_low": 9.0, "fid_ci_high": 11.5,
+                "delta_fid": -2.0, "delta_fid_ci_low": -3.0, "delta_fid_ci_high": -1.0, "delta_fid_p": 0.003,
+                "precision": 0.7, "precision_half": 0.05, "delta_precision": 0.01, "delta_precision_ci_low": -0.02,
+                "delta_precision_ci_high": 0.04, "pareto": True},
+               {"adapter": "b", "n_seeds": 3, "n_images": 100, "fid": 12.0, "fid_ci_low": 11.0, "fid_ci_high": 13.0,
+                "precision": float("nan"), "pareto": False, "baseline": True}]
+    cols, recs = table_columns(entries, ["adapter"])
+    assert [c["key"] for c in cols] == ["adapter", "n_images", "n_seeds", "fid", "delta_fid", "precision",
+                                        "delta_precision", "baseline", "pareto"]
+    a, b = (r["cells"] for r in recs)
+    assert (a["fid"]["text"], a["fid"]["sub"], a["fid"]["sort"]) == ("10", "[9, 11.5]", 10.0)
+    assert (a["delta_fid"]["text"], a["delta_fid"]["mark"], a["delta_fid"]["title"]) == ("-2", "**", "p = 0.003")
+    assert a["precision"]["sub"] == "[0.65, 0.75]"                  # from the half-width
+    assert a["delta_precision"]["mark"] == ""                       # its CI contains 0
+    assert (b["precision"]["text"], b["precision"]["sort"]) == ("—", "")
+    assert (b["delta_fid"]["text"], a["pareto"]["text"], b["pareto"]["text"]) == ("—", "✓", "")
+    assert [r["baseline"] for r in recs] == [False, True] and recs[0]["label"] == "adapter=a"
+
+
+def test_pareto_front():
+    pts = [(300, 20), (250, 22), (240, 18), (260, 22), (None, 30), (240, 18)]
+    assert pareto_front(pts) == {1, 2, 5}   # (260, 22) is beaten by (250, 22); ties both stay
+
+
+def test_find_baseline_needs_a_varying_key():
+    with pytest.raises(ValueError, match="not a varying setting"):
+        find_baseline([{"a": "1"}], ["a"], "b=1")
+
+
+def test_train_eval_sweep_dedupes_base_and_labels_cells(tmp_path):
+    c = collect(make_train_eval_sweep(tmp_path / "tes"))
+    assert len(c.rows) == 3                                       # base row once, not once per cell
+    labels = sorted(r["settings"].get("run", "-") for r in c.rows)
+    assert labels == ["-", "module.lora.r=4", "module.lora.r=8"]  # overrides not shared by all cells
+    base = next(r for r in c.rows if "run" not in r["settings"])
+    assert base["settings"]["adapters"] == "base (no adapter)"
+    assert len(c.eval_grids) == 3 and len(c.runs) == 2 and len(c.extra_grids) == 2
+    assert [s for s, _ in c.runs[0].samples] == [1, 2, 3]
+    assert c.runs[0].data_reports["train"]["counts"] == {"corrupt or truncated image": 1, "empty file": 1}
+
+
+def test_image_uri_downscales_large_grids(tmp_path):
+    big = image_uri(grid_png(tmp_path / "big.png", (2400, 600)))
+    assert (big["width"], big["height"]) == (MAX_SIDE, MAX_SIDE // 4) and big["uri"].startswith("data:image/jpeg")
+    small = image_uri(grid_png(tmp_path / "small.png", (64, 32)))
+    assert (small["width"], small["height"]) == (64, 32) and small["uri"].startswith("data:image/png")
+
+
+def test_train_run_report_and_escaping(tmp_path):
+    run = make_train_run(tmp_path / "train")
+    (run / "csv").rename(run / "csv_off")
+    html = write_report(run).read_text()
+    assert 'id="results-table"' not in html and "no CSV log" in html      # no rows, no curves: said so
+    assert "&lt;b&gt;evil&lt;/b&gt;.png" in html and EVIL not in html      # autoescaped
+    assert "<script src=" not in html and "<link " not in html             # nothing fetched
+
+
+def test_task_entry_writes_report(tmp_path, capsys):
+    sweep = make_eval_sweep(tmp_path / "sweep")
+    cfg = compose_cfg(["task=report", f"report.dir={sweep}", "report.title=My sweep"], tmp_path / "hydra")
+    out = report_task.run(cfg)
+    assert out["report"] == str(sweep / "report.html") and out["kind"] == "eval_sweep" and out["rows"] == 4
+    assert str(sweep / "report.html") in capsys.readouterr().out
+    assert "<title>My sweep</title>" in (sweep / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- the rendered file in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = None
+    if not CHROMIUM.is_file():
+        missing = f"no Chromium at {CHROMIUM}: install the Debian package (apt-get install -y chromium)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            missing = "the playwright Python package is not installed (pip install -e '.[dev]')"
+    if missing:
+        if os.environ.get("CI_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"CI_REQUIRE_BROWSER=1 but {missing}")
+        pytest.skip(f"{missing}; the report's browser test needs it (CI sets CI_REQUIRE_BROWSER=1)")
+    with sync_playwright() as p:
+        # Debian's Chromium, never Playwright's downloaded build; Playwright gives each launch a fresh profile.
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_report(browser, path: Path):
+    page = browser.new_page(viewport={"width": 1366, "height": 800})
+    problems, requests = [], []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+            if m.type in ("error", "warning") or "WARN" in m.text else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "data:"))
+               else (requests.append(route.request.url), route.abort()))
+    page.goto(path.as_uri(), wait_until="load")
+    page.wait_for_function("document.getElementById('fig-scatter') && document.getElementById('fig-scatter').data")
+    return page, problems, requests
+
+
+def screenshot(page, tmp_path: Path, name: str) -> None:
+    shot = tmp_path / f"{name}.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("REPORT_ARTIFACT_DIR"):
+        Path(os.environ["REPORT_ARTIFACT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["REPORT_ARTIFACT_DIR"]) / shot.name)
+
+
+def assert_close(got: dict[str, tuple], want: dict[str, tuple], rel: float) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=rel), k
+
+
+def check_page(page, problems, requests, expected: dict[str, tuple[float, float]]) -> None:
+    assert problems == [] and requests == []
+    images = page.evaluate("Array.from(document.images, i => [i.complete, i.naturalWidth])")
+    assert images and all(done and w > 0 for done, w in images)
+    rows = page.evaluate("""Array.from(document.querySelectorAll('#results-table tbody tr'), tr => [
+        tr.dataset.setting, tr.querySelector('td[data-key=fid] .v').textContent,
+        tr.querySelector('td[data-key=clip_score] .v').textContent])""")
+    assert len(rows) == len(expected)
+    assert_close({s: (float(f), float(c)) for s, f, c in rows}, expected, rel=1e-3)   # 4 significant digits
+    traces = page.evaluate("""Array.from(document.getElementById('fig-scatter').data,
+        t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y), text: t.text}))""")
+    points = next(t for t in traces if t["name"] == "settings")
+    assert len(points["x"]) == len(expected)
+    got = {text.split("<br>")[0]: (y, x) for text, x, y in zip(points["text"], points["x"], points["y"])}
+    assert_close(got, expected, rel=1e-9)                     # hover text = the setting, at (CLIP, FID)
+    assert page.locator(".plot .main-svg").count() >= 1         # plotly actually drew
+
+
+def test_eval_sweep_report_in_browser(browser, tmp_path):
+    sweep = make_eval_sweep(tmp_path / "sweep")
+    page, problems, requests = open_report(browser, write_report(sweep))
+    check_page(page, problems, requests, MEANS)
+    assert page.locator("#fig-scatter .scatterlayer .trace").count() == 2   # the points + the Pareto line
+    header = page.locator("#results-table th", has_text="fid").first
+    fid_order = "Array.from(document.querySelectorAll('#results-table td[data-key=fid]'), td => +td.dataset.sort)"
+    header.click()
+    assert page.evaluate(fid_order) == pytest.approx([240.0, 250.0, 300.0])
+    header.click()
+    assert page.evaluate(fid_order) == pytest.approx([300.0, 250.0, 240.0])
+    screenshot(page, tmp_path, "report-eval-sweep")
+    page.close()
+
+
+def test_train_eval_sweep_report_in_browser(browser, tmp_path):
+    root = make_train_eval_sweep(tmp_path / "tes")
+    page, problems, requests = open_report(browser, write_report(root))
+    expected = {"adapters=base (no adapter)": (300.0, 20.0),
+                "adapters=0/adapter (00000000), run=module.lora.r=4": (230.0, 21.0),
+                "adapters=1/adapter (11111111), run=module.lora.r=8": (220.0, 19.0)}
+    check_page(page, problems, requests, expected)
+    assert page.locator(".strip img").count() == 6                       # 3 training grids per run
+    assert page.locator("[id^=fig-curve-] .main-svg").count() >= 4       # loss, lr, grad norm, img/s
+    assert page.locator("details.data-report").count() == 2
+    screenshot(page, tmp_path, "report-train-eval-sweep")
+    page.close()

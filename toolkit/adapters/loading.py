@@ -1,0 +1,180 @@
+"""Load adapters into a pipeline through the stock diffusers loader, and prove they arrived whole.
+
+Every adapter sampling, evaluation and merging use goes through ``load_adapters``:
+
+1. the file is read by this package's reader (any supported format) and every layer is matched
+   to a module of the base model — a file with unmatched layers is refused, naming how many;
+2. the layers are written as a diffusers-format file (one key style, exact per-layer rank and α)
+   and loaded with the stock ``pipe.load_lora_weights``, while every warning diffusers, peft and
+   transformers emit is captured: one that says keys were unexpected, missing or not injected is
+   an error (``AdapterLoadError``), since it means the model is not the one trained;
+3. the update each layer of the loaded pipeline applies (peft's ``get_delta_weight``) is compared
+   with the file's, and the count of adapted layers with the file's count.
+
+The same checks back the export tests, so "the file loads" always means "the file loads whole".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolkit.adapters.formats import DIFFUSERS_FILE, KOHYA_FILE, AdapterFile, read_adapter, save_diffusers
+from toolkit.adapters.layers import compare_updates, model_updates
+from toolkit.models.families import ModelFamily
+
+log = logging.getLogger(__name__)
+
+# Messages of diffusers / peft / transformers that mean part of an adapter did not arrive. ("No LoRA
+# keys associated to <component>" is not one: a file without text-encoder layers says it for the
+# text encoder; a component that should have had layers is caught by the per-layer check.)
+DROPPED = re.compile(r"unexpected key|missing key|additional target modules|not correctly renamed|"
+                     r"were not used|not found in the model|could not be found|inconsistency", re.IGNORECASE)
+PEFT_INTERNALS = {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B",
+                  "lora_magnitude_vector", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1",
+                  "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter did not load whole (dropped or unexpected layers, or updates that differ)."""
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative error allowed between a file's updates and the loaded model's: float32 loads the
+    file's values (rounding only), half precision rounds each factor to ~3 significant digits."""
+    return 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """A training run dir (its ``adapter/``), an adapter dir, or a ``.safetensors`` file."""
+    p = Path(str(path)).expanduser()
+    for cand in (p, p / DIFFUSERS_FILE, p / "adapter" / DIFFUSERS_FILE, p / KOHYA_FILE, p / "adapter" / KOHYA_FILE):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"adapter {str(path)!r}: not a .safetensors file, and no {DIFFUSERS_FILE} or "
+                            f"{KOHYA_FILE} there or in its adapter/ folder (pass a training run dir, an adapter "
+                            "dir or the file)")
+
+
+def module_names(model: torch.nn.Module) -> list[str]:
+    """Names of the layers a LoRA can adapt (Linear / Conv2d), whether or not an adapter is
+    already injected (peft's own sub-modules are left out)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = []
+    for name, m in model.named_modules():
+        if PEFT_INTERNALS & set(name.split(".")):
+            continue
+        if isinstance(m, BaseTunerLayer | torch.nn.Linear | torch.nn.Conv2d):
+            out.append(name)
+    return out
+
+
+def components(pipe_or_module: Any, family: type[ModelFamily]) -> dict[str, torch.nn.Module]:
+    return {c: getattr(pipe_or_module, c) for c in family.components() if getattr(pipe_or_module, c, None)
+            is not None}
+
+
+def read_for(path: str | Path, models: Mapping[str, torch.nn.Module], family: type[ModelFamily]) -> AdapterFile:
+    """Read an adapter file against these base-model components; refuse unmatched layers."""
+    mods = {c: module_names(m) for c, m in models.items()}
+    return read_adapter(resolve_adapter(path), family, mods, models["unet"].config).require_matched()
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def loader_messages() -> Iterator[list[str]]:
+    """Collect the warnings diffusers, peft and transformers emit (logging and ``warnings``)."""
+    handler = _Collect()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield handler.messages
+        handler.messages.extend(str(w.message) for w in caught)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def check_messages(messages: Sequence[str], what: str) -> None:
+    bad = [m for m in messages if DROPPED.search(m)]
+    for m in messages:
+        if m not in bad:
+            log.debug("%s: loader said: %s", what, m[:300])
+    if bad:
+        raise AdapterLoadError(f"{what}: the loader reported that part of the adapter did not load: "
+                               + " | ".join(m[:400] for m in bad))
+
+
+def verify_loaded(models: Mapping[str, torch.nn.Module], adapter: str, expected: AdapterFile,
+                  tol: float, scale: float = 1.0) -> dict[str, int]:
+    """Every layer of ``expected`` is adapted in ``models`` under ``adapter`` with the same
+    update (× ``scale``), and no other layer is. Returns the per-component layer counts."""
+    counts = {}
+    for comp, model in models.items():
+        want = {n: d * scale for n, d in expected.updates(comp).items()}
+        got = model_updates(model, adapter)
+        cmp = compare_updates(want, got)
+        if not cmp.ok(tol):
+            raise AdapterLoadError(f"{expected.path} as loaded into {comp} differs from the file: {cmp.describe()} "
+                                   f"(tolerance {tol:g})")
+        counts[comp] = cmp.compared
+    return {c: n for c, n in counts.items() if n}
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    path: Path
+    format: str
+    sha256: str
+    scale: float
+    layers: dict[str, int]
+
+
+def load_adapters(pipe: Any, family: type[ModelFamily], paths: Sequence[str | Path],
+                  scales: Sequence[float] = ()) -> list[LoadedAdapter]:
+    """Load each adapter (any supported format) into ``pipe`` with the stock loader, verified,
+    and activate them with their scales (one scale for all, or one per adapter)."""
+    one = float(scales[0]) if scales else 1.0
+    scales = [float(s) for s in scales] if len(scales) > 1 else [one] * len(paths)
+    if len(scales) != len(paths):
+        raise ValueError(f"{len(paths)} adapters but {len(scales)} LoRA scales")
+    models = components(pipe, family)
+    dtype = pipe.unet.dtype
+    loaded = []
+    for i, path in enumerate(paths):
+        af = read_for(path, models, family)
+        name = f"a{i}"
+        with tempfile.TemporaryDirectory(prefix="toolkit-adapter-") as tmp:
+            save_diffusers(af.layers, tmp, family)
+            with loader_messages() as messages:
+                pipe.load_lora_weights(tmp, weight_name=DIFFUSERS_FILE, adapter_name=name)
+        check_messages(messages, str(af.path))
+        counts = verify_loaded(models, name, af, tolerance(dtype))
+        loaded.append(LoadedAdapter(name, af.path, af.format, af.sha256, scales[i], counts))
+        log.info("adapter %s (%s, sha256 %s…): %s layers loaded whole, scale %g", af.path, af.format,
+                 af.sha256[:12], counts, scales[i])
+    if loaded:
+        pipe.set_adapters([a.name for a in loaded], adapter_weights=[a.scale for a in loaded])
+    return loaded

@@ -1,0 +1,177 @@
+"""The report's results table: result rows → summary entries → display columns, and the Pareto front.
+
+Entries come from ``toolkit.tasks.summarize.summarize_rows`` and are read generically: every
+numeric key ``m`` is a metric unless it is a setting, a count (``n_*``) or one of the statistics
+suffixes below; its interval is ``m_ci_low``/``m_ci_high`` or ``m_half``; a Δ vs the baseline is
+``delta_m`` with optional ``delta_m_ci_low``/``delta_m_ci_high`` and ``delta_m_p``; booleans
+(``pareto``, ...) are flag columns. ``table_columns`` is the one function that maps these fields
+to columns: adapt it (and only it) when the statistics change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from toolkit.tasks.summarize import CI_KEYS, flat, summarize_rows
+
+STAT_SUFFIXES = ("_ci_low", "_ci_high", "_half", "_p", "_ci", "_std")
+COUNT_LABELS = {"n_images": ("N", "generated images per seed"), "n_seeds": ("seeds", "seeds (rows) per setting")}
+LOWER_IS_BETTER = ("fid", "kid")   # direction of the Pareto front and of the Δ colouring
+
+
+def number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def fmt(v: Any) -> str:
+    x = number(v)
+    return "—" if x is None else f"{x:.4g}"
+
+
+def interval(entry: dict[str, Any], m: str) -> tuple[float, float] | None:
+    """(low, high) of metric ``m`` in an entry: ``m_ci_low/high`` if present, else mean ± ``m_half``."""
+    lo, hi = number(entry.get(f"{m}_ci_low")), number(entry.get(f"{m}_ci_high"))
+    if lo is not None and hi is not None:
+        return lo, hi
+    mean, half = number(entry.get(m)), number(entry.get(f"{m}_half"))
+    return (mean - half, mean + half) if mean is not None and half is not None else None
+
+
+def metric_names(entries: list[dict[str, Any]], varying: list[str]) -> list[str]:
+    names: dict[str, None] = {}
+    for e in entries:
+        for k, v in e.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in varying \
+                    and not k.startswith(("n_", "delta_")) and not k.endswith(STAT_SUFFIXES):
+                names[k] = None
+    return list(names)
+
+
+def significance(entry: dict[str, Any], m: str) -> tuple[str, str]:
+    """(mark, explanation) for the Δ of metric ``m``: stars from ``delta_m_p``, else ``*`` when the
+    Δ interval excludes 0, else nothing."""
+    p = number(entry.get(f"delta_{m}_p"))
+    if p is not None:
+        stars = "***" if p < 1e-3 else "**" if p < 1e-2 else "*" if p < 0.05 else ""
+        return stars, f"p = {p:.3g}"
+    ci = interval(entry, f"delta_{m}")
+    if ci is not None:
+        return ("*" if ci[0] > 0 or ci[1] < 0 else ""), f"95% CI [{fmt(ci[0])}, {fmt(ci[1])}]"
+    return "", "difference of means, no test"
+
+
+def table_columns(entries: list[dict[str, Any]], varying: list[str]) -> tuple[list[dict], list[dict]]:
+    """Summary entries → (columns, records) for the HTML table.
+
+    A column is ``{key, label, title, kind}`` (kind: setting, count, metric, delta, flag); a record
+    is ``{label, baseline, cells}``: the setting's label, whether it is the baseline, and per column
+    key a cell ``{text, sub, sort, mark, title}`` (``sub``: the interval, shown under the mean;
+    ``sort``: a number where the cell has one, else the text).
+    """
+    metrics = metric_names(entries, varying)
+    cols = [{"key": k, "label": k.split(".")[-1], "title": k, "kind": "setting"} for k in varying]
+    cols += [{"key": k, "label": lab, "title": t, "kind": "count"} for k, (lab, t) in COUNT_LABELS.items()
+             if any(k in e for e in entries)]
+    for m in metrics:
+        cols.append({"key": m, "label": m, "title": f"{m}: mean [95% interval]", "kind": "metric"})
+        if any(f"delta_{m}" in e for e in entries):
+            cols.append({"key": f"delta_{m}", "label": f"Δ {m}", "kind": "delta",
+                         "title": f"{m} minus the baseline's; * p<0.05, ** p<0.01, *** p<0.001 "
+                                  "(or * when the Δ interval excludes 0)"})
+    flags = sorted({k for e in entries for k, v in e.items() if isinstance(v, bool)})
+    cols += [{"key": k, "label": k, "title": k, "kind": "flag"} for k in flags]
+
+    records = []
+    for e in entries:
+        rec: dict[str, Any] = {"label": setting_label(e, varying), "baseline": bool(e.get("baseline")), "cells": {}}
+        for c in cols:
+            k, v = c["key"], e.get(c["key"])
+            blank = v is None or isinstance(v, float) and number(v) is None   # missing, nan or inf
+            cell = {"text": "—" if blank else fmt(v) if number(v) is not None else str(v),
+                    "sort": "" if blank else number(v) if number(v) is not None else str(v), "sub": "", "mark": "",
+                    "title": ""}
+            if c["kind"] in ("metric", "delta") and (ci := interval(e, k)) is not None:
+                cell["sub"] = f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+            elif c["kind"] == "metric" and isinstance(e.get(f"{k}_ci"), str):   # summarize's text interval
+                cell["title"] = e[f"{k}_ci"]
+            if c["kind"] == "delta" and v is not None:
+                cell["mark"], cell["title"] = significance(e, k[len("delta_"):])
+            if c["kind"] == "flag":
+                cell["text"] = "✓" if v else ""
+            rec["cells"][k] = cell
+        records.append(rec)
+    return cols, records
+
+
+def setting_label(entry: dict[str, Any], varying: list[str]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={entry[k]}" for k in varying if entry.get(k) is not None) or "all rows"
+
+
+def summary_entries(rows: list[dict[str, Any]], baseline: str | None = None) -> tuple[list[str], list[dict]]:
+    """``summarize_rows`` plus what the report needs on top: the single-seed bootstrap interval as
+    numbers (summarize keeps it as text), a ``pareto`` flag, the ``baseline`` flag and — only where
+    the entries carry no Δ of their own — the plain difference of means to the baseline."""
+    varying, entries = summarize_rows(rows)
+    for e in entries:
+        one = members(e, rows, varying)
+        for m, ci_key in CI_KEYS.items():
+            if m in e and interval(e, m) is None and len(one) == 1:
+                e[f"{m}_ci_low"] = one[0]["metrics"].get(f"{ci_key}_ci_low")
+                e[f"{m}_ci_high"] = one[0]["metrics"].get(f"{ci_key}_ci_high")
+    if not any("pareto" in e for e in entries):
+        front = pareto_front([(e.get("fid"), e.get("clip_score")) for e in entries])
+        if front:
+            for i, e in enumerate(entries):
+                e["pareto"] = i in front
+    base = find_baseline(entries, varying, baseline)
+    if base is not None:
+        base["baseline"] = True
+        if not any(k.startswith("delta_") for e in entries for k in e):
+            for e in entries:
+                for m in metric_names(entries, varying):
+                    if number(e.get(m)) is not None and number(base.get(m)) is not None:
+                        e[f"delta_{m}"] = e[m] - base[m]
+    return varying, entries
+
+
+def members(entry: dict[str, Any], rows: list[dict[str, Any]], varying: list[str]) -> list[dict[str, Any]]:
+    """The result rows (seeds) that make up a summary entry."""
+    return [r for r in rows if all(flat(r["settings"]).get(k) == entry.get(k) for k in varying)]
+
+
+def find_baseline(entries: list[dict[str, Any]], varying: list[str], spec: str | None) -> dict | None:
+    """The baseline entry: ``spec`` is ``key=value[,key=value]`` (key: a setting name or its last
+    dotted part, value as shown in the table); None picks the no-adapter / LoRA-scale-0 setting."""
+    if spec:
+        want = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
+        hits = [e for e in entries if all(str(e.get(k)) == v for k, v in _match_keys(want, varying).items())]
+        if len(hits) != 1:
+            raise ValueError(f"report.baseline={spec!r} matches {len(hits)} settings, expected 1; settings: "
+                             + "; ".join(setting_label(e, varying) for e in entries))
+        return hits[0]
+    for key, value in (("adapters", "base (no adapter)"), ("adapters", "[]"), ("lora_scale", "[0]"),
+                       ("lora_scale", "[0.0]")):
+        if key in varying:
+            hits = [e for e in entries if str(e.get(key)) == value]
+            if len(hits) == 1:
+                return hits[0]
+    return None
+
+
+def _match_keys(want: dict[str, str], varying: list[str]) -> dict[str, str]:
+    out = {}
+    for k, v in want.items():
+        full = k if k in varying else next((f for f in varying if f.split(".")[-1] == k), None)
+        if full is None:
+            raise ValueError(f"report.baseline: {k!r} is not a varying setting ({', '.join(varying) or 'none'})")
+        out[full] = v
+    return out
+
+
+def pareto_front(points: list[tuple[Any, Any]]) -> set[int]:
+    """Indices of the points (fid, clip) no other point beats: lower-or-equal FID and higher-or-equal
+    CLIP, strictly better in one. Points missing either value are never on the front."""
+    ok = [(i, f, c) for i, (f, c) in enumerate(points) if number(f) is not None and number(c) is not None]
+    return {i for i, f, c in ok
+            if not any(f2 <= f and c2 >= c and (f2 < f or c2 > c) for _, f2, c2 in ok)}
