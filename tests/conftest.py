@@ -25,7 +25,7 @@ from omegaconf import open_dict  # noqa: E402
 
 from toolkit.config import CONFIG_DIR, ROOT, register_resolvers  # noqa: E402
 from toolkit.data.world import generate  # noqa: E402
-from toolkit.models.tiny import build_tiny_pipeline  # noqa: E402
+from toolkit.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 from toolkit.models.tokenizer import load_clip_tokenizer  # noqa: E402
 
 register_resolvers()
@@ -40,6 +40,12 @@ def tiny_model(tmp_path_factory) -> str:
 def tiny_model_v(tmp_path_factory) -> str:
     return str(build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v", seed=1,
                                    prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    """A random SDXL-architecture pipeline (two text encoders, text_time UNet), save_pretrained."""
+    return str(build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0))
 
 
 @pytest.fixture(scope="session")

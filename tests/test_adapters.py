@@ -38,10 +38,12 @@ from toolkit.adapters.loading import (
 )
 from toolkit.tasks import train
 
-TARGETS = {
-    "attention": ["module=lora"],
-    "attention_ff_conv": ["module=lora_miniature"],
-    "with_text_encoder": ["module=lora_full"],
+TARGETS = {   # (base model fixture, overrides)
+    "attention": ("tiny_model", ["module=lora"]),
+    "attention_ff_conv": ("tiny_model", ["module=lora_miniature"]),
+    "with_text_encoder": ("tiny_model", ["module=lora_full"]),
+    "sdxl_attention_ff_conv": ("tiny_sdxl", ["module=lora_miniature"]),
+    "sdxl_with_text_encoders": ("tiny_sdxl", ["module=lora_full"]),
 }
 PROMPTS = ["a red circle", "a blue square on a striped background"]
 
@@ -74,15 +76,16 @@ def images(pipe) -> np.ndarray:
     return np.round(out * 255).astype(np.int16)
 
 
-def stock_pipeline(module, model_path: str):
-    return module.family.pipeline_class.from_pretrained(model_path, safety_checker=None,
-                                                        requires_safety_checker=False)
+def stock_pipeline(module):
+    extra = {"safety_checker": None, "requires_safety_checker": False} if module.family.name == "sd" else {}
+    return module.family.pipeline_class.from_pretrained(module.pretrained["name_or_path"], **extra)
 
 
 @pytest.fixture(scope="module", params=sorted(TARGETS))
-def run(request, tiny_model, imagefolder_data, tmp_path_factory):
+def run(request, imagefolder_data, tmp_path_factory):
+    model_fixture, overrides = TARGETS[request.param]
     out = tmp_path_factory.mktemp(f"adapter-{request.param}")
-    cfg = train_run(tiny_model, imagefolder_data, out, TARGETS[request.param])
+    cfg = train_run(request.getfixturevalue(model_fixture), imagefolder_data, out, overrides)
     module = trained_module(cfg, out)
     trained = {c: model_updates(m, "default") for c, m in module.models.items()}
     trained = {c: u for c, u in trained.items() if u}
@@ -90,9 +93,9 @@ def run(request, tiny_model, imagefolder_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
-def test_export_round_trips_through_the_stock_loader(run, fmt, tiny_model):
+def test_export_round_trips_through_the_stock_loader(run, fmt):
     name, out, module, trained = run
-    assert trained["unet"] and ("text_encoder" in trained) == (name == "with_text_encoder")
+    assert set(trained) == {"unet", *(module.family.text_encoders if "with_text" in name else ())}
     path = out / "adapter" / (DIFFUSERS_FILE if fmt == "diffusers" else KOHYA_FILE)
 
     # 1. weight level, read back by our own reader against the base model's modules
@@ -105,7 +108,7 @@ def test_export_round_trips_through_the_stock_loader(run, fmt, tiny_model):
     assert af.counts() == {c: len(u) for c, u in trained.items()}
 
     # 2. the stock loader on the file: every key consumed, every update as trained
-    pipe = stock_pipeline(module, tiny_model)
+    pipe = stock_pipeline(module)
     with loader_messages() as messages:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
     check_messages(messages, str(path))
@@ -114,34 +117,39 @@ def test_export_round_trips_through_the_stock_loader(run, fmt, tiny_model):
         assert cmp.ok(1e-6), f"{fmt} via stock loader, {comp}: {cmp.describe()}"
 
     # 3. output level: the stock pipeline draws what the trained model draws
-    reference = images(module.family.pipeline_class(
-        vae=module.vae, text_encoder=module.text_encoder, tokenizer=module.tokenizer, unet=module.unet,
-        scheduler=module.noise_scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False))
+    reference = images(module.family.pipeline(module.pipeline_components, module.noise_scheduler))
     assert np.abs(images(pipe) - reference).max() <= 1
 
 
 def test_kohya_file_is_what_a1111_reads(run):
-    name, out, module, _ = run
+    name, out, module, trained = run
     sd = load_file(out / "adapter" / KOHYA_FILE)
-    te = [k for k in sd if k.startswith("lora_te")]
-    assert all(k.startswith("lora_unet_") or k.startswith("lora_te_text_model_encoder_layers_") for k in sd)
-    assert bool(te) == (name == "with_text_encoder")
+    xl = module.family.name == "sdxl"
+    te = ("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_") if xl \
+        else ("lora_te_text_model_encoder_layers_",)
+    assert all(k.startswith(("lora_unet_", *te)) for k in sd)
+    assert {k.split(".")[0].split("text_model")[0] for k in sd if k.startswith("lora_te")} == \
+        ({p.split("text_model")[0] for p in te} if "with_text" in name else set())
+    unet_keys = {k.split(".")[0] for k in sd if k.startswith("lora_unet_")}
+    assert len(unet_keys) == len(trained["unet"])
+    # kohya trains SDXL on the sgm UNet: its files name input/middle/output blocks
+    assert all(("_input_blocks_" in k or "_middle_block_" in k or "_output_blocks_" in k) == xl for k in unet_keys)
     assert all(float(v) == 8.0 for k, v in sd.items() if k.endswith(".alpha"))   # α = 8 ≠ r = 4 kept
     from safetensors import safe_open
 
     with safe_open(str(out / "adapter" / KOHYA_FILE), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if xl else "sd_v1")
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
     assert meta["ss_resolution"] == "(16, 16)" and meta["ss_steps"] == "2" and meta["ss_num_train_images"] == "12"
     assert len(meta["sshs_model_hash"]) == 64
 
 
-def test_runtime_loader_verifies_every_format_and_scale(run, tiny_model):
+def test_runtime_loader_verifies_every_format_and_scale(run):
     _, out, module, trained = run
     for fname in (DIFFUSERS_FILE, KOHYA_FILE):
-        pipe = stock_pipeline(module, tiny_model)
+        pipe = stock_pipeline(module)
         [loaded] = load_adapters(pipe, module.family, [out / "adapter" / fname], [0.5])
         assert loaded.layers == {c: len(u) for c, u in trained.items()}
         for comp, want in trained.items():   # the scale reaches every layer
@@ -149,7 +157,7 @@ def test_runtime_loader_verifies_every_format_and_scale(run, tiny_model):
             assert cmp.ok(1e-6), cmp.describe()
 
 
-def test_the_old_mixed_key_file_is_caught_and_still_read_whole(run, tiny_model, tmp_path):
+def test_the_old_mixed_key_file_is_caught_and_still_read_whole(run, tmp_path):
     """The defect this guards against: the old export converted attention keys to diffusers' old
     style and left ff/conv keys in peft style; diffusers picked its reader from the first key and
     dropped the rest with only a warning. Such a file (as users may still have) must be refused
@@ -160,39 +168,41 @@ def test_the_old_mixed_key_file_is_caught_and_still_read_whole(run, tiny_model, 
     sd = load_file(out / "adapter" / DIFFUSERS_FILE)
     unet = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
     old = {f"unet.{k}": v for k, v in sorted(convert_state_dict_to_diffusers(unet).items())}
+    old.update({k: v for k, v in sd.items() if k.startswith("text_encoder")})
     save_file(old, tmp_path / "old.safetensors")
     mixed = any(".lora_A" in k for k in old)
     assert mixed == (name != "attention")   # attention-only files were uniform (old style)
-    pipe = stock_pipeline(module, tiny_model)
+    pipe = stock_pipeline(module)
     with loader_messages() as messages:
         pipe.load_lora_weights(str(tmp_path), weight_name="old.safetensors", adapter_name="x")
     if mixed:
         with pytest.raises(AdapterLoadError, match="did not load"):
             check_messages(messages, "old.safetensors")
         assert len(model_updates(pipe.unet, "x")) < len(trained["unet"])   # what the warning meant
-    [loaded] = load_adapters(stock_pipeline(module, tiny_model), module.family, [tmp_path / "old.safetensors"])
-    assert loaded.layers == {"unet": len(trained["unet"])}
+    [loaded] = load_adapters(stock_pipeline(module), module.family, [tmp_path / "old.safetensors"])
+    assert loaded.layers == {c: len(u) for c, u in trained.items()}
 
 
-def test_unmatched_keys_are_refused_with_a_count(run, tiny_model, tmp_path):
+def test_unmatched_keys_are_refused_with_a_count(run, tmp_path):
     _, out, module, _ = run
     sd = load_file(out / "adapter" / KOHYA_FILE)
-    renamed = {k.replace("lora_unet_down_blocks_0", "lora_unet_down_blocks_7"): v for k, v in sd.items()}
-    n_bad = len({k.split(".")[0] for k in renamed if "down_blocks_7" in k})
+    renamed = {k.replace("_blocks_1_", "_blocks_7_"): v for k, v in sd.items()}
+    n_bad = len({k.split(".")[0] for k in renamed if "_blocks_7_" in k})
+    assert n_bad
     save_file(renamed, tmp_path / "other_model.safetensors")
     with pytest.raises(AdapterFormatError, match=rf"{n_bad} of \d+ adapted layers .* match no layer"):
-        load_adapters(stock_pipeline(module, tiny_model), module.family, [tmp_path / "other_model.safetensors"])
+        load_adapters(stock_pipeline(module), module.family, [tmp_path / "other_model.safetensors"])
 
 
-def test_inspect_reports_every_layer(run, tiny_model, tmp_path):
+def test_inspect_reports_every_layer(run, tmp_path):
     from toolkit.tasks import inspect
 
-    _, out, _, trained = run
-    cfg = compose_cfg(["task=inspect", f"adapter={out / 'adapter' / KOHYA_FILE}", f"model.name_or_path={tiny_model}",
-                       f"hydra.run.dir={tmp_path}"], tmp_path)
+    _, out, module, trained = run
+    cfg = compose_cfg(["task=inspect", f"adapter={out / 'adapter' / KOHYA_FILE}",
+                       f"model.name_or_path={module.pretrained['name_or_path']}", f"hydra.run.dir={tmp_path}"], tmp_path)
     res = inspect.run(cfg)
     [info] = json.loads(Path(res["details"]).read_text())
-    assert info["format"] == "kohya" and info["family_named_by_file"] == "sd"
+    assert info["format"] == "kohya" and info["family_named_by_file"] == module.family.name
     assert info["layers_per_component"] == {c: len(u) for c, u in trained.items()}
     assert info["base_model_match"] == {"matched": sum(len(u) for u in trained.values()), "unmatched": 0,
                                         "unmatched_examples": []}
@@ -203,13 +213,13 @@ def test_inspect_reports_every_layer(run, tiny_model, tmp_path):
             assert norms[(comp, name)] == pytest.approx(float(d.norm()), rel=1e-6)
 
 
-@pytest.mark.parametrize("run", ["with_text_encoder"], indirect=True)
-def test_training_continues_from_a_kohya_file(run, tiny_model, imagefolder_data, tmp_path):
+@pytest.mark.parametrize("run", ["with_text_encoder", "sdxl_with_text_encoders"], indirect=True)
+def test_training_continues_from_a_kohya_file(run, imagefolder_data, tmp_path):
     from toolkit.adapters.formats import file_sha256
 
-    _, out, _, trained = run
+    _, out, module, trained = run
     init = out / "adapter" / KOHYA_FILE
-    overrides = tiny_overrides(tiny_model, imagefolder_data, tmp_path) + [
+    overrides = tiny_overrides(module.pretrained["name_or_path"], imagefolder_data, tmp_path) + [
         "module=lora", f"module.init_adapter={init}", "trainer.max_steps=2", "module.optimizer.lr=1e-2"]
     cfg = compose_cfg(overrides, tmp_path)
     start = instantiate(cfg.module)   # rank, α and targets (UNet and text encoder) from the file
@@ -227,17 +237,18 @@ def test_training_continues_from_a_kohya_file(run, tiny_model, imagefolder_data,
         assert not cmp.missing and not cmp.extra and cmp.max_rel_err > 1e-3   # same layers, trained further
 
 
-@pytest.mark.parametrize("run", ["with_text_encoder"], indirect=True)
-def test_merge_equals_base_plus_adapters_and_single_file_equals_folder(run, tiny_model, tmp_path):
+@pytest.mark.parametrize("run", ["with_text_encoder", "sdxl_with_text_encoders"], indirect=True)
+def test_merge_equals_base_plus_adapters_and_single_file_equals_folder(run, tmp_path):
     from toolkit.tasks import merge
 
     _, out, module, trained = run
     files = [out / "adapter" / DIFFUSERS_FILE, out / "adapter" / KOHYA_FILE]
-    cfg = compose_cfg(["task=merge", f"model.name_or_path={tiny_model}", f"adapter=[{files[0]},{files[1]}]",
+    cfg = compose_cfg(["task=merge", f"model.name_or_path={module.pretrained['name_or_path']}",
+                       f"adapter=[{files[0]},{files[1]}]",
                        "merge.lora_scale=[0.7,0.5]", "merge.dtype=float32", f"hydra.run.dir={tmp_path}"], tmp_path)
     res = merge.run(cfg)
     assert res["layers_merged"] == sum(len(u) for u in trained.values()) and res["max_rel_err"] <= 1e-6
-    base = stock_pipeline(module, tiny_model)
+    base = stock_pipeline(module)
     merged = module.family.pipeline_class.from_pretrained(res["diffusers"])
     for comp, updates in trained.items():   # merged = base + (0.7 + 0.5)·ΔW, the rest untouched
         b, m = getattr(base, comp).state_dict(), getattr(merged, comp).state_dict()
@@ -246,13 +257,13 @@ def test_merge_equals_base_plus_adapters_and_single_file_equals_folder(run, tiny
         cmp = compare_updates(want, {n: m[f"{n}.weight"] for n in updates})
         assert cmp.ok(1e-6), cmp.describe()
         assert all(torch.equal(b[k], m[k]) for k in b if k not in adapted)
-    with_adapters = stock_pipeline(module, tiny_model)
+    with_adapters = stock_pipeline(module)
     load_adapters(with_adapters, module.family, files, [0.7, 0.5])
     assert np.abs(images(merged) - images(with_adapters)).max() <= 1
 
     single = module.family.pipeline_class.from_single_file(res["single_file"], config=res["diffusers"],
                                                             local_files_only=True)
-    for comp in ("unet", "vae", "text_encoder"):
+    for comp in ("unet", "vae", *module.family.text_encoders):
         a, b = getattr(merged, comp).state_dict(), getattr(single, comp).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
     assert np.abs(images(single) - images(merged)).max() <= 1

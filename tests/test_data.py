@@ -35,11 +35,11 @@ def test_missing_local_path_is_clear(tmp_path):
 def test_transform_crop_flip_range():
     img = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (32, 1))[..., None].repeat(3, 2))
     rng = np.random.default_rng(0)
-    x = transforms.train_transform(img, 16, center_crop=True, random_flip=False, rng=rng)
+    x, _ = transforms.train_transform(img, 16, center_crop=True, random_flip=False, rng=rng)
     assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
     # center crop of the (32x16 after resize) gradient keeps the middle columns
     assert x[0, 0, 0] > -0.6 and x[0, 0, -1] < 0.6
-    flipped = [transforms.train_transform(img, 16, True, True, np.random.default_rng(s)) for s in range(20)]
+    flipped = [transforms.train_transform(img, 16, True, True, np.random.default_rng(s))[0] for s in range(20)]
     assert any(torch.equal(f, x.flip(-1)) for f in flipped) and any(torch.equal(f, x) for f in flipped)
 
 

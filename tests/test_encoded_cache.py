@@ -80,9 +80,12 @@ def losses(out: Path) -> list[float]:
         return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
-def test_cached_training_matches_naive_training(tiny_model, imagefolder_data, tmp_path):
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_sdxl"])
+def test_cached_training_matches_naive_training(request, model_fixture, imagefolder_data, tmp_path):
     """Same seed: the same per-step draws, so the losses agree up to float32 rounding of the
-    batched encoding (float32 storage here)."""
+    batched encoding (float32 storage here). SDXL: both encoders' states + the pooled embedding
+    and the micro-conditioning come from the cache."""
+    tiny_model = request.getfixturevalue(model_fixture)
     common = ["trainer.max_steps=6", "data.random_flip=true", "callbacks.encoded_cache.dtype=float32"]
     run_cached(tiny_model, imagefolder_data, tmp_path / "naive", tmp_path / "c", *common,
                "callbacks.encoded_cache.latents=false", "callbacks.encoded_cache.text=false")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
@@ -21,7 +21,7 @@ def build(cfg):
     return dm, module, trainer
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_model_v"])
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_model_v", "tiny_sdxl"])
 def test_only_lora_changes(request, model_fixture, sidecar_data, tmp_path):
     model = request.getfixturevalue(model_fixture)
     cfg = compose_cfg(tiny_overrides(model, sidecar_data, tmp_path) + ["module.snr_gamma=5",
@@ -38,8 +38,9 @@ def test_only_lora_changes(request, model_fixture, sidecar_data, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if k not in lora)  # base bit-identical
 
 
-def test_loss_decreases_when_overfitting(tiny_model, imagefolder_data, tmp_path):
-    cfg = compose_cfg(tiny_overrides(tiny_model, imagefolder_data, tmp_path) + [
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_sdxl"])
+def test_loss_decreases_when_overfitting(request, model_fixture, imagefolder_data, tmp_path):
+    cfg = compose_cfg(tiny_overrides(request.getfixturevalue(model_fixture), imagefolder_data, tmp_path) + [
         "data.val_fraction=0", "data.validation_split=train",  # validate on the training images
         "module.lora.r=16", "module.lora.lora_alpha=16", "module.optimizer.lr=3e-3",
         "module.caption_dropout=0", "trainer.max_steps=60", "trainer.val_check_interval=1000",
@@ -51,7 +52,9 @@ def test_loss_decreases_when_overfitting(tiny_model, imagefolder_data, tmp_path)
     assert after < 0.9 * before, (before, after)
 
 
-def test_train_task_writes_adapter_that_stock_pipeline_loads(tiny_model, csv_data, tmp_path):
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_sdxl"])
+def test_train_task_writes_adapter_that_stock_pipeline_loads(request, model_fixture, csv_data, tmp_path):
+    tiny_model = request.getfixturevalue(model_fixture)
     out = tmp_path / "run"
     cfg = compose_cfg(tiny_overrides(tiny_model, csv_data, out) + ["module.optimizer.lr=1e-2"], out)
     metrics = train.run(cfg)
@@ -66,7 +69,7 @@ def test_train_task_writes_adapter_that_stock_pipeline_loads(tiny_model, csv_dat
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step=2.png", "step=4.png"]
 
     kw = {"num_inference_steps": 3, "height": 16, "width": 16, "output_type": "np"}
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(tiny_model)   # the model's own pipeline class (SD or SDXL)
     run = lambda **extra: pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw,
                                **extra).images
     base = run()
@@ -93,20 +96,26 @@ def test_resume_continues_step_and_optimizer(tiny_model, sidecar_data, tmp_path)
     assert steps(first) == {4} and steps(resumed) == {6}  # Adam moments carried over, not reset
 
 
-def test_text_encoder_lora_and_full_targets(tiny_model, imagefolder_data, tmp_path):
-    cfg = compose_cfg(tiny_overrides(tiny_model, imagefolder_data, tmp_path) + [
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_sdxl"])
+def test_text_encoder_lora_and_full_targets(request, model_fixture, imagefolder_data, tmp_path):
+    cfg = compose_cfg(tiny_overrides(request.getfixturevalue(model_fixture), imagefolder_data, tmp_path) + [
         "module=lora_full", "module.gradient_checkpointing=true"], tmp_path)
     dm, module, trainer = build(cfg)
     names = set(module.trainable_state_dict())
-    assert any(k.startswith("text_encoder.") for k in names)
+    for enc in module.family.text_encoders:   # SDXL: both encoders
+        assert any(k.startswith(f"{enc}.") for k in names)
     assert any(".ff.net." in k for k in names) and any("conv1" in k for k in names)
-    te_before = {k: v.clone() for k, v in module.text_encoder.state_dict().items() if "lora_B" in k}
+    before = {e: {k: v.clone() for k, v in getattr(module, e).state_dict().items() if "lora_B" in k}
+              for e in module.family.text_encoders}
     trainer.fit(module, datamodule=dm)
-    te_after = module.text_encoder.state_dict()
-    assert any(not torch.equal(v, te_after[k]) for k, v in te_before.items())
+    for e, te_before in before.items():
+        te_after = getattr(module, e).state_dict()
+        assert any(not torch.equal(v, te_after[k]) for k, v in te_before.items())
 
 
-def test_ddp_two_processes_keep_identical_lora(tiny_model, imagefolder_data, tmp_path):
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_sdxl"])
+def test_ddp_two_processes_keep_identical_lora(request, model_fixture, imagefolder_data, tmp_path):
+    tiny_model = request.getfixturevalue(model_fixture)
     out = tmp_path / "ddp"
     res = run_entry(tiny_overrides(tiny_model, imagefolder_data, out) + [
         "trainer=ddp", "trainer.devices=2", "trainer.max_steps=3",

@@ -54,28 +54,47 @@ class EncodedCache(L.Callback):
             log.info("text-embedding cache off: the text encoder is being trained")
         elif self.text:
             captions = sorted({""} | {c for s in sets for c in s.captions()})   # "" for caption dropout
-            store = ArrayStore(self.dirpath / f"text-{module_fingerprint(module.text_encoder)}")
-            enc = lambda batch: module.encode_text(batch, cached=False).float().cpu().numpy().astype(self.dtype)
-            n = fill(store, [text_key(c) for c in captions], captions, enc, self.batch_size, desc="text cache", **shard)
-            module.text_cache = store
-            log.info("text cache: %d prompts (%d encoded now) in %s", len(captions), n, store.root)
+            encoders = "-".join(module_fingerprint(e) for e in module.text_encoders)
+            key = hashlib.sha256(f"{module.family.name}-{encoders}".encode()).hexdigest()[:20]
+            module.text_cache = {}
+            for field in module.family.cache_fields:   # one store per conditioning tensor (SDXL: + pooled)
+                store = ArrayStore(self.dirpath / f"text-{key}-{field}")
+                enc = lambda batch, f=field: (module.encode_text(batch, cached=False)[f].float().cpu().numpy()
+                                              .astype(self.dtype))
+                n = fill(store, [text_key(c) for c in captions], captions, enc, self.batch_size,
+                         desc=f"text cache ({field})", **shard)
+                module.text_cache[field] = store
+                log.info("text cache (%s): %d prompts (%d encoded now) in %s", field, len(captions), n, store.root)
         if self.latents and not dm.center_crop:
             log.warning("latent cache off: random crops are not cacheable (set data.center_crop=true)")
         elif self.latents:
             flips = 2 if dm.random_flip else 1
             prep = (f"{module_fingerprint(module.vae)}-r{dm.resolution}-f{flips}-b{dm.buckets}"
                     f"-{dm.policy.alpha_background}")
-            store = ArrayStore(self.dirpath / f"latents-{hashlib.sha256(prep.encode()).hexdigest()[:20]}")
+            folder = hashlib.sha256(prep.encode()).hexdigest()[:20]
+            store = ArrayStore(self.dirpath / f"latents-{folder}")
+            # What each cached variant was cut at (original size, crop top-left, target size): SDXL's
+            # micro-conditioning travels with the latents, from the same transform that cuts the pixels.
+            micro_store = ArrayStore(self.dirpath / f"micro-{folder}")
+            min_side = dm.policy.min_side or dm.resolution
+
+            def variants(items: list[Any], size: int | tuple[int, int]) -> tuple[list[torch.Tensor], np.ndarray]:
+                rng = np.random.default_rng(0)   # unused: centre crop, the flip is forced
+                out = [train_transform(decode_image(it, dm.policy, min_side)[0], size, True, False, rng, flip=flip)
+                       for it in items for flip in (False, True)[:flips]]
+                micro = np.asarray([mc for _, mc in out], np.float32).reshape(len(items), flips, 6)
+                return [px for px, _ in out], micro
 
             def encoder(size: int | tuple[int, int]) -> Any:
                 def enc(items: list[Any]) -> np.ndarray:
-                    rng = np.random.default_rng(0)   # unused: centre crop, no random flip here
-                    min_side = dm.policy.min_side or dm.resolution
-                    px = torch.stack([train_transform(decode_image(it, dm.policy, min_side)[0], size, True, False, rng)
-                                      for it in items])
-                    if flips == 2:
-                        px = torch.stack([px, px.flip(-1)], 1).flatten(0, 1)
-                    params = module.vae.encode(px.to(module.device, module.vae.dtype)).latent_dist.parameters
+                    pixels, _ = variants(items, size)
+                    params = module.vae.encode(torch.stack(pixels).to(module.device, module.vae.dtype)
+                                               ).latent_dist.parameters
+                    if not torch.isfinite(params).all():
+                        raise FloatingPointError(
+                            f"the VAE encoder produced NaN/inf in {module.vae.dtype} (a VAE that overflows in half "
+                            "precision, as SDXL's does): keep the VAE in float32, or pass an fp16-safe VAE "
+                            "(model.vae=madebyollin/sdxl-vae-fp16-fix)")
                     return params.float().cpu().numpy().astype(self.dtype).reshape(len(items), flips, *params.shape[1:])
                 return enc
 
@@ -87,5 +106,9 @@ class EncodedCache(L.Callback):
                     groups.setdefault(s.target_size(pos), []).append(row)
                 n = sum(fill(store, [keys[r] for r in rows], [items[r] for r in rows], encoder(size), self.batch_size,
                              desc="latent cache", **shard) for size, rows in groups.items())
-                s.latents = (store, keys)
+                for size, rows in groups.items():
+                    fill(micro_store, [keys[r] for r in rows], [items[r] for r in rows],
+                         lambda its, size=size: variants(its, size)[1], self.batch_size, desc="micro-conditioning",
+                         **shard)
+                s.latents = (store, micro_store, keys)
                 log.info("latent cache: %d images (%d encoded now) in %s", len(s.indices), n, store.root)

@@ -12,7 +12,6 @@ from pathlib import Path
 import diffusers
 import lightning as L
 import torch
-from diffusers import StableDiffusionPipeline
 from lightning.pytorch.loggers import WandbLogger
 
 from toolkit.inference.pipeline import generate, make_grid
@@ -40,9 +39,7 @@ class SampleGrid(L.Callback):
             return None
         self._last = step
         sched = getattr(diffusers, self.scheduler).from_config(module.noise_scheduler.config)
-        pipe = StableDiffusionPipeline(vae=module.vae, text_encoder=module.text_encoder, tokenizer=module.tokenizer,
-                                       unet=module.unet, scheduler=sched, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = module.family.pipeline(module.pipeline_components, sched)
         pipe.set_progress_bar_config(disable=True)
         modes = {m: m.training for m in module.modules()}
         module.eval()  # LoRA dropout off while sampling; each submodule's mode restored after

@@ -61,7 +61,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.policy, self.seed = policy, seed
         self.indices = list(range(len(ds))) if indices is None else indices
-        self.latents: tuple[Any, dict[int, str]] | None = None   # (store, key per kept row): EncodedCache
+        # (latent store, micro-conditioning store, key per kept row): set by the EncodedCache callback
+        self.latents: tuple[Any, Any, dict[int, str]] | None = None
         self.sizes: list[tuple[int, int]] | None = None     # bucket (width, height) per kept item
 
     def __len__(self) -> int:
@@ -91,12 +92,12 @@ class CaptionedImages(torch.utils.data.Dataset):
         row = self.indices[i]
         rng = np.random.default_rng([self.seed, epoch, i])
         if self.latents is not None:   # cached posterior parameters: the same flip draw as below
-            store, keys = self.latents
+            store, micro, keys = self.latents
             _, caption, problem = self.raw(row)
             text = check_caption(caption, problem, self.policy)
-            variants = store.get(keys[row])
-            flip = self.random_flip and rng.random() < 0.5
-            return {"latent_params": torch.from_numpy(np.array(variants[int(flip)], np.float32)), "caption": text}
+            flip = int(self.random_flip and rng.random() < 0.5)
+            return {"latent_params": torch.from_numpy(np.array(store.get(keys[row])[flip], np.float32)),
+                    "micro": torch.from_numpy(np.array(micro.get(keys[row])[flip], np.float32)), "caption": text}
         image, caption, problem = self.raw(row)
         try:
             text = check_caption(caption, problem, self.policy)
@@ -104,8 +105,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         except BadItem as bad:   # changed since the scan (or no scan): skip it, loudly
             log.warning("skipping %s: %s", item_name(image, i), bad)
             return None
-        pixels = train_transform(img, self.target_size(i), self.center_crop, self.random_flip, rng)
-        return {"pixel_values": pixels, "caption": text}
+        pixels, micro = train_transform(img, self.target_size(i), self.center_crop, self.random_flip, rng)
+        return {"pixel_values": pixels, "micro": torch.tensor(micro, dtype=torch.float32), "caption": text}
 
 
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -113,7 +114,8 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     if not items:
         raise RuntimeError("every item of a batch failed to decode; see the warnings above")
     field = "latent_params" if "latent_params" in items[0] else "pixel_values"
-    return {field: torch.stack([it[field] for it in items]), "captions": [it["caption"] for it in items]}
+    return {field: torch.stack([it[field] for it in items]), "micro": torch.stack([it["micro"] for it in items]),
+            "captions": [it["caption"] for it in items]}
 
 
 class CaptionedImageDataModule(L.LightningDataModule):
@@ -206,7 +208,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
                         sizes = make_buckets(self.resolution, **self.buckets)
                         ds.sizes = [sizes[nearest_bucket(w, h, sizes)] for w, h in result.sizes]
                     report[name] = result
-                    log.info("data scan (%s): %s", name, result.summary())
+                    (log.warning if result.rejected else log.info)("data scan (%s): %s", name, result.summary())
             if self.report_dir and self.rank == 0:
                 for name, result in report.items():
                     save_scan(result, Path(self.report_dir) / f"data_report_{name}.json")

@@ -14,14 +14,20 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm import tqdm
 
 from toolkit.adapters.formats import file_sha256
 from toolkit.adapters.loading import load_adapters, resolve_adapter
-from toolkit.models.families import family_of
-from toolkit.models.pretrained import check_model_path, resolve_dtype
+from toolkit.models.pretrained import (
+    check_model_path,
+    is_single_file,
+    load_vae,
+    model_family,
+    pipeline_from_single_file,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +37,34 @@ def adapter_sha256(path: str | Path) -> str:
 
 
 def load_pipeline(name_or_path: str, revision: str | None = None, variant: str | None = None,
-                  dtype: str | None = "float32", trust_remote_code: bool = False,
-                  allow_pickle: bool = False, adapters: Sequence[str] = (), lora_scales: Sequence[float] = (),
-                  scheduler: str | None = None, device: str | torch.device = "cpu"
-                  ) -> DiffusionPipeline:
+                  dtype: str | None = "float32", trust_remote_code: bool = False, allow_pickle: bool = False,
+                  config: str | None = None, vae: str | None = None, adapters: Sequence[str] = (),
+                  lora_scales: Sequence[float] = (), scheduler: str | None = None,
+                  device: str | torch.device = "cpu") -> DiffusionPipeline:
     """Load the base (its family's pipeline class), swap the scheduler (any diffusers scheduler
     class name), and add adapters through the verified loader (``toolkit.adapters.loading``).
 
     Args:
-        name_or_path, revision, variant, dtype, trust_remote_code, allow_pickle: the ``model``
-            config (safetensors only unless ``allow_pickle``).
+        name_or_path, revision, variant, dtype, trust_remote_code, allow_pickle, config, vae: the
+            ``model`` config (see ``toolkit.models.pretrained.load_components``).
         adapters: adapter paths (see :func:`resolve_adapter`).
         lora_scales: one scale per adapter (a single value applies to all).
         scheduler: e.g. ``DDIMScheduler``, ``EulerDiscreteScheduler``; None keeps the model's.
         device: where to run.
     """
     del trust_remote_code  # diffusers pipelines here are the stock classes: no remote code
-    check_model_path(name_or_path)
-    family = family_of(UNet2DConditionModel.load_config(name_or_path, subfolder="unet", revision=revision))
-    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
-    pipe = family.pipeline_class.from_pretrained(
-        name_or_path, revision=revision, variant=variant, dtype=resolve_dtype(dtype),
-        use_safetensors=not allow_pickle, **extra)
+    check_model_path(name_or_path, config, allow_pickle)
+    family = model_family(name_or_path, revision, config)
+    torch_dtype = resolve_dtype(dtype)
+    if is_single_file(name_or_path):
+        pipe = pipeline_from_single_file(family, name_or_path, config, torch_dtype)
+    else:
+        extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} \
+            if family.name == "sd" else {}
+        pipe = family.pipeline_class.from_pretrained(name_or_path, revision=revision, variant=variant,
+                                                     dtype=torch_dtype, use_safetensors=not allow_pickle, **extra)
+    if vae:
+        pipe.vae = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
     if scheduler:
         cls = getattr(diffusers, scheduler, None)
         if cls is None or not hasattr(cls, "from_config"):

@@ -15,10 +15,13 @@ Adding a family means adding one such piece and registering it in ``FAMILIES``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+Conditioning = dict[str, torch.Tensor]   # per-caption tensors (the text cache stores each field)
 
 
 class ModelFamily:
@@ -32,8 +35,30 @@ class ModelFamily:
     kohya_aliases: ClassVar[Mapping[str, str]] = {}  # other prefix spellings read as the canonical one
     base_model_version: ClassVar[str]              # kohya ss_base_model_version
 
+    cache_fields: ClassVar[tuple[str, ...]]        # what encode_prompts returns, per caption
+    micro_conditioned: ClassVar[bool] = False      # the UNet takes size/crop conditioning
+
     @classmethod
     def matches(cls, unet_config: Mapping[str, Any]) -> bool:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- conditioning
+    @classmethod
+    def encode_prompts(cls, tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module],
+                       captions: Sequence[str], device: torch.device | str) -> Conditioning:
+        """Per-caption conditioning tensors (``cache_fields``), as the family's pipeline computes them."""
+        raise NotImplementedError
+
+    @classmethod
+    def unet_inputs(cls, cond: Conditioning, micro: torch.Tensor | None, dtype: torch.dtype) -> dict[str, Any]:
+        """Keyword arguments of ``unet(sample, timestep, **...)`` besides the sample and timestep.
+
+        ``micro``: (n, 6) original h, w, crop top, left, target h, w (``toolkit.data.transforms``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def pipeline(cls, components: Mapping[str, Any], scheduler: Any) -> Any:
+        """The family's stock diffusers pipeline over already-loaded components (in-training samples)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- adapter file names
@@ -61,10 +86,29 @@ class SD(ModelFamily):
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     kohya_aliases = {"lora_te1_": "lora_te_"}   # diffusers' convert_state_dict_to_kohya writes te1 for SD-1.x too
     base_model_version = "sd_v1"
+    cache_fields = ("prompt_embeds",)
 
     @classmethod
     def matches(cls, unet_config: Mapping[str, Any]) -> bool:
         return unet_config.get("addition_embed_type") is None
+
+    @classmethod
+    def encode_prompts(cls, tokenizers, text_encoders, captions, device) -> Conditioning:
+        # StableDiffusionPipeline.encode_prompt: the last hidden state of the one CLIP text encoder.
+        (tok,), (enc,) = tokenizers, text_encoders
+        ids = tok(list(captions), padding="max_length", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids.to(device)
+        return {"prompt_embeds": enc(ids)[0]}
+
+    @classmethod
+    def unet_inputs(cls, cond, micro, dtype) -> dict[str, Any]:
+        return {"encoder_hidden_states": cond["prompt_embeds"].to(dtype)}
+
+    @classmethod
+    def pipeline(cls, components, scheduler) -> Any:
+        return StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                                       tokenizer=components["tokenizer"], unet=components["unet"], scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 class SDXL(ModelFamily):
@@ -74,10 +118,42 @@ class SDXL(ModelFamily):
     tokenizers = ("tokenizer", "tokenizer_2")
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     base_model_version = "sdxl_base_v1-0"
+    cache_fields = ("prompt_embeds", "pooled")
+    micro_conditioned = True
 
     @classmethod
     def matches(cls, unet_config: Mapping[str, Any]) -> bool:
         return unet_config.get("addition_embed_type") == "text_time"
+
+    @classmethod
+    def encode_prompts(cls, tokenizers, text_encoders, captions, device) -> Conditioning:
+        # StableDiffusionXLPipeline.encode_prompt: penultimate hidden states of both encoders,
+        # concatenated; the pooled (projected) output of encoder 2.
+        hidden, pooled = [], None
+        for tok, enc in zip(tokenizers, text_encoders):
+            ids = tok(list(captions), padding="max_length", truncation=True, max_length=tok.model_max_length,
+                      return_tensors="pt").input_ids.to(device)
+            out = enc(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            if out[0].ndim == 2:   # CLIPTextModelWithProjection: text_embeds
+                pooled = out[0]
+        if pooled is None:
+            raise ValueError("SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as encoder 2")
+        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    @classmethod
+    def unet_inputs(cls, cond, micro, dtype) -> dict[str, Any]:
+        if micro is None:
+            raise ValueError("SDXL needs the micro-conditioning (original size, crop, target size) of every image")
+        return {"encoder_hidden_states": cond["prompt_embeds"].to(dtype),
+                "added_cond_kwargs": {"text_embeds": cond["pooled"].to(dtype), "time_ids": micro.to(dtype)}}
+
+    @classmethod
+    def pipeline(cls, components, scheduler) -> Any:
+        return StableDiffusionXLPipeline(
+            vae=components["vae"], text_encoder=components["text_encoder"],
+            text_encoder_2=components["text_encoder_2"], tokenizer=components["tokenizer"],
+            tokenizer_2=components["tokenizer_2"], unet=components["unet"], scheduler=scheduler)
 
     @classmethod
     def kohya_module_name(cls, component: str, module: str, unet_config: Mapping[str, Any]) -> str:

@@ -1,11 +1,16 @@
 """The LightningModule that fine-tunes LoRA adapters on a frozen latent-diffusion pipeline.
 
+Family-agnostic: how prompts become UNet conditioning (one CLIP for SD-1.x/2.x; two encoders,
+pooled embedding and size/crop time ids for SDXL) is asked of the family piece
+(``toolkit.models.families``); this module never branches on the family.
+
 Checkpoints hold only the trainable (LoRA) tensors plus Lightning's optimizer/scheduler/loop
 state: the frozen base is reloaded from ``model.name_or_path`` and never written to disk.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,13 +24,37 @@ from peft import LoraConfig
 
 from toolkit.data.encoded_cache import text_key
 from toolkit.models import objectives
-from toolkit.models.families import family_of
+from toolkit.models.families import ModelFamily
 from toolkit.models.lora import add_lora, init_from_file
 from toolkit.models.pretrained import load_components
 from toolkit.reproducibility import gather_rng_states, seed_step, set_rng_state
 from toolkit.training import optimizers
 
 log = logging.getLogger(__name__)
+
+
+MICRO_FIELDS = ("original_size", "crop_top_left", "target_size")   # (h, w) pairs: SDXL's time_ids in order
+
+
+def fixed_micro_conditioning(family: type[ModelFamily], fixed: Mapping[str, Any] | None) -> torch.Tensor:
+    """A (6,) tensor: the values to use instead of each image's own, NaN where the image's are used.
+
+    ``fixed`` maps ``original_size`` / ``crop_top_left`` / ``target_size`` to an (h, w) pair or None,
+    e.g. ``{original_size: [1024, 1024], crop_top_left: [0, 0]}`` as other SDXL trainers allow."""
+    fixed = {k: v for k, v in (fixed or {}).items() if v is not None}
+    unknown = set(fixed) - set(MICRO_FIELDS)
+    if unknown:
+        raise ValueError(f"module.micro_conditioning: unknown keys {sorted(unknown)}; expected {list(MICRO_FIELDS)}")
+    if fixed and not family.micro_conditioned:
+        raise ValueError(f"module.micro_conditioning={fixed} is set, but a {family.name} UNet takes no size/crop "
+                         "conditioning (only SDXL does); remove it")
+    out = torch.full((6,), float("nan"))
+    for i, name in enumerate(MICRO_FIELDS):
+        if name in fixed:
+            if len(fixed[name]) != 2:
+                raise ValueError(f"module.micro_conditioning.{name}={fixed[name]}: expected [height, width]")
+            out[2 * i: 2 * i + 2] = torch.tensor([float(x) for x in fixed[name]])
+    return out
 
 
 class LoRADiffusion(L.LightningModule):
@@ -58,6 +87,8 @@ class LoRADiffusion(L.LightningModule):
         nonfinite: on a NaN/inf loss: ``stop`` (raise, naming the last good checkpoint) or
             ``skip`` (no update for that batch; stops after ``max_skipped_steps`` skips).
         max_skipped_steps: how many non-finite steps ``skip`` tolerates in one run.
+        micro_conditioning: SDXL only: fixed ``original_size`` / ``crop_top_left`` /
+            ``target_size`` ([h, w] each, None: each image's own) instead of the per-image values.
     """
 
     def __init__(
@@ -82,12 +113,18 @@ class LoRADiffusion(L.LightningModule):
         seed: int = 0,
         nonfinite: str = "stop",
         max_skipped_steps: int = 10,
+        micro_conditioning: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.pretrained = dict(pretrained)
         c = load_components(**self.pretrained)
-        self.tokenizer, self.noise_scheduler = c.tokenizer, c.noise_scheduler
-        self.text_encoder, self.vae, self.unet = c.text_encoder, c.vae, c.unet
+        self.family, self.noise_scheduler = c.family, c.noise_scheduler
+        self.vae, self.unet = c.vae, c.unet
+        for name, tok in c.tokenizers.items():
+            setattr(self, name, tok)
+        for name, enc in c.text_encoders.items():   # registered as submodules under their pipeline names
+            setattr(self, name, enc)
+        self.micro_override = fixed_micro_conditioning(self.family, micro_conditioning)
         if attention == "sdpa":
             self.unet.set_attn_processor(AttnProcessor2_0())
         elif attention != "default":
@@ -95,7 +132,6 @@ class LoRADiffusion(L.LightningModule):
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
-        self.family = family_of(self.unet.config)
         self.init_adapter_sha256: str | None = None
         if init_adapter:
             log.info("module.init_adapter=%s: rank, alpha and targets come from the file (module.lora's are "
@@ -106,13 +142,13 @@ class LoRADiffusion(L.LightningModule):
             self.text_lora_params = [p for c, ps in params.items() if c != "unet" for p in ps]
         else:
             self.unet_lora_params = add_lora(self.unet, lora)
-            self.text_lora_params = (
-                add_lora(self.text_encoder, text_encoder_lora) if text_encoder_lora is not None else []
-            )
+            self.text_lora_params = [] if text_encoder_lora is None else [   # every text encoder of the family
+                p for enc in self.text_encoders for p in add_lora(enc, copy.deepcopy(text_encoder_lora))]
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.text_lora_params:
-                self.text_encoder.gradient_checkpointing_enable()
+                for enc in self.text_encoders:
+                    enc.gradient_checkpointing_enable()
         if compile:
             self.unet.compile()
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
@@ -131,6 +167,20 @@ class LoRADiffusion(L.LightningModule):
     def models(self) -> dict[str, torch.nn.Module]:
         """The pipeline components by their pipeline names (what adapter files are keyed by)."""
         return {c: getattr(self, c) for c in self.family.components()}
+
+    @property
+    def pipeline_components(self) -> dict[str, Any]:
+        """Everything the family's pipeline needs but the scheduler, by pipeline name."""
+        names = ("vae", "unet", *self.family.tokenizers, *self.family.text_encoders)
+        return {n: getattr(self, n) for n in names}
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self, n) for n in self.family.text_encoders]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [getattr(self, n) for n in self.family.tokenizers]
 
     # ---------------------------------------------------------------- checkpoint content
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -155,13 +205,20 @@ class LoRADiffusion(L.LightningModule):
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
     # ---------------------------------------------------------------- the objective
-    def encode_text(self, captions: list[str], cached: bool = True) -> torch.Tensor:
+    def encode_text(self, captions: list[str], cached: bool = True) -> dict[str, torch.Tensor]:
+        """The family's per-caption conditioning (``cache_fields``), from the text cache when set."""
         if cached and self.text_cache is not None:   # EncodedCache: prompt embeddings computed once
-            rows = np.stack([self.text_cache.get(text_key(c)) for c in captions])
-            return torch.from_numpy(rows.astype(np.float32)).to(self.device, self.text_encoder.dtype)
-        ids = self.tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt",
-                             max_length=self.tokenizer.model_max_length).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+            keys = [text_key(c) for c in captions]
+            return {f: torch.from_numpy(np.stack([store.get(k) for k in keys]).astype(np.float32)).to(self.device)
+                    for f, store in self.text_cache.items()}
+        return self.family.encode_prompts(self.tokenizers, self.text_encoders, captions, self.device)
+
+    def micro(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The batch's micro-conditioning (n, 6), with the configured fixed values applied."""
+        if not self.family.micro_conditioned:
+            return None
+        micro = batch["micro"].to(self.device, torch.float32)
+        return torch.where(torch.isnan(self.micro_override.to(micro)), micro, self.micro_override.to(micro))
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -180,7 +237,7 @@ class LoRADiffusion(L.LightningModule):
             latents = self.sample_latents(batch["latent_params"])
         else:
             latents = self.encode_images(batch["pixel_values"])
-        text = self.encode_text(batch["captions"])
+        cond = self.encode_text(batch["captions"])
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         noise = objectives.offset_noise(noise, self.noise_offset, generator)
         if timesteps is None:
@@ -189,7 +246,8 @@ class LoRADiffusion(L.LightningModule):
                 self.min_timestep, self.max_timestep, device=latents.device, generator=generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = objectives.training_target(self.noise_scheduler, latents, noise, timesteps)
-        pred = self.unet(noisy.to(self.unet.dtype), timesteps, text.to(self.unet.dtype)).sample
+        pred = self.unet(noisy.to(self.unet.dtype), timesteps,
+                         **self.family.unet_inputs(cond, self.micro(batch), self.unet.dtype)).sample
         weights = objectives.min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
         return objectives.weighted_mse(pred, target, weights)
 
@@ -198,7 +256,8 @@ class LoRADiffusion(L.LightningModule):
         # encoder) must stay in eval mode so dropout/normalisation behave as in inference.
         self.vae.eval()
         if not self.text_lora_params:
-            self.text_encoder.eval()
+            for enc in self.text_encoders:
+                enc.eval()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_step(self.seed, self.current_epoch, batch_idx, self.global_rank)
@@ -230,7 +289,7 @@ class LoRADiffusion(L.LightningModule):
         n, k = len(batch["captions"]), len(self.val_timesteps)
         gen = torch.Generator(self.device).manual_seed(self.val_seed + batch_idx)
         field = "latent_params" if "latent_params" in batch else "pixel_values"
-        rep = {field: batch[field].repeat_interleave(k, 0),
+        rep = {field: batch[field].repeat_interleave(k, 0), "micro": batch["micro"].repeat_interleave(k, 0),
                "captions": [c for c in batch["captions"] for _ in range(k)]}
         t = torch.tensor(self.val_timesteps, device=self.device).repeat(n)
         loss = self.diffusion_loss(rep, timesteps=t, generator=gen)

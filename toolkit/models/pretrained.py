@@ -1,28 +1,41 @@
-"""Load the components of an SD-1.x/2.x-layout diffusers pipeline and freeze them.
+"""Load the frozen components of a latent-diffusion pipeline of any supported family.
 
-Works for a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local pipeline dir
-(the embedded miniature, or a test's tiny random pipeline): both go through ``from_pretrained``.
+    hub id / diffusers folder     from_pretrained, per component
+    one .safetensors file         the family's pipeline ``from_single_file(file, config=model.config)``;
+                                  the component configs come from ``model.config`` (a diffusers
+                                  folder or hub id of the same architecture), so nothing is fetched
+                                  implicitly, and every tensor the loaded model holds is checked
+                                  against the file (diffusers' reader silently skips what it does
+                                  not know and leaves missing weights at their initial values)
+
+The family (SD-1.x/2.x or SDXL) is read from the UNet config. A replacement VAE can be given
+(``model.vae``: a folder or hub id, e.g. the fp16-fix SDXL VAE). A VAE that is not fp16-safe
+(``force_upcast`` in its config, as SDXL's) stays float32 when the rest is half precision.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
 from toolkit.models.families import ModelFamily, family_of
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
 class Components:
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    family: type[ModelFamily]
+    tokenizers: dict[str, Any]                   # pipeline names: tokenizer, tokenizer_2
+    text_encoders: dict[str, torch.nn.Module]    # text_encoder, text_encoder_2
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
@@ -36,48 +49,142 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def check_model_path(name_or_path: str) -> None:
-    """A path-looking model that does not exist fails here, not as a hub lookup error."""
-    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
-    if looks_local and not (Path(name_or_path).expanduser() / "model_index.json").is_file():
+def is_single_file(name_or_path: str) -> bool:
+    return str(name_or_path).endswith(SINGLE_FILE_SUFFIXES)
+
+
+def config_root(name_or_path: str, config: str | None = None) -> str:
+    """Where the component configs live: ``model.config`` for a single file, else the model itself."""
+    if is_single_file(name_or_path):
+        if not config:
+            raise ValueError(
+                f"model.name_or_path={name_or_path!r} is a single-file checkpoint: pass model.config=<a diffusers "
+                "folder or hub id of the same architecture> (e.g. the base model it was fine-tuned from), whose "
+                "component configs describe it; nothing is guessed or fetched implicitly.")
+        return config
+    return name_or_path
+
+
+def check_model_path(name_or_path: str, config: str | None = None, allow_pickle: bool = False) -> None:
+    """A model that cannot mean what the user meant fails here, before any data or weight is read."""
+    path = Path(str(name_or_path)).expanduser()
+    if is_single_file(name_or_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"model.name_or_path={name_or_path!r}: no such checkpoint file")
+        if path.suffix != ".safetensors" and not allow_pickle:
+            raise ValueError(f"model.name_or_path={name_or_path!r} is a pickle checkpoint: loading it can execute "
+                             "code. Convert it to .safetensors, or set model.allow_pickle=true for a trusted source.")
+        check_model_path(config_root(name_or_path, config))
+        return
+    looks_local = str(name_or_path).startswith(("/", "./", "../", "~")) or path.exists()
+    if looks_local and not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"model.name_or_path={name_or_path!r} is not a diffusers pipeline directory "
-            "(no model_index.json). Pass a hub id or a directory written by save_pretrained."
-        )
+            "(no model_index.json). Pass a hub id, a directory written by save_pretrained, or a single "
+            ".safetensors file with model.config.")
 
 
-def skeletons(name_or_path: str, revision: str | None = None) -> tuple[type[ModelFamily], dict[str, torch.nn.Module]]:
+def unet_config(name_or_path: str, revision: str | None = None, config: str | None = None) -> dict[str, Any]:
+    return dict(UNet2DConditionModel.load_config(config_root(name_or_path, config), subfolder="unet",
+                                                 revision=None if config else revision))
+
+
+def model_family(name_or_path: str, revision: str | None = None, config: str | None = None) -> type[ModelFamily]:
+    return family_of(unet_config(name_or_path, revision, config))
+
+
+def skeletons(name_or_path: str, revision: str | None = None, config: str | None = None
+              ) -> tuple[type[ModelFamily], dict[str, torch.nn.Module]]:
     """The family and its UNet / text encoders built from their configs on the meta device: module
     names and shapes without loading (or allocating) any weight."""
     import transformers
     from accelerate import init_empty_weights
-    from diffusers import DiffusionPipeline
 
-    check_model_path(name_or_path)
-    index = DiffusionPipeline.load_config(name_or_path, revision=revision)
-    unet_cfg = UNet2DConditionModel.load_config(name_or_path, subfolder="unet", revision=revision)
-    family = family_of(unet_cfg)
+    root = config_root(name_or_path, config)
+    check_model_path(root)
+    index = DiffusionPipeline.load_config(root, revision=revision)
+    ucfg = unet_config(name_or_path, revision, config)
+    family = family_of(ucfg)
     with init_empty_weights():
-        models: dict[str, torch.nn.Module] = {"unet": UNet2DConditionModel.from_config(unet_cfg)}
+        models: dict[str, torch.nn.Module] = {"unet": UNet2DConditionModel.from_config(ucfg)}
         for comp in family.text_encoders:
             cls = getattr(transformers, index[comp][1])
-            models[comp] = cls(cls.config_class.from_pretrained(name_or_path, subfolder=comp, revision=revision))
+            models[comp] = cls(cls.config_class.from_pretrained(root, subfolder=comp, revision=revision))
     return family, models
 
 
-def vae_factor(name_or_path: str, revision: str | None = None) -> int:
+def vae_factor(name_or_path: str, revision: str | None = None, config: str | None = None) -> int:
     """Pixels per latent pixel, read from the VAE config (no weights are loaded)."""
-    cfg = AutoencoderKL.load_config(name_or_path, subfolder="vae", revision=revision)
+    cfg = AutoencoderKL.load_config(config_root(name_or_path, config), subfolder="vae", revision=revision)
     return 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
-def check_resolution(name_or_path: str, resolution: int, revision: str | None = None) -> None:
-    check_model_path(name_or_path)
-    factor = vae_factor(name_or_path, revision)
+def check_resolution(name_or_path: str, resolution: int, revision: str | None = None, config: str | None = None
+                     ) -> None:
+    check_model_path(name_or_path, config, allow_pickle=True)
+    factor = vae_factor(name_or_path, revision, config)
     if resolution % factor:
         lo, hi = resolution // factor * factor, (resolution // factor + 1) * factor
         raise ValueError(f"data.resolution={resolution} is not divisible by the VAE's downsampling factor "
                          f"{factor} ({name_or_path}); use {lo or hi} or {hi}.")
+
+
+def load_vae(vae: str, dtype: torch.dtype, revision: str | None = None, use_safetensors: bool = True
+             ) -> AutoencoderKL:
+    """A replacement VAE: a folder/hub id holding the VAE itself, or a pipeline with a ``vae/``."""
+    local = Path(vae).expanduser()
+    sub = None if (local / "config.json").is_file() or not (local / "vae").is_dir() else "vae"
+    return AutoencoderKL.from_pretrained(vae, subfolder=sub, revision=revision, dtype=dtype,
+                                         use_safetensors=use_safetensors)
+
+
+def vae_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> torch.dtype:
+    """float32 for a VAE whose config says it overflows in half precision (SDXL's: ``force_upcast``)."""
+    if dtype != torch.float32 and getattr(vae.config, "force_upcast", False):
+        log.info("VAE kept in float32: its config says it is not fp16-safe (force_upcast); pass an fp16-safe "
+                 "VAE with model.vae=... to run it in %s", dtype)
+        return torch.float32
+    return dtype
+
+
+def pipeline_from_single_file(family: type[ModelFamily], path: str, config: str, torch_dtype: torch.dtype) -> Any:
+    """The family's pipeline from one checkpoint file, its configs from ``config``; verified equal
+    to the file tensor by tensor (``single_file.check_loaded_against_file``)."""
+    from toolkit.models.single_file import check_loaded_against_file
+
+    try:
+        pipe = family.pipeline_class.from_single_file(str(Path(path).expanduser()), config=config,
+                                                      torch_dtype=torch_dtype, local_files_only=True)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ValueError(f"{path} could not be read with model.config={config!r} ({family.name} configs): "
+                         f"{str(err).splitlines()[0][:300]}. Pass model.config=<the diffusers folder or hub id of the "
+                         "architecture this checkpoint has>.") from err
+    check_loaded_against_file(pipe, path)
+    return pipe
+
+
+def load_pipeline_components(name_or_path: str, revision: str | None, variant: str | None, torch_dtype: torch.dtype,
+                             trust_remote_code: bool, allow_pickle: bool, config: str | None) -> dict[str, Any]:
+    """The family's pipeline components (a dict by pipeline name), from a folder/hub id or a single file."""
+    family = model_family(name_or_path, revision, config)
+    if is_single_file(name_or_path):
+        pipe = pipeline_from_single_file(family, name_or_path, config, torch_dtype)
+        return {k: v for k, v in pipe.components.items() if v is not None}
+    import transformers
+
+    index = DiffusionPipeline.load_config(name_or_path, revision=revision)
+    kw = {"revision": revision, "use_safetensors": not allow_pickle}
+    out: dict[str, Any] = {}
+    for tok in family.tokenizers:
+        out[tok] = getattr(transformers, index[tok][1]).from_pretrained(name_or_path, subfolder=tok, revision=revision)
+    for comp in family.text_encoders:
+        out[comp] = getattr(transformers, index[comp][1]).from_pretrained(
+            name_or_path, subfolder=comp, variant=variant, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            **kw)
+    out["vae"] = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, dtype=torch_dtype, **kw)
+    out["unet"] = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant,
+                                                       dtype=torch_dtype, **kw)
+    return out
 
 
 def load_components(
@@ -87,34 +194,34 @@ def load_components(
     dtype: str | None = "float32",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    config: str | None = None,
+    vae: str | None = None,
 ) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler, all frozen.
+    """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler, all frozen.
 
     Args:
-        name_or_path: hub id or local diffusers pipeline directory.
+        name_or_path: hub id, local diffusers pipeline directory, or one ``.safetensors`` checkpoint.
         revision: hub revision (branch, tag or commit).
         variant: weight variant, e.g. ``fp16``.
         dtype: dtype of the frozen weights (trainable LoRA weights are kept in float32).
         trust_remote_code: passed to transformers; off unless the user sets it.
         allow_pickle: also accept pickle weight files (``.bin``/``.ckpt``); off: safetensors only,
             so loading a model can never execute code hidden in a pickle.
+        config: for a single-file checkpoint, a diffusers folder or hub id with its component configs.
+        vae: a replacement VAE (folder or hub id), e.g. ``madebyollin/sdxl-vae-fp16-fix``.
     """
-    check_model_path(name_or_path)
-    kw = {"revision": revision, "use_safetensors": not allow_pickle}
+    check_model_path(name_or_path, config, allow_pickle)
     torch_dtype = resolve_dtype(dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", revision=revision)
-    text_encoder = CLIPTextModel.from_pretrained(
-        name_or_path, subfolder="text_encoder", variant=variant, dtype=torch_dtype,
-        trust_remote_code=trust_remote_code, **kw,
-    )
-    vae = AutoencoderKL.from_pretrained(
-        name_or_path, subfolder="vae", variant=variant, dtype=torch_dtype, **kw
-    )
-    unet = UNet2DConditionModel.from_pretrained(
-        name_or_path, subfolder="unet", variant=variant, dtype=torch_dtype, **kw
-    )
-    noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", revision=revision)
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-        module.eval()
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler)
+    parts = load_pipeline_components(name_or_path, revision, variant, torch_dtype, trust_remote_code, allow_pickle,
+                                     config)
+    family = family_of(parts["unet"].config)
+    if vae:
+        parts["vae"] = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
+    parts["vae"] = parts["vae"].to(vae_dtype(parts["vae"], torch_dtype))
+    root = config_root(name_or_path, config)
+    noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", revision=None if config else revision)
+    for name in ("vae", "unet", *family.text_encoders):
+        parts[name].requires_grad_(False)
+        parts[name].eval()
+    return Components(family, {t: parts[t] for t in family.tokenizers}, {e: parts[e] for e in family.text_encoders},
+                      parts["vae"], parts["unet"], noise_scheduler)

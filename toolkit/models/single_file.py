@@ -415,3 +415,36 @@ def pipeline_to_single_file(
     with atomic_open(path) as f:
         f.write(save(tensors, metadata=metadata or None))
     return path
+
+
+def check_loaded_against_file(pipe: Any, path: str | Path) -> None:
+    """Prove a pipeline loaded with ``from_single_file`` holds exactly the file's weights.
+
+    diffusers' reader silently skips keys it does not know and leaves weights it does not find at
+    their initial values, so a checkpoint read with the wrong ``model.config`` can load "fine" with
+    random layers. Here every tensor of the loaded unet, vae and text encoder(s), mapped back to its
+    single-file key, must exist in the file and be equal (compared in the lower of the two dtypes).
+
+    Raises:
+        ValueError: naming how many tensors are missing from the file or differ, with examples.
+    """
+    from safetensors import safe_open
+
+    expected = pipeline_to_ldm(pipe)
+    missing, differ = [], []
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        for key, loaded in expected.items():
+            if key not in keys:
+                missing.append(key)
+                continue
+            stored = f.get_tensor(key)
+            low = stored.dtype if stored.element_size() <= loaded.element_size() else loaded.dtype
+            if stored.shape != loaded.shape or not torch.equal(stored.to(low), loaded.detach().cpu().to(low)):
+                differ.append(key)
+    if missing or differ:
+        raise ValueError(
+            f"{path} does not match model.config: of the {len(expected)} tensors the configured architecture "
+            f"needs, {len(missing)} are not in the file (e.g. {missing[:3]}) and {len(differ)} differ in shape or "
+            f"value (e.g. {differ[:3]}). Pass model.config=<the diffusers folder or hub id of the model this "
+            "checkpoint was made from>.")

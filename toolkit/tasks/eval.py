@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from diffusers import UNet2DConditionModel
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -31,7 +30,7 @@ from toolkit.evaluation.scores import compute_scores
 from toolkit.inference.pipeline import generate, make_grid
 from toolkit.metrics.clip import load_clip
 from toolkit.metrics.inception import InceptionFeatures
-from toolkit.models.pretrained import vae_factor
+from toolkit.models.pretrained import unet_config, vae_factor
 from toolkit.results import append_row, find_row, settings_key
 from toolkit.tasks.sample import generation_record, pipeline_from_cfg
 
@@ -69,9 +68,8 @@ def reference_size(cfg: DictConfig) -> tuple[int, int] | None:
         return None
     if cfg.metrics.reference_size != "generated":
         raise ValueError(f"metrics.reference_size={cfg.metrics.reference_size!r}: expected generated or native")
-    name, rev = cfg.model.name_or_path, cfg.model.revision
-    unet = UNet2DConditionModel.load_config(name, subfolder="unet", revision=rev)
-    native = unet["sample_size"] * vae_factor(name, rev)
+    name, rev, conf = cfg.model.name_or_path, cfg.model.revision, cfg.model.get("config")
+    native = unet_config(name, rev, conf)["sample_size"] * vae_factor(name, rev, conf)
     return int(cfg.eval.width or native), int(cfg.eval.height or native)
 
 

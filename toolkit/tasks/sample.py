@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from toolkit.evaluation.protocol import as_list, read_prompts, versions
 from toolkit.inference.pipeline import adapter_sha256, generate, load_pipeline, make_grid
+from toolkit.models.pretrained import model_family
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ def pipeline_from_cfg(cfg: DictConfig, gen: DictConfig, device: Any = "cpu"):
 
 def generation_record(cfg: DictConfig, gen: DictConfig) -> dict[str, Any]:
     """Everything that determines a generated image, besides its prompt and seed."""
-    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
+    m = cfg.model
+    return {"model": OmegaConf.to_container(m, resolve=True),
+            "family": model_family(m.name_or_path, m.revision, m.get("config")).name,
             "adapters": [{"path": str(a), "sha256": adapter_sha256(a)} for a in as_list(cfg.adapter)],
             "lora_scale": as_list(gen.lora_scale), "scheduler": gen.scheduler, "steps": gen.steps,
             "guidance_scale": gen.guidance_scale, "negative_prompt": gen.negative_prompt,

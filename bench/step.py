@@ -1,0 +1,169 @@
+"""LoRA training step at real model size, naive (encode every step) vs cached inputs.
+
+    python bench/step.py --model sd15                    # GPU: SD-1.5 shapes, 512 px, bf16 autocast
+    python bench/step.py --model sdxl --batch 1 --checkpointing   # GPU: SDXL base shapes, 1024 px
+    python bench/step.py --model tiny_sdxl               # CPU: the tests' tiny SDXL shapes
+
+No SD-1.5 / SDXL weights exist offline, so the components are built from their configs with
+random weights: cost per step depends on shapes, not on weight values. The conditioning goes
+through the family piece the training module uses (``toolkit.models.families``): SDXL = two
+text encoders (penultimate states concatenated, pooled projection) + size/crop time ids.
+Naive = what diffusers' LoRA training scripts do each step (VAE encode + text encoders + UNet
+fwd/bwd); cached = the UNet fwd/bwd on stored posterior parameters and prompt embeddings (the
+project's latent/text caches). Prints step time, img/s, peak memory and model FLOPs utilisation
+(FLOPs of one step counted with ``torch.utils.flop_counter``, over the GPU's dense bf16 peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from peft import LoraConfig
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from toolkit.models.families import SD, SDXL
+from toolkit.models.lora import add_lora
+from toolkit.models.objectives import sample_timesteps, training_target
+from toolkit.models.tokenizer import load_clip_tokenizer
+
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1280)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=77, vocab_size=49408)
+# The configs of the public checkpoints (the fields that set compute), and tiny CPU stand-ins.
+MODELS = {
+    "sd15": dict(family=SD, res=512, vae=SD_VAE, text=[CLIP_L], unet=dict(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)),
+    "sdxl": dict(family=SDXL, res=1024, vae=SD_VAE, text=[CLIP_L, CLIP_BIGG], unet=dict(
+        sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), layers_per_block=2,
+        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)),
+    "tiny": dict(family=SD, res=32, vae=TINY_VAE, text=[TINY_CLIP], unet=dict(
+        sample_size=16, cross_attention_dim=64, attention_head_dim=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8)),
+    "tiny_sdxl": dict(family=SDXL, res=32, vae=TINY_VAE, text=[TINY_CLIP, {**TINY_CLIP, "projection_dim": 32}],
+                      unet=dict(sample_size=16, cross_attention_dim=128, attention_head_dim=(2, 4),
+                                layers_per_block=1, block_out_channels=(32, 64), transformer_layers_per_block=(1, 2),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)),
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense tensor-core FLOP/s
+
+
+def build(spec: dict, dev: torch.device, checkpointing: bool):
+    unet = UNet2DConditionModel(**spec["unet"]).to(dev)
+    vae = AutoencoderKL(**spec["vae"]).to(dev).eval()
+    encoders = [(CLIPTextModelWithProjection if "projection_dim" in t else CLIPTextModel)(CLIPTextConfig(**t))
+                .to(dev).eval() for t in spec["text"]]
+    for m in (unet, vae, *encoders):
+        m.requires_grad_(False)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = add_lora(unet, LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return unet, vae, encoders, params
+
+
+def step_fn(family, unet, vae, encoders, tokenizers, scheduler, opt, images, prompts, micro, cached, amp, gen):
+    """One LoRA step; ``cached`` holds (posterior params, conditioning) or None (naive)."""
+    with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+        with torch.no_grad():
+            if cached is None:
+                params = vae.encode(images).latent_dist.parameters
+                cond = family.encode_prompts(tokenizers, encoders, prompts, images.device)
+            else:
+                params, cond = cached
+        latents = DiagonalGaussianDistribution(params).sample(gen) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen, device=latents.device)
+        t = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator=gen,
+                             device=latents.device)
+        pred = unet(scheduler.add_noise(latents, noise, t), t, **family.unet_inputs(cond, micro, unet.dtype)).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), training_target(scheduler, latents, noise, t).float())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS), default="sd15")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--checkpointing", action="store_true", help="UNet gradient checkpointing")
+    ap.add_argument("--skip-naive", action="store_true")
+    args = ap.parse_args()
+    spec = MODELS[args.model]
+    family = spec["family"]
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.model.startswith("tiny") else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    res, batch = spec["res"], args.batch or (8 if dev.type == "cuda" else 4)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    unet, vae, encoders, params = build(spec, dev, args.checkpointing)
+    tokenizers = [load_clip_tokenizer() for _ in encoders]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    gen = torch.Generator(dev).manual_seed(0)
+    images = torch.rand(batch, 3, res, res, generator=gen, device=dev) * 2 - 1
+    prompts = [f"a photo of object number {i} on a table, studio light" for i in range(batch)]
+    micro = torch.tensor([[res, res, 0, 0, res, res]] * batch, dtype=torch.float32, device=dev)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+        cache = (vae.encode(images).latent_dist.parameters, family.encode_prompts(tokenizers, encoders, prompts, dev))
+    out = {"model": args.model, "family": family.name, "device": torch.cuda.get_device_name() if dev.type == "cuda"
+           else "cpu", "torch": torch.__version__, "resolution": res, "batch": batch,
+           "gradient_checkpointing": args.checkpointing, "unet_params": sum(p.numel() for p in unet.parameters()),
+           "lora_params": sum(p.numel() for p in params)}
+    run = lambda cached: step_fn(family, unet, vae, encoders, tokenizers, scheduler, opt, images, prompts, micro,
+                                 cached, amp, gen)
+    for name, cached in (("naive", None), ("cached", cache)):
+        if name == "naive" and args.skip_naive:
+            continue
+        with FlopCounterMode(display=False) as fc:
+            run(cached)
+        flops = fc.get_total_flops()
+        for _ in range(args.warmup):
+            run(cached)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            run(cached)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - start) / args.steps
+        row = {"step_s": dt, "img_per_s": batch / dt, "tflop_per_step": flops / 1e12}
+        if dev.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            peak = next((p for k, p in PEAK_BF16.items() if k in out["device"]), None)
+            if peak:
+                row["mfu"] = flops / dt / peak
+        out[name] = row
+    if "naive" in out:
+        out["speedup"] = out["cached"]["img_per_s"] / out["naive"]["img_per_s"]
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
