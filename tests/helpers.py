@@ -35,3 +35,17 @@ class NaNLoRA(LoRADiffusion):
     def diffusion_loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = super().diffusion_loss(*args, **kwargs)
         return loss * float("nan") if self.training and self.global_step >= self.nan_at_step else loss
+
+
+class RecordLoRA(L.Callback):
+    """Keeps the trainable tensors after every optimizer step (``history[step]``), for checks of
+    what a run computed from them (e.g. the EMA)."""
+
+    history: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        RecordLoRA.history = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        RecordLoRA.history[trainer.global_step] = {k: v.detach().clone()
+                                                  for k, v in module.trainable_state_dict().items()}

@@ -50,7 +50,7 @@ PROMPTS = ["a red circle", "a blue square on a striped background"]
 
 def train_run(model: str, data: Path, out: Path, extra: list[str]):
     overrides = tiny_overrides(model, data, out) + extra + [
-        "module.lora.r=4", "module.lora.lora_alpha=8", "module.optimizer.lr=1e-2", "trainer.max_steps=2",
+        "module.lora.r=4", "module.lora.alpha=8", "module.optimizer.lr=1e-2", "trainer.max_steps=2",
         "~callbacks.sample_grid"]
     cfg = compose_cfg(overrides, out)
     train.run(cfg)
@@ -198,8 +198,8 @@ def test_inspect_reports_every_layer(run, tmp_path):
     from toolkit.tasks import inspect
 
     _, out, module, trained = run
-    cfg = compose_cfg(["task=inspect", f"adapter={out / 'adapter' / KOHYA_FILE}",
-                       f"model.name_or_path={module.pretrained['name_or_path']}", f"hydra.run.dir={tmp_path}"], tmp_path)
+    cfg = compose_cfg(["task=inspect", f"adapter={out / 'adapter' / KOHYA_FILE}", f"hydra.run.dir={tmp_path}",
+                       f"model.name_or_path={module.pretrained['name_or_path']}"], tmp_path)
     res = inspect.run(cfg)
     [info] = json.loads(Path(res["details"]).read_text())
     assert info["format"] == "kohya" and info["family_named_by_file"] == module.family.name

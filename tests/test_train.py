@@ -42,7 +42,7 @@ def test_only_lora_changes(request, model_fixture, sidecar_data, tmp_path):
 def test_loss_decreases_when_overfitting(request, model_fixture, imagefolder_data, tmp_path):
     cfg = compose_cfg(tiny_overrides(request.getfixturevalue(model_fixture), imagefolder_data, tmp_path) + [
         "data.val_fraction=0", "data.validation_split=train",  # validate on the training images
-        "module.lora.r=16", "module.lora.lora_alpha=16", "module.optimizer.lr=3e-3",
+        "module.lora.r=16", "module.lora.alpha=16", "module.optimizer.lr=3e-3",
         "module.caption_dropout=0", "trainer.max_steps=60", "trainer.val_check_interval=1000",
     ], tmp_path)
     dm, module, trainer = build(cfg)

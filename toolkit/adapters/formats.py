@@ -1,24 +1,28 @@
-"""Adapter files: write and read LoRA adapters in the formats people load.
+"""Adapter files: write and read LoRA / DoRA / LoHa / LoKr adapters in the formats people load.
 
-Two formats are written, both from the same in-memory factors (``LoraWeights`` per layer):
+Both formats are written from the same in-memory factors (``AdapterLayer`` per layer):
 
 * **diffusers** (``pytorch_lora_weights.safetensors``): peft keys under the pipeline component,
-  ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, one key style for every layer (diffusers
-  picks its reader from the first key, so a file mixing styles loads partly), and the peft
-  ``LoraConfig`` of each component in the ``lora_adapter_metadata`` entry (rank, α and exact
-  target modules; per-layer rank/α as ``rank_pattern``/``alpha_pattern``). Written by diffusers'
-  own ``save_lora_weights``; read by ``load_lora_weights``.
-* **kohya** (A1111, ComfyUI, SD.Next, InvokeAI, Forge): ``lora_unet_<module>`` /
-  ``lora_te_`` (SD) or ``lora_te1_``/``lora_te2_`` (SDXL) keys with ``.lora_down.weight``,
-  ``.lora_up.weight`` and ``.alpha`` per layer, module names with '_' for '.', SDXL UNet modules
-  in sgm spelling, and ``ss_*`` metadata those tools display. Hand-written: diffusers'
-  ``convert_state_dict_to_kohya`` sets every α to the rank (wrong whenever α ≠ r) and names
-  text-encoder keys ``lora_te1_`` without the ``text_model`` level for SD-1.x.
+  ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (+ ``lora_magnitude_vector.weight`` for
+  DoRA), one key style for every layer (diffusers picks its reader from the first key, so a file
+  mixing styles loads partly), and the peft config of each component in ``lora_adapter_metadata``
+  (rank, α and exact target modules; per-layer rank/α as ``rank_pattern``/``alpha_pattern``).
+  Written by diffusers' own ``save_lora_weights``; read by ``load_lora_weights``. LoRA and DoRA
+  only: diffusers has no LoHa reader and reads LoKr for the UNet only, with its own scale rules,
+  so those adapters are refused in this format rather than written lossily (use kohya/LyCORIS).
+* **kohya / LyCORIS** (A1111, ComfyUI, SD.Next, InvokeAI, Forge): ``lora_unet_<module>`` /
+  ``lora_te_`` (SD) or ``lora_te1_``/``lora_te2_`` (SDXL) keys, module names with '_' for '.',
+  SDXL UNet modules in sgm spelling, per layer ``.alpha`` and ``.lora_down/.lora_up.weight``
+  (LoRA), ``.dora_scale`` (DoRA), ``.hada_w1_a`` ... (LoHa), ``.lokr_w1`` ... (LoKr), and the
+  ``ss_*`` metadata those tools display. Hand-written: diffusers' ``convert_state_dict_to_kohya``
+  sets every α to the rank (wrong whenever α ≠ r) and names SD-1.x text-encoder keys without the
+  ``text_model`` level; the LoHa/LoKr layouts are LyCORIS', checked with the ``lycoris-lora``
+  package in the tests.
 
-Reading accepts diffusers/peft files (any of diffusers' key styles), kohya/A1111 files and
-LyCORIS LoCon files (the kohya layout with conv layers). kohya names are mapped back to modules
-through the base model's own module list; keys that match no layer are collected in
-``AdapterFile.unmatched`` and refused by ``require_matched`` — never dropped silently.
+Reading accepts diffusers/peft files (any of diffusers' LoRA key styles), kohya/A1111 files and
+LyCORIS files (LoCon, LoHa, LoKr, DoRA). kohya names are mapped back to modules through the base
+model's own module list; layers that match no module are collected in ``AdapterFile.unmatched``
+and refused by ``require_matched`` — never dropped silently.
 """
 
 from __future__ import annotations
@@ -37,14 +41,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from toolkit.adapters.layers import LoraWeights
-from toolkit.atomic import atomic_open
+from toolkit.adapters.layers import FACTORS, AdapterLayer, lora
+from toolkit.atomic import atomic_open, current_umask
 from toolkit.models.families import ModelFamily
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 FORMATS = ("diffusers", "kohya")
-Layers = dict[str, dict[str, LoraWeights]]   # component -> module name -> factors
+Layers = dict[str, dict[str, AdapterLayer]]   # component -> module name -> layer
+# kohya/LyCORIS key part of each factor, per kind
+KOHYA_PARTS = {"lora": {"down": "lora_down.weight", "up": "lora_up.weight"},
+               "loha": {k: f"hada_{k}" for k in FACTORS["loha"]},
+               "lokr": {k: f"lokr_{k}" for k in FACTORS["lokr"]}}
 
 
 class AdapterFormatError(ValueError):
@@ -63,8 +71,14 @@ class AdapterFile:
     def counts(self) -> dict[str, int]:
         return {c: len(v) for c, v in self.layers.items() if v}
 
+    def kinds(self) -> set[str]:
+        return {("dora" if w.dora else w.kind) for lay in self.layers.values() for w in lay.values()}
+
     def updates(self, component: str) -> dict[str, torch.Tensor]:
         return {n: w.delta() for n, w in self.layers.get(component, {}).items()}
+
+    def magnitudes(self, component: str) -> dict[str, torch.Tensor]:
+        return {n: w.magnitude.double().flatten() for n, w in self.layers.get(component, {}).items() if w.dora}
 
     def require_matched(self) -> AdapterFile:
         if self.unmatched:
@@ -74,7 +88,7 @@ class AdapterFile:
                 f"layer of the base model, e.g. {self.unmatched[:3]}. Was it trained for another base model family "
                 "(SD-1.x vs SD-2.x vs SDXL) or another architecture? Nothing was loaded.")
         if not any(self.layers.values()):
-            raise AdapterFormatError(f"{self.path}: no LoRA layers found in this file")
+            raise AdapterFormatError(f"{self.path}: no adapter layers found in this file")
         return self
 
 
@@ -86,34 +100,87 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------------------ writing
-def lora_config(layers: Mapping[str, LoraWeights], **extra: Any) -> Any:
-    """A peft ``LoraConfig`` dict that reproduces exactly these layers: the most common rank and
-    α, per-layer exceptions as patterns, and the exact module names as targets."""
-    from peft import LoraConfig
+def formats_for(kind: str, requested: Iterable[str] | str = "auto") -> tuple[str, ...]:
+    """The export formats for an adapter kind: ``auto`` = every format that carries it whole; an
+    explicit format that cannot is refused (a lossy file is never written)."""
+    carries = {"lora": FORMATS, "dora": FORMATS, "loha": ("kohya",), "lokr": ("kohya",)}[kind]
+    if requested == "auto":
+        return carries
+    requested = tuple(requested)
+    unknown = set(requested) - set(FORMATS)
+    if unknown or not requested:
+        raise ValueError(f"adapter formats {list(requested)}: choose from {list(FORMATS)} (or auto)")
+    refused = [f for f in requested if f not in carries]
+    if refused:
+        raise ValueError(f"a {kind} adapter cannot be written in the {refused} format without loss (diffusers has "
+                         f"no LoHa reader and its own LoKr scaling); use formats={list(carries)} or auto")
+    return requested
 
-    ranks = Counter(w.rank for w in layers.values())
-    alphas = Counter(w.alpha for w in layers.values())
-    r, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(layers),
-                     rank_pattern={n: w.rank for n, w in layers.items() if w.rank != r},
-                     alpha_pattern={n: w.alpha for n, w in layers.items() if w.alpha != alpha}, **extra)
-    return cfg
+
+def layer_kind(layers: Layers) -> str:
+    """The one kind of a whole adapter (mixing kinds in one file is refused by the writers)."""
+    kinds = {w.kind for lay in layers.values() for w in lay.values()}
+    if len(kinds) != 1:
+        raise AdapterFormatError(f"an adapter mixes layer kinds {sorted(kinds)}")
+    return kinds.pop()
+
+
+# ------------------------------------------------------------------------------------------ writing
+def peft_config(layers: Mapping[str, AdapterLayer], **extra: Any) -> Any:
+    """A peft config that reproduces exactly these layers: the most common rank and α, per-layer
+    exceptions as patterns, and the exact module names as targets."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    kind = layer_kind({"": dict(layers)})
+    # A LoKr layer with both factors full has no rank: peft builds full factors when r is at least
+    # the larger factor dimension, and α = r gives it the scale 1 such a layer has.
+    ra = {n: (w.rank, w.alpha) if w.rank is not None else (max(w.factors["w2"].shape[:2]),) * 2
+          for n, w in layers.items()}
+    r = Counter(x for x, _ in ra.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in ra.values()).most_common(1)[0][0]
+    common = {"r": r, "target_modules": sorted(layers),
+              "rank_pattern": {n: x for n, (x, _) in ra.items() if x != r},
+              "alpha_pattern": {n: a for n, (_, a) in ra.items() if a != alpha}}
+    if kind == "lora":
+        return LoraConfig(**common, lora_alpha=alpha, use_dora=any(w.dora for w in layers.values()), **extra)
+    cls = LoHaConfig if kind == "loha" else LoKrConfig
+    return cls(**common, alpha=alpha, **{k: v for k, v in extra.items() if k != "lora_dropout"},
+               **({"rank_dropout": extra["lora_dropout"]} if "lora_dropout" in extra else {}))
+
+
+def peft_state_dict(lay: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+    """The layers under peft's key names (what ``set_peft_model_state_dict`` and diffusers read)."""
+    out = {}
+    for n, w in lay.items():
+        if w.kind == "lora":
+            out[f"{n}.lora_A.weight"], out[f"{n}.lora_B.weight"] = w.factors["down"], w.factors["up"]
+            if w.dora:   # peft's layout: (out,) for linear layers, (1, out, 1, 1) for conv
+                conv = w.factors["down"].ndim == 4
+                out[f"{n}.lora_magnitude_vector.weight"] = w.magnitude.reshape((1, -1, 1, 1) if conv else (-1,))
+        else:
+            prefix = "hada" if w.kind == "loha" else "lokr"
+            out.update({f"{n}.{prefix}_{k}": v for k, v in w.factors.items()})
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def save_diffusers(layers: Layers, out_dir: str | Path, family: type[ModelFamily]) -> Path:
     """``out_dir/pytorch_lora_weights.safetensors`` via diffusers' own writer, atomically."""
+    kind = layer_kind(layers)
+    if kind != "lora":
+        raise AdapterFormatError(f"no diffusers-format {kind} file: diffusers cannot load it whole (no LoHa reader; "
+                                 "LoKr for the UNet only, scaled its own way). Write the kohya/LyCORIS file, which "
+                                 "A1111, ComfyUI and this toolkit load: callbacks.adapter_export.formats=[kohya]")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
     for comp, lay in layers.items():
         if lay:
-            kwargs[f"{comp}_lora_layers"] = {f"{n}.{k}.weight": getattr(w, attr).contiguous()
-                                             for n, w in lay.items() for k, attr in (("lora_A", "down"),
-                                                                                      ("lora_B", "up"))}
-            kwargs[f"{comp}_lora_adapter_metadata"] = lora_config(lay).to_dict()
+            kwargs[f"{comp}_lora_layers"] = peft_state_dict(lay)
+            kwargs[f"{comp}_lora_adapter_metadata"] = peft_config(lay).to_dict()
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
         family.pipeline_class.save_lora_weights(tmp, **kwargs)
+        # safetensors' writer (under diffusers') creates the file 0600: the user's umask decides instead
+        os.chmod(Path(tmp) / DIFFUSERS_FILE, 0o666 & ~current_umask())
         os.replace(Path(tmp) / DIFFUSERS_FILE, out_dir / DIFFUSERS_FILE)
     return out_dir / DIFFUSERS_FILE
 
@@ -130,30 +197,41 @@ def kohya_state_dict(layers: Layers, family: type[ModelFamily], unet_config: Map
             key = kohya_key(family, comp, name, unet_config)
             if f"{key}.alpha" in out:
                 raise AdapterFormatError(f"two modules map to the kohya key {key!r}; cannot write a kohya file")
-            out[f"{key}.lora_down.weight"] = w.down.contiguous()
-            out[f"{key}.lora_up.weight"] = w.up.contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
+            for factor, tensor in w.factors.items():
+                out[f"{key}.{KOHYA_PARTS[w.kind][factor]}"] = tensor.contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(w.alpha if w.rank is not None else 1.0), dtype=torch.float32)
+            if w.dora:   # LyCORIS' weight-decompose layout: one magnitude per output row, shaped (out, 1, ...)
+                conv = w.factors["down"].ndim == 4
+                out[f"{key}.dora_scale"] = w.magnitude.reshape((-1, 1, 1, 1) if conv else (-1, 1)).contiguous()
     return out
 
 
 def save_kohya(layers: Layers, path: str | Path, family: type[ModelFamily], unet_config: Mapping[str, Any],
                metadata: Mapping[str, Any] | None = None) -> Path:
-    """One kohya/A1111 ``.safetensors`` file with ``ss_*`` metadata, written atomically.
+    """One kohya/LyCORIS ``.safetensors`` file with ``ss_*`` metadata, written atomically.
 
     ``sshs_model_hash`` is the SHA-256 of the tensor data (kohya's "addnet" hash, which the
     A1111 UI shows and uses to identify a LoRA)."""
+    kind = layer_kind(layers)
     sd = kohya_state_dict(layers, family, unet_config)
     blob = save(sd)
     header = int.from_bytes(blob[:8], "little")
-    unet = layers.get("unet", {})
-    ranks = Counter(w.rank for lay in layers.values() for w in lay.values())
-    alphas = Counter(w.alpha for lay in layers.values() for w in lay.values())
-    convs = [w for w in unet.values() if w.down.ndim == 4]
-    meta = {"ss_network_module": "networks.lora", "ss_base_model_version": family.base_model_version,
+    every = [w for lay in layers.values() for w in lay.values()]
+    ranks = Counter(w.rank for w in every)
+    alphas = Counter(w.alpha for w in every)
+    convs = [w for w in layers.get("unet", {}).values() if w.shape is not None and len(w.shape) == 4]
+    algo = {"lora": "lora", "loha": "loha", "lokr": "lokr"}[kind]
+    args: dict[str, str] = {}
+    if kind != "lora" or convs:
+        args = {"algo": "locon" if kind == "lora" else algo}
+        if convs:
+            args.update(conv_dim=str(convs[0].rank), conv_alpha=str(convs[0].alpha))
+    if any(w.dora for w in every):
+        args["dora_wd"] = "True"
+    meta = {"ss_network_module": "networks.lora" if kind == "lora" and not any(w.dora for w in every)
+            else "lycoris.kohya", "ss_base_model_version": family.base_model_version,
             "ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": str(alphas.most_common(1)[0][0]),
-            "ss_network_args": json.dumps({"conv_dim": str(convs[0].rank), "conv_alpha": str(convs[0].alpha)}
-                                          if convs else {}),
-            "ss_v2": str(family.base_model_version == "sd_v2"),
+            "ss_network_args": json.dumps(args), "ss_v2": str(family.base_model_version == "sd_v2"),
             "sshs_model_hash": hashlib.sha256(blob[8 + header:]).hexdigest(),
             "toolkit_layers": json.dumps({c: len(v) for c, v in layers.items() if v})}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
@@ -166,14 +244,12 @@ def save_kohya(layers: Layers, path: str | Path, family: type[ModelFamily], unet
 def detect_format(keys: Iterable[str]) -> str:
     keys = list(keys)
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
-        if any(".hada_" in k or ".lokr_" in k for k in keys):
-            raise AdapterFormatError("LyCORIS LoHa/LoKr files are not LoRA files (the adapter-types issue adds them)")
         return "kohya"
     if any(".lora_A" in k or ".lora_B" in k or ".lora.down" in k or ".lora.up" in k or "_lora.down" in k
            or "lora_linear_layer" in k for k in keys):
         return "diffusers"
-    raise AdapterFormatError(f"not a LoRA file: no kohya (lora_unet_*) or diffusers/peft (*.lora_A.*) keys; "
-                             f"first keys: {keys[:3]}")
+    raise AdapterFormatError(f"not an adapter file: no kohya/LyCORIS (lora_unet_*) or diffusers/peft (*.lora_A.*) "
+                             f"keys; first keys: {keys[:3]}")
 
 
 def _alpha_for(config: Mapping[str, Any] | None, module: str, rank: int) -> float:
@@ -202,31 +278,56 @@ def _read_diffusers(sd: dict[str, torch.Tensor], meta: dict[str, str], family: t
             by_comp.setdefault(comp, {})[k[len(comp) + 1:]] = v
         else:
             unmatched.append(k)
+    peft_suffixes = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector.weight", ".alpha")
     for comp, sub in by_comp.items():
-        if not all(k.endswith((".lora_A.weight", ".lora_B.weight", ".alpha")) for k in sub):
+        if not all(k.endswith(peft_suffixes) for k in sub):
             # older diffusers key styles (also mixed with peft keys): diffusers' own converters,
             # which leave keys already in peft style as they are
             sub = convert_unet_state_dict_to_peft(sub) if comp == "unet" else convert_state_dict_to_peft(sub)
         cfg = {k[len(comp) + 1:]: v for k, v in configs.items() if k.startswith(f"{comp}.")}
-        lay: dict[str, LoraWeights] = {}
+        lay: dict[str, AdapterLayer] = {}
+        used = set()
         for k in sub:
             if k.endswith(".lora_A.weight"):
                 mod = k[: -len(".lora_A.weight")]
-                up = sub.get(f"{mod}.lora_B.weight")
-                if up is None:
+                keys = [k, f"{mod}.lora_B.weight", f"{mod}.lora_magnitude_vector.weight", f"{mod}.alpha"]
+                if keys[1] not in sub:
                     raise AdapterFormatError(f"{comp}.{k} has no matching lora_B weight")
                 down = sub[k]
-                alpha = float(sub[f"{mod}.alpha"]) if f"{mod}.alpha" in sub else _alpha_for(cfg, mod, down.shape[0])
-                lay[mod] = LoraWeights(down, up, alpha)
-        leftovers = [k for k in sub if not (k.endswith((".lora_A.weight", ".lora_B.weight", ".alpha")))]
+                alpha = float(sub[keys[3]]) if keys[3] in sub else _alpha_for(cfg, mod, down.shape[0])
+                lay[mod] = lora(down, sub[keys[1]], alpha, sub.get(keys[2]))
+                used.update(x for x in keys if x in sub)
+        leftovers = sorted(set(sub) - used)
         if leftovers:
-            raise AdapterFormatError(f"{comp}: {len(leftovers)} keys of a kind this reader does not know (DoRA "
-                                     f"magnitudes, biases?), e.g. {leftovers[:3]}; refusing a partial read")
+            raise AdapterFormatError(f"{comp}: {len(leftovers)} keys of a kind this reader does not know (LoKr, "
+                                     f"biases?), e.g. {leftovers[:3]}; refusing a partial read")
         layers[comp] = lay
     return layers, unmatched
 
 
-def _read_kohya(sd: dict[str, torch.Tensor], family: type[ModelFamily], modules: Mapping[str, Iterable[str]] | None,
+def _kohya_layer(base: str, parts: dict[str, torch.Tensor]) -> AdapterLayer:
+    """One kohya/LyCORIS layer from its key parts (``lora_down.weight``, ``hada_w1_a``, ``alpha``...)."""
+    found = [(k, {f: parts[p] for f, p in names.items() if p in parts}) for k, names in KOHYA_PARTS.items()]
+    found = [(k, f) for k, f in found if f]
+    if len(found) != 1:
+        raise AdapterFormatError(f"{base}: parts {sorted(parts)} are not one LoRA / LoHa / LoKr layer")
+    kind, factors = found[0]
+    known = set(KOHYA_PARTS[kind].values()) | {"alpha", "dora_scale"}
+    odd = set(parts) - known
+    if odd:
+        raise AdapterFormatError(f"{base}: parts {sorted(odd)} are not supported (LyCORIS Tucker factors "
+                                 "'lora_mid'/'hada_t1'/'lokr_t2', biases, other algorithms); refusing a partial read")
+    layer = AdapterLayer(kind, factors, 0.0, parts.get("dora_scale"))
+    if kind == "lora" and set(factors) != {"down", "up"} or kind == "loha" and len(factors) != 4:
+        raise AdapterFormatError(f"{base}: incomplete {kind} factors ({sorted(parts)})")
+    if layer.dora:
+        layer.magnitude = layer.magnitude.flatten()
+    layer.alpha = float(parts["alpha"]) if "alpha" in parts and layer.rank else float(layer.rank or 1)
+    return layer
+
+
+def _read_kohya(sd: dict[str, torch.Tensor], family: type[ModelFamily],
+                modules: Mapping[str, Mapping[str, tuple[int, ...]]] | None,
                 unet_config: Mapping[str, Any] | None) -> tuple[Layers, list[str]]:
     lookup = {kohya_key(family, comp, name, unet_config or {}): (comp, name)
               for comp, names in (modules or {}).items() for name in names}
@@ -240,34 +341,29 @@ def _read_kohya(sd: dict[str, torch.Tensor], family: type[ModelFamily], modules:
     layers: Layers = {}
     unmatched = []
     for base, parts in groups.items():
-        odd = set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}
-        if odd:
-            raise AdapterFormatError(f"{base}: parts {sorted(odd)} are not plain LoRA (LyCORIS Tucker 'lora_mid', "
-                                     "DoRA 'dora_scale' and biases are not supported); refusing a partial read")
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise AdapterFormatError(f"{base}: lora_down/lora_up pair incomplete ({sorted(parts)})")
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+        layer = _kohya_layer(base, parts)
         if modules is None:
-            layers.setdefault("file", {})[base] = LoraWeights(down, up, alpha)
+            layers.setdefault("file", {})[base] = layer
         elif base in lookup:
             comp, name = lookup[base]
-            layers.setdefault(comp, {})[name] = LoraWeights(down, up, alpha)
+            layer.shape = tuple(modules[comp][name])
+            layers.setdefault(comp, {})[name] = layer
         else:
             unmatched.append(base)
     return layers, unmatched
 
 
-def read_adapter(path: str | Path, family: type[ModelFamily], modules: Mapping[str, Iterable[str]] | None = None,
+def read_adapter(path: str | Path, family: type[ModelFamily],
+                 modules: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
                  unet_config: Mapping[str, Any] | None = None) -> AdapterFile:
     """Read any supported adapter file into per-layer factors.
 
     Args:
         path: the ``.safetensors`` file.
         family: the base model's family (key prefixes, kohya module spelling).
-        modules: per component, the base model's module names (kohya names are mapped back
-            through them; diffusers names are checked against them). None: no base model at hand
-            (``task=inspect``): kohya layers stay under their file names.
+        modules: per component, the base model's adaptable modules and their weight shapes (kohya
+            names are mapped back through them; diffusers names are checked against them). None:
+            no base model at hand (``task=inspect``): kohya layers stay under their file names.
         unet_config: the base UNet's config (SDXL's sgm names depend on its block layout).
     """
     path = Path(path)
@@ -281,12 +377,17 @@ def read_adapter(path: str | Path, family: type[ModelFamily], modules: Mapping[s
         layers, unmatched = _read_diffusers(sd, meta, family)
         if modules is not None:
             for comp, lay in list(layers.items()):
-                known = set(modules.get(comp, ()))
+                known = modules.get(comp, {})
                 unmatched += [f"{comp}.{n}" for n in lay if n not in known]
                 layers[comp] = {n: w for n, w in lay.items() if n in known}
+                for n, w in layers[comp].items():
+                    w.shape = tuple(known[n])
     for comp, lay in layers.items():
         for name, w in lay.items():
-            if w.up.shape[1] != w.down.shape[0]:
-                raise AdapterFormatError(f"{comp}.{name}: up {tuple(w.up.shape)} and down {tuple(w.down.shape)} "
-                                         "ranks differ")
+            if w.kind == "lora" and w.factors["up"].shape[1] != w.factors["down"].shape[0]:
+                raise AdapterFormatError(f"{comp}.{name}: up {tuple(w.factors['up'].shape)} and down "
+                                         f"{tuple(w.factors['down'].shape)} ranks differ")
+            if w.shape is not None and w.delta().numel() != torch.Size(w.shape).numel():
+                raise AdapterFormatError(f"{comp}.{name}: the update has {w.delta().numel()} values, the layer's "
+                                         f"weight {tuple(w.shape)}")
     return AdapterFile(path, fmt, layers, meta, unmatched, file_sha256(path))

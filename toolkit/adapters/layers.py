@@ -1,15 +1,18 @@
-"""One adapted layer as an adapter file stores it, the weight update it makes, and comparisons.
+"""One adapted layer as adapter files store it, the weight update it makes, and comparisons.
 
-    ΔW = (α / r) · U D            linear: U (d_out × r), D (r × d_in)
-    ΔW = (α / r) · U ⊛ D          conv:   D (r × c_in × kh × kw), U (c_out × r × 1 × 1): the 1×1 conv
-                                  after the k×k conv is one k×k conv with weight einsum(U, D)
+    LoRA   ΔW = s · U D                         U (d_out × r), D (r × d_in); conv: U 1×1 after D k×k
+    DoRA   W' = m · (W + ΔW) / ‖W + ΔW‖_row     the LoRA update plus a magnitude m per output row
+    LoHa   ΔW = s · (A₁B₁) ⊙ (A₂B₂)             Hadamard product of two rank-r products
+    LoKr   ΔW = s · W₁ ⊗ W₂                     Kronecker product; each factor full or a rank-r product
 
-``α`` is stored with kohya's meaning (the update is scaled by α / r); a peft layer's ``scaling``
-is α / r (or α / √r with rsLoRA), so ``alpha = scaling · r`` carries either exactly.
+``s = α / r`` with kohya's/LyCORIS' meaning of α; a LoKr layer whose two factors are both full has
+``s = 1`` (α is ignored there, as LyCORIS, ComfyUI and A1111 read such files). A peft layer's
+``scaling`` is s (α/r, or α/√r with rsLoRA), so ``α = scaling · r`` carries either exactly; a
+full-factor LoKr layer's peft scaling is folded into W₂.
 
 Everything that writes an adapter in one place and reads it in another is checked with these
-functions: per layer, the update read back equals the one trained (relative error), and the set
-of adapted layers is the same (none dropped, none extra).
+functions: per layer, the update read back equals the one trained (relative error), DoRA
+magnitudes are equal, and the set of adapted layers is the same (none dropped, none extra).
 """
 
 from __future__ import annotations
@@ -18,32 +21,81 @@ from dataclasses import dataclass, field
 
 import torch
 
+KINDS = ("lora", "loha", "lokr")
+FACTORS = {"lora": ("down", "up"), "loha": ("w1_a", "w1_b", "w2_a", "w2_b"),
+           "lokr": ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")}
+
 
 @dataclass
-class LoraWeights:
-    """The factors of one LoRA layer (float32 or the file's dtype) and its α."""
+class AdapterLayer:
+    """The factors of one adapted layer (as stored), α, and, for DoRA, the magnitude vector."""
 
-    down: torch.Tensor
-    up: torch.Tensor
+    kind: str
+    factors: dict[str, torch.Tensor]
     alpha: float
+    magnitude: torch.Tensor | None = None            # DoRA: one entry per output row
+    shape: tuple[int, ...] | None = field(default=None, compare=False)   # the adapted weight's shape
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"adapter layer kind {self.kind!r}: expected one of {KINDS}")
+        unknown = set(self.factors) - set(FACTORS[self.kind])
+        if unknown:
+            raise ValueError(f"{self.kind} layer with unknown factors {sorted(unknown)}")
 
     @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+    def rank(self) -> int | None:
+        f = self.factors
+        if self.kind == "lora":
+            return int(f["down"].shape[0])
+        if self.kind == "loha":
+            return int(f["w1_b"].shape[0])
+        decomposed = [f[k] for k in ("w1_b", "w2_b") if k in f]
+        return int(decomposed[0].shape[0]) if decomposed else None   # both LoKr factors full: no rank
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.rank is None else self.alpha / self.rank
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
 
     def delta(self) -> torch.Tensor:
-        return lora_delta(self.down, self.up, self.alpha)
+        """ΔW in float64 (comparisons then see the stored values, not float32 matmul noise)."""
+        f = {k: v.double() for k, v in self.factors.items()}
+        if self.kind == "lora":
+            d, u = f["down"], f["up"]
+            if d.ndim == 2:
+                out = u @ d
+            elif u.shape[2:] == (1, 1):
+                out = torch.einsum("or,rikl->oikl", u.flatten(1), d)
+            else:
+                raise ValueError(f"conv LoRA with a {tuple(u.shape[2:])} up kernel is not a LoRA layout")
+        elif self.kind == "loha":
+            out = (f["w1_a"] @ f["w1_b"]) * (f["w2_a"] @ f["w2_b"])
+        else:
+            w1 = f["w1"] if "w1" in f else f["w1_a"] @ f["w1_b"]
+            w2 = f["w2"] if "w2" in f else f["w2_a"] @ f["w2_b"].flatten(1)
+            if self.shape is not None and len(self.shape) == 4 and w2.ndim == 2 and "w2" not in f:
+                w2 = w2.reshape(w2.shape[0], -1, *self.shape[2:])
+            for _ in range(w2.ndim - w1.ndim):
+                w1 = w1.unsqueeze(-1)
+            out = torch.kron(w1, w2)
+        out = self.scale * out
+        return out.reshape(self.shape) if self.shape is not None and out.numel() == _numel(self.shape) else out
 
 
-def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
-    """ΔW in float64 (so comparisons see the file's values, not float32 matmul noise)."""
-    d, u = down.double(), up.double()
-    scale = alpha / d.shape[0]
-    if d.ndim == 2:
-        return scale * (u @ d)
-    if u.shape[2:] != (1, 1):
-        raise ValueError(f"conv LoRA with a {tuple(u.shape[2:])} up kernel is not a LoRA layout")
-    return scale * torch.einsum("or,rikl->oikl", u.flatten(1), d)
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def lora(down: torch.Tensor, up: torch.Tensor, alpha: float, magnitude: torch.Tensor | None = None,
+         shape: tuple[int, ...] | None = None) -> AdapterLayer:
+    return AdapterLayer("lora", {"down": down, "up": up}, alpha, magnitude, shape)
 
 
 def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
@@ -87,34 +139,63 @@ def compare_updates(expected: dict[str, torch.Tensor], actual: dict[str, torch.T
     return out
 
 
-def _adapter_names(module: torch.nn.Module) -> set[str]:
-    names = set()
-    for attr in module.adapter_layer_names:
-        names |= set(getattr(module, attr, {}).keys())
-    return names
+def _tuner_layers(model: torch.nn.Module, adapter: str):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            names = set()
+            for attr in module.adapter_layer_names:
+                names |= set(getattr(module, attr, {}).keys())
+            if adapter in names:
+                yield name, module
 
 
 def model_updates(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-    """ΔW per adapted layer as peft applies it (``get_delta_weight``: includes the scale)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    """ΔW per adapted layer as peft applies it (``get_delta_weight``: includes the scale). For DoRA
+    layers this is the low-rank part; the magnitudes are compared by :func:`model_magnitudes`."""
+    return {n: m.get_delta_weight(adapter).detach().double().cpu() for n, m in _tuner_layers(model, adapter)}
 
+
+def model_magnitudes(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """DoRA magnitude vectors per adapted layer (empty for plain LoRA / LoHa / LoKr)."""
     out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) and adapter in _adapter_names(module):
-            out[name] = module.get_delta_weight(adapter).detach().double().cpu()
+    for name, module in _tuner_layers(model, adapter):
+        mags = getattr(module, "lora_magnitude_vector", None)
+        if mags is not None and adapter in mags:
+            out[name] = mags[adapter].weight.detach().double().cpu().flatten()
     return out
 
 
-def lora_from_model(model: torch.nn.Module, adapter: str = "default") -> dict[str, LoraWeights]:
-    """The LoRA factors of every adapted layer of a peft-injected model (α = scaling · r)."""
+def layers_from_model(model: torch.nn.Module, adapter: str = "default") -> dict[str, AdapterLayer]:
+    """The factors of every adapted layer of a peft-injected model (α = scaling · r)."""
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
     from peft.tuners.lora import LoraLayer
 
     out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            down = module.lora_A[adapter].weight.detach().float().cpu()
-            up = module.lora_B[adapter].weight.detach().float().cpu()
-            if getattr(module, "lora_magnitude_vector", None) and adapter in module.lora_magnitude_vector:
-                raise NotImplementedError(f"{name}: DoRA layers are not plain LoRA factors")
-            out[name] = LoraWeights(down, up, float(module.scaling[adapter]) * down.shape[0])
+    for name, m in _tuner_layers(model, adapter):
+        get = lambda p: p[adapter].detach().float().cpu()   # noqa: E731
+        shape = tuple(m.get_base_layer().weight.shape)
+        if isinstance(m, LoraLayer):
+            down, up = m.lora_A[adapter].weight.detach().float().cpu(), m.lora_B[adapter].weight.detach().float().cpu()
+            mags = getattr(m, "lora_magnitude_vector", None)
+            mag = mags[adapter].weight.detach().float().cpu().flatten() if mags and adapter in mags else None
+            out[name] = lora(down, up, float(m.scaling[adapter]) * down.shape[0], mag, shape)
+        elif isinstance(m, LoHaLayer):
+            f = {k: get(getattr(m, f"hada_{k}")) for k in FACTORS["loha"]}
+            out[name] = AdapterLayer("loha", f, float(m.scaling[adapter]) * f["w1_b"].shape[0], shape=shape)
+        elif isinstance(m, LoKrLayer):
+            f = {k: get(getattr(m, f"lokr_{k}")) for k in FACTORS["lokr"] if adapter in getattr(m, f"lokr_{k}")}
+            if getattr(m, "lokr_t2", None) is not None and adapter in m.lokr_t2:
+                raise NotImplementedError(f"{name}: Tucker-decomposed LoKr (lokr_t2) is not exported")
+            layer = AdapterLayer("lokr", f, 0.0, shape=shape)
+            scaling = float(m.scaling[adapter])
+            if layer.rank is None:   # both factors full: LyCORIS reads s = 1, so the scale goes into W₂
+                f["w2"] = f["w2"] * scaling
+            else:
+                layer.alpha = scaling * layer.rank
+            out[name] = layer
+        else:
+            raise NotImplementedError(f"{name}: {type(m).__name__} adapters are not exported")
     return out

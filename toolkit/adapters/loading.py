@@ -28,8 +28,15 @@ from typing import Any
 
 import torch
 
-from toolkit.adapters.formats import DIFFUSERS_FILE, KOHYA_FILE, AdapterFile, read_adapter, save_diffusers
-from toolkit.adapters.layers import compare_updates, model_updates
+from toolkit.adapters.formats import (
+    DIFFUSERS_FILE,
+    KOHYA_FILE,
+    AdapterFile,
+    peft_config,
+    read_adapter,
+    save_diffusers,
+)
+from toolkit.adapters.layers import AdapterLayer, compare_updates, model_magnitudes, model_updates
 from toolkit.models.families import ModelFamily
 
 log = logging.getLogger(__name__)
@@ -54,28 +61,39 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
 
 
-def resolve_adapter(path: str | Path) -> Path:
-    """A training run dir (its ``adapter/``), an adapter dir, or a ``.safetensors`` file."""
+def resolve_adapter(path: str | Path, variant: str = "raw") -> Path:
+    """A training run dir (its ``adapter/``), an adapter dir, or a ``.safetensors`` file; ``variant=ema``
+    picks the EMA weights exported beside the raw ones (``adapter/ema/``)."""
     p = Path(str(path)).expanduser()
-    for cand in (p, p / DIFFUSERS_FILE, p / "adapter" / DIFFUSERS_FILE, p / KOHYA_FILE, p / "adapter" / KOHYA_FILE):
+    if variant not in ("raw", "ema"):
+        raise ValueError(f"adapter_variant={variant!r}: expected raw or ema")
+    if p.is_file():
+        if variant == "ema":
+            raise ValueError(f"adapter_variant=ema needs a run or adapter dir, not the file {p}")
+        return p
+    sub = ("ema",) if variant == "ema" else ()
+    dirs = [p.joinpath(*sub), p.joinpath("adapter", *sub)]
+    for cand in (d / f for d in dirs for f in (DIFFUSERS_FILE, KOHYA_FILE)):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(f"adapter {str(path)!r}: not a .safetensors file, and no {DIFFUSERS_FILE} or "
-                            f"{KOHYA_FILE} there or in its adapter/ folder (pass a training run dir, an adapter "
-                            "dir or the file)")
+    hint = " (was the run trained with callbacks.ema.decay set?)" if variant == "ema" else ""
+    raise FileNotFoundError(f"adapter {str(path)!r} ({variant}): not a .safetensors file, and no {DIFFUSERS_FILE} or "
+                            f"{KOHYA_FILE} in {[str(d) for d in dirs]}{hint}")
 
 
-def module_names(model: torch.nn.Module) -> list[str]:
-    """Names of the layers a LoRA can adapt (Linear / Conv2d), whether or not an adapter is
-    already injected (peft's own sub-modules are left out)."""
+def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The layers an adapter can adapt (Linear / Conv2d) and their weight shapes, whether or not an
+    adapter is already injected (peft's own sub-modules are left out)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    out = []
+    out = {}
     for name, m in model.named_modules():
         if PEFT_INTERNALS & set(name.split(".")):
             continue
-        if isinstance(m, BaseTunerLayer | torch.nn.Linear | torch.nn.Conv2d):
-            out.append(name)
+        if isinstance(m, BaseTunerLayer):
+            out[name] = tuple(m.get_base_layer().weight.shape)
+        elif isinstance(m, torch.nn.Linear | torch.nn.Conv2d):
+            out[name] = tuple(m.weight.shape)
     return out
 
 
@@ -84,10 +102,11 @@ def components(pipe_or_module: Any, family: type[ModelFamily]) -> dict[str, torc
             is not None}
 
 
-def read_for(path: str | Path, models: Mapping[str, torch.nn.Module], family: type[ModelFamily]) -> AdapterFile:
+def read_for(path: str | Path, models: Mapping[str, torch.nn.Module], family: type[ModelFamily],
+             variant: str = "raw") -> AdapterFile:
     """Read an adapter file against these base-model components; refuse unmatched layers."""
-    mods = {c: module_names(m) for c, m in models.items()}
-    return read_adapter(resolve_adapter(path), family, mods, models["unet"].config).require_matched()
+    mods = {c: module_shapes(m) for c, m in models.items()}
+    return read_adapter(resolve_adapter(path, variant), family, mods, models["unet"].config).require_matched()
 
 
 class _Collect(logging.Handler):
@@ -129,17 +148,54 @@ def check_messages(messages: Sequence[str], what: str) -> None:
 def verify_loaded(models: Mapping[str, torch.nn.Module], adapter: str, expected: AdapterFile,
                   tol: float, scale: float = 1.0) -> dict[str, int]:
     """Every layer of ``expected`` is adapted in ``models`` under ``adapter`` with the same
-    update (× ``scale``), and no other layer is. Returns the per-component layer counts."""
+    update (× ``scale``) and DoRA magnitudes, and no other layer is. Returns the per-component
+    layer counts."""
     counts = {}
     for comp, model in models.items():
         want = {n: d * scale for n, d in expected.updates(comp).items()}
-        got = model_updates(model, adapter)
-        cmp = compare_updates(want, got)
-        if not cmp.ok(tol):
-            raise AdapterLoadError(f"{expected.path} as loaded into {comp} differs from the file: {cmp.describe()} "
-                                   f"(tolerance {tol:g})")
-        counts[comp] = cmp.compared
+        checks = [("update", compare_updates(want, model_updates(model, adapter)))]
+        if expected.magnitudes(comp) or model_magnitudes(model, adapter):
+            checks.append(("DoRA magnitude", compare_updates(expected.magnitudes(comp),
+                                                             model_magnitudes(model, adapter))))
+        for what, cmp in checks:
+            if not cmp.ok(tol):
+                raise AdapterLoadError(f"{expected.path} as loaded into {comp} differs from the file ({what}): "
+                                       f"{cmp.describe()} (tolerance {tol:g})")
+        counts[comp] = checks[0][1].compared
     return {c: n for c, n in counts.items() if n}
+
+
+def set_factors(model: torch.nn.Module, adapter: str, layers: Mapping[str, AdapterLayer]) -> None:
+    """Copy each layer's factors (and DoRA magnitude) into the peft layers of ``adapter``."""
+    with torch.no_grad():
+        for name, w in layers.items():
+            mod = model.get_submodule(name)
+            if w.kind == "lora":
+                targets = {"down": mod.lora_A[adapter].weight, "up": mod.lora_B[adapter].weight}
+                if w.dora:
+                    targets["magnitude"] = mod.lora_magnitude_vector[adapter].weight
+            else:
+                prefix = "hada" if w.kind == "loha" else "lokr"
+                targets = {f: getattr(mod, f"{prefix}_{f}")[adapter] for f in w.factors}
+            values = {**w.factors, **({"magnitude": w.magnitude} if w.dora else {})}
+            for key, param in targets.items():
+                if key not in values or values[key].numel() != param.numel():
+                    raise AdapterLoadError(f"{name}: the file's {w.kind} factor {key} "
+                                           f"{tuple(values[key].shape) if key in values else None} does not fit the "
+                                           f"layer peft built ({tuple(param.shape)})")
+                param.copy_(values[key].reshape(param.shape))
+
+
+def inject(model: torch.nn.Module, adapter: str, layers: Mapping[str, AdapterLayer], **config: Any) -> None:
+    """Add peft layers shaped like ``layers`` under ``adapter`` and load their factors (for the
+    kinds diffusers' loader does not read whole: LoHa, LoKr)."""
+    from peft import inject_adapter_in_model
+
+    cfg = peft_config(layers, **config)
+    inject_adapter_in_model(cfg, model, adapter_name=adapter)
+    model.peft_config = {**(getattr(model, "peft_config", None) or {}), adapter: cfg}
+    model._hf_peft_config_loaded = True   # what diffusers/transformers set: set_adapters then sees it
+    set_factors(model, adapter, layers)
 
 
 @dataclass
@@ -153,8 +209,8 @@ class LoadedAdapter:
 
 
 def load_adapters(pipe: Any, family: type[ModelFamily], paths: Sequence[str | Path],
-                  scales: Sequence[float] = ()) -> list[LoadedAdapter]:
-    """Load each adapter (any supported format) into ``pipe`` with the stock loader, verified,
+                  scales: Sequence[float] = (), variant: str = "raw") -> list[LoadedAdapter]:
+    """Load each adapter (any supported format; ``variant`` raw or ema) into ``pipe``, verified,
     and activate them with their scales (one scale for all, or one per adapter)."""
     one = float(scales[0]) if scales else 1.0
     scales = [float(s) for s in scales] if len(scales) > 1 else [one] * len(paths)
@@ -164,13 +220,18 @@ def load_adapters(pipe: Any, family: type[ModelFamily], paths: Sequence[str | Pa
     dtype = pipe.unet.dtype
     loaded = []
     for i, path in enumerate(paths):
-        af = read_for(path, models, family)
+        af = read_for(path, models, family, variant)
         name = f"a{i}"
-        with tempfile.TemporaryDirectory(prefix="toolkit-adapter-") as tmp:
-            save_diffusers(af.layers, tmp, family)
-            with loader_messages() as messages:
-                pipe.load_lora_weights(tmp, weight_name=DIFFUSERS_FILE, adapter_name=name)
-        check_messages(messages, str(af.path))
+        if af.kinds() <= {"lora", "dora"}:   # the stock loader, as every diffusers user loads a LoRA
+            with tempfile.TemporaryDirectory(prefix="toolkit-adapter-") as tmp:
+                save_diffusers(af.layers, tmp, family)
+                with loader_messages() as messages:
+                    pipe.load_lora_weights(tmp, weight_name=DIFFUSERS_FILE, adapter_name=name)
+            check_messages(messages, str(af.path))
+        else:   # LoHa / LoKr: diffusers has no (whole) reader; peft's own layers, verified the same way
+            for comp, lay in af.layers.items():
+                if lay:
+                    inject(models[comp], name, lay)
         counts = verify_loaded(models, name, af, tolerance(dtype))
         loaded.append(LoadedAdapter(name, af.path, af.format, af.sha256, scales[i], counts))
         log.info("adapter %s (%s, sha256 %s…): %s layers loaded whole, scale %g", af.path, af.format,

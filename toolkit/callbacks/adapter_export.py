@@ -2,7 +2,8 @@
 
 ``<checkpoint dir>/adapters/step=N/`` at each save, and ``<output dir>/adapter/`` when training
 ends: ``pytorch_lora_weights.safetensors`` (diffusers) and ``lora_kohya.safetensors``
-(kohya/A1111/ComfyUI, with the ``ss_*`` metadata those tools display). Rank zero only.
+(kohya/A1111/ComfyUI, with the ``ss_*`` metadata those tools display), and with an
+``AdapterEMA`` callback the averaged weights in ``ema/`` beside them. Rank zero only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import lightning as L
 
-from toolkit.adapters.formats import FORMATS
+from toolkit.adapters.formats import formats_for
+from toolkit.callbacks.ema import AdapterEMA
 from toolkit.models.lora import save_adapter
 
 log = logging.getLogger(__name__)
@@ -47,19 +49,32 @@ class AdapterExport(L.Callback):
     """Args:
         dirpath: where the final adapter goes (``<run dir>/adapter``).
         every_checkpoint: also export next to each Lightning checkpoint.
-        formats: which formats to write (``diffusers``, ``kohya``).
+        formats: ``auto`` (every format that carries the adapter kind whole: diffusers + kohya for
+            LoRA/DoRA, kohya/LyCORIS for LoHa/LoKr) or a list of ``diffusers``, ``kohya``.
     """
 
-    def __init__(self, dirpath: str, every_checkpoint: bool = True, formats: Sequence[str] = FORMATS) -> None:
-        self.dirpath, self.every_checkpoint, self.formats = Path(dirpath), every_checkpoint, tuple(formats)
-        if not self.formats or set(self.formats) - set(FORMATS):
-            raise ValueError(f"callbacks.adapter_export.formats={list(self.formats)}: choose from {list(FORMATS)}")
+    def __init__(self, dirpath: str, every_checkpoint: bool = True, formats: Sequence[str] | str = "auto") -> None:
+        self.dirpath, self.every_checkpoint = Path(dirpath), every_checkpoint
+        self.requested = formats if isinstance(formats, str) else tuple(formats)
+        self.formats: tuple[str, ...] = ()
         self._exported_step = -1  # "last" and "step=N" checkpoints of one step share one export
 
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        # before the first step: a format that cannot carry this adapter kind fails the run now
+        self.formats = formats_for(module.adapter_kind, self.requested)
+
     def _export(self, trainer: L.Trainer, module: L.LightningModule, out: Path) -> None:
-        if trainer.is_global_zero:
-            paths = save_adapter(out, module.models, module.family, self.formats, kohya_metadata(trainer, module))
-            log.info("adapter written: %s", ", ".join(str(p) for p in paths.values()))
+        if not trainer.is_global_zero:
+            return
+        meta = kohya_metadata(trainer, module)
+        paths = list(save_adapter(out, module.models, module.family, self.formats, meta).values())
+        ema = next((cb for cb in trainer.callbacks if isinstance(cb, AdapterEMA) and cb.active), None)
+        if ema is not None:   # the averaged weights beside the raw ones: adapter_variant=ema loads them
+            with ema.swapped(module):
+                paths += save_adapter(out / "ema", module.models, module.family, self.formats,
+                                      {**meta, "toolkit_variant": "ema", "toolkit_ema_decay": str(ema.decay)}
+                                      ).values()
+        log.info("adapter written: %s", ", ".join(str(p) for p in paths))
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:

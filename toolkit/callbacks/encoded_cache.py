@@ -52,6 +52,8 @@ class EncodedCache(L.Callback):
         shard = {"rank": trainer.global_rank, "world_size": trainer.world_size, "barrier": trainer.strategy.barrier}
         if self.text and module.text_lora_params:
             log.info("text-embedding cache off: the text encoder is being trained")
+        elif self.text and dm.tags.varies:
+            log.info("text-embedding cache off: tag shuffling/dropout changes the captions every step")
         elif self.text:
             captions = sorted({""} | {c for s in sets for c in s.captions()})   # "" for caption dropout
             encoders = "-".join(module_fingerprint(e) for e in module.text_encoders)

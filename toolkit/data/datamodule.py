@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from toolkit.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
+from toolkit.data.captions import TagPolicy, tag_caption
 from toolkit.data.sampler import ResumableLoader, ResumableSampler
 from toolkit.data.sources import CAPTION_PROBLEM, fingerprint_listing, load_captioned
 from toolkit.data.transforms import train_transform
@@ -56,10 +57,10 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __init__(self, ds: Any, image_column: str, caption_column: str, resolution: int,
                  center_crop: bool, random_flip: bool, policy: DataPolicy, seed: int = 0,
-                 indices: list[int] | None = None) -> None:
+                 indices: list[int] | None = None, tags: TagPolicy | None = None) -> None:
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.policy, self.seed = policy, seed
+        self.policy, self.seed, self.tags = policy, seed, tags or TagPolicy()
         self.indices = list(range(len(ds))) if indices is None else indices
         # (latent store, micro-conditioning store, key per kept row): set by the EncodedCache callback
         self.latents: tuple[Any, Any, dict[int, str]] | None = None
@@ -91,6 +92,13 @@ class CaptionedImages(torch.utils.data.Dataset):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         row = self.indices[i]
         rng = np.random.default_rng([self.seed, epoch, i])
+        item = self._item(row, i, rng)
+        if item is not None and self.tags.varies:   # own generator: independent of the image draws
+            tag_rng = np.random.default_rng([self.seed, epoch, i, 1])
+            item["caption"] = tag_caption(item["caption"], self.tags, tag_rng)
+        return item
+
+    def _item(self, row: int, i: int, rng: np.random.Generator) -> dict[str, Any] | None:
         if self.latents is not None:   # cached posterior parameters: the same flip draw as below
             store, micro, keys = self.latents
             _, caption, problem = self.raw(row)
@@ -134,6 +142,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
             every image is cropped to a ``resolution`` square. Needs ``policy.scan`` (image sizes).
         report_dir: where ``data_report.json`` (rejected and converted items) is written.
         scan_cache_dir: scan results, keyed by dataset fingerprint + policy (None: no cache).
+        tags: tag-style captions (``toolkit.data.captions.TagPolicy``: shuffle, keep_tokens,
+            dropout, separator), applied to training captions only.
     """
 
     def __init__(self, path: str, resolution: int = 512, global_batch_size: int = 16,
@@ -142,7 +152,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
                  center_crop: bool = True, random_flip: bool = False, num_workers: int = 0,
                  pin_memory: bool = False, revision: str | None = None, seed: int = 0,
                  policy: DataPolicy | dict | None = None, buckets: dict | None = None,
-                 report_dir: str | None = None, scan_cache_dir: str | None = None) -> None:
+                 report_dir: str | None = None, scan_cache_dir: str | None = None,
+                 tags: TagPolicy | dict | None = None) -> None:
         super().__init__()
         self.path, self.resolution, self.global_batch_size = path, resolution, global_batch_size
         self.image_column, self.caption_column, self.split = image_column, caption_column, split
@@ -152,6 +163,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.policy = policy if isinstance(policy, DataPolicy) else DataPolicy(**(policy or {}))
         self.report_dir, self.scan_cache_dir = report_dir, scan_cache_dir
         self.buckets = dict(buckets) if buckets else None
+        self.tags = tags if isinstance(tags, TagPolicy) else TagPolicy(**(tags or {}))
         if self.buckets and not self.policy.scan:
             raise ValueError("data.buckets needs data.policy.scan=true (the scan measures every image's size)")
         self.train_set = self.val_set = None
@@ -160,7 +172,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
     def _wrap(self, ds: Any, train: bool) -> CaptionedImages:
         return CaptionedImages(ds, self.image_column, self.caption_column, self.resolution,
                                self.center_crop or not train, self.random_flip and train,
-                               self.policy, self.seed)
+                               self.policy, self.seed, tags=self.tags if train else None)
 
     def _scan(self, ds: CaptionedImages, name: str) -> ScanResult:
         settings = [self.path, self.revision, self.split, self.validation_split, self.val_fraction, self.seed,
@@ -170,7 +182,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         key = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:16]
         cache = Path(self.scan_cache_dir) / f"{key}.json" if self.scan_cache_dir else None
         if cache is not None and (hit := load_scan(cache)) is not None:
-            log.info("data scan (%s): cached %s", name, cache)
+            log.debug("data scan (%s): cached %s", name, cache)
             return hit
         result = scan(len(ds), ds.raw, self.policy, self.policy.min_side or self.resolution,
                       desc=f"scanning {name} data")

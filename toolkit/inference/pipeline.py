@@ -32,14 +32,14 @@ from toolkit.models.pretrained import (
 log = logging.getLogger(__name__)
 
 
-def adapter_sha256(path: str | Path) -> str:
-    return file_sha256(resolve_adapter(path))
+def adapter_sha256(path: str | Path, variant: str = "raw") -> str:
+    return file_sha256(resolve_adapter(path, variant))
 
 
 def load_pipeline(name_or_path: str, revision: str | None = None, variant: str | None = None,
                   dtype: str | None = "float32", trust_remote_code: bool = False, allow_pickle: bool = False,
                   config: str | None = None, vae: str | None = None, adapters: Sequence[str] = (),
-                  lora_scales: Sequence[float] = (), scheduler: str | None = None,
+                  lora_scales: Sequence[float] = (), adapter_variant: str = "raw", scheduler: str | None = None,
                   device: str | torch.device = "cpu") -> DiffusionPipeline:
     """Load the base (its family's pipeline class), swap the scheduler (any diffusers scheduler
     class name), and add adapters through the verified loader (``toolkit.adapters.loading``).
@@ -49,6 +49,7 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
             ``model`` config (see ``toolkit.models.pretrained.load_components``).
         adapters: adapter paths (see :func:`resolve_adapter`).
         lora_scales: one scale per adapter (a single value applies to all).
+        adapter_variant: ``raw`` (the trained weights) or ``ema`` (their moving average).
         scheduler: e.g. ``DDIMScheduler``, ``EulerDiscreteScheduler``; None keeps the model's.
         device: where to run.
     """
@@ -70,7 +71,7 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
         if cls is None or not hasattr(cls, "from_config"):
             raise ValueError(f"scheduler={scheduler!r} is not a diffusers scheduler class")
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    load_adapters(pipe, family, list(adapters), list(lora_scales))
+    load_adapters(pipe, family, list(adapters), list(lora_scales), adapter_variant)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

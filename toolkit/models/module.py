@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from peft import LoraConfig
+from peft import PeftConfig
 
 from toolkit.data.encoded_cache import text_key
 from toolkit.models import objectives
@@ -63,8 +63,9 @@ class LoRADiffusion(L.LightningModule):
     Args:
         pretrained: kwargs of :func:`toolkit.models.pretrained.load_components`
             (``name_or_path``, ``revision``, ``variant``, ``dtype``).
-        lora: peft ``LoraConfig`` for the UNet.
-        text_encoder_lora: ``LoraConfig`` for the text encoder, or None to keep it frozen.
+        lora: peft config of the UNet adapter (``toolkit.models.lora.adapter_config``: LoRA, DoRA,
+            LoHa or LoKr).
+        text_encoder_lora: adapter config for the text encoder(s), or None to keep them frozen.
         init_adapter: a LoRA file (diffusers, kohya/A1111 or LyCORIS LoCon) to start from: its
             rank, α and target layers replace ``lora``/``text_encoder_lora``'s, and training
             continues from its weights (verified to apply the file's update exactly).
@@ -89,15 +90,22 @@ class LoRADiffusion(L.LightningModule):
         max_skipped_steps: how many non-finite steps ``skip`` tolerates in one run.
         micro_conditioning: SDXL only: fixed ``original_size`` / ``crop_top_left`` /
             ``target_size`` ([h, w] each, None: each image's own) instead of the per-image values.
+        loss: per-element penalty: ``mse``, ``huber`` or ``smooth_l1`` (``huber_delta``: its δ).
+        timestep_density: ``{scheme: uniform | logit_normal | mode, logit_mean, logit_std,
+            mode_scale}`` (``objectives.sample_timesteps_density``).
+        zero_terminal_snr: rescale the betas to zero terminal SNR (v-prediction models only).
+        input_perturbation: γ of input perturbation (0: off).
+        debiased_estimation: multiply the loss weights by the debiased-estimation weights.
+        masked_loss: weight the loss by each image's mask (``data.masks``), in latent space.
     """
 
     def __init__(
         self,
         pretrained: Mapping[str, Any],
-        lora: LoraConfig,
+        lora: PeftConfig,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
-        text_encoder_lora: LoraConfig | None = None,
+        text_encoder_lora: PeftConfig | None = None,
         init_adapter: str | None = None,
         caption_dropout: float = 0.0,
         snr_gamma: float | None = None,
@@ -114,11 +122,24 @@ class LoRADiffusion(L.LightningModule):
         nonfinite: str = "stop",
         max_skipped_steps: int = 10,
         micro_conditioning: Mapping[str, Any] | None = None,
+        loss: str = "mse",
+        huber_delta: float = 1.0,
+        timestep_density: Mapping[str, Any] | None = None,
+        zero_terminal_snr: bool = False,
+        input_perturbation: float = 0.0,
+        debiased_estimation: bool = False,
+        masked_loss: bool = False,
     ) -> None:
         super().__init__()
         self.pretrained = dict(pretrained)
         c = load_components(**self.pretrained)
         self.family, self.noise_scheduler = c.family, c.noise_scheduler
+        if zero_terminal_snr:
+            if self.noise_scheduler.config.prediction_type != "v_prediction":
+                raise ValueError("module.zero_terminal_snr=true needs a v-prediction model: at SNR 0 the noise is "
+                                 "the input, so ε-prediction has nothing to learn at t=T (Lin et al. 2024, §3.2)")
+            self.noise_scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config,
+                                                                          rescale_betas_zero_snr=True)
         self.vae, self.unet = c.vae, c.unet
         for name, tok in c.tokenizers.items():
             setattr(self, name, tok)
@@ -136,7 +157,8 @@ class LoRADiffusion(L.LightningModule):
         if init_adapter:
             log.info("module.init_adapter=%s: rank, alpha and targets come from the file (module.lora's are "
                      "not used)", init_adapter)
-            af, params = init_from_file(self.models, self.family, init_adapter, dropout=lora.lora_dropout)
+            af, params = init_from_file(self.models, self.family, init_adapter,
+                                         dropout=getattr(lora, "lora_dropout", 0.0))
             self.init_adapter_sha256 = af.sha256
             self.unet_lora_params = params.get("unet", [])
             self.text_lora_params = [p for c, ps in params.items() if c != "unet" for p in ps]
@@ -154,6 +176,12 @@ class LoRADiffusion(L.LightningModule):
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
         self.caption_dropout, self.snr_gamma, self.noise_offset = caption_dropout, snr_gamma, noise_offset
         self.min_timestep, self.max_timestep = min_timestep, max_timestep
+        self.timestep_density = {"scheme": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+                                 **(timestep_density or {})}
+        if loss not in objectives.LOSSES:
+            raise ValueError(f"module.loss={loss!r}: expected one of {objectives.LOSSES}")
+        self.loss, self.huber_delta, self.input_perturbation = loss, huber_delta, input_perturbation
+        self.debiased_estimation, self.masked_loss = debiased_estimation, masked_loss
         self.val_timesteps, self.val_seed = tuple(val_timesteps), val_seed
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"module.nonfinite={nonfinite!r}: expected 'stop' or 'skip'")
@@ -167,6 +195,13 @@ class LoRADiffusion(L.LightningModule):
     def models(self) -> dict[str, torch.nn.Module]:
         """The pipeline components by their pipeline names (what adapter files are keyed by)."""
         return {c: getattr(self, c) for c in self.family.components()}
+
+    @property
+    def adapter_kind(self) -> str:
+        """``lora``, ``dora``, ``loha`` or ``lokr``: the peft config class of the UNet's adapter."""
+        cfg = self.unet.peft_config["default"]
+        kind = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}[str(cfg.peft_type.value)]
+        return "dora" if kind == "lora" and getattr(cfg, "use_dora", False) else kind
 
     @property
     def pipeline_components(self) -> dict[str, Any]:
@@ -241,15 +276,22 @@ class LoRADiffusion(L.LightningModule):
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         noise = objectives.offset_noise(noise, self.noise_offset, generator)
         if timesteps is None:
-            timesteps = objectives.sample_timesteps(
-                latents.shape[0], self.noise_scheduler.config.num_train_timesteps,
-                self.min_timestep, self.max_timestep, device=latents.device, generator=generator)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            timesteps = objectives.sample_timesteps_density(
+                latents.shape[0], self.noise_scheduler.config.num_train_timesteps, self.timestep_density["scheme"],
+                self.min_timestep, self.max_timestep, self.timestep_density["logit_mean"],
+                self.timestep_density["logit_std"], self.timestep_density["mode_scale"], latents.device, generator)
+        seen = objectives.perturb_noise(noise, self.input_perturbation, generator) if self.training else noise
+        noisy = self.noise_scheduler.add_noise(latents, seen, timesteps)
         target = objectives.training_target(self.noise_scheduler, latents, noise, timesteps)
         pred = self.unet(noisy.to(self.unet.dtype), timesteps,
                          **self.family.unet_inputs(cond, self.micro(batch), self.unet.dtype)).sample
         weights = objectives.min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
-        return objectives.weighted_mse(pred, target, weights)
+        if self.debiased_estimation:
+            debias = objectives.debiased_weights(self.noise_scheduler, timesteps)
+            weights = debias if weights is None else weights * debias
+        mask = objectives.latent_mask(batch["mask"].to(latents.device), latents.shape[-2:]) \
+            if self.masked_loss and "mask" in batch else None
+        return objectives.weighted_loss(pred, target, weights, mask, self.loss, self.huber_delta)
 
     def on_train_epoch_start(self) -> None:
         # Lightning puts the whole module in train mode; the frozen VAE (and a frozen text

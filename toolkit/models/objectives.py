@@ -3,7 +3,14 @@
     x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε           (scheduler.add_noise)
     target = ε                      (prediction_type = epsilon)
            = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x_0      (prediction_type = v_prediction)
-    loss  = mean_i w_i · ||f(x_t, t, c) - target||²,  w_i = min(SNR_i, γ)/SNR_i (ε) or /(SNR_i+1) (v)
+    loss  = mean_i w_i · ρ(f(x_t, t, c) - target),  w_i = min(SNR_i, γ)/SNR_i (ε) or /(SNR_i+1) (v)
+
+Options, each a pure function below: timestep densities (uniform, logit-normal, mode — diffusers'
+``compute_density_for_timestep_sampling``, SD3 §3.1), the zero-terminal-SNR beta rescale (Lin et al.
+2024, for v-prediction; diffusers' ``rescale_betas_zero_snr``), input perturbation (Ning et al.
+2023: the UNet sees x_t built from ε + γ·ξ, the target stays ε), the per-element penalty ρ (squared
+error, Huber, smooth-L1), debiased-estimation weights (Yu et al. 2024: 1/√SNR for ε, 1/(SNR+1) for
+v, SNR capped at 1000 as kohya does), and per-pixel masks (weights in latent space).
 
 There is no discriminator: training minimises the denoising loss only.
 """
@@ -14,7 +21,10 @@ from collections.abc import Sequence
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
+
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
+LOSSES = ("mse", "huber", "smooth_l1")
 
 
 def sample_timesteps(
@@ -28,6 +38,41 @@ def sample_timesteps(
             f"timestep range [{min_timestep}, {hi}) must lie inside [0, {num_train_timesteps})"
         )
     return torch.randint(min_timestep, hi, (n,), device=device, generator=generator).long()
+
+
+def sample_timesteps_density(
+    n: int, num_train_timesteps: int, scheme: str = "uniform", min_timestep: int = 0, max_timestep: int | None = None,
+    logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+    device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Integer timesteps in [min, max) drawn from a density over u ∈ [0, 1): ``uniform`` (the
+    classic DDPM draw, bit-identical to :func:`sample_timesteps`), ``logit_normal`` (u = σ(N(m, s)),
+    mass in the middle of the schedule) or ``mode`` (SD3's mode sampling with ``mode_scale``)."""
+    if scheme == "uniform":
+        return sample_timesteps(n, num_train_timesteps, min_timestep, max_timestep, device, generator)
+    if scheme not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep sampling {scheme!r}: expected one of {TIMESTEP_SAMPLING}")
+    hi = num_train_timesteps if max_timestep is None else max_timestep
+    if not 0 <= min_timestep < hi <= num_train_timesteps:
+        raise ValueError(f"timestep range [{min_timestep}, {hi}) must lie inside [0, {num_train_timesteps})")
+    u = compute_density_for_timestep_sampling(scheme, n, logit_mean=logit_mean, logit_std=logit_std,
+                                              mode_scale=mode_scale, device="cpu", generator=generator)
+    t = min_timestep + (u.clamp(0, 1 - 1e-7) * (hi - min_timestep)).long()
+    return t.to(device)
+
+
+def perturb_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Input perturbation: the noise the sample is built from is ε + γ·ξ (the target stays ε)."""
+    if gamma == 0:
+        return noise
+    return noise + gamma * torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+
+
+def debiased_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Debiased estimation (Yu et al. 2024) as kohya's sd-scripts apply it: 1/√SNR (ε), 1/(SNR+1) (v),
+    SNR capped at 1000 so the weight of t≈0 stays finite."""
+    snr = torch.clamp(compute_snr(scheduler, timesteps), max=1000.0)
+    return 1 / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else 1 / snr.sqrt()
 
 
 def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None
@@ -63,13 +108,44 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return clipped / snr
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """Per-sample MSE, optionally weighted, averaged over the batch (in float32)."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", delta: float = 1.0) -> torch.Tensor:
+    """ρ per element in float32: squared error, Huber (quadratic below ``delta``, linear above,
+    scaled as 2·Huber so it equals the squared error for small residuals), or smooth-L1."""
+    p, t = pred.float(), target.float()
+    if kind == "mse":
+        return (p - t).pow(2)
+    if kind == "huber":
+        return 2 * torch.nn.functional.huber_loss(p, t, reduction="none", delta=delta)
+    if kind == "smooth_l1":
+        return torch.nn.functional.smooth_l1_loss(p, t, reduction="none", beta=delta)
+    raise ValueError(f"loss {kind!r}: expected one of {LOSSES}")
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (n, 1, H, W) pixel mask in [0, 1] averaged down to the latent grid (area weights)."""
+    return torch.nn.functional.adaptive_avg_pool2d(mask.float(), size)
+
+
+def weighted_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None, kind: str = "mse", delta: float = 1.0) -> torch.Tensor:
+    """Per-sample mean of ρ (over the masked area when a latent-grid mask is given), optionally
+    weighted per sample, averaged over the batch (in float32). Masked-out elements contribute
+    nothing, whatever their values."""
+    err = elementwise_loss(pred, target, kind, delta)
+    if mask is None:
+        per_sample = err.flatten(1).mean(1)
+    else:
+        m = mask.to(err).expand_as(err)
+        per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-8)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample)
     return per_sample.mean()
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Per-sample MSE, optionally weighted, averaged over the batch (in float32)."""
+    return weighted_loss(pred, target, weights)
 
 
 def drop_captions(captions: Sequence[str], p: float, generator: torch.Generator | None = None

@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     pipe = load_pipeline(**{**model, "dtype": "float32"})   # merged in float32, cast when written
     family = family_of(pipe.unet.config)
-    loaded = load_adapters(pipe, family, adapters, [float(s) for s in as_list(mc.lora_scale)])
+    loaded = load_adapters(pipe, family, adapters, [float(s) for s in as_list(mc.lora_scale)], cfg.adapter_variant)
     models = components(pipe, family)
     names = list(pipe.get_active_adapters())
     # What the merge must produce: base + Σ scale·ΔW per adapted layer (set_adapters' scale is in

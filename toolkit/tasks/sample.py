@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 def pipeline_from_cfg(cfg: DictConfig, gen: DictConfig, device: Any = "cpu"):
     return load_pipeline(**OmegaConf.to_container(cfg.model, resolve=True), adapters=as_list(cfg.adapter),
-                         lora_scales=[float(s) for s in as_list(gen.lora_scale)], scheduler=gen.scheduler,
-                         device=device)
+                         lora_scales=[float(s) for s in as_list(gen.lora_scale)], adapter_variant=cfg.adapter_variant,
+                         scheduler=gen.scheduler, device=device)
 
 
 def generation_record(cfg: DictConfig, gen: DictConfig) -> dict[str, Any]:
@@ -34,7 +34,8 @@ def generation_record(cfg: DictConfig, gen: DictConfig) -> dict[str, Any]:
     m = cfg.model
     return {"model": OmegaConf.to_container(m, resolve=True),
             "family": model_family(m.name_or_path, m.revision, m.get("config")).name,
-            "adapters": [{"path": str(a), "sha256": adapter_sha256(a)} for a in as_list(cfg.adapter)],
+            "adapters": [{"path": str(a), "variant": cfg.adapter_variant,
+                          "sha256": adapter_sha256(a, cfg.adapter_variant)} for a in as_list(cfg.adapter)],
             "lora_scale": as_list(gen.lora_scale), "scheduler": gen.scheduler, "steps": gen.steps,
             "guidance_scale": gen.guidance_scale, "negative_prompt": gen.negative_prompt,
             "height": gen.height, "width": gen.width}
