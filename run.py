@@ -3,26 +3,48 @@
     python run.py                                   # default job on the embedded miniature
     python run.py task=train model.name_or_path=<hub id | dir> data.path=<dataset> trainer=gpu
     python run.py experiment=<name> trainer=ddp trainer.devices=8 trainer.num_nodes=2
+    python run.py hydra.run.dir=<run dir> ckpt_path=last     # resume a run with its own settings
     python run.py task=sample | task=eval | task=summarize ...
+
+TOOLKIT_VERBOSE=1 shows the library messages that are filtered out as harmless (toolkit/logs.py).
 """
 
 import importlib
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from toolkit.logs import quiet
 
-from toolkit.config import check_overrides, register_resolvers
+quiet()   # before any library is imported: some speak at import time
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from toolkit.config import check_overrides, register_resolvers  # noqa: E402
+from toolkit.logs import route_library_logs  # noqa: E402
+from toolkit.run_dir import RunDirError, launch_args, record_attempt, restore  # noqa: E402
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    return importlib.import_module(f"toolkit.tasks.{cfg.task_name}").run(cfg)
+    cfg = restore(cfg, cfg.paths.output_dir)   # a resume: the run's saved settings
+    record_attempt(cfg)                        # <run>/run_history.jsonl
+    task = importlib.import_module(f"toolkit.tasks.{cfg.task_name}")
+    route_library_logs()
+    return task.run(cfg)
 
 
 if __name__ == "__main__":
-    if problem := check_overrides(sys.argv[1:]):   # names the nearest valid key; Hydra does not
+    args = sys.argv[1:]
+    if problem := check_overrides(args):   # names the nearest valid key; Hydra does not
         sys.exit(f"config error: {problem}")
-    main()
+    try:
+        sys.argv[1:] = launch_args(args)   # a resume: the run's saved overrides + these
+    except RunDirError as err:
+        sys.exit(f"config error: {err}")
+    try:
+        main()
+    except KeyboardInterrupt:   # Ctrl-C outside the training loop (inside it: a checkpoint, then 130 too)
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

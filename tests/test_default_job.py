@@ -1,5 +1,9 @@
 """The default job (train → eval base vs fine-tuned) end to end, reduced by debug=fast."""
 
+import json
+
+import pytest
+
 from tests.conftest import run_entry
 from toolkit.results import read_rows
 
@@ -15,4 +19,14 @@ def test_default_job_fast(tmp_path):
     assert all(r["metrics"]["n_fake"] == 16 and r["metrics"]["n_real"] == 32 for r in rows)
     summary = (out / "summary.md").read_text()
     assert "FID ratio fine-tuned / base" in summary and "| fine-tuned |" in summary
-    assert (out / "base_vs_finetuned.png").is_file()
+    assert "| fine-tuned − base (paired) |" in summary
+    assert (out / "base_vs_finetuned.png").is_file() and (out / "report.html").is_file()
+    for r in rows:   # every interval contains its estimate
+        m = r["metrics"]
+        assert all(m[f"{k}_ci_low"] <= m[k] <= m[f"{k}_ci_high"] for k in ("fid", "kid", "clip_score"))
+        assert {"precision", "recall", "density", "coverage"} <= set(m) and r["per_prompt"]["prompt"]
+    paired = json.loads((out / "paired.json").read_text())
+    for k in ("fid", "kid", "clip_score"):
+        d = paired[k]
+        assert d["low"] <= d["delta"] <= d["high"] and 0 <= d["p_value"] <= 1 and d["verdict"]
+        assert d["delta"] == pytest.approx(rows[1]["metrics"][k] - rows[0]["metrics"][k], rel=1e-6)

@@ -19,7 +19,7 @@ from toolkit.tasks import sample as sample_task
 def eval_overrides(model: str, clip: str, data: Path, cache: Path, out: Path) -> list[str]:
     return ["task=eval", f"model.name_or_path={model}", f"metrics.clip_model={clip}", f"eval.dataset={data}",
             f"metrics.cache_dir={cache}", "eval.num_images=6", "eval.steps=2", "eval.batch_size=4",
-            "eval.bootstrap=20", "metrics.kid_subsets=5", "eval.num_ref=null", "fabric.accelerator=cpu",
+            "metrics.interval_groups=6", "eval.num_ref=null", "fabric.accelerator=cpu",
             "logger=none", f"hydra.run.dir={out}"]
 
 
@@ -98,12 +98,14 @@ def test_eval_cache_protocol_and_sharding(tiny_model, tiny_clip, eval_data, tmp_
     assert len(list(cache.glob("*.npy"))) == 2
 
 
-def test_clip_missing_is_skipped_not_faked(tiny_model, eval_data, tmp_path):
+def test_clip_off_is_skipped_and_a_missing_clip_model_fails(tiny_model, eval_data, tmp_path):
     out = tmp_path / "e"
-    m = eval_task.run(compose_cfg(eval_overrides(tiny_model, str(tmp_path / "no-clip"), eval_data,
-                                                 tmp_path / "c", out), out))
+    m = eval_task.run(compose_cfg(eval_overrides(tiny_model, "null", eval_data, tmp_path / "c", out), out))
     assert "clip_score" not in m and "fid" in m
     assert read_rows(out / "results.jsonl")[0]["protocol"]["clip"] == "skipped"
+    with pytest.raises(FileNotFoundError, match="metrics.clip_model=.*no local file or folder"):
+        eval_task.run(compose_cfg(eval_overrides(tiny_model, str(tmp_path / "no-clip"), eval_data, tmp_path / "c",
+                                                 tmp_path / "f"), tmp_path / "f"))
 
 
 def test_sweep_resumes_and_summarizes(tiny_model, tiny_clip, eval_data, tmp_path):
@@ -123,7 +125,9 @@ def test_sweep_resumes_and_summarizes(tiny_model, tiny_clip, eval_data, tmp_path
 
     res = run_entry(["task=summarize", f"sweep={sweep}", f"hydra.run.dir={tmp_path / 'sum'}"])
     assert res.returncode == 0, res.stderr[-3000:]
-    lines = (sweep / "summary.md").read_text().splitlines()
+    lines = [ln for ln in (sweep / "summary.md").read_text().splitlines() if ln.startswith("|")]
     assert len(lines) == 2 + 2                   # header, rule, one row per guidance scale
-    assert all("(t, 2 seeds)" in ln for ln in lines[2:])
+    table = json.loads((sweep / "summary.json").read_text())["table"]
+    assert [e["n_seeds"] for e in table] == [2, 2] and all("(t, 2 seeds)" in e["fid_ci"] for e in table)
+    assert all(e["fid_ci_low"] <= e["fid"] <= e["fid_ci_high"] for e in table)
     assert (sweep / "fid_vs_clip.png").stat().st_size > 1000

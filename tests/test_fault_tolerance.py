@@ -1,5 +1,6 @@
-"""Never lose a run: exact resume after SIGKILL/SIGTERM, atomic checkpoints, NaN stops, config
-errors that say what to change, and checkpoint loading that cannot run foreign code."""
+"""Never lose a run: exact resume after SIGKILL/SIGTERM/Ctrl-C (with the command the run prints),
+one last.ckpt, atomic checkpoints, NaN stops, config errors that say what to change, no silent
+fallbacks for missing paths, and checkpoint loading that cannot run foreign code."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, compose_cfg, run_entry, tiny_overrides
-from toolkit.callbacks.preemption import AtomicCheckpointIO
+from toolkit.callbacks.preemption import AtomicCheckpointIO, PreemptionCheckpoint
 from toolkit.config import check_overrides
+from toolkit.evaluation.protocol import read_prompts
+from toolkit.run_dir import history
 from toolkit.tasks import train
 
 ADAPTER = Path("adapter") / "pytorch_lora_weights.safetensors"
@@ -27,20 +30,21 @@ def resume_overrides(model: str, data: Path, out: Path) -> list[str]:
     input on: flips, random crops, caption dropout, LoRA dropout, deterministic CPU kernels."""
     return tiny_overrides(model, data, out) + [
         "trainer.max_steps=8", "trainer.deterministic=true", "data.random_flip=true",
-        "data.center_crop=false", "module.caption_dropout=0.3", "module.lora.lora_dropout=0.1",
+        "data.center_crop=false", "module.caption_dropout=0.3", "module.lora.dropout=0.1",
         "callbacks.sample_grid.every_n_steps=100"]
 
 
-def start(args: list[str]) -> subprocess.Popen:
+def start(args: list[str], log: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = open(log, "w") if log else subprocess.DEVNULL   # noqa: SIM115 - the child holds it
     return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE, text=True)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     end = time.time() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"training ended before {path.name}: {proc.stderr.read()[-3000:]}"
+        assert proc.poll() is None, f"training ended before {path.name}: {proc.stderr and proc.stderr.read()[-3000:]}"
         assert time.time() < end, f"no {path} after {timeout} s"
         time.sleep(0.05)
 
@@ -81,9 +85,57 @@ def test_sigterm_checkpoints_exits_143_and_resumes_identically(tiny_model, image
     assert proc.wait(timeout=300) == 143, proc.stderr.read()[-3000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert 2 <= ckpt["global_step"] < 8 and not (tmp_path / ADAPTER).exists()
-    res = run_entry(args + ["ckpt_path=last"])
+    saved = (tmp_path / ".hydra" / "overrides.yaml").read_text()
+    res = run_entry(args + ["ckpt_path=last"])   # repeating the run's own overrides is fine
     assert res.returncode == 0, res.stderr[-3000:]
     assert same_tensors(tmp_path / ADAPTER, uninterrupted)
+    # one last.ckpt, the newest state; the first run's .hydra/ as it was; both attempts in the history
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == saved
+    assert (tmp_path / ".hydra" / "resume-1" / "overrides.yaml").is_file()
+    assert [(h["event"], h["hydra_dir"]) for h in history(tmp_path)] == [("start", ".hydra"),
+                                                                         ("resume", ".hydra/resume-1")]
+    assert history(tmp_path)[1]["overrides"] == [a for a in args if not a.startswith("hydra.")] + ["ckpt_path=last"]
+
+
+def test_ctrl_c_checkpoints_exits_130_and_the_printed_command_resumes_identically(
+        tiny_model, imagefolder_data, uninterrupted, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start(resume_overrides(tiny_model, imagefolder_data, run), log)
+    wait_for(run / "checkpoints" / "step=2.ckpt", proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    assert 2 <= torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 8
+    assert not (run / ADAPTER).exists()
+    printed = log.read_text().split("Resume with:\n")[1].splitlines()[0].strip()
+    assert printed == f"python run.py hydra.run.dir={run} ckpt_path=last"
+    # exactly the printed command, through a shell: the run's own data, max_steps and everything else
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    res = subprocess.run(printed, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"images from {imagefolder_data}," in res.stdout
+    assert f"starting from checkpoint {run / 'checkpoints' / 'last.ckpt'}" in res.stdout
+    assert same_tensors(run / ADAPTER, uninterrupted)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_second_ctrl_c_stops_at_once(monkeypatch):
+    cb = PreemptionCheckpoint("unused")
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        cb._handler(signal.SIGINT, None)                  # first: checkpoint at the end of the batch
+        assert cb.requested == "SIGINT" and cb.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):            # second: now, without a checkpoint
+            cb._handler(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    term = PreemptionCheckpoint("unused")
+    term._handler(signal.SIGTERM, None)
+    term._handler(signal.SIGTERM, None)                   # repeated SIGTERM: still one checkpoint, 143
+    assert term.exit_code == 143
 
 
 def test_crash_during_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -138,7 +190,8 @@ def test_misspelt_key_fails_at_start_naming_the_nearest_key():
 @pytest.mark.parametrize("override,message", [
     ("data.global_batch_size=5", r"global_batch_size=5 is not divisible .* use a multiple of 2"),
     ("data.resolution=15", r"resolution=15 is not divisible by the VAE's downsampling factor 2 .* use 14 or 16"),
-    ("model.name_or_path=/no/such/model", r"is not a diffusers pipeline directory"),
+    ("model.name_or_path=/no/such/model", r"no local file or folder .*/no/such/model\), and it cannot be a hub"),
+    ("model.name_or_path=my_model", r"no local file or folder .*my_model\); and offline mode is on \(HF_HUB_OFFLINE"),
     ("data.caption_column=prompt", r"data.caption_column='prompt' is not a column .* columns are"),
 ])
 def test_inconsistent_settings_fail_before_training(override, message, tiny_model, imagefolder_data, tmp_path,
@@ -172,3 +225,19 @@ def test_interrupted_result_append_loses_only_the_partial_row(tmp_path):
         f.write('{"cell": 2, "metr')          # the process died mid-append
     append_row(path, {"cell": 3})
     assert [r["cell"] for r in read_rows(path)] == [1, 3]
+
+
+def test_prompts_that_look_like_a_missing_file_fail_fast(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = time.monotonic()
+    for value in ("prompts.txt", "./my prompts.txt", "~/no/such/prompts", "lists/styles"):
+        with pytest.raises(FileNotFoundError, match=r"looks like a file name, but there is no such file \(resolved to"):
+            read_prompts(value)
+    assert time.monotonic() - t < 2
+    assert read_prompts("a cat w/ a hat") == ["a cat w/ a hat"]          # a prompt, not a path
+    assert read_prompts(["prompts.txt"] * 2) == ["prompts.txt"] * 2      # a list is prompts
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    assert read_prompts("prompts.txt") == ["a red circle", "a blue square"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match="is a .jsonl file"):
+        read_prompts("p.jsonl")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import struct
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ from PIL import Image
 
 from tests.conftest import compose_cfg, tiny_overrides
 from toolkit.data.datamodule import CaptionedImageDataModule
+from toolkit.data.sources import load_captioned
 from toolkit.data.validate import BadItem, DataPolicy, EmptyDatasetError, decode_image
 from toolkit.tasks import train
 
@@ -87,7 +93,10 @@ def test_scan_reports_exactly_the_bad_files(hostile, tmp_path):
     dm.setup("fit")
     report = json.loads((tmp_path / "data_report_train.json").read_text())
     rejected = {Path(r["item"]).name: r["reason"] for r in report["rejected"]}
-    assert {k: v.split(" (")[0] for k, v in rejected.items()} == REJECTED
+    assert rejected == REJECTED   # the exact reason is the key; the detail is beside it
+    assert report["counts"] == {r: list(REJECTED.values()).count(r) for r in set(REJECTED.values())}
+    details = {Path(r["item"]).name: r["detail"] for r in report["rejected"]}
+    assert details["badutf.png"].startswith("badutf.txt: ") and "dup.jpg / dup.png" in details["dup.png"]
     converted = {Path(r["item"]).name: r["what"] for r in report["converted"]}
     assert set(converted) == set(CONVERTED)
     for name, note in CONVERTED.items():
@@ -123,7 +132,7 @@ def test_conversions_give_the_right_pixels(hostile):
 
 def test_policy_error_names_the_first_bad_file(hostile, tmp_path):
     dm = datamodule(hostile, tmp_path, on_error="error", scan_workers=1)
-    with pytest.raises(BadItem, match=r"^caption not UTF-8.*badutf\.png$"):   # sorted: badutf.png is first
+    with pytest.raises(BadItem, match=r"^caption not UTF-8: \S*badutf\.png \(badutf\.txt: "):   # sorted: first
         dm.setup("fit")
 
 
@@ -170,3 +179,99 @@ def test_loader_skips_a_file_broken_after_the_scan(tmp_path):
     assert dm.train_set[(0, 0)] is None                # logged and skipped, not raised
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch["pixel_values"], torch.Tensor)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width``×``height`` and holds no pixel data (Pillow reads the size only)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_message_states_the_limit_in_force(tmp_path):
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(_png_header(20000, 20000))          # 400 M pixels: over twice Pillow's limit
+    limit = Image.MAX_IMAGE_PIXELS
+    for path, policy, want in ((huge, DataPolicy(), f"400,000,000 pixels > limit {limit:,} (Pillow's"),
+                               (tmp_path / "bomb.png", DataPolicy(), f"> limit {limit:,} (Pillow's"),
+                               (tmp_path / "ok.png", DataPolicy(max_image_pixels=500),
+                                "24x24 = 576 pixels > limit 500 (data.policy.max_image_pixels)")):
+        if not path.exists():
+            (Image.new("1", (10000, 9000)) if path.name == "bomb.png" else _rgb(0)).save(path)
+        with pytest.raises(BadItem) as err:
+            decode_image(str(path), policy, RES)
+        assert err.value.reason == "decompression bomb" and want in err.value.detail, err.value.detail
+        assert f"{2 * limit:,}" not in err.value.detail   # never Pillow's 2x refusal threshold
+    with pytest.raises(ValueError, match=rf"max_image_pixels={3 * limit} is above {2 * limit}, the size Pillow"):
+        DataPolicy(max_image_pixels=3 * limit)
+
+
+@pytest.fixture
+def folder_with_orphan(imagefolder_data, tmp_path) -> Path:
+    """The imagefolder fixture plus one image that no metadata.jsonl row names."""
+    root = tmp_path / "data"
+    shutil.copytree(imagefolder_data, root)
+    _rgb(99).save(root / "orphan.png")
+    return root
+
+
+def test_image_without_a_metadata_row_is_reported(folder_with_orphan, tmp_path):
+    dm = datamodule(folder_with_orphan, tmp_path)
+    dm.val_fraction = 0
+    dm.setup("fit")
+    report = json.loads((tmp_path / "data_report_train.json").read_text())
+    assert [(Path(r["item"]).name, r["reason"]) for r in report["rejected"]] == [("orphan.png", "no metadata row")]
+    assert report["total"] == 17 and report["counts"] == {"no metadata row": 1}
+    assert report["summary"].startswith("16 of 17 items usable") and len(dm.train_set) == 16
+
+
+def test_caption_policy_applies_to_an_image_without_a_metadata_row(folder_with_orphan, tmp_path):
+    dm = datamodule(folder_with_orphan, tmp_path, captions="empty")
+    dm.val_fraction = 0
+    dm.setup("fit")
+    kept = [Path(dm.train_set.ds[i]["image"]["path"]).name for i in dm.train_set.indices]
+    assert len(kept) == 17 and "orphan.png" in kept          # trained unconditioned, as the policy says
+    i = kept.index("orphan.png")
+    assert dm.train_set[(0, i)]["caption"] == ""
+    with pytest.raises(BadItem, match="^no metadata row: .*orphan.png"):
+        datamodule(folder_with_orphan, tmp_path / "e", captions="error", on_error="error").setup("fit")
+
+
+def test_missing_relative_data_folder_fails_fast_naming_both_readings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = time.monotonic()
+    with pytest.raises(FileNotFoundError) as err:
+        load_captioned("my_folder")
+    assert time.monotonic() - t < 2
+    msg = str(err.value)
+    assert f"no local file or folder of that name (resolved to {tmp_path / 'my_folder'})" in msg
+    assert "offline mode is on (HF_HUB_OFFLINE=1)" in msg and "cannot be fetched as a hub dataset id" in msg
+    with pytest.raises(FileNotFoundError, match=r"resolved to .*/no/such.* cannot be a hub dataset id"):
+        load_captioned("./no/such/folder")
+
+
+def test_missing_data_folder_online_asks_the_hub_once(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def not_found(self, repo_id, **kw):
+        calls.append((repo_id, kw["repo_type"], kw["timeout"]))
+        err = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+        Exception.__init__(err, "404")
+        raise err
+
+    monkeypatch.setattr(HfApi, "repo_info", not_found)
+    with pytest.raises(FileNotFoundError, match=r"no local file or folder .* and the hub has no dataset 'my_folder'"):
+        load_captioned("my_folder")
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kw: (_ for _ in ()).throw(OSError("unreachable")))
+    with pytest.raises(ConnectionError, match=r"no local file or folder .* the hub could not be reached .*unreachable"):
+        load_captioned("org/my_folder")
+    assert calls == [("my_folder", "dataset", 5.0)]
+    assert os.environ.get("HF_DATASETS_OFFLINE") is None

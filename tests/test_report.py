@@ -24,9 +24,9 @@ from toolkit.report import collect, detect, pareto_front, summary_entries, table
 from toolkit.report.collect import read_curves
 from toolkit.report.figures import throughput
 from toolkit.report.render import MAX_SIDE, image_uri
-from toolkit.report.table import find_baseline
 from toolkit.results import append_row, settings_key
 from toolkit.tasks import report as report_task
+from toolkit.tasks.summarize import find_baseline
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -34,7 +34,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 EVIL = "<b>evil</b>.png"   # a file name that must reach the page as text, never as markup
 
 # The eval sweep: (lora_scale, seed) -> (fid, clip). Scale 0 has two seeds (t interval), the others one
-# (bootstrap interval). 0.5 dominates 0; 1 has the lowest FID: the Pareto front is {0.5, 1}.
+# (its own interval over images). 0.5 dominates 0; 1 has the lowest FID: the Pareto front is {0.5, 1}.
 SWEEP = {(0, 0): (298.0, 19.5), (0, 1): (302.0, 20.5), (0.5, 0): (250.0, 22.0), (1, 0): (240.0, 18.0)}
 MEANS = {"lora_scale=[0]": (300.0, 20.0), "lora_scale=[0.5]": (250.0, 22.0), "lora_scale=[1]": (240.0, 18.0)}
 
@@ -54,7 +54,8 @@ def result_row(run_dir: Path, adapters: list, lora_scale: float, seed: int, fid:
                 "model": {"name_or_path": "tiny", "dtype": "float32"}, "prompts": "dataset captions"}
     metrics = {"fid": fid, "fid_ci_low": fid - 10, "fid_ci_high": fid + 12, "kid": fid / 1000,
                "kid_ci_low": fid / 1000 - 0.01, "kid_ci_high": fid / 1000 + 0.01, "kid_std": 0.01,
-               "clip_score": clip, "clip_ci_low": clip - 1, "clip_ci_high": clip + 1.5, "n_fake": 16, "n_real": 32}
+               "clip_score": clip, "clip_score_ci_low": clip - 1, "clip_score_ci_high": clip + 1.5, "n_fake": 16,
+               "n_real": 32}
     return {"key": settings_key(settings), "settings": settings, "metrics": metrics, "time": "2026-01-01T00:00:00",
             "protocol": {"feature_extractor": "tf-inception-v3 pool3 (2048-d)", "reference_size": [32, 32]},
             "run_dir": str(run_dir)}
@@ -151,8 +152,8 @@ def test_summary_entries_intervals_pareto_baseline(tmp_path):
     assert varying == ["lora_scale"]
     by = {e["lora_scale"]: e for e in entries}
     assert by["[0]"]["n_seeds"] == 2 and by["[0]"]["fid"] == pytest.approx(300.0)
-    assert math.isfinite(by["[0]"]["fid_half"])                                    # t interval across 2 seeds
-    assert (by["[1]"]["fid_ci_low"], by["[1]"]["fid_ci_high"]) == (230.0, 252.0)   # the row's bootstrap CI
+    assert math.isfinite(by["[0]"]["fid_ci_low"]) and "2 seeds" in by["[0]"]["fid_ci"]   # t across 2 seeds
+    assert (by["[1]"]["fid_ci_low"], by["[1]"]["fid_ci_high"]) == (230.0, 252.0)   # the row's interval
     assert (by["[1]"]["clip_score_ci_low"], by["[1]"]["clip_score_ci_high"]) == (17.0, 19.5)
     assert {k: e["pareto"] for k, e in by.items()} == {"[0]": False, "[0.5]": True, "[1]": True}
     assert by["[0]"]["baseline"] and not by["[1]"].get("baseline")                # scale 0 = the base model
@@ -191,7 +192,7 @@ def test_pareto_front():
 
 def test_find_baseline_needs_a_varying_key():
     with pytest.raises(ValueError, match="not a varying setting"):
-        find_baseline([{"a": "1"}], ["a"], "b=1")
+        find_baseline([{"a": "1"}], ["a"], [[{}]], "b=1")
 
 
 def test_train_eval_sweep_dedupes_base_and_labels_cells(tmp_path):

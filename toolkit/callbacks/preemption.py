@@ -1,10 +1,16 @@
-"""Survive preemption: checkpoint on SIGTERM / SIGUSR1 and write every checkpoint atomically.
+"""Survive preemption and Ctrl-C: checkpoint on SIGTERM / SIGUSR1 / SIGINT, write every checkpoint atomically.
 
 ``PreemptionCheckpoint`` turns a signal into a checkpoint written at the next batch boundary
 (the same point where ``ModelCheckpoint`` saves, so ``ckpt_path=last`` resumes exactly), then
-stops training; the train task exits with status 143 and says how to resume. In a DDP run the
+stops training; the train task exits with 128 + the signal number (143 for SIGTERM and SIGUSR1,
+130 for Ctrl-C) and prints the command that resumes the run. A second Ctrl-C stops at once,
+without a checkpoint (the previous ``last.ckpt`` stays: writes are atomic). In a DDP run the
 signal flag is OR-reduced over ranks every batch, so all ranks stop at the same step. SLURM:
 ``#SBATCH --signal=USR1@120`` gives the job two minutes' warning.
+
+The checkpoint is ``<dirpath>/last.ckpt``, the file ``ModelCheckpoint(save_last=True)`` keeps
+current; with ``enable_version_counter=false`` (conf/callbacks) ModelCheckpoint overwrites it
+too, so a run dir holds exactly one ``last.ckpt``, always the newest state.
 
 ``AtomicCheckpointIO`` writes ``<file>.tmp`` and renames it over ``<file>``: a crash in the
 middle of a write leaves the previous checkpoint intact (Lightning's own ``TorchCheckpointIO``
@@ -42,15 +48,28 @@ class PreemptionCheckpoint(L.Callback):
         signals: signal names that request a checkpoint and a clean stop.
     """
 
-    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
         self.dirpath, self.signals = Path(dirpath), tuple(signals)
         self.requested: str | None = None
         self.preempted_at: int | None = None
+        self.checkpoint: Path | None = None
         self._previous: dict[int, Any] = {}
 
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process stopped by it; SIGUSR1 (SLURM's
+        warning) as SIGTERM, the signal that schedulers expect."""
+        return 128 + (signal.SIGINT if self.requested == "SIGINT" else signal.SIGTERM)
+
     def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
-        log.warning("%s received: checkpointing at the end of this batch", self.requested)
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.requested is not None:   # second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.requested = "SIGINT"
+            raise KeyboardInterrupt
+        self.requested = name
+        again = " (Ctrl-C again to stop at once, without one)" if name == "SIGINT" else ""
+        log.warning("%s received: checkpointing at the end of this batch%s", name, again)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # Registered after Lightning's own handlers (set up at fit start), which they replace
@@ -61,16 +80,18 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+        if self.preempted_at is not None or not trainer.strategy.reduce_boolean_decision(
+                self.requested is not None, all=False):
             return
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path)
-        self.preempted_at = trainer.global_step
-        log.warning("preempted (%s): checkpoint %s at step %d; resume with ckpt_path=last",
-                    self.requested or "signal on another rank", path, trainer.global_step)
+        trainer.save_checkpoint(path, weights_only=False)   # the full state, as ModelCheckpoint saves
+        self.preempted_at, self.checkpoint = trainer.global_step, path
         trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, module)

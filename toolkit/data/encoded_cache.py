@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from toolkit.atomic import atomic_open
+from toolkit.logs import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def fill(store: ArrayStore, keys: Sequence[str], inputs: Sequence[Any], encode: 
     todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
     mine = todo[rank::world_size]
     chunk = max(batch_size, 1024 // max(batch_size, 1) * batch_size)   # rows per shard file
-    bar = tqdm(total=len(mine), desc=f"{desc} (rank {rank})", disable=not mine, mininterval=1.0)
+    bar = progress_bar(total=len(mine), desc=f"{desc} (rank {rank})", unit="item", disable=not mine)
     for start in range(0, len(mine), chunk):
         part = mine[start: start + chunk]
         rows = [encode([inputs[i] for i in part[b: b + batch_size]]) for b in range(0, len(part), batch_size)]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import datasets
 
+from toolkit.locate import check_local_or_hub
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -24,9 +26,7 @@ def detect_format(path: str | Path) -> str:
     """``imagefolder``, ``sidecar`` (kohya .txt captions) or ``hub``."""
     p = Path(path).expanduser()
     if not p.exists():
-        if str(path).startswith(("/", ".", "~")):
-            raise FileNotFoundError(f"dataset path {path!r} does not exist")
-        return "hub"
+        return check_local_or_hub(str(path), "data.path", "dataset")
     if not p.is_dir():
         raise NotADirectoryError(f"dataset path {path!r} is a file; pass its folder or a hub id")
     if any(next(p.glob(f"**/{m}"), None) for m in METADATA_FILES):
@@ -38,7 +38,8 @@ def image_files(root: Path) -> list[Path]:
     return sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
 
 
-CAPTION_PROBLEM = "caption_problem"   # column the sidecar source adds: why a caption is unusable
+CAPTION_PROBLEM = "caption_problem"   # column the local sources add: why a caption is unusable
+NO_METADATA_ROW = "no metadata row"
 
 
 def read_sidecar_caption(txt: Path) -> tuple[str | None, str | None]:
@@ -86,7 +87,7 @@ def load_captioned(path: str, split: str = "train", image_column: str = "image",
     if fmt == "sidecar":
         ds = sidecar_dataset(Path(path).expanduser(), caption_column)
     elif fmt == "imagefolder":
-        ds = datasets.load_dataset("imagefolder", data_dir=str(Path(path).expanduser()), split=split)
+        ds = imagefolder_dataset(Path(path).expanduser(), split, image_column, caption_column)
     else:
         ds = datasets.load_dataset(path, split=split, revision=revision)
     for role, col in (("image_column", image_column), ("caption_column", caption_column)):
@@ -97,6 +98,32 @@ def load_captioned(path: str, split: str = "train", image_column: str = "image",
         # Decode ourselves (toolkit.data.validate): datasets' decoder raises on the first bad file.
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
+
+
+def imagefolder_dataset(root: Path, split: str, image_column: str, caption_column: str) -> datasets.Dataset:
+    """``datasets``' imagefolder, plus a row for every image file of the split that no metadata
+    row names (``datasets`` drops those without a word): caption None, ``caption_problem`` "no
+    metadata row"."""
+    builder = datasets.load_dataset_builder("imagefolder", data_dir=str(root))
+    builder.download_and_prepare()
+    ds = builder.as_dataset(split=split)
+    if image_column not in ds.column_names or caption_column not in ds.column_names:
+        return ds   # load_captioned names the missing column
+    ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    listed = {str(Path(item["path"]).resolve()) for item in ds[image_column] if item.get("path")}
+    files = next((v for k, v in (builder.config.data_files or {}).items() if str(k) == split), [])
+    orphans = sorted(f for f in map(str, files)
+                     if Path(f).suffix.lower() in IMAGE_EXTS and str(Path(f).resolve()) not in listed)
+    problems = datasets.Value("string")
+    ds = ds.add_column(CAPTION_PROBLEM, [None] * len(ds), feature=problems)
+    if not orphans:
+        return ds
+    log.warning("%s: %d image file(s) have no row in the metadata file (first: %s); reported as %r",
+                root, len(orphans), Path(orphans[0]).name, NO_METADATA_ROW)
+    extra = {c: [None] * len(orphans) for c in ds.column_names}
+    extra[image_column] = [{"path": f, "bytes": None} for f in orphans]
+    extra[CAPTION_PROBLEM] = [NO_METADATA_ROW] * len(orphans)
+    return datasets.concatenate_datasets([ds, datasets.Dataset.from_dict(extra, features=ds.features)])
 
 
 def fingerprint_listing(root: str | Path) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,15 +26,18 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 from toolkit.atomic import atomic_open
+from toolkit.logs import progress
 
 log = logging.getLogger(__name__)
 
 
 # Source problems no caption policy can fix: which caption belongs to which image is unknown.
 NEVER_GUESSED = ("duplicate name",)
+# What a source may say about a caption ("<reason>" or "<reason> (<detail>)"); the reason is the
+# report's key, exactly one of these.
+CAPTION_REASONS = ("missing caption", "empty caption", "caption not UTF-8", "duplicate name", "no metadata row")
 
 
 class BadItem(ValueError):
@@ -60,8 +64,9 @@ class DataPolicy:
         captions: missing / empty / undecodable caption: ``skip``, ``empty`` (train it with the
             empty prompt) or ``error``.
         alpha_background: RGB that transparent pixels are composited onto.
-        max_image_pixels: refuse images with more pixels (decompression bombs); None: Pillow's
-            limit (``Image.MAX_IMAGE_PIXELS``).
+        max_image_pixels: refuse images with more pixels (decompression bombs), before decoding;
+            None: Pillow's ``Image.MAX_IMAGE_PIXELS`` (89.5 M). Pillow itself refuses anything over
+            twice its limit on open, so a larger value is an error here.
         scan: decode everything before training (cached by dataset fingerprint).
         scan_workers: threads of the scan.
     """
@@ -81,21 +86,34 @@ class DataPolicy:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"data.policy.{key}={getattr(self, key)!r}: expected one of {allowed}")
         object.__setattr__(self, "alpha_background", tuple(int(c) for c in self.alpha_background))
+        hard = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+        if self.max_image_pixels and hard and self.max_image_pixels > hard:
+            raise ValueError(f"data.policy.max_image_pixels={self.max_image_pixels} is above {hard}, the size Pillow "
+                             "refuses to open (2 × PIL.Image.MAX_IMAGE_PIXELS); use at most that")
+
+    def pixel_limit(self) -> tuple[int | None, str]:
+        """The limit in force and where it comes from."""
+        if self.max_image_pixels:
+            return int(self.max_image_pixels), "data.policy.max_image_pixels"
+        return Image.MAX_IMAGE_PIXELS, "Pillow's Image.MAX_IMAGE_PIXELS"
 
 
-def _open(data: bytes, limit: int | None) -> Image.Image:
+def _open(data: bytes, policy: DataPolicy) -> Image.Image:
     if not data:
         raise BadItem("empty file", "0 bytes")
-    limit = limit or Image.MAX_IMAGE_PIXELS
+    limit, source = policy.pixel_limit()
     try:
         with warnings.catch_warnings():   # the size is checked below, against our limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if limit and img.width * img.height > limit:
-                raise BadItem("decompression bomb", f"{img.width}x{img.height} pixels > limit {limit}")
+                raise BadItem("decompression bomb", f"{img.width}x{img.height} = {img.width * img.height:,} pixels "
+                              f"> limit {limit:,} ({source})")
             img.load()   # decode now: a truncated file fails here, not mid-epoch
-    except Image.DecompressionBombError as err:
-        raise BadItem("decompression bomb", str(err).split(" could be")[0]) from None
+    except Image.DecompressionBombError as err:   # over 2x Pillow's limit: refused inside Image.open
+        m = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(m.group(1)):,} pixels" if m else "more pixels"
+        raise BadItem("decompression bomb", f"{size} > limit {limit:,} ({source})") from None
     except UnidentifiedImageError:
         raise BadItem("not an image", "Pillow cannot identify the file") from None
     except (OSError, SyntaxError, ValueError) as err:
@@ -136,7 +154,7 @@ def decode_image(item: Any, policy: DataPolicy, min_side: int) -> tuple[Image.Im
                 data = Path(path).read_bytes()
             except OSError as err:
                 raise BadItem("unreadable file", str(err)) from None
-        img = _open(data, policy.max_image_pixels)
+        img = _open(data, policy)
     notes = []
     if img.getexif().get(0x0112, 1) not in (1, None):
         img = ImageOps.exif_transpose(img)
@@ -152,8 +170,15 @@ def decode_image(item: Any, policy: DataPolicy, min_side: int) -> tuple[Image.Im
     return img, notes
 
 
+def caption_reason(problem: str) -> tuple[str, str]:
+    """(reason, detail) of a source's caption problem ``"<reason> (<detail>)"``."""
+    reason = next((r for r in CAPTION_REASONS if problem.startswith(r)), problem)
+    return reason, problem[len(reason):].strip().removeprefix("(").removesuffix(")")
+
+
 def check_caption(caption: Any, problem: str | None, policy: DataPolicy) -> str:
-    """The caption to train on; ``problem`` is what the source found (missing, not UTF-8...)."""
+    """The caption to train on; ``problem`` is what the source found (missing, not UTF-8, no
+    metadata row...)."""
     if problem is None and caption is None:
         problem = "missing caption"
     if problem is None and not str(caption).strip():
@@ -162,7 +187,7 @@ def check_caption(caption: Any, problem: str | None, policy: DataPolicy) -> str:
         return str(caption).strip()
     if policy.captions == "empty" and not problem.startswith(NEVER_GUESSED):
         return ""
-    raise BadItem(problem)
+    raise BadItem(*caption_reason(problem))
 
 
 def item_name(item: Any, index: int) -> str:
@@ -192,7 +217,7 @@ def scan(n: int, get: Callable[[int], tuple[Any, Any, str | None]], policy: Data
          desc: str = "scanning data") -> ScanResult:
     """Check items ``0..n-1``; ``get(i)`` returns (image item, caption, caption problem)."""
 
-    def one(i: int) -> tuple[int, str | None, list[str], str, list[int]]:
+    def one(i: int) -> tuple[int, BadItem | None, list[str], str, list[int]]:
         image, caption, problem = get(i)
         name = item_name(image, i)
         try:
@@ -202,18 +227,18 @@ def scan(n: int, get: Callable[[int], tuple[Any, Any, str | None]], policy: Data
         except BadItem as bad:
             if policy.on_error == "error":
                 raise BadItem(bad.reason, f"{name} ({bad.detail})" if bad.detail else name) from None
-            return i, str(bad), [], name, []
+            return i, bad, [], name, []
 
     result = ScanResult(keep=[], total=n)
     with ThreadPoolExecutor(max(1, policy.scan_workers)) as pool:
-        for i, bad, notes, name, size in tqdm(pool.map(one, range(n)), total=n, desc=desc, mininterval=1.0):
+        for i, bad, notes, name, size in progress(pool.map(one, range(n)), desc, total=n, unit="items"):
             if bad is None:
                 result.keep.append(i)
                 result.sizes.append(size)
                 if notes:
                     result.converted.append({"item": name, "what": "; ".join(notes)})
-            else:
-                result.rejected.append({"item": name, "reason": bad.split(":")[0], "detail": bad})
+            else:   # the reason is the report's key, exactly; the detail says which file / how
+                result.rejected.append({"item": name, "reason": bad.reason, "detail": bad.detail})
     return result
 
 
@@ -237,4 +262,5 @@ def require_items(result: ScanResult, source: str, sizes: Sequence[int] = ()) ->
     if len(result.keep) < need:
         raise EmptyDatasetError(
             f"{source}: {result.summary()} — need at least {need}. Fix or remove the rejected files "
-            "(listed in data_report.json), or relax data.policy (small_images=upscale, captions=empty).")
+            "(listed in the run dir's data_report_train.json / data_report_val.json), or relax data.policy "
+            "(small_images=upscale, captions=empty).")

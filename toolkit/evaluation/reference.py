@@ -64,8 +64,12 @@ def cache_key(fingerprint: str, protocol: dict[str, Any], n: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def cache_path(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir) / f"{key}.npy"
+
+
 def load_cached(cache_dir: str | Path, key: str) -> np.ndarray | None:
-    f = Path(cache_dir) / f"{key}.npy"
+    f = cache_path(cache_dir, key)
     if f.is_file():
         log.info("reference features: cache hit %s", f)
         return np.load(f)
@@ -74,7 +78,7 @@ def load_cached(cache_dir: str | Path, key: str) -> np.ndarray | None:
 
 def save_cached(cache_dir: str | Path, key: str, feats: np.ndarray) -> Path:
     """Write atomically: a temp file in the same folder, then rename."""
-    path = Path(cache_dir) / f"{key}.npy"
+    path = cache_path(cache_dir, key)
     with atomic_open(path) as fh:
         np.save(fh, feats)
     return path

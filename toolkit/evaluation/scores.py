@@ -1,40 +1,79 @@
-"""FID, KID and CLIP score with 95% bootstrap CIs over generated images."""
+"""The numbers of one evaluation cell: FID, KID, CLIP score with intervals, FID∞, precision/recall,
+density/coverage, per-prompt CLIP; and paired comparisons of two cells.
+
+What each interval means (``toolkit.metrics.intervals``): FID and KID intervals are over the
+generated images, the reference set held fixed (grouped jackknife: estimate ± t·se, so they
+always contain the estimate); the FID interval is for E[FID_N] at the N evaluated. The CLIP
+interval is the Student-t interval of the mean over images.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
-from toolkit.metrics import distances
-from toolkit.metrics.bootstrap import bootstrap_ci
+from toolkit.metrics.fidelity import prdc
+from toolkit.metrics.intervals import (
+    Reference,
+    compare_paired,
+    fid_infinity,
+    fid_interval,
+    kid_interval,
+    mean_interval,
+)
 
 
-def compute_scores(real: np.ndarray, fake: np.ndarray, clip: np.ndarray | None, resamples: int = 200,
-                   kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict[str, float]:
+def compute_scores(ref: Reference, fake: np.ndarray, clip: np.ndarray | None, groups: int = 20,
+                   level: float = 0.95, seed: int = 0, with_fid_infinity: bool = False,
+                   with_prdc: bool = True) -> dict[str, float]:
     """Args:
-        real, fake: Inception features (n × 2048) of reference and generated images.
+        ref: the reference features (``Reference.from_features``).
+        fake: Inception features (n × 2048) of the generated images.
         clip: per-generated-image CLIP scores, or None when CLIP is unavailable.
-        resamples: bootstrap resamples of the generated set (0 disables the CIs).
-        kid_subsets, kid_subset_size: KID estimator settings.
-        seed: seed of the KID subsets and the bootstrap.
+        groups, level: jackknife groups and the intervals' coverage.
+        seed: seed of the jackknife grouping and of FID∞'s subsets.
+        with_fid_infinity: add FID∞ (Chong & Forsyth 2020) and its fit.
+        with_prdc: add precision/recall (k=3) and density/coverage (k=5) on the same features.
     """
-    mu_r, sig_r = distances.stats(real)
-    out: dict[str, float] = {"n_real": len(real), "n_fake": len(fake)}
-    # For n_fake < d the low-rank form is exact (tested equal to sqrtm) and avoids a 2048² sqrtm.
-    low_rank = len(fake) < real.shape[1]
-    out["fid"] = (distances.fid_low_rank(mu_r, sig_r, fake) if low_rank
-                  else distances.frechet_distance(mu_r, sig_r, *distances.stats(fake)))
-    out["kid"], out["kid_std"] = distances.kid(real, fake, kid_subsets, kid_subset_size, seed)
+    out: dict[str, Any] = {"n_real": len(ref.feats), "n_fake": len(fake)}
+    out.update(fid_interval(ref, fake, groups, level, seed).to_dict("fid"))
+    out.update(kid_interval(ref, fake, groups, level, seed).to_dict("kid"))
     if clip is not None:
-        out["clip_score"] = float(np.mean(clip))
-    if resamples > 0:
-        fid_stat = (lambda idx: distances.fid_low_rank(mu_r, sig_r, fake[idx])) if low_rank \
-            else (lambda idx: distances.frechet_distance(mu_r, sig_r, *distances.stats(fake[idx])))
-        out["fid_ci_low"], out["fid_ci_high"] = bootstrap_ci(len(fake), fid_stat, resamples, seed=seed)
-        # KID resamples reuse kernel matrices computed once: each resample only indexes them.
-        kxx, kyy, kxy = distances.poly_kernels(real, fake)
-        kid_stat = lambda idx: distances.mmd2_from_kernels(kxx, kyy[np.ix_(idx, idx)], kxy[:, idx])
-        out["kid_ci_low"], out["kid_ci_high"] = bootstrap_ci(len(fake), kid_stat, resamples, seed=seed)
-        if clip is not None:
-            out["clip_ci_low"], out["clip_ci_high"] = bootstrap_ci(
-                len(clip), lambda idx: float(np.mean(clip[idx])), resamples, seed=seed)
+        out.update(mean_interval(clip, level).to_dict("clip_score"))
+    if with_fid_infinity:
+        out.update(fid_infinity(ref, fake, seed=seed).to_dict())
+    if with_prdc:
+        out.update(prdc(ref.feats, fake))
     return out
+
+
+def per_prompt(prompts: Sequence[str], clip: np.ndarray, groups: Sequence[str] | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """Mean CLIP score per prompt (and per prompt group), with the number of images."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, keys in (("prompt", prompts), ("group", groups)):
+        if keys is None:
+            continue
+        acc: dict[str, list[float]] = defaultdict(list)
+        for k, c in zip(keys, clip):
+            acc[k].append(float(c))
+        out[name] = {k: {"clip_score": float(np.mean(v)), "n": len(v)} for k, v in sorted(acc.items())}
+    return out
+
+
+def paired_deltas(ref: Reference, a: dict[str, np.ndarray], b: dict[str, np.ndarray], groups: int = 20,
+                  level: float = 0.95, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Δ = B − A of FID, KID and CLIP for two cells evaluated on the same prompts and seeds.
+
+    ``a`` / ``b``: the cells' per-image arrays (``features``, ``clip``, ``seeds``); the seeds must
+    match row by row, which is what makes the comparison paired."""
+    if len(a["seeds"]) != len(b["seeds"]) or not np.array_equal(a["seeds"], b["seeds"]):
+        raise ValueError("paired comparison needs the same images (prompts and seeds, in order) in both cells")
+    clip_a, clip_b = a.get("clip"), b.get("clip")
+    if clip_a is not None and (np.isnan(clip_a).any() or np.isnan(clip_b).any()):
+        clip_a = clip_b = None
+    comps = compare_paired(ref, a["features"], b["features"], clip_a, clip_b, groups, level, seed)
+    return {m: c.to_dict() | {"verdict": c.verdict(names=("A", "B"))} for m, c in comps.items()}

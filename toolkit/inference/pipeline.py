@@ -16,10 +16,10 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
-from tqdm import tqdm
 
 from toolkit.adapters.formats import file_sha256
 from toolkit.adapters.loading import load_adapters, resolve_adapter
+from toolkit.logs import progress as progress_bar
 from toolkit.models.pretrained import (
     check_model_path,
     is_single_file,
@@ -90,13 +90,16 @@ def generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[in
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     size = default_size(pipe)
     images: list[Image.Image] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+    bar = progress_bar(total=len(prompts), desc=desc, unit="img", disable=not progress)
+    for i in range(0, len(prompts), batch_size):
         p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
         gens = [torch.Generator("cpu").manual_seed(int(x)) for x in s]
         out = pipe(p, generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
                    negative_prompt=[negative_prompt] * len(p) if negative_prompt else None,
                    height=height or size, width=width or size, output_type="pil")
         images.extend(out.images)
+        bar.update(len(p))
+    bar.close()
     return images
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 from transformers import CLIPModel, CLIPTokenizer
+
+from toolkit.locate import check_local_or_hub
+from toolkit.logs import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +26,13 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_clip(name_or_path: str | None) -> CLIPScorer | None:
-    """A scorer, or None with a clear message when no CLIP model is available (metric skipped)."""
+    """A scorer, or None when ``metrics.clip_model`` is null (the metric is skipped, and the row says
+    so). A model that was named but cannot be found is an error, not a silently missing column."""
     if not name_or_path:
-        log.warning("CLIP score skipped: metrics.clip_model is not set")
+        log.warning("CLIP score skipped: metrics.clip_model is null")
         return None
-    try:
-        return CLIPScorer(name_or_path)
-    except OSError as err:
-        log.warning("CLIP score skipped: cannot load CLIP model %r (%s)", name_or_path, err)
-        return None
+    check_local_or_hub(str(name_or_path), "metrics.clip_model", "model")
+    return CLIPScorer(name_or_path)
 
 
 class CLIPScorer:
@@ -82,8 +82,11 @@ class CLIPScorer:
     def scores(self, images: list[Image.Image], texts: list[str], progress: bool = True) -> np.ndarray:
         """Per-image CLIP score 100·max(cos, 0)."""
         out = []
-        for i in tqdm(range(0, len(images), self.batch_size), desc="clip", disable=not progress):
+        bar = progress_bar(total=len(images), desc="clip", unit="img", disable=not progress)
+        for i in range(0, len(images), self.batch_size):
             img = self.embed_images(images[i : i + self.batch_size])
             txt = self.embed_texts(texts[i : i + self.batch_size])
             out.append((100 * (img * txt).sum(-1).clamp(min=0)).double().cpu().numpy())
+            bar.update(len(img))
+        bar.close()
         return np.concatenate(out) if out else np.zeros(0)

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
+
+from toolkit.logs import progress as progress_bar
 
 SIZE = 299
 PROTOCOL = {"feature_extractor": "tf-inception-v3 pool3 (2048-d)", "resize": "PIL bicubic 299x299 on uint8",
@@ -72,7 +73,10 @@ class InceptionFeatures:
     def __call__(self, images: list[Image.Image], progress: bool = True, desc: str = "inception"
                  ) -> np.ndarray:
         out = []
-        for i in tqdm(range(0, len(images), self.batch_size), desc=desc, disable=not progress):
+        bar = progress_bar(total=len(images), desc=desc, unit="img", disable=not progress)
+        for i in range(0, len(images), self.batch_size):
             x = preprocess(images[i : i + self.batch_size]).to(self.device)
             out.append(self.net(x).double().cpu().numpy())
+            bar.update(len(x))
+        bar.close()
         return np.concatenate(out) if out else np.zeros((0, 2048))

@@ -15,6 +15,7 @@ The family (SD-1.x/2.x or SDXL) is read from the UNet config. A replacement VAE 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
+from toolkit.locate import check_local_or_hub
 from toolkit.models.families import ModelFamily, family_of
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,13 @@ def is_single_file(name_or_path: str) -> bool:
     return str(name_or_path).endswith(SINGLE_FILE_SUFFIXES)
 
 
+@functools.cache
+def located(value: str, key: str, revision: str | None = None) -> str:
+    """``local`` or ``hub`` for a configured model location, checked once per process
+    (``toolkit.locate``: fails fast naming the missing folder and why it is not a hub id)."""
+    return check_local_or_hub(value, key, "model", revision)
+
+
 def config_root(name_or_path: str, config: str | None = None) -> str:
     """Where the component configs live: ``model.config`` for a single file, else the model itself."""
     if is_single_file(name_or_path):
@@ -61,6 +70,7 @@ def config_root(name_or_path: str, config: str | None = None) -> str:
                 f"model.name_or_path={name_or_path!r} is a single-file checkpoint: pass model.config=<a diffusers "
                 "folder or hub id of the same architecture> (e.g. the base model it was fine-tuned from), whose "
                 "component configs describe it; nothing is guessed or fetched implicitly.")
+        located(str(config), "model.config")
         return config
     return name_or_path
 
@@ -76,6 +86,7 @@ def check_model_path(name_or_path: str, config: str | None = None, allow_pickle:
                              "code. Convert it to .safetensors, or set model.allow_pickle=true for a trusted source.")
         check_model_path(config_root(name_or_path, config))
         return
+    located(str(name_or_path), "model.name_or_path")
     looks_local = str(name_or_path).startswith(("/", "./", "../", "~")) or path.exists()
     if looks_local and not (path / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -132,6 +143,7 @@ def check_resolution(name_or_path: str, resolution: int, revision: str | None = 
 def load_vae(vae: str, dtype: torch.dtype, revision: str | None = None, use_safetensors: bool = True
              ) -> AutoencoderKL:
     """A replacement VAE: a folder/hub id holding the VAE itself, or a pipeline with a ``vae/``."""
+    located(str(vae), "model.vae")
     local = Path(vae).expanduser()
     sub = None if (local / "config.json").is_file() or not (local / "vae").is_dir() else "vae"
     return AutoencoderKL.from_pretrained(vae, subfolder=sub, revision=revision, dtype=dtype,

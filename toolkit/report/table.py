@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from toolkit.tasks.summarize import CI_KEYS, flat, summarize_rows
+from toolkit.metrics import intervals
+from toolkit.tasks.summarize import identity, is_base, setting_label, summarize_rows
 
 STAT_SUFFIXES = ("_ci_low", "_ci_high", "_half", "_p", "_ci", "_std")
 COUNT_LABELS = {"n_images": ("N", "generated images per seed"), "n_seeds": ("seeds", "seeds (rows) per setting")}
@@ -104,74 +105,28 @@ def table_columns(entries: list[dict[str, Any]], varying: list[str]) -> tuple[li
     return cols, records
 
 
-def setting_label(entry: dict[str, Any], varying: list[str]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={entry[k]}" for k in varying if entry.get(k) is not None) or "all rows"
-
-
 def summary_entries(rows: list[dict[str, Any]], baseline: str | None = None) -> tuple[list[str], list[dict]]:
-    """``summarize_rows`` plus what the report needs on top: the single-seed bootstrap interval as
-    numbers (summarize keeps it as text), a ``pareto`` flag, the ``baseline`` flag and — only where
-    the entries carry no Δ of their own — the plain difference of means to the baseline."""
-    varying, entries = summarize_rows(rows)
-    for e in entries:
-        one = members(e, rows, varying)
-        for m, ci_key in CI_KEYS.items():
-            if m in e and interval(e, m) is None and len(one) == 1:
-                e[f"{m}_ci_low"] = one[0]["metrics"].get(f"{ci_key}_ci_low")
-                e[f"{m}_ci_high"] = one[0]["metrics"].get(f"{ci_key}_ci_high")
-    if not any("pareto" in e for e in entries):
-        front = pareto_front([(e.get("fid"), e.get("clip_score")) for e in entries])
-        if front:
-            for i, e in enumerate(entries):
-                e["pareto"] = i in front
-    base = find_baseline(entries, varying, baseline)
-    if base is not None:
-        base["baseline"] = True
-        if not any(k.startswith("delta_") for e in entries for k in e):
-            for e in entries:
-                for m in metric_names(entries, varying):
-                    if number(e.get(m)) is not None and number(base.get(m)) is not None:
-                        e[f"delta_{m}"] = e[m] - base[m]
+    """``summarize_rows`` with a baseline: the one given, else the rows without an adapter (or
+    with LoRA scale 0) when the sweep has them. Δ columns are then paired (see summarize)."""
+    spec = baseline or ("base" if any(is_base(r) for r in rows) and not all(is_base(r) for r in rows) else None)
+    varying, entries = summarize_rows(rows, spec)
+    base = next((e for e in entries if e.get("baseline")), None)
+    if base is not None and not any(k.startswith("delta_") for e in entries for k in e):
+        # rows without per-image files (older results): the plain difference, shown as "no test"
+        for e in entries:
+            for m in metric_names(entries, varying):
+                if number(e.get(m)) is not None and number(base.get(m)) is not None:
+                    e[f"delta_{m}"] = e[m] - base[m]
     return varying, entries
 
 
 def members(entry: dict[str, Any], rows: list[dict[str, Any]], varying: list[str]) -> list[dict[str, Any]]:
     """The result rows (seeds) that make up a summary entry."""
-    return [r for r in rows if all(flat(r["settings"]).get(k) == entry.get(k) for k in varying)]
-
-
-def find_baseline(entries: list[dict[str, Any]], varying: list[str], spec: str | None) -> dict | None:
-    """The baseline entry: ``spec`` is ``key=value[,key=value]`` (key: a setting name or its last
-    dotted part, value as shown in the table); None picks the no-adapter / LoRA-scale-0 setting."""
-    if spec:
-        want = dict(part.split("=", 1) for part in spec.split(",") if "=" in part)
-        hits = [e for e in entries if all(str(e.get(k)) == v for k, v in _match_keys(want, varying).items())]
-        if len(hits) != 1:
-            raise ValueError(f"report.baseline={spec!r} matches {len(hits)} settings, expected 1; settings: "
-                             + "; ".join(setting_label(e, varying) for e in entries))
-        return hits[0]
-    for key, value in (("adapters", "base (no adapter)"), ("adapters", "[]"), ("lora_scale", "[0]"),
-                       ("lora_scale", "[0.0]")):
-        if key in varying:
-            hits = [e for e in entries if str(e.get(key)) == value]
-            if len(hits) == 1:
-                return hits[0]
-    return None
-
-
-def _match_keys(want: dict[str, str], varying: list[str]) -> dict[str, str]:
-    out = {}
-    for k, v in want.items():
-        full = k if k in varying else next((f for f in varying if f.split(".")[-1] == k), None)
-        if full is None:
-            raise ValueError(f"report.baseline: {k!r} is not a varying setting ({', '.join(varying) or 'none'})")
-        out[full] = v
-    return out
+    return [r for r in rows if all(identity(r).get(k) == entry.get(k) for k in varying)]
 
 
 def pareto_front(points: list[tuple[Any, Any]]) -> set[int]:
-    """Indices of the points (fid, clip) no other point beats: lower-or-equal FID and higher-or-equal
-    CLIP, strictly better in one. Points missing either value are never on the front."""
-    ok = [(i, f, c) for i, (f, c) in enumerate(points) if number(f) is not None and number(c) is not None]
-    return {i for i, f, c in ok
-            if not any(f2 <= f and c2 >= c and (f2 < f or c2 > c) for _, f2, c2 in ok)}
+    """Indices of the (fid, clip) points on the Pareto front (``toolkit.metrics.intervals.pareto_front``)."""
+    f = [number(p[0]) if number(p[0]) is not None else math.nan for p in points]
+    c = [number(p[1]) if number(p[1]) is not None else math.nan for p in points]
+    return {int(i) for i in intervals.pareto_front(f, c)}

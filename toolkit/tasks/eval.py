@@ -13,6 +13,7 @@ in a multirun, ``<run dir>/results.jsonl`` otherwise; a cell whose key is there 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,15 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from toolkit.atomic import atomic_open
 from toolkit.evaluation import reference
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
-from toolkit.evaluation.scores import compute_scores
+from toolkit.evaluation.scores import compute_scores, per_prompt
 from toolkit.inference.pipeline import generate, make_grid
 from toolkit.metrics.clip import load_clip
 from toolkit.metrics.inception import InceptionFeatures
+from toolkit.metrics.intervals import Reference
 from toolkit.models.pretrained import unet_config, vae_factor
 from toolkit.results import append_row, find_row, settings_key
 from toolkit.tasks.sample import generation_record, pipeline_from_cfg
@@ -61,6 +64,15 @@ def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> Non
         lg.finalize("success")
 
 
+def prompt_groups(prompts: list[str]) -> tuple[list[str], list[str] | None]:
+    """Prompts written ``[group] prompt`` (in a prompts file) are scored per group too: returns the
+    prompts without the tag and the groups (None when the prompts carry no tags)."""
+    tagged = [re.match(r"^\[([^\]]+)\]\s*(.+)$", p) for p in prompts]
+    if not all(tagged):
+        return prompts, None
+    return [t.group(2) for t in tagged], [t.group(1) for t in tagged]
+
+
 def reference_size(cfg: DictConfig) -> tuple[int, int] | None:
     """(width, height) reference images are brought to: the generated size (``metrics.reference_size
     = generated``, read from the eval settings or the UNet/VAE configs), or None (``native``)."""
@@ -74,6 +86,13 @@ def reference_size(cfg: DictConfig) -> tuple[int, int] | None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    return evaluate(cfg).get("metrics", {})
+
+
+def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One evaluation cell; returns its results row ({} on ranks other than zero). ``record`` (the
+    training run behind the adapter) joins the row and its key, so a train-and-evaluate sweep
+    keeps one row per trained cell."""
     fabric = instantiate(cfg.fabric)
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
@@ -85,16 +104,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                             ev.num_ref, ev.revision)
     inception = InceptionFeatures(m.inception_weights, fabric.device, m.feature_batch_size)
     clip = load_clip(m.clip_model)
-    prompts = read_prompts(ev.prompts) if ev.prompts else [str(c) for c in ref[ev.caption_column]]
+    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[ev.caption_column]]
+    prompts, groups = prompt_groups(prompts)
     n = int(ev.num_images)
     settings = {**generation_record(cfg, ev), "dataset": data_fp, "num_ref": len(ref), "num_images": n,
                 "seed": int(ev.seed), "prompts": str(ev.prompts or "dataset captions"),
                 "inception_sha256": inception.sha256, "clip_model": m.clip_model if clip else None}
+    if record:
+        settings["train"] = record["settings"]
     key = settings_key(settings)
     done = find_row(table, key)
     if done is not None and not ev.force:
         log.info("cell %s already in %s: skipped (eval.force=true recomputes)", key, table)
-        return done["metrics"]
+        return done
 
     t0 = time.time()
     ref_size = reference_size(cfg)
@@ -131,17 +153,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     fake = np.stack([f for f, _ in gathered])
     clip_scores = np.array([c for _, c in gathered]) if clip else None
-    metrics = compute_scores(real, fake, clip_scores, ev.bootstrap, m.kid_subsets, m.kid_subset_size,
-                             seed=int(ev.seed))
-    metrics.update(seconds_reference=t_ref, seconds_generate=t_gen, images_per_second=n / max(t_gen, 1e-9))
+    scores = compute_scores(Reference.from_features(real), fake, clip_scores, m.interval_groups, m.level,
+                            seed=int(ev.seed), with_fid_infinity=m.fid_infinity, with_prdc=m.prdc)
+    methods = {k: scores.pop(k) for k in list(scores) if k.endswith("_ci_method")}
+    fid_inf_fit = {k: scores.pop(k) for k in ("fid_inf_sizes", "fid_inf_fids") if k in scores}
+    metrics = {**scores, "seconds_reference": t_ref, "seconds_generate": t_gen,
+               "images_per_second": n / max(t_gen, 1e-9)}
     grid = out / "grid.png"
     make_grid(images[:64], cols=8).save(grid)  # rank zero's first images
+    # Per-image features and scores: what a paired comparison with another cell (same prompts and
+    # seeds) needs, without generating anything again.
+    all_seeds = np.array([int(ev.seed) * 10**6 + i for i in range(n)])
+    per_image = out / "per_image.npz"
+    with atomic_open(per_image) as fh:
+        np.savez(fh, features=fake.astype(np.float32), seeds=all_seeds,
+                 clip=clip_scores if clip_scores is not None else np.full(n, np.nan))
+    ref_file = reference.cache_path(m.cache_dir, ckey) if m.cache_reference else \
+        reference.save_cached(out, "reference_features", real)
     row = {"key": key, "settings": settings, "metrics": metrics, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "per_prompt": per_prompt([prompts[i % len(prompts)] for i in range(n)], clip_scores,
+                                    groups and [groups[i % len(groups)] for i in range(n)])
+           if clip_scores is not None else {},
+           "files": {"per_image": str(per_image), "reference_features": str(ref_file), "grid": str(grid)},
            "protocol": {**protocol, **(clip.protocol if clip else {"clip": "skipped"}),
-                        "metric_impl": METRIC_IMPL, "versions": versions(), "world_size": world,
+                        "metric_impl": METRIC_IMPL, "intervals": methods, "level": m.level,
+                        "fid_infinity": fid_inf_fit or "off", "versions": versions(), "world_size": world,
                         "seed_rule": "seed_i = eval.seed*1e6 + i", "reference_cache": ckey},
-           "run_dir": str(out)}
+           "run_dir": str(out), **({"train": record} if record else {})}
     append_row(table, row)
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics.items()})
     log_to_loggers(cfg, row, grid)
-    return metrics
+    return row

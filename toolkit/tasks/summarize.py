@@ -1,10 +1,18 @@
-"""Task ``summarize``: the comparison table of a sweep (mean ± 95% CI per setting) + FID-vs-CLIP plot.
+"""Task ``summarize``: the comparison table of a sweep — mean and 95% interval per setting, Δ against
+a baseline with a paired interval and p-value, the Pareto-optimal settings — and a FID-vs-CLIP plot.
 
     python run.py task=summarize sweep=multirun/eval/<timestamp>
+    python run.py task=summarize sweep=<dir> 'baseline=lora_scale=[0.0]'     # Δ columns vs that setting
+    python run.py task=summarize sweep=<train-and-evaluate sweep dir> baseline=base
 
-Rows that differ only in ``seed`` form one setting: its CI is the Student-t interval across
-seeds when there are ≥ 2, else the row's bootstrap CI over images. Writes ``summary.md``,
-``summary.csv`` and ``fid_vs_clip.png`` into the sweep dir.
+Rows that differ only in their seeds (``seed``: evaluation seed; ``train.seed``: training seed)
+form one setting. Its interval is the Student-t interval across seeds when it has ≥ 2, else the
+row's own interval over images (grouped jackknife, reference fixed: ``toolkit.metrics.intervals``).
+Δ = setting − baseline is paired: per seed, a setting's row is matched with the baseline row
+evaluated on the same prompts and seeds; with one such pair the Δ interval and p-value come from
+the paired jackknife over images (``per_image.npz`` of both cells), with several from the paired
+t-test across seeds. ``baseline=base`` picks the rows without an adapter (or with LoRA scale 0).
+Writes ``summary.md``, ``summary.csv``, ``summary.json`` and ``fid_vs_clip.png`` into the sweep dir.
 """
 
 from __future__ import annotations
@@ -16,14 +24,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
-from toolkit.metrics.bootstrap import t_interval
+from toolkit.evaluation.scores import paired_deltas
+from toolkit.metrics.intervals import Reference, compare_seeds, mean_interval, pareto_front
 from toolkit.results import read_rows
 
 log = logging.getLogger(__name__)
-METRICS = ("fid", "kid", "clip_score")
-CI_KEYS = {"fid": "fid", "kid": "kid", "clip_score": "clip"}
+METRICS = ("fid", "kid", "clip_score", "precision", "recall", "density", "coverage", "fid_inf")
+DELTA_METRICS = ("fid", "kid", "clip_score")
+CI_KEYS = {m: m for m in METRICS}   # entry[m + "_ci_low"/"_ci_high"]: the interval of metric m
+SEED_KEYS = ("seed", "train.seed")
 
 
 def flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -36,33 +48,171 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def summarize_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Group rows by their settings minus the seed; return (varying setting names, table rows)."""
-    settings = [{k: v for k, v in flat(r["settings"]).items() if k != "seed"} for r in rows]
-    keys = sorted({k for s in settings for k in s})
-    varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+def identity(row: dict[str, Any]) -> dict[str, str]:
+    """The settings that make a row's setting: everything but the seeds (and, for trained rows,
+    the adapter files, which differ per training seed: the training settings identify them)."""
+    s = flat(row["settings"])
+    trained = any(k.startswith("train.") for k in s)
+    return {k: v for k, v in s.items() if k not in SEED_KEYS
+            and not (trained and k.startswith("adapters") and row["settings"].get("adapters"))}
+
+
+def is_base(row: dict[str, Any]) -> bool:
+    s = row["settings"]
+    scales = [float(x) for x in s.get("lora_scale") or [1.0]]
+    return not s.get("adapters") or all(x == 0 for x in scales)
+
+
+def setting_label(entry: dict[str, Any], varying: list[str]) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={entry[k]}" for k in varying if entry.get(k) is not None) or "all rows"
+
+
+def find_baseline(entries: list[dict[str, Any]], varying: list[str], members: list[list[dict[str, Any]]],
+                  spec: str | None) -> int | None:
+    """Index of the baseline setting: ``base`` (the rows without an adapter, or LoRA scale 0), a
+    row key, or ``key=value[,key=value]`` on the varying settings (key: the setting or its last
+    dotted part; value as shown in the table). None: no baseline."""
+    if not spec:
+        return None
+    if spec == "base":
+        hits = [i for i, rows in enumerate(members) if all(is_base(r) for r in rows)]
+    elif "=" not in spec:
+        hits = [i for i, rows in enumerate(members) if any(r.get("key") == spec for r in rows)]
+    else:
+        want = {}
+        for part in spec.split(","):
+            k, _, v = part.partition("=")
+            full = k if k in varying else next((f for f in varying if f.split(".")[-1] == k), None)
+            if full is None:
+                raise ValueError(f"baseline={spec!r}: {k!r} is not a varying setting ({', '.join(varying) or 'none'})")
+            want[full] = v
+        norm = lambda t: str(t).replace(" ", "").replace("'", '"')
+        hits = [i for i, e in enumerate(entries) if all(norm(e.get(k)) == norm(v) for k, v in want.items())]
+    if len(hits) != 1:
+        raise ValueError(f"baseline={spec!r} matches {len(hits)} settings, expected 1; settings: "
+                         + "; ".join(setting_label(e, varying) for e in entries))
+    return hits[0]
+
+
+def per_image(row: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    f = (row.get("files") or {}).get("per_image")
+    if not f or not Path(f).is_file():
+        return None
+    with np.load(f) as z:
+        return {k: z[k] for k in z.files}
+
+
+def replicate(row: dict[str, Any]) -> tuple[str, str]:
+    s = flat(row["settings"])
+    return s.get("train.seed", ""), s.get("seed", "")
+
+
+def delta_entry(members: list[dict[str, Any]], base_rows: list[dict[str, Any]], level: float = 0.95
+                ) -> dict[str, Any]:
+    """Δ columns of one setting vs the baseline rows: paired by evaluation seed and images."""
+    by_eval_seed = {flat(b["settings"]).get("seed"): b for b in base_rows}
+    pairs = [(by_eval_seed.get(flat(r["settings"]).get("seed")), r) for r in members]
+    pairs = [(b, r) for b, r in pairs if b is not None and b is not r]
+    out: dict[str, Any] = {}
+    if not pairs:
+        return out
+    if len(pairs) == 1:
+        b, r = pairs[0]
+        a_img, b_img = per_image(b), per_image(r)
+        ref_file = (b.get("files") or {}).get("reference_features")
+        if a_img is None or b_img is None or not ref_file or not Path(ref_file).is_file():
+            return out
+        comps = paired_deltas(Reference.from_features(np.load(ref_file)), a_img, b_img, level=level)
+        method = "paired jackknife over images"
+    else:
+        comps = {}
+        for m in DELTA_METRICS:
+            if all(m in b["metrics"] and m in r["metrics"] for b, r in pairs):
+                c = compare_seeds([b["metrics"][m] for b, _ in pairs], [r["metrics"][m] for _, r in pairs], m, level)
+                comps[m] = c.to_dict() | {"verdict": c.verdict(names=("baseline", "setting"))}
+        method = f"paired t across {len(pairs)} seeds"
+    for m, c in comps.items():
+        verdict = c["verdict"].replace("A better", "baseline better").replace("B better", "setting better")
+        out.update({f"delta_{m}": c["delta"], f"delta_{m}_ci_low": c["low"], f"delta_{m}_ci_high": c["high"],
+                    f"delta_{m}_p": c["p_value"], f"delta_{m}_verdict": verdict})
+    out["delta_method"] = method
+    return out
+
+
+def summarize_rows(rows: list[dict[str, Any]], baseline: str | None = None
+                   ) -> tuple[list[str], list[dict[str, Any]]]:
+    """Group rows by their settings minus the seeds; return (varying setting names, table rows)."""
+    idents = [identity(r) for r in rows]
+    keys = sorted({k for s in idents for k in s})
+    varying = [k for k in keys if len({s.get(k) for s in idents}) > 1]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for s, r in zip(settings, rows):
+    for s, r in zip(idents, rows):
         groups[tuple(s.get(k) for k in varying)].append(r)
-    table = []
-    for gkey, members in groups.items():
+    table, members = [], list(groups.values())
+    for gkey, group in groups.items():
         entry: dict[str, Any] = dict(zip(varying, gkey))
-        entry["n_seeds"] = len(members)
-        entry["n_images"] = members[0]["metrics"].get("n_fake")
+        entry["n_seeds"] = len({replicate(r) for r in group})
+        entry["n_images"] = group[0]["metrics"].get("n_fake")
         for m in METRICS:
-            vals = [r["metrics"][m] for r in members if m in r["metrics"]]
+            vals = [r["metrics"][m] for r in group if m in r["metrics"]]
             if not vals:
                 continue
-            mean, half = t_interval(vals)
-            if len(vals) < 2:
-                lo = members[0]["metrics"].get(f"{CI_KEYS[m]}_ci_low", float("nan"))
-                hi = members[0]["metrics"].get(f"{CI_KEYS[m]}_ci_high", float("nan"))
-                entry[f"{m}_ci"] = f"[{lo:.4g}, {hi:.4g}] (bootstrap)"
-            else:
+            iv = mean_interval(vals)   # across seeds: Student t over the per-seed values
+            mean, half = iv.estimate, iv.high - iv.estimate
+            entry[m] = mean
+            if len(vals) >= 2:
+                entry[f"{m}_ci_low"], entry[f"{m}_ci_high"] = mean - half, mean + half
                 entry[f"{m}_ci"] = f"±{half:.4g} (t, {len(vals)} seeds)"
-            entry[m], entry[f"{m}_half"] = mean, half
+            elif f"{m}_ci_low" in group[0]["metrics"]:
+                lo, hi = group[0]["metrics"][f"{m}_ci_low"], group[0]["metrics"][f"{m}_ci_high"]
+                entry[f"{m}_ci_low"], entry[f"{m}_ci_high"] = lo, hi
+                entry[f"{m}_ci"] = f"[{lo:.4g}, {hi:.4g}] (images)"
+        entry["train_metrics"] = {k: v for k, v in (group[0].get("train") or {}).get("metrics", {}).items()
+                                  if isinstance(v, int | float)}
         table.append(entry)
+    base = find_baseline(table, varying, members, baseline)
+    for i, entry in enumerate(table):
+        entry["baseline"] = i == base
+        if base is not None and i != base:
+            entry.update(delta_entry(members[i], members[base]))
+    front = set(pareto_front([e.get("fid", np.nan) for e in table], [e.get("clip_score", np.nan) for e in table]))
+    for i, e in enumerate(table):
+        e["pareto"] = i in front
     return varying, table
+
+
+def mark(p: float) -> str:
+    return "***" if p < 1e-3 else "**" if p < 1e-2 else "*" if p < 0.05 else ""
+
+
+def markdown(table: list[dict[str, Any]], varying: list[str]) -> list[str]:
+    cols = varying + ["n_seeds", "n_images"]
+    metric_cols = [m for m in METRICS if any(m in e for e in table)]
+    deltas = [m for m in DELTA_METRICS if any(f"delta_{m}" in e for e in table)]
+    head = cols + [f"{m} [95% CI]" for m in metric_cols] + [f"Δ{m} [95% CI] p" for m in deltas] + ["Pareto"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in table:
+        cells = [str(e.get(c, "")) for c in cols]
+        for m in metric_cols:
+            scale = 1000 if m == "kid" else 1
+            cells.append(f"{scale * e[m]:.4g}" + (f" [{scale * e[m + '_ci_low']:.4g}, {scale * e[m + '_ci_high']:.4g}]"
+                                                   if m + "_ci_low" in e else "") if m in e else "")
+        for m in deltas:
+            if f"delta_{m}" in e:
+                scale = 1000 if m == "kid" else 1
+                cells.append(f"{scale * e[f'delta_{m}']:+.4g} [{scale * e[f'delta_{m}_ci_low']:+.4g}, "
+                             f"{scale * e[f'delta_{m}_ci_high']:+.4g}] p={e[f'delta_{m}_p']:.2g}"
+                             f"{mark(e[f'delta_{m}_p'])}")
+            else:
+                cells.append("baseline" if e.get("baseline") else "")
+        cells.append("✓" if e.get("pareto") else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("KID ×1000. Intervals: Student t across seeds for settings with ≥ 2 seeds, else over images "
+                 "(grouped jackknife, reference fixed). Δ = setting − baseline, paired by prompts and seeds; "
+                 "* p<0.05, ** p<0.01, *** p<0.001; no mark: no significant difference. ✓: Pareto-optimal "
+                 "(no other setting has both lower FID and higher CLIP score).")
+    return lines
 
 
 def plot(table: list[dict[str, Any]], varying: list[str], path: Path) -> None:
@@ -71,17 +221,23 @@ def plot(table: list[dict[str, Any]], varying: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def err(e: dict[str, Any], m: str) -> list[list[float]]:
+        return [[e[m] - e.get(f"{m}_ci_low", e[m])], [e.get(f"{m}_ci_high", e[m]) - e[m]]]
+
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for e in table:
         if "clip_score" not in e:
             continue
-        ax.errorbar(e["clip_score"], e["fid"], xerr=e.get("clip_score_half") or 0, yerr=e.get("fid_half") or 0,
-                    fmt="o", capsize=3)
+        ax.errorbar(e["clip_score"], e["fid"], xerr=err(e, "clip_score"), yerr=err(e, "fid"), fmt="o", capsize=3,
+                    color="tab:red" if e.get("pareto") else "tab:blue")
         ax.annotate(", ".join(f"{k.split('.')[-1]}={e[k]}" for k in varying)[:60], (e["clip_score"], e["fid"]),
                     fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = sorted((e for e in table if e.get("pareto") and "clip_score" in e), key=lambda e: e["fid"])
+    if len(front) > 1:
+        ax.plot([e["clip_score"] for e in front], [e["fid"] for e in front], "--", color="tab:red", lw=1)
     ax.set_xlabel("CLIP score (higher is better)")
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title("FID vs CLIP score per setting (95% CI)")
+    ax.set_title("FID vs CLIP score per setting (95% CI; red: Pareto front)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -91,14 +247,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sweep = Path(cfg.sweep)
     rows = read_rows(sweep / "results.jsonl")
     if not rows:
-        raise FileNotFoundError(f"no result rows in {sweep / 'results.jsonl'}: pass sweep=<multirun dir of task=eval>")
-    varying, table = summarize_rows(rows)
-    cols = varying + ["n_seeds", "n_images"] + [c for m in METRICS for c in (m, f"{m}_ci") if c in table[0]]
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for e in table:
-        md.append("| " + " | ".join(f"{e[c]:.4g}" if isinstance(e.get(c), float) else str(e.get(c, ""))
-                                  for c in cols) + " |")
+        raise FileNotFoundError(f"no result rows in {sweep / 'results.jsonl'}: pass sweep=<multirun dir of task=eval "
+                                "or task=finetune_eval>")
+    varying, table = summarize_rows(rows, cfg.get("baseline"))
+    md = markdown(table, varying)
     (sweep / "summary.md").write_text("\n".join(md) + "\n")
+    (sweep / "summary.json").write_text(json.dumps({"varying": varying, "table": table}, indent=1, default=str))
+    cols = sorted({k for e in table for k in e if k != "train_metrics"}, key=lambda k: (k not in varying, k))
     with open(sweep / "summary.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()

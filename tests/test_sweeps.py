@@ -1,0 +1,73 @@
+"""A train-and-evaluate sweep is the unit of a study: every cell trains and evaluates into one table,
+a re-run skips finished cells and resumes an interrupted cell's training exactly, and the summary
+compares every setting with the base model, paired."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_entry
+from toolkit.results import read_rows
+
+
+def sweep_args(model: str, clip: str, data, evaldata, sweep, cache) -> list[str]:
+    return ["-m", "task=finetune_eval", f"model.name_or_path={model}", f"data.path={data}", "data.resolution=16",
+            "data.global_batch_size=4", "data.val_fraction=0.25", "logger=none", "trainer.max_steps=4",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+            "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.sample_grid.every_n_steps=0",
+            "callbacks.sample_grid.steps=2", "module.optimizer.lr=1e-2", f"metrics.clip_model={clip}",
+            f"eval.dataset={evaldata}", "eval.num_images=8", "eval.num_ref=null", "eval.steps=2",
+            "eval.batch_size=8", "fabric.accelerator=cpu", f"metrics.cache_dir={cache}", f"hydra.sweep.dir={sweep}",
+            "module.lora.r=2,4"]
+
+
+def test_train_and_evaluate_sweep_resumes_and_summarizes(tiny_model, tiny_clip, imagefolder_data, tmp_path):
+    from toolkit.data.world import generate
+
+    evaldata = generate(tmp_path / "evaldata", n=8, seed=5, striped=True, size=32)
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    args = sweep_args(tiny_model, tiny_clip, imagefolder_data, evaldata, sweep, cache)
+    res = run_entry(args, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_rows(sweep / "results.jsonl")
+    trained = [r for r in rows if r.get("train")]
+    assert len(rows) == 3 and len(trained) == 2                   # the base model evaluated once
+    assert sorted(r["train"]["settings"]["module"]["lora"]["r"] for r in trained) == [2, 4]
+    assert all(r["train"]["metrics"]["global_step"] == 4 and r["settings"]["adapters"][0]["sha256"] for r in trained)
+    first_adapter = load_file(sweep / "1" / "adapter" / "pytorch_lora_weights.safetensors")
+
+    # cell 1 "interrupted" after its step-2 checkpoint: no final adapter, no result row
+    (sweep / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows
+                                                 if (r.get("train") or {}).get("run_dir") != str(sweep / "1")))
+    shutil.rmtree(sweep / "1" / "adapter")
+    (sweep / "1" / "train_metrics.json").unlink()
+    shutil.copy(sweep / "1" / "checkpoints" / "step=2.ckpt", sweep / "1" / "checkpoints" / "last.ckpt")
+    (sweep / "1" / "checkpoints" / "step=4.ckpt").unlink()
+    step2 = (sweep / "1" / "checkpoints" / "step=2.ckpt").stat().st_mtime_ns
+    res = run_entry(args, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "already in" in log and "resuming from its last checkpoint" in log
+    assert (sweep / "1" / "checkpoints" / "step=2.ckpt").stat().st_mtime_ns == step2   # steps 1-2 not redone
+    assert (sweep / "1" / "checkpoints" / "step=4.ckpt").is_file()
+    again = read_rows(sweep / "results.jsonl")
+    assert len(again) == 3
+    resumed = load_file(sweep / "1" / "adapter" / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == first_adapter.keys()
+    assert all(torch.equal(resumed[k], first_adapter[k]) for k in resumed)   # exact resume
+
+    res = run_entry(["task=summarize", f"sweep={sweep}", "baseline=base", f"hydra.run.dir={tmp_path / 's'}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((sweep / "summary.json").read_text())
+    entries = summary["table"]
+    assert len(entries) == 3 and sum(e["baseline"] for e in entries) == 1
+    for e in entries:
+        if not e["baseline"]:
+            assert e["delta_method"] == "paired jackknife over images"
+            assert e["delta_fid_ci_low"] <= e["delta_fid"] <= e["delta_fid_ci_high"] and 0 <= e["delta_fid_p"] <= 1
+    assert any(e["pareto"] for e in entries) and (sweep / "fid_vs_clip.png").is_file()
+    assert "Δfid" in (sweep / "summary.md").read_text()

@@ -1,0 +1,291 @@
+"""A run directory describes itself: a resume continues the run with the settings it was started with.
+
+    python run.py task=train data.path=my_data trainer.max_steps=500          # writes <run>/.hydra/
+    python run.py hydra.run.dir=<run> ckpt_path=last                           # resumes: same data, 500 steps
+    python run.py hydra.run.dir=<run> ckpt_path=last trainer.max_steps=800     # extends it
+    python run.py hydra.run.dir=<run> ckpt_path=last data.path=other           # refused, naming the saved value
+
+``launch_args`` (run.py, before Hydra) turns a resume command into the run's saved overrides
+(``<run>/.hydra/overrides.yaml``) followed by the new ones, refuses new ones that would change a
+setting outside ``RESUMABLE`` (naming each key with its saved and its new value), and sends
+Hydra's files for the attempt to ``<run>/.hydra/resume-<n>/``, so the first run's ``.hydra/``
+is never written over. In the task function, ``restore`` takes the run's saved config as the
+truth (if ``conf/`` changed since the run started, the saved values win, with a warning) and
+``record_attempt`` appends each start and resume to ``<run>/run_history.jsonl``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from toolkit.config import CONFIG_DIR, ROOT, register_resolvers
+
+log = logging.getLogger(__name__)
+
+# Settings a resume may change: how long to train, how often to checkpoint/sample/validate-log,
+# where and how to log, data-loading speed knobs. Nothing that changes what one step computes.
+RESUMABLE: tuple[str, ...] = (
+    "ckpt_path",
+    "trainer.max_steps", "trainer.max_time", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+    "callbacks.*.every_n_train_steps", "callbacks.*.every_n_steps",
+    "callbacks.progress", "callbacks.progress.*",
+    "logger", "logger.*",
+    "data.num_workers", "data.pin_memory", "data.policy.scan_workers",
+    "paths.cache_dir",
+)
+HISTORY = "run_history.jsonl"
+SAVED = Path(".hydra")
+_ABSENT = "(absent)"
+
+
+class RunDirError(ValueError):
+    """A command that cannot mean what the user meant for this run directory."""
+
+
+def resumable(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE)
+
+
+def rank_zero() -> bool:
+    """This process is global rank zero (or not distributed). Set by torchrun, SLURM and
+    Lightning's DDP launcher before our code runs."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf keys of a plain container (lists and empty dicts are leaves)."""
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _container(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _parse(args: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return compose("config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as a Hydra override value (quoted when it holds characters Hydra parses)."""
+    if re.fullmatch(r"[\w/.\-+~@%]+", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def resume_command(run: str | Path) -> str:
+    """The shell command that resumes ``run`` (works as printed from any directory)."""
+    entry = "run.py" if Path.cwd().resolve() == ROOT else str(ROOT / "run.py")
+    return shlex.join(["python", entry, f"hydra.run.dir={hydra_quote(str(Path(run).resolve()))}",
+                       "ckpt_path=last"])
+
+
+def has_last_checkpoint(run: Path) -> bool:
+    return any(p.is_file() for p in run.rglob("last.ckpt"))
+
+
+def launch_args(args: list[str]) -> list[str]:
+    """The command-line overrides Hydra gets for ``args``.
+
+    A fresh run: ``args`` unchanged (refused if its run dir already holds another run's
+    checkpoints). A resume (``ckpt_path`` set and ``hydra.run.dir`` naming a run with a saved
+    config): the run's saved overrides, then ``args``, then ``hydra.output_subdir`` pointing at a
+    new ``.hydra/resume-<n>`` (ranks other than zero write no Hydra files). Raises
+    ``RunDirError`` with what to do instead."""
+    if any(a in ("-m", "--multirun") for a in args):   # sweeps: each job dir is its own run
+        return args
+    given = {o.key_or_group: o for o in _parse(args) if o.package is None}
+    run_o, ckpt_o = given.get("hydra.run.dir"), given.get("ckpt_path")
+    run = Path(str(run_o.value())).expanduser() if run_o is not None else None
+    ckpt = ckpt_o.value() if ckpt_o is not None else None
+    if ckpt in (None, "null"):
+        if run is not None and rank_zero() and any((run / "checkpoints").glob("*.ckpt")) and _trains(args):
+            raise RunDirError(
+                f"{run} already holds checkpoints of an earlier run; a fresh run there would mix two runs. "
+                f"Resume it with: {resume_command(run)}  — or start this run in another directory "
+                "(hydra.run.dir=...).")
+        return args
+    if run is None:
+        if ckpt == "last":
+            raise RunDirError("ckpt_path=last resumes a run: name it with hydra.run.dir=<its run dir>, e.g. "
+                              "python run.py hydra.run.dir=outputs/train/<time> ckpt_path=last")
+        return args   # start a fresh run dir from a checkpoint file
+    if ckpt == "last" and not has_last_checkpoint(run):
+        what = "does not exist" if not run.exists() else "holds no checkpoint (no last.ckpt under it)"
+        raise RunDirError(
+            f"ckpt_path=last: {run} {what}, so there is nothing to resume. Checkpoints are written every "
+            "callbacks.model_checkpoint.every_n_train_steps steps and when a run is stopped by SIGTERM, "
+            "SIGUSR1 or Ctrl-C; a run killed before its first one starts over: drop ckpt_path (and pick a new "
+            "hydra.run.dir, or delete this one).")
+    if not (run / SAVED / "config.yaml").is_file():
+        return args   # a checkpoint without a saved config (not written by run.py): resume as told
+    saved = [str(x) for x in OmegaConf.load(run / SAVED / "overrides.yaml")]
+    check_resume(run, saved, args)
+    n = 1 + len(list((run / SAVED).glob("resume-*")))
+    subdir = f"{SAVED}/resume-{n}" if rank_zero() else "null"
+    return [*saved, *args, f"hydra.output_subdir={subdir}"]
+
+
+def _plain(args: list[str]) -> list[str]:
+    """The config overrides among ``args`` (no flags, no ``hydra.*``)."""
+    return [a for a in args if "=" in a and not a.startswith(("-", "hydra.", "+hydra.", "++hydra."))]
+
+
+def _trains(args: list[str]) -> bool:
+    """The task of ``args`` trains (its config has ``ckpt_path``); False if they do not compose
+    (Hydra then reports why)."""
+    try:
+        return "ckpt_path" in _compose(_plain(args))
+    except Exception:   # noqa: BLE001 - composition errors are Hydra's to report
+        return False
+
+
+def check_resume(run: Path, saved: list[str], args: list[str]) -> None:
+    """Refuse ``args`` that change a non-resumable setting of the run saved in ``run``."""
+    from hydra.errors import HydraException
+
+    try:
+        before, after = flatten(_container(_compose(saved))), flatten(_container(_compose([*saved, *_plain(args)])))
+    except HydraException as err:
+        raise RunDirError(f"cannot resume {run}: its saved overrides ({run / SAVED / 'overrides.yaml'}) and "
+                          f"these do not compose with the current conf/: {err}") from None
+    recorded = flatten(_container(OmegaConf.load(run / SAVED / "config.yaml")))
+    changed = sorted(k for k in set(before) | set(after)
+                     if before.get(k, _ABSENT) != after.get(k, _ABSENT) and not resumable(k))
+    if not changed:
+        return
+    lines = [f"  {k}: saved {recorded.get(k, before.get(k, _ABSENT))!r}, given {after.get(k, _ABSENT)!r}"
+             for k in changed[:12]]
+    if len(changed) > 12:
+        lines.append(f"  ... and {len(changed) - 12} more")
+    raise RunDirError(
+        f"cannot resume {run} with different settings: a resume continues the run with the settings it "
+        f"started with ({run / SAVED / 'config.yaml'}), and these overrides change them:\n" + "\n".join(lines) +
+        "\nOn resume only these may change: " + ", ".join(RESUMABLE) + ". To train with other settings, start "
+        "a new run (another hydra.run.dir), e.g. from this run's weights with module.init_adapter="
+        f"{run / 'adapter'}.")
+
+
+def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        if not isinstance(tree.get(p), dict):
+            tree[p] = {}
+        tree = tree[p]
+    tree[leaf] = value
+
+
+def _delete(tree: dict[str, Any], key: str) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        tree = tree.get(p) if isinstance(tree.get(p), dict) else {}
+    tree.pop(leaf, None)
+
+
+def restore(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
+    """On a resume, the run's saved config, with only ``RESUMABLE`` keys taken from ``cfg``.
+
+    ``cfg`` is what Hydra composed from the saved overrides plus the new ones (already checked by
+    ``launch_args``); it differs from the saved config elsewhere only if ``conf/`` changed since
+    the run started, and then the saved values are kept, with a warning."""
+    saved_file = Path(output_dir) / SAVED / "config.yaml"
+    if not cfg.get("ckpt_path") or not saved_file.is_file():
+        return cfg
+    now, saved_tree = _container(cfg), _container(OmegaConf.load(saved_file))
+    flat_now, flat_saved = flatten(now), flatten(saved_tree)
+    if flat_now == flat_saved:
+        return cfg
+    drift = []
+    for key in sorted(set(flat_now) | set(flat_saved)):
+        if flat_now.get(key, _ABSENT) == flat_saved.get(key, _ABSENT):
+            continue
+        if not resumable(key):
+            drift.append(key)
+        elif key in flat_now:
+            _set(saved_tree, key, flat_now[key])
+        elif not any(k.startswith(f"{key}.") for k in flat_now):
+            _delete(saved_tree, key)
+    if drift and rank_zero():
+        log.warning("conf/ changed since this run started; the resume keeps the run's saved values of %s",
+                    ", ".join(drift[:10]) + (f" and {len(drift) - 10} more" if len(drift) > 10 else ""))
+    out = OmegaConf.create(saved_tree)
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def _git() -> str | None:
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if rev.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def record_attempt(cfg: DictConfig) -> dict[str, Any] | None:
+    """Append this start or resume to ``<run>/run_history.jsonl`` (rank zero, single runs only):
+    time, the overrides this attempt added, the checkpoint, toolkit version and git commit."""
+    from importlib.metadata import version
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from toolkit.results import append_row
+
+    if not HydraConfig.initialized() or not rank_zero():
+        return None
+    hc = HydraConfig.get()
+    subdir = hc.output_subdir
+    if subdir is None:
+        return None
+    out = Path(hc.runtime.output_dir)
+    task = [str(o) for o in hc.overrides.task]
+    resumed = str(subdir) != str(SAVED)
+    if resumed:
+        saved = [str(x) for x in OmegaConf.load(out / SAVED / "overrides.yaml")]
+        new = task[len(saved):] if task[:len(saved)] == saved else [o for o in task if o not in saved]
+    else:
+        new = task
+    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "event": "resume" if resumed else "start", "hydra_dir": str(subdir), "overrides": new,
+           "ckpt_path": cfg.get("ckpt_path"), "toolkit": version("toolkit"), "git": _git()}
+    append_row(out / HISTORY, row)
+    return row
+
+
+def history(run: str | Path) -> list[dict[str, Any]]:
+    path = Path(run) / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
