@@ -20,7 +20,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from toolkit.config import check_overrides, register_resolvers  # noqa: E402
-from toolkit.logs import route_library_logs  # noqa: E402
+from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
 from toolkit.run_dir import RunDirError, launch_args, record_attempt, restore  # noqa: E402
 
 register_resolvers()
@@ -32,7 +32,10 @@ def main(cfg: DictConfig) -> dict:
     record_attempt(cfg)                        # <run>/run_history.jsonl
     task = importlib.import_module(f"toolkit.tasks.{cfg.task_name}")
     route_library_logs()
-    return task.run(cfg)
+    try:
+        return task.run(cfg)
+    finally:
+        finish_trackers()   # the next multirun cell starts its own dashboard run
 
 
 if __name__ == "__main__":

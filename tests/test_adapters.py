@@ -34,7 +34,7 @@ from toolkit.adapters.loading import (
     components,
     load_adapters,
     loader_messages,
-    module_names,
+    module_shapes,
 )
 from toolkit.tasks import train
 
@@ -100,7 +100,7 @@ def test_export_round_trips_through_the_stock_loader(run, fmt):
 
     # 1. weight level, read back by our own reader against the base model's modules
     models = components(module, module.family)
-    af = read_adapter(path, module.family, {c: module_names(m) for c, m in models.items()}, module.unet.config)
+    af = read_adapter(path, module.family, {c: module_shapes(m) for c, m in models.items()}, module.unet.config)
     assert af.format == fmt and not af.unmatched
     for comp, want in trained.items():
         cmp = compare_updates(want, af.updates(comp))

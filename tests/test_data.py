@@ -28,7 +28,7 @@ def test_missing_column_names_the_columns(imagefolder_data):
 
 
 def test_missing_local_path_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="no local file or folder of that name .* cannot be a hub"):
         detect_format(str(tmp_path / "nope"))
 
 

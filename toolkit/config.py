@@ -13,10 +13,34 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "conf"
 
 
+def _multirun() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc if hc.mode == RunMode.MULTIRUN else None
+
+
+def sweep_group() -> str | None:
+    """A multirun's cells share one dashboard group: ``<task>/<sweep dir name>``; None outside one."""
+    hc = _multirun()
+    return f"{hc.job.name}/{Path(hc.sweep.dir).name}" if hc is not None else None
+
+
+def cell_name() -> str | None:
+    """A multirun cell's dashboard name: its number and the overrides that make it (``3: lr=1e-4``)."""
+    hc = _multirun()
+    return f"{hc.job.num}: {hc.job.override_dirname}"[:120] if hc is not None else None
+
+
 def register_resolvers() -> None:
-    """``${root:}`` is the repository root, so shipped data resolves from any working dir."""
-    if not OmegaConf.has_resolver("root"):
-        OmegaConf.register_new_resolver("root", lambda: str(ROOT))
+    """``${root:}`` is the repository root, so shipped data resolves from any working dir;
+    ``${sweep_group:}`` / ``${cell_name:}`` name a multirun's dashboard group and cell."""
+    for name, fn in (("root", lambda: str(ROOT)), ("sweep_group", sweep_group), ("cell_name", cell_name)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:

@@ -64,6 +64,8 @@ HARMLESS_WARNINGS: tuple[str, ...] = (
     r".*The number of training batches \(\d+\) is smaller than the logging interval",
     r".*Starting from v1\.9\.0, `tensorboardX` has been removed",
     r".*The `srun` command is available on your system but is not used",
+    # one finetune_eval cell logs training and both evaluations into one dashboard run, on purpose
+    r".*There is a wandb run already in progress and newly created instances of `WandbLogger` will reuse",
 )
 
 
@@ -101,6 +103,14 @@ def quiet() -> None:
             lg.addFilter(HarmlessFilter(patterns))
     for pattern in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def finish_trackers() -> None:
+    """End the dashboard run of the task that just ran (wandb keeps one per process otherwise, and
+    every later multirun cell would be logged into it)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(quiet=True)
 
 
 def route_library_logs() -> None:

@@ -88,3 +88,20 @@ class AdapterExport(L.Callback):
         if any(getattr(cb, "preempted_at", None) is not None for cb in trainer.callbacks):
             return   # stopped early: the final adapter is written by the resumed run
         self._export(trainer, module, self.dirpath)
+        if trainer.is_global_zero:
+            log_artifact(trainer, self.dirpath)
+
+
+def log_artifact(trainer: L.Trainer, adapter_dir: Path) -> None:
+    """The final adapter as a wandb artifact (offline it is stored with the run and synced later)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            import wandb
+
+            art = wandb.Artifact(f"adapter-{lg.experiment.id}", type="lora",
+                                 metadata={"step": trainer.global_step, "files": sorted(
+                                     str(p.relative_to(adapter_dir)) for p in adapter_dir.rglob("*.safetensors"))})
+            art.add_dir(str(adapter_dir))
+            lg.experiment.log_artifact(art)

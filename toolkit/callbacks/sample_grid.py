@@ -11,8 +11,9 @@ from pathlib import Path
 
 import diffusers
 import lightning as L
+import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from toolkit.inference.pipeline import generate, make_grid
 
@@ -55,6 +56,8 @@ class SampleGrid(L.Callback):
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.log_image("samples", [grid], step=step, caption=[f"step {step}: rows=prompts, cols=seeds"])
+            elif isinstance(lg, TensorBoardLogger):
+                lg.experiment.add_image("samples", np.asarray(grid), step, dataformats="HWC")
         return path
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:

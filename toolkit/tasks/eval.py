@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from PIL import Image
 
 from toolkit.atomic import atomic_open
 from toolkit.evaluation import reference
@@ -50,17 +51,28 @@ def results_path(cfg: DictConfig) -> Path:
 
 
 def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> None:
-    from lightning.pytorch.loggers import WandbLogger
+    """The eval row on the dashboards: metrics, the settings as config, the row as a table with the
+    cell's sample grid (wandb) or as a text table (TensorBoard)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+    name = "eval_" + ("finetuned" if row["settings"].get("adapters") else "base")
     for lg_cfg in (cfg.get("logger") or {}).values():
         lg = instantiate(lg_cfg)
-        lg.log_metrics({f"eval/{k}": v for k, v in row["metrics"].items()})
+        lg.log_metrics({f"{name}/{k}": v for k, v in row["metrics"].items()})
         if isinstance(lg, WandbLogger):
-            cols = ["key", *row["metrics"], "grid"]
             import wandb
 
-            lg.log_table("eval/results", columns=cols,
+            lg.experiment.config.update({name: row["settings"]}, allow_val_change=True)
+            lg.experiment.summary.update({f"{name}/{k}": v for k, v in row["metrics"].items()})
+            cols = ["key", *row["metrics"], "grid"]
+            lg.log_table(f"{name}/results", columns=cols,
                          data=[[row["key"], *row["metrics"].values(), wandb.Image(str(grid_path))]])
+        elif isinstance(lg, TensorBoardLogger):
+            text = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.5g} |"
+                                                               for k, v in row["metrics"].items())
+            lg.experiment.add_text(f"{name}/results", text)
+            lg.experiment.add_image(f"{name}/grid", np.asarray(Image.open(grid_path).convert("RGB")), 0,
+                                    dataformats="HWC")
         lg.finalize("success")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from toolkit.adapters.formats import AdapterFile, read_adapter
-from toolkit.adapters.loading import module_names, resolve_adapter
+from toolkit.adapters.loading import module_shapes, resolve_adapter
 from toolkit.atomic import atomic_open
 from toolkit.evaluation.protocol import as_list
 from toolkit.models.families import ModelFamily, family_named
@@ -59,11 +59,13 @@ def summarize(af: AdapterFile) -> dict[str, Any]:
     layers = []
     for comp, lay in af.layers.items():
         for name, w in sorted(lay.items()):
-            row = {"component": comp, "layer": name, "rank": w.rank, "alpha": w.alpha,
-                   "update_norm": float(w.delta().norm()), "conv": w.down.ndim == 4}
+            delta = w.delta()
+            row = {"component": comp, "layer": name, "type": "dora" if w.dora else w.kind, "rank": w.rank,
+                   "alpha": w.alpha, "update_norm": float(delta.norm()), "conv": delta.ndim == 4}
             layers.append(row)
             groups[(comp, layer_kind(name))].append(row)
-    table = [{"component": c, "kind": k, "layers": len(rows), "ranks": sorted({r["rank"] for r in rows}),
+    table = [{"component": c, "kind": k, "layers": len(rows), "types": sorted({r["type"] for r in rows}),
+              "ranks": sorted({r["rank"] for r in rows}, key=str),
               "alphas": sorted({r["alpha"] for r in rows}),
               "update_norm_mean": sum(r["update_norm"] for r in rows) / len(rows),
               "update_norm_max": max(r["update_norm"] for r in rows)} for (c, k), rows in sorted(groups.items())]
@@ -73,7 +75,7 @@ def summarize(af: AdapterFile) -> dict[str, Any]:
 def inspect_file(path: Path, family: type[ModelFamily] | None, models: dict[str, Any] | None) -> dict[str, Any]:
     guess = read_adapter(path, family_named("sd"))
     fam = family or family_named(named_family(guess))
-    mods = {c: module_names(m) for c, m in models.items()} if models else None
+    mods = {c: module_shapes(m) for c, m in models.items()} if models else None
     af = read_adapter(path, fam, mods, models["unet"].config if models else None)
     meta = {k: v for k, v in af.metadata.items() if k != "lora_adapter_metadata"}
     if "lora_adapter_metadata" in af.metadata:
@@ -95,9 +97,11 @@ def render(info: dict[str, Any]) -> str:
         m = info["base_model_match"]
         lines.append(f"  against the configured base model: {m['matched']} layers match, {m['unmatched']} do not"
                      + (f" (e.g. {m['unmatched_examples']})" if m["unmatched"] else ""))
-    lines.append(f"  {'component':<15} {'kind':<22} {'layers':>6}  {'rank':<10} {'alpha':<12} ‖ΔW‖ mean / max")
+    lines.append(f"  {'component':<15} {'layer kind':<22} {'layers':>6}  {'type':<7} {'rank':<10} {'alpha':<12} "
+                 "‖ΔW‖ mean / max")
     for g in info["groups"]:
-        lines.append(f"  {g['component']:<15} {g['kind']:<22} {g['layers']:>6}  {str(g['ranks']):<10} "
+        lines.append(f"  {g['component']:<15} {g['kind']:<22} {g['layers']:>6}  {','.join(g['types']):<7} "
+                     f"{str(g['ranks']):<10} "
                      f"{str(g['alphas']):<12} {g['update_norm_mean']:.4g} / {g['update_norm_max']:.4g}")
     for k, v in sorted(info["metadata"].items()):
         lines.append(f"  {k}: {str(v)[:150]}")
