@@ -131,3 +131,21 @@ def test_sweep_resumes_and_summarizes(tiny_model, tiny_clip, eval_data, tmp_path
     assert [e["n_seeds"] for e in table] == [2, 2] and all("(t, 2 seeds)" in e["fid_ci"] for e in table)
     assert all(e["fid_ci_low"] <= e["fid"] <= e["fid_ci_high"] for e in table)
     assert (sweep / "fid_vs_clip.png").stat().st_size > 1000
+
+
+def test_multirun_cells_are_separate_dashboard_runs_in_one_group(tiny_model, eval_data, tmp_path):
+    from tests.wandb_offline import run_info
+
+    sweep = tmp_path / "sweep"
+    args = eval_overrides(tiny_model, "null", eval_data, tmp_path / "cache", tmp_path / "unused")[:-1]
+    args = [a for a in args if a != "logger=none"]
+    res = run_entry(["-m", *args, "logger=wandb", f"hydra.sweep.dir={sweep}", "eval.num_images=4",
+                     "eval.guidance_scale=1,3", "eval.seed=0,1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = sorted(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))
+    infos = [run_info(f) for f in logs]
+    assert len(infos) == 4 and len({f.parent for f in logs}) == 4             # four runs, not one reused
+    assert {i["group"] for i in infos} == {f"eval/{sweep.name}"} and {i["job_type"] for i in infos} == {"eval"}
+    assert sorted(i["name"].split(":")[0] for i in infos) == ["0", "1", "2", "3"]
+    assert all("eval_base/fid" in i["summary"] and any(t == "run_table" for t, _ in i["artifacts"]) for i in infos)
+    assert "already in progress" not in res.stderr + res.stdout

@@ -147,3 +147,15 @@ def test_default_config_composes(tmp_path):
     cfg = compose_cfg([], tmp_path)
     assert cfg.task_name == "finetune_eval" and Path(cfg.data.path).name == "train"
     assert Path(cfg.eval.dataset).name == "test"  # evaluated on the held-out split
+
+
+def test_tensorboard_logger_gets_scalars_and_sample_grids(tiny_model, imagefolder_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = compose_cfg(tiny_overrides(tiny_model, imagefolder_data, tmp_path) + ["logger=tensorboard"], tmp_path)
+    train.run(cfg)
+    [events] = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert {"train/loss", "val/loss"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Images("samples")] == [2, 4]

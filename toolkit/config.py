@@ -23,16 +23,20 @@ def _multirun() -> Any:
     return hc if hc.mode == RunMode.MULTIRUN else None
 
 
-def sweep_group() -> str | None:
+def sweep_group(task: str) -> str | None:
     """A multirun's cells share one dashboard group: ``<task>/<sweep dir name>``; None outside one."""
     hc = _multirun()
-    return f"{hc.job.name}/{Path(hc.sweep.dir).name}" if hc is not None else None
+    return f"{task}/{Path(hc.sweep.dir).name}" if hc is not None else None
 
 
 def cell_name() -> str | None:
-    """A multirun cell's dashboard name: its number and the overrides that make it (``3: lr=1e-4``)."""
+    """A multirun cell's dashboard name: its number and its overrides, paths left out
+    (``3: eval.guidance_scale=5,eval.seed=1``)."""
     hc = _multirun()
-    return f"{hc.job.num}: {hc.job.override_dirname}"[:120] if hc is not None else None
+    if hc is None:
+        return None
+    parts = [p for p in hc.job.override_dirname.split(",") if "/" not in p.partition("=")[2]]
+    return f"{hc.job.num}: {','.join(parts)}"[:120]
 
 
 def register_resolvers() -> None:

@@ -110,7 +110,7 @@ def finish_trackers() -> None:
     every later multirun cell would be logged into it)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(quiet=True)
+        wandb.finish()
 
 
 def route_library_logs() -> None:
