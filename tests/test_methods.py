@@ -195,3 +195,57 @@ def test_objective_options_train_and_zero_snr_needs_v(tiny_model, tiny_model_v, 
     assert np.isfinite(train.run(cfg)["train/loss"])
     with pytest.raises(Exception, match="zero_terminal_snr=true needs a v-prediction model"):
         instantiate(compose_cfg(overrides(tiny_model, imagefolder_data, tmp_path / "e", *opts), tmp_path / "e").module)
+
+
+def test_masked_loss_uses_each_images_mask_naive_and_cached(tiny_model, tmp_path):
+    """RGBA images whose alpha hides the right half: the batch's mask is that half (cut and flipped
+    with the image), the cached path serves the same mask on the latent grid, and the loss ignores
+    what the mask hides."""
+    from PIL import Image
+
+    from toolkit.models import objectives
+
+    data = tmp_path / "rgba"
+    data.mkdir()
+    for i in range(8):
+        rgba = np.random.default_rng(i).integers(0, 255, (32, 48, 4), np.uint8)
+        rgba[..., 3] = 255
+        rgba[:, 24:, 3] = 0                                   # right half transparent: not learned
+        Image.fromarray(rgba, "RGBA").save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"image {i}")
+    common = ["data.masks=alpha", "module.masked_loss=true", "data.val_fraction=0", "data.random_flip=true",
+              "trainer.max_steps=2", "data.resolution=16"]
+    cfg = compose_cfg(overrides(tiny_model, data, tmp_path / "run", *common), tmp_path / "run")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    for e in range(4):   # 48x32 resized to 24x16, centre crop 16x16: columns 4..19, the mask edge at column 8
+        item = dm.train_set[(e, 0)]
+        m = item["mask"][0]
+        left, right = m[:, :7].mean().item(), m[:, 9:].mean().item()
+        assert (left > 0.99 and right < 0.01) or (left < 0.01 and right > 0.99)   # flipped with its image
+    naive = {e: dm.train_set[(e, 0)]["mask"] for e in range(4)}
+    train.run(cfg)   # cached path: masks stored on the latent grid
+    module = instantiate(cfg.module)
+    from toolkit.callbacks.encoded_cache import EncodedCache
+
+    trainer = type("T", (), {"datamodule": dm, "global_rank": 0, "world_size": 1,
+                             "strategy": type("S", (), {"barrier": staticmethod(lambda: None)})()})()
+    EncodedCache(cfg.callbacks.encoded_cache.dirpath).on_fit_start(trainer, module)   # reads the run's cache
+    for e, m in naive.items():   # the cached mask is the naive one averaged to the 8x8 latent grid
+        cached = dm.train_set[(e, 0)]
+        assert "latent_params" in cached and cached["mask"].shape == (1, 8, 8)
+        want = objectives.latent_mask(m[None], (8, 8))[0]
+        torch.testing.assert_close(cached["mask"], want, atol=1e-3, rtol=0)   # float16 storage
+    dm.train_set.latents = None
+    batch = next(iter(dm.train_dataloader()))
+    assert "pixel_values" in batch and batch["mask"].shape[-2:] == (16, 16)
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    lm = objectives.latent_mask(batch["mask"], (8, 8))
+    changed = pred + 100 * (lm < 1e-6).float() * torch.randn(4, 4, 8, 8, generator=g)
+    assert objectives.weighted_loss(changed, target, mask=lm) == objectives.weighted_loss(pred, target, mask=lm)
+    with pytest.raises(Exception, match="masked_loss=False but data.masks='alpha'"):
+        bad = compose_cfg(overrides(tiny_model, data, tmp_path / "bad", "data.masks=alpha", "data.val_fraction=0",
+                                    "trainer.max_steps=1"), tmp_path / "bad")
+        train.run(bad)
+    assert module.masked_loss

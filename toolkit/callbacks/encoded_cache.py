@@ -17,8 +17,11 @@ import numpy as np
 import torch
 
 from toolkit.data.encoded_cache import ArrayStore, bytes_key, fill, module_fingerprint, text_key
+from toolkit.data.masks import load_mask
+from toolkit.data.sources import fingerprint_listing
 from toolkit.data.transforms import train_transform
 from toolkit.data.validate import decode_image
+from toolkit.models.objectives import latent_mask
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,21 @@ class EncodedCache(L.Callback):
             # micro-conditioning travels with the latents, from the same transform that cuts the pixels.
             micro_store = ArrayStore(self.dirpath / f"micro-{folder}")
             min_side = dm.policy.min_side or dm.resolution
+            # Loss masks, averaged to the latent grid, per variant; keyed by the mask source too.
+            masks = dm.masks
+            mask_key = hashlib.sha256(str(masks if masks in (None, "alpha") else fingerprint_listing(masks)).encode())
+            mask_store = ArrayStore(self.dirpath / f"masks-{folder}-{mask_key.hexdigest()[:12]}") if masks else None
+            factor = 2 ** (len(module.vae.config.block_out_channels) - 1)
+
+            def mask_rows(items: list[Any], size: int | tuple[int, int]) -> np.ndarray:
+                rng, rows = np.random.default_rng(0), []
+                for it in items:
+                    img = decode_image(it, dm.policy, min_side)[0]
+                    mask = load_mask(it, masks, dm.policy, img.size).convert("RGB")
+                    for flip in (False, True)[:flips]:
+                        m = (train_transform(mask, size, True, False, rng, flip=flip)[0][:1] + 1) / 2
+                        rows.append(latent_mask(m[None], (m.shape[1] // factor, m.shape[2] // factor))[0].numpy())
+                return np.asarray(rows, self.dtype).reshape(len(items), flips, *rows[0].shape)
 
             def variants(items: list[Any], size: int | tuple[int, int]) -> tuple[list[torch.Tensor], np.ndarray]:
                 rng = np.random.default_rng(0)   # unused: centre crop, the flip is forced
@@ -112,5 +130,8 @@ class EncodedCache(L.Callback):
                     fill(micro_store, [keys[r] for r in rows], [items[r] for r in rows],
                          lambda its, size=size: variants(its, size)[1], self.batch_size, desc="micro-conditioning",
                          **shard)
-                s.latents = (store, micro_store, keys)
+                    if mask_store is not None and s.masks:
+                        fill(mask_store, [keys[r] for r in rows], [items[r] for r in rows],
+                             lambda its, size=size: mask_rows(its, size), self.batch_size, desc="loss masks", **shard)
+                s.latents = (store, micro_store, mask_store if s.masks else None, keys)
                 log.info("latent cache: %d images (%d encoded now) in %s", len(s.indices), n, store.root)

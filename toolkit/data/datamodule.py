@@ -7,6 +7,7 @@ the per-device size is derived at setup and a non-divisible setting fails with w
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from toolkit.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from toolkit.data.captions import TagPolicy, tag_caption
+from toolkit.data.masks import load_mask
 from toolkit.data.sampler import ResumableLoader, ResumableSampler
 from toolkit.data.sources import CAPTION_PROBLEM, fingerprint_listing, load_captioned
 from toolkit.data.transforms import train_transform
@@ -57,13 +59,13 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __init__(self, ds: Any, image_column: str, caption_column: str, resolution: int,
                  center_crop: bool, random_flip: bool, policy: DataPolicy, seed: int = 0,
-                 indices: list[int] | None = None, tags: TagPolicy | None = None) -> None:
+                 indices: list[int] | None = None, tags: TagPolicy | None = None, masks: str | None = None) -> None:
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.policy, self.seed, self.tags = policy, seed, tags or TagPolicy()
+        self.policy, self.seed, self.tags, self.masks = policy, seed, tags or TagPolicy(), masks
         self.indices = list(range(len(ds))) if indices is None else indices
-        # (latent store, micro-conditioning store, key per kept row): set by the EncodedCache callback
-        self.latents: tuple[Any, Any, dict[int, str]] | None = None
+        # (latent store, micro-conditioning store, mask store or None, key per kept row): EncodedCache
+        self.latents: tuple[Any, Any, Any, dict[int, str]] | None = None
         self.sizes: list[tuple[int, int]] | None = None     # bucket (width, height) per kept item
 
     def __len__(self) -> int:
@@ -100,21 +102,31 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def _item(self, row: int, i: int, rng: np.random.Generator) -> dict[str, Any] | None:
         if self.latents is not None:   # cached posterior parameters: the same flip draw as below
-            store, micro, keys = self.latents
+            store, micro, masks, keys = self.latents
             _, caption, problem = self.raw(row)
             text = check_caption(caption, problem, self.policy)
             flip = int(self.random_flip and rng.random() < 0.5)
-            return {"latent_params": torch.from_numpy(np.array(store.get(keys[row])[flip], np.float32)),
+            item = {"latent_params": torch.from_numpy(np.array(store.get(keys[row])[flip], np.float32)),
                     "micro": torch.from_numpy(np.array(micro.get(keys[row])[flip], np.float32)), "caption": text}
+            if masks is not None:   # stored on the latent grid
+                item["mask"] = torch.from_numpy(np.array(masks.get(keys[row])[flip], np.float32))
+            return item
         image, caption, problem = self.raw(row)
         try:
             text = check_caption(caption, problem, self.policy)
             img, _ = decode_image(image, self.policy, self.policy.min_side or self.resolution)
+            mask = load_mask(image, self.masks, self.policy, img.size) if self.masks else None
         except BadItem as bad:   # changed since the scan (or no scan): skip it, loudly
             log.warning("skipping %s: %s", item_name(image, i), bad)
             return None
+        mask_rng = copy.deepcopy(rng)   # the mask gets the same crop and flip draws as its image
         pixels, micro = train_transform(img, self.target_size(i), self.center_crop, self.random_flip, rng)
-        return {"pixel_values": pixels, "micro": torch.tensor(micro, dtype=torch.float32), "caption": text}
+        item = {"pixel_values": pixels, "micro": torch.tensor(micro, dtype=torch.float32), "caption": text}
+        if mask is not None:
+            m, _ = train_transform(mask.convert("RGB"), self.target_size(i), self.center_crop, self.random_flip,
+                                   mask_rng)
+            item["mask"] = (m[:1] + 1) / 2
+        return item
 
 
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -122,8 +134,11 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     if not items:
         raise RuntimeError("every item of a batch failed to decode; see the warnings above")
     field = "latent_params" if "latent_params" in items[0] else "pixel_values"
-    return {field: torch.stack([it[field] for it in items]), "micro": torch.stack([it["micro"] for it in items]),
-            "captions": [it["caption"] for it in items]}
+    batch = {field: torch.stack([it[field] for it in items]), "micro": torch.stack([it["micro"] for it in items]),
+             "captions": [it["caption"] for it in items]}
+    if "mask" in items[0]:
+        batch["mask"] = torch.stack([it["mask"] for it in items])
+    return batch
 
 
 class CaptionedImageDataModule(L.LightningDataModule):
@@ -144,6 +159,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
         scan_cache_dir: scan results, keyed by dataset fingerprint + policy (None: no cache).
         tags: tag-style captions (``toolkit.data.captions.TagPolicy``: shuffle, keep_tokens,
             dropout, separator), applied to training captions only.
+        masks: per-image loss masks for training images: ``alpha`` or a folder of masks
+            (``toolkit.data.masks``); None: no masks.
     """
 
     def __init__(self, path: str, resolution: int = 512, global_batch_size: int = 16,
@@ -153,7 +170,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
                  pin_memory: bool = False, revision: str | None = None, seed: int = 0,
                  policy: DataPolicy | dict | None = None, buckets: dict | None = None,
                  report_dir: str | None = None, scan_cache_dir: str | None = None,
-                 tags: TagPolicy | dict | None = None) -> None:
+                 tags: TagPolicy | dict | None = None, masks: str | None = None) -> None:
         super().__init__()
         self.path, self.resolution, self.global_batch_size = path, resolution, global_batch_size
         self.image_column, self.caption_column, self.split = image_column, caption_column, split
@@ -164,6 +181,10 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.report_dir, self.scan_cache_dir = report_dir, scan_cache_dir
         self.buckets = dict(buckets) if buckets else None
         self.tags = tags if isinstance(tags, TagPolicy) else TagPolicy(**(tags or {}))
+        if masks not in (None, "alpha") and not Path(str(masks)).expanduser().is_dir():
+            raise FileNotFoundError(f"data.masks={masks!r}: expected alpha or a folder of masks (one per image, same "
+                                    "file stem); no such folder")
+        self.masks = masks
         if self.buckets and not self.policy.scan:
             raise ValueError("data.buckets needs data.policy.scan=true (the scan measures every image's size)")
         self.train_set = self.val_set = None
@@ -172,7 +193,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
     def _wrap(self, ds: Any, train: bool) -> CaptionedImages:
         return CaptionedImages(ds, self.image_column, self.caption_column, self.resolution,
                                self.center_crop or not train, self.random_flip and train,
-                               self.policy, self.seed, tags=self.tags if train else None)
+                               self.policy, self.seed, tags=self.tags if train else None,
+                               masks=self.masks if train else None)
 
     def _scan(self, ds: CaptionedImages, name: str) -> ScanResult:
         settings = [self.path, self.revision, self.split, self.validation_split, self.val_fraction, self.seed,

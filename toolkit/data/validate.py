@@ -190,9 +190,14 @@ def check_caption(caption: Any, problem: str | None, policy: DataPolicy) -> str:
     raise BadItem(*caption_reason(problem))
 
 
-def item_name(item: Any, index: int) -> str:
+def item_path(item: Any) -> str | None:
+    """The file an item was read from (a path, or a ``datasets`` ``{path, bytes}`` dict), if any."""
     path = item.get("path") if isinstance(item, dict) else item if isinstance(item, str | Path) else None
-    return str(path) if path else f"row {index}"
+    return str(path) if path else None
+
+
+def item_name(item: Any, index: int) -> str:
+    return item_path(item) or f"row {index}"
 
 
 @dataclass

@@ -293,6 +293,12 @@ class LoRADiffusion(L.LightningModule):
             if self.masked_loss and "mask" in batch else None
         return objectives.weighted_loss(pred, target, weights, mask, self.loss, self.huber_delta)
 
+    def setup(self, stage: str) -> None:
+        masks = getattr(getattr(self.trainer, "datamodule", None), "masks", None)
+        if self.masked_loss != bool(masks):
+            raise ValueError(f"module.masked_loss={self.masked_loss} but data.masks={masks!r}: the loss masks need "
+                             "both (data.masks=alpha or a folder, and module.masked_loss=true)")
+
     def on_train_epoch_start(self) -> None:
         # Lightning puts the whole module in train mode; the frozen VAE (and a frozen text
         # encoder) must stay in eval mode so dropout/normalisation behave as in inference.
