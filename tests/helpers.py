@@ -49,3 +49,15 @@ class RecordLoRA(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         RecordLoRA.history[trainer.global_step] = {k: v.detach().clone()
                                                   for k, v in module.trainable_state_dict().items()}
+
+
+class RecordBatches(L.Callback):
+    """Keeps the training batches (``batches``), for checks of what the loader produced."""
+
+    batches: list[dict[str, Any]] = []
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        RecordBatches.batches = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        RecordBatches.batches.append(batch)

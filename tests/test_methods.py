@@ -249,3 +249,40 @@ def test_masked_loss_uses_each_images_mask_naive_and_cached(tiny_model, tmp_path
                                     "trainer.max_steps=1"), tmp_path / "bad")
         train.run(bad)
     assert module.masked_loss
+
+
+def test_prior_preservation_mixes_cached_class_images(tiny_model, imagefolder_data, tmp_path, caplog):
+    from toolkit.models import objectives
+
+    prior = ["callbacks.prior.class_prompt=a photo of a shape", "callbacks.prior.num_images=4",
+             "callbacks.prior.steps=2", "callbacks.prior.loss_weight=0.5", f"callbacks.prior.dirpath={tmp_path / 'cls'}",
+             "trainer.max_steps=2"]
+    cfg = compose_cfg(overrides(tiny_model, imagefolder_data, tmp_path / "a", *prior,
+                                "+callbacks.record._target_=tests.helpers.RecordBatches"), tmp_path / "a")
+    with caplog.at_level("INFO"):
+        train.run(cfg)
+    assert "4 class images of 'a photo of a shape' (4 generated now)" in caplog.text
+    from tests.helpers import RecordBatches
+
+    batch = RecordBatches.batches[0]
+    assert batch["captions"][4:] == ["a photo of a shape"] * 4 and batch["prior"].tolist() == [0] * 4 + [1] * 4
+    assert "latent_params" in batch                                   # class images come from the latent cache too
+    w = objectives.prior_weights(batch["prior"], 0.5)
+    per = torch.arange(8.0)
+    assert (per * w).mean() == pytest.approx(per[:4].mean() + 0.5 * per[4:].mean())
+    caplog.clear()
+    with caplog.at_level("INFO"):   # a second run with the same base model reuses the images
+        train.run(compose_cfg(overrides(tiny_model, imagefolder_data, tmp_path / "b", *prior), tmp_path / "b"))
+    assert "(0 generated now)" in caplog.text
+    # two processes: generation sharded, identical adapters on both ranks
+    from tests.conftest import run_entry
+
+    out = tmp_path / "ddp"
+    res = run_entry(overrides(tiny_model, imagefolder_data, out, *prior[:-1], "trainer.max_steps=2", "trainer=ddp",
+                              "trainer.devices=2", f"callbacks.prior.dirpath={tmp_path / 'cls2'}",
+                              "+callbacks.dump._target_=tests.helpers.DumpRankLoRA",
+                              f"+callbacks.dump.dirpath={out}/ranks"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (load_file(out / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert len(list((tmp_path / "cls2").rglob("*.png"))) == 4

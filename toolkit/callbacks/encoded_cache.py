@@ -51,7 +51,7 @@ class EncodedCache(L.Callback):
     @torch.no_grad()
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         dm = trainer.datamodule
-        sets = [s for s in (dm.train_set, dm.val_set) if s is not None]
+        sets = [s for s in (dm.train_set, dm.val_set, dm.train_set.prior) if s is not None]
         shard = {"rank": trainer.global_rank, "world_size": trainer.world_size, "barrier": trainer.strategy.barrier}
         if self.text and module.text_lora_params:
             log.info("text-embedding cache off: the text encoder is being trained")

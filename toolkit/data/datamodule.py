@@ -63,6 +63,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.policy, self.seed, self.tags, self.masks = policy, seed, tags or TagPolicy(), masks
+        self.prior: CaptionedImages | None = None   # class images (prior preservation), one per item
+        self.prior_weight = 1.0
         self.indices = list(range(len(ds))) if indices is None else indices
         # (latent store, micro-conditioning store, mask store or None, key per kept row): EncodedCache
         self.latents: tuple[Any, Any, Any, dict[int, str]] | None = None
@@ -98,6 +100,9 @@ class CaptionedImages(torch.utils.data.Dataset):
         if item is not None and self.tags.varies:   # own generator: independent of the image draws
             tag_rng = np.random.default_rng([self.seed, epoch, i, 1])
             item["caption"] = tag_caption(item["caption"], self.tags, tag_rng)
+        if item is not None and self.prior is not None:   # the paired class image, from (seed, epoch, item)
+            j = int(np.random.default_rng([self.seed, epoch, i, 2]).integers(len(self.prior)))
+            item["prior"] = {**self.prior[(epoch, j)], "weight": self.prior_weight}
         return item
 
     def _item(self, row: int, i: int, rng: np.random.Generator) -> dict[str, Any] | None:
@@ -133,6 +138,12 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     items = [it for it in items if it is not None]
     if not items:
         raise RuntimeError("every item of a batch failed to decode; see the warnings above")
+    if "prior" in items[0]:   # instance images first, then their class images (prior preservation)
+        priors = [it.pop("prior") for it in items]
+        batch = collate(items + priors)
+        batch["prior"] = torch.tensor([0.0] * len(items) + [1.0] * len(priors))
+        batch["prior_weight"] = float(priors[0]["weight"])
+        return batch
     field = "latent_params" if "latent_params" in items[0] else "pixel_values"
     batch = {field: torch.stack([it[field] for it in items]), "micro": torch.stack([it["micro"] for it in items]),
              "captions": [it["caption"] for it in items]}
@@ -249,6 +260,15 @@ class CaptionedImageDataModule(L.LightningDataModule):
             require_items(report["train"], self.path, [self.batch_size * world])
         log.info("data: %d train / %d val images from %s, per-device batch %d",
                  len(self.train_set), len(self.val_set or []), self.path, self.batch_size)
+
+    def attach_prior(self, ds: Any, weight: float) -> None:
+        """Class images (a generated image folder) paired with every training item."""
+        if self.buckets:
+            raise ValueError("prior preservation with aspect-ratio buckets is not supported (the class images are "
+                             "square and a batch must be one shape): set data.buckets=null")
+        self.train_set.prior = CaptionedImages(ds, "image", "text", self.resolution, self.center_crop,
+                                               self.random_flip, self.policy, self.seed)
+        self.train_set.prior_weight = weight
 
     def _sampler(self, ds: CaptionedImages, shuffle: bool) -> ResumableSampler:
         return ResumableSampler(len(ds), self.seed, shuffle, self.rank, self.world_size)

@@ -32,12 +32,17 @@ from toolkit.logs import progress as progress_bar
 log = logging.getLogger(__name__)
 
 
+ADAPTER_PARTS = (".lora_", ".hada_", ".lokr_")
+
+
 def module_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of a model's config and every tensor of its state dict."""
+    """Hash of a model's config and every tensor of its state dict, adapters left out: the frozen
+    base's identity (an injected adapter renames ``x.weight`` to ``x.base_layer.weight``; undone here)."""
     cfg = getattr(model, "config", {})
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted((k.replace(".base_layer.", "."), v) for k, v in model.state_dict().items()
+                          if not any(p in k for p in ADAPTER_PARTS)):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

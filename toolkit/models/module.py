@@ -289,6 +289,9 @@ class LoRADiffusion(L.LightningModule):
         if self.debiased_estimation:
             debias = objectives.debiased_weights(self.noise_scheduler, timesteps)
             weights = debias if weights is None else weights * debias
+        if "prior" in batch:   # loss = mean over instance images + λ · mean over class images
+            prior = objectives.prior_weights(batch["prior"].to(latents.device), batch["prior_weight"])
+            weights = prior if weights is None else weights * prior
         mask = objectives.latent_mask(batch["mask"].to(latents.device), latents.shape[-2:]) \
             if self.masked_loss and "mask" in batch else None
         return objectives.weighted_loss(pred, target, weights, mask, self.loss, self.huber_delta)

@@ -75,6 +75,12 @@ def debiased_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch
     return 1 / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else 1 / snr.sqrt()
 
 
+def prior_weights(is_prior: torch.Tensor, loss_weight: float) -> torch.Tensor:
+    """Per-sample weights that make the batch mean equal mean(instance) + λ·mean(prior) (DreamBooth)."""
+    n, n_prior = len(is_prior), is_prior.sum()
+    return torch.where(is_prior.bool(), loss_weight * n / n_prior.clamp_min(1), n / (n - n_prior).clamp_min(1))
+
+
 def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
     """Add a per-sample, per-channel constant (Guttenberg's noise offset) to Gaussian noise."""
