@@ -286,3 +286,16 @@ def test_prior_preservation_mixes_cached_class_images(tiny_model, imagefolder_da
     r0, r1 = (load_file(out / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert len(list((tmp_path / "cls2").rglob("*.png"))) == 4
+
+
+def test_fused_adapters_draw_what_unfused_ones_draw(kind_run, tiny_model, tmp_path):
+    """Sampling and evaluation bake the verified adapter into the weights (faster): same images."""
+    from toolkit.inference.pipeline import generate, load_pipeline
+
+    _, _, out = kind_run
+    pipes = [load_pipeline(tiny_model, adapters=[out], lora_scales=[0.8], fuse_adapters=f) for f in (False, True)]
+    imgs = [np.stack([np.asarray(im, np.int16) for im in generate(p, ["a red circle", "a blue square"], [0, 1], 3,
+                                                                     5.0, height=16, width=16, progress=False)])
+            for p in pipes]
+    assert np.abs(imgs[0] - imgs[1]).max() <= 1
+    assert not any("lora_" in n or "hada_" in n or "lokr_" in n for n, _ in pipes[1].unet.named_parameters())

@@ -44,7 +44,7 @@ def module_fingerprint(model: torch.nn.Module) -> str:
     for name, t in sorted((k.replace(".base_layer.", "."), v) for k, v in model.state_dict().items()
                           if not any(p in k for p in ADAPTER_PARTS)):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().flatten().contiguous().view(torch.uint8).numpy().tobytes())   # any memory format
     return h.hexdigest()[:16]
 
 

@@ -348,6 +348,9 @@ class LoRADiffusion(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The norm is one more pass over every gradient: only on the steps the loggers write.
+        if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1):
+            return
         grads = [p.grad for p in self.unet_lora_params + self.text_lora_params if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))

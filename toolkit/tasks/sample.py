@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def pipeline_from_cfg(cfg: DictConfig, gen: DictConfig, device: Any = "cpu"):
     return load_pipeline(**OmegaConf.to_container(cfg.model, resolve=True), adapters=as_list(cfg.adapter),
                          lora_scales=[float(s) for s in as_list(gen.lora_scale)], adapter_variant=cfg.adapter_variant,
-                         scheduler=gen.scheduler, device=device)
+                         scheduler=gen.scheduler, fuse_adapters=gen.fuse_adapters, device=device)
 
 
 def generation_record(cfg: DictConfig, gen: DictConfig) -> dict[str, Any]:
@@ -38,6 +38,7 @@ def generation_record(cfg: DictConfig, gen: DictConfig) -> dict[str, Any]:
                           "sha256": adapter_sha256(a, cfg.adapter_variant)} for a in as_list(cfg.adapter)],
             "lora_scale": as_list(gen.lora_scale), "scheduler": gen.scheduler, "steps": gen.steps,
             "guidance_scale": gen.guidance_scale, "negative_prompt": gen.negative_prompt,
+            "fuse_adapters": gen.fuse_adapters,
             "height": gen.height, "width": gen.width}
 
 
