@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -70,10 +71,11 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense tensor-co
 
 
 def build(spec: dict, dev: torch.device, checkpointing: bool):
-    unet = UNet2DConditionModel(**spec["unet"]).to(dev)
-    vae = AutoencoderKL(**spec["vae"]).to(dev).eval()
-    encoders = [(CLIPTextModelWithProjection if "projection_dim" in t else CLIPTextModel)(CLIPTextConfig(**t))
-                .to(dev).eval() for t in spec["text"]]
+    with dev:   # random init on the device itself (billions of weights: minutes on the CPU)
+        unet = UNet2DConditionModel(**spec["unet"])
+        vae = AutoencoderKL(**spec["vae"]).eval()
+        encoders = [(CLIPTextModelWithProjection if "projection_dim" in t else CLIPTextModel)(CLIPTextConfig(**t))
+                    .eval() for t in spec["text"]]
     for m in (unet, vae, *encoders):
         m.requires_grad_(False)
     if checkpointing:
@@ -112,6 +114,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--checkpointing", action="store_true", help="UNet gradient checkpointing")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    ap.add_argument("--json", help="also write the result to this file")
     args = ap.parse_args()
     spec = MODELS[args.model]
     family = spec["family"]
@@ -121,6 +125,8 @@ def main() -> None:
     res, batch = spec["res"], args.batch or (8 if dev.type == "cuda" else 4)
     amp = torch.bfloat16 if dev.type == "cuda" else None
     unet, vae, encoders, params = build(spec, dev, args.checkpointing)
+    if args.compile:
+        unet.compile()
     tokenizers = [load_clip_tokenizer() for _ in encoders]
     opt = torch.optim.AdamW(params, lr=1e-4)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
@@ -132,7 +138,8 @@ def main() -> None:
         cache = (vae.encode(images).latent_dist.parameters, family.encode_prompts(tokenizers, encoders, prompts, dev))
     out = {"model": args.model, "family": family.name, "device": torch.cuda.get_device_name() if dev.type == "cuda"
            else "cpu", "torch": torch.__version__, "resolution": res, "batch": batch,
-           "gradient_checkpointing": args.checkpointing, "unet_params": sum(p.numel() for p in unet.parameters()),
+           "gradient_checkpointing": args.checkpointing, "compile": args.compile,
+           "unet_params": sum(p.numel() for p in unet.parameters()),
            "lora_params": sum(p.numel() for p in params)}
     run = lambda cached: step_fn(family, unet, vae, encoders, tokenizers, scheduler, opt, images, prompts, micro,
                                  cached, amp, gen)
@@ -163,6 +170,8 @@ def main() -> None:
     if "naive" in out:
         out["speedup"] = out["cached"]["img_per_s"] / out["naive"]["img_per_s"]
     print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
