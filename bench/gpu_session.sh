@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every GPU figure of bench/README.md in one go (a lent GPU machine without a package index:
+# the missing packages travel as wheels in .whl/). Results: JSON files in $OUT.
+#   bash bench/gpu_session.sh
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, diffusers, transformers, peft, lightning, datasets, hydra, pyarrow; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+step() { name=$1; shift; timeout 170 python3 bench/step.py "$@" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1; echo "$name: $?"; tail -3 "$OUT/$name.log"; }
+# SDXL at 1024 px: batch 1 with gradient checkpointing (does an SDXL LoRA fit 24 GB?), then throughput at batch 4
+step sdxl_b1_ckpt --model sdxl --batch 1 --checkpointing --steps 8 --warmup 3
+step sdxl_b4 --model sdxl --batch 4 --steps 8 --warmup 3
+# SD-1.5 at 512 px, batch 32: the step's FLOP count (for the real loop's MFU) and the standalone step
+step sd15_b32 --model sd15 --batch 32 --steps 10 --warmup 3
+TF=$(python3 -c "import json; print(json.load(open('$OUT/sd15_b32.json'))['cached']['tflop_per_step'])" 2>/dev/null || echo 0)
+# The real training loop (task=train), caches warm, bf16, fused AdamW; without and with torch.compile
+timeout 330 python3 bench/gpu_loop.py --batch 32 --steps 60 --warmup 15 --tflop-per-step "$TF" --json "$OUT/sd15_loop.json" \
+    --configs '{"cached_fused": ["module.optimizer.fused=true"], "cached_fused_compile": ["module.optimizer.fused=true", "module.compile=true"]}' \
+    > "$OUT/sd15_loop.log" 2>&1; echo "sd15_loop: $?"; tail -4 "$OUT/sd15_loop.log"
