@@ -256,11 +256,18 @@ def _git() -> str | None:
         return None
 
 
+def toolkit_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("toolkit")
+    except PackageNotFoundError:   # run from a source tree without pip install
+        return "source tree (not installed)"
+
+
 def record_attempt(cfg: DictConfig) -> dict[str, Any] | None:
     """Append this start or resume to ``<run>/run_history.jsonl`` (rank zero, single runs only):
     time, the overrides this attempt added, the checkpoint, toolkit version and git commit."""
-    from importlib.metadata import version
-
     from hydra.core.hydra_config import HydraConfig
 
     from toolkit.results import append_row
@@ -281,7 +288,7 @@ def record_attempt(cfg: DictConfig) -> dict[str, Any] | None:
         new = task
     row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "event": "resume" if resumed else "start", "hydra_dir": str(subdir), "overrides": new,
-           "ckpt_path": cfg.get("ckpt_path"), "toolkit": version("toolkit"), "git": _git()}
+           "ckpt_path": cfg.get("ckpt_path"), "toolkit": toolkit_version(), "git": _git()}
     append_row(out / HISTORY, row)
     return row
 
