@@ -7,8 +7,8 @@ batch, adapter, data loader and optimizer, naive and cached (the floor any train
 Each side runs in a fresh process and times its own steps: img/s over the steps after
 ``--warmup`` (the toolkit through a timing callback added to the real config, which only reads the
 clock at each batch start), so start-up, data scan, cache building and model loading are left
-out. Each configuration runs ``--repeats`` times; the best run counts (the 2-core machine's noise
-only ever slows a run down). The bare loop is ``for batch in loader: loss =
+out. Toolkit and bare runs alternate (A B A B, ``--repeats`` pairs) and the median ratio of the pairs
+is reported, so a drift of the shared machine's speed hits both sides of each pair alike. The bare loop is ``for batch in loader: loss =
 module.diffusion_loss(batch); loss.backward(); clip_grad_norm_(1.0); opt.step(); sched.step();
 opt.zero_grad()`` — the same maths the LightningModule runs, with nothing around it. Prints
 img/s of each, and toolkit / bare ratios (1.00 = no framework tax).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -142,15 +143,16 @@ def main() -> None:
     toolkit_run(work / "warmup", 2, True, extra, env)   # fills the cache (and the OS file cache) for all
     for path in ("naive", "cached"):
         cached = path == "cached"
-        for name, fn in (("toolkit", toolkit_run), ("bare", bare_run)):
-            rates = [rate(fn(work / f"{name}-{path}-{i}", args.steps, cached, extra, env), args.warmup, args.batch)
-                     for i in range(args.repeats)]
-            report.setdefault(path, {})[name] = {"img_per_s": round(max(rates), 2),
-                                                 "runs": [round(r, 2) for r in rates]}
-        r = report[path]
-        r["toolkit_over_bare"] = round(r["toolkit"]["img_per_s"] / r["bare"]["img_per_s"], 3)
-    report["cached_over_bare_naive"] = round(report["cached"]["toolkit"]["img_per_s"]
-                                             / report["naive"]["bare"]["img_per_s"], 3)
+        pairs = []   # toolkit, bare in turn: a drift of the machine's speed hits both sides of a pair
+        for i in range(args.repeats):
+            pairs.append(tuple(rate(fn(work / f"{name}-{path}-{i}", args.steps, cached, extra, env), args.warmup,
+                                    args.batch) for name, fn in (("toolkit", toolkit_run), ("bare", bare_run))))
+        report[path] = {"toolkit_img_per_s": round(statistics.median(t for t, _ in pairs), 2),
+                        "bare_img_per_s": round(statistics.median(b for _, b in pairs), 2),
+                        "toolkit_over_bare": round(statistics.median(t / b for t, b in pairs), 3),
+                        "runs": [[round(t, 1), round(b, 1)] for t, b in pairs]}
+    report["cached_over_bare_naive"] = round(report["cached"]["toolkit_img_per_s"]
+                                             / report["naive"]["bare_img_per_s"], 3)
     print(json.dumps(report, indent=2))
 
 
