@@ -2,16 +2,17 @@
 batch, adapter, data loader and optimizer, naive and cached (the floor any trainer can reach).
 
     python bench/framework_tax.py                          # embedded miniature, CPU, default LoRA
-    python bench/framework_tax.py --steps 40 160 -- module=lora trainer.precision=bf16-mixed
+    python bench/framework_tax.py --steps 160 --repeats 3 -- module=lora
 
 Each side runs in a fresh process and times its own steps: img/s over the steps after
-``--warmup`` (the toolkit through a timing callback added to the real config, which only reads the
-clock at each batch start), so start-up, data scan, cache building and model loading are left
-out. Toolkit and bare runs alternate (A B A B, ``--repeats`` pairs) and the median ratio of the pairs
-is reported, so a drift of the shared machine's speed hits both sides of each pair alike. The bare loop is ``for batch in loader: loss =
-module.diffusion_loss(batch); loss.backward(); clip_grad_norm_(1.0); opt.step(); sched.step();
-opt.zero_grad()`` — the same maths the LightningModule runs, with nothing around it. Prints
-img/s of each, and toolkit / bare ratios (1.00 = no framework tax).
+``--warmup`` (the toolkit through a timing callback added to the real config, which only reads
+the clock at each batch start), so start-up, data scan, cache building and model loading are
+left out. Toolkit and bare runs alternate (A B A B, ``--repeats`` pairs) and the median ratio of
+the pairs is reported, so a drift of the shared machine's speed hits both sides of a pair alike.
+The bare loop is ``for batch in loader: loss = module.diffusion_loss(batch); loss.backward();
+clip_grad_norm_(1.0); opt.step(); sched.step(); opt.zero_grad()`` — the same maths the
+LightningModule runs, with nothing around it. Prints img/s of each, and toolkit / bare ratios
+(1.00 = no framework tax).
 """
 
 from __future__ import annotations
