@@ -31,24 +31,22 @@ from bench.framework_tax import rate  # noqa: E402
 
 
 def build_model(out: Path, model: str) -> None:
+    """A pipeline folder of ``bench/step.py``'s shapes (random weights), saved as a hub model is."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler
 
-    from bench.step import MODELS
+    from bench.step import MODELS, base_models
     from toolkit.models.tokenizer import load_clip_tokenizer
 
     spec = MODELS[model]
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        unet = UNet2DConditionModel(**spec["unet"])
-        vae = AutoencoderKL(**spec["vae"])
-        text = CLIPTextModel(CLIPTextConfig(**spec["text"][0]))
+    family = spec["family"]
+    unet, vae, encoders = base_models(spec, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    parts = {"unet": unet, "vae": vae, **dict(zip(family.text_encoders, encoders)),
+             **{t: load_clip_tokenizer() for t in family.tokenizers}}
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                           steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_clip_tokenizer(), unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.to(torch.bfloat16).save_pretrained(out)
+    pipe = family.pipeline(parts, sched)
+    pipe.to(torch.bfloat16 if torch.cuda.is_available() else torch.float32).save_pretrained(out)
 
 
 def build_data(out: Path, n: int, size: int) -> None:
@@ -84,7 +82,8 @@ class PeakMemory:
 def train(work: Path, name: str, args: argparse.Namespace, extra: list[str]) -> dict:
     out = work / name
     cmd = [sys.executable, str(ROOT / "run.py"), "task=train", f"hydra.run.dir={out}", "logger=none",
-           f"model.name_or_path={work / args.model}", "model.dtype=bfloat16", f"data.path={work / 'data'}",
+           f"model.name_or_path={work / args.model}", f"model.dtype={'bfloat16' if args.gpu else 'float32'}",
+           f"data.path={work / 'data'}",
            f"data.resolution={args.resolution}", f"data.global_batch_size={args.batch}", "data.val_fraction=0",
            f"trainer={'gpu' if args.gpu else 'cpu'}",
            "module=lora", f"trainer.max_steps={args.steps}", "trainer.val_check_interval=1000000",

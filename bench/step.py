@@ -70,7 +70,8 @@ MODELS = {
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense tensor-core FLOP/s
 
 
-def build(spec: dict, dev: torch.device, checkpointing: bool):
+def base_models(spec: dict, dev: torch.device):
+    """UNet, VAE and text encoders of a spec, random init, frozen."""
     with dev:   # random init on the device itself (billions of weights: minutes on the CPU)
         unet = UNet2DConditionModel(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"]).eval()
@@ -78,6 +79,11 @@ def build(spec: dict, dev: torch.device, checkpointing: bool):
                     .eval() for t in spec["text"]]
     for m in (unet, vae, *encoders):
         m.requires_grad_(False)
+    return unet, vae, encoders
+
+
+def build(spec: dict, dev: torch.device, checkpointing: bool):
+    unet, vae, encoders = base_models(spec, dev)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     params = add_lora(unet, LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",

@@ -149,3 +149,4 @@ def test_multirun_cells_are_separate_dashboard_runs_in_one_group(tiny_model, eva
     assert sorted(i["name"].split(":")[0] for i in infos) == ["0", "1", "2", "3"]
     assert all("eval_base/fid" in i["summary"] and any(t == "run_table" for t, _ in i["artifacts"]) for i in infos)
     assert "already in progress" not in res.stderr + res.stdout
+    assert "wandb: WARNING" not in res.stderr + res.stdout                     # e.g. "the anonymous setting"

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, tiny_overrides
 from toolkit.adapters.formats import KOHYA_FILE, kohya_key
-from toolkit.adapters.layers import compare_updates, model_magnitudes, model_updates
-from toolkit.adapters.loading import load_adapters, resolve_adapter
+from toolkit.adapters.layers import compare_updates, layers_from_model, model_magnitudes, model_updates
+from toolkit.adapters.loading import inject, load_adapters, resolve_adapter
 from toolkit.data.captions import TagPolicy, tag_caption
 from toolkit.tasks import train
 
@@ -83,6 +83,27 @@ def test_adapter_type_file_is_read_whole_by_lycoris(kind_run, tiny_model):
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5, kind
     base = unet_output(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"), module)
     assert ((base - ref).norm() / ref.norm()).item() > 1e-4        # the adapter matters at this scale
+
+
+@pytest.mark.parametrize("factor, both", [(-1, False), (2, False), (4, True)])
+def test_lokr_layers_of_any_decompose_factor_load_whole(factor, both):
+    """A LoKr trained with a decompose factor other than peft's default (the study's r 16, factor 2)
+    must load into layers of the same split, not fail or load some other shape."""
+    from peft import LoKrConfig, inject_adapter_in_model
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(64, 320), torch.nn.Conv2d(320, 64, 3))
+
+    torch.manual_seed(0)
+    cfg = LoKrConfig(r=4, alpha=4, target_modules=["0", "1"], decompose_factor=factor, decompose_both=both,
+                     init_weights=False)
+    trained = inject_adapter_in_model(cfg, net())
+    layers = layers_from_model(trained)
+    fresh = net()
+    fresh.load_state_dict({k: v for k, v in trained.state_dict().items() if "lokr" not in k}, strict=False)
+    inject(fresh, "loaded", layers)
+    cmp = compare_updates(model_updates(trained, "default"), model_updates(fresh, "loaded"))
+    assert cmp.compared == 2 and cmp.ok(1e-6), cmp.describe()
 
 
 def test_adapter_type_loads_verified_for_sampling(kind_run, tiny_model):
@@ -255,7 +276,8 @@ def test_prior_preservation_mixes_cached_class_images(tiny_model, imagefolder_da
     from toolkit.models import objectives
 
     prior = ["callbacks.prior.class_prompt=a photo of a shape", "callbacks.prior.num_images=4",
-             "callbacks.prior.steps=2", "callbacks.prior.loss_weight=0.5", f"callbacks.prior.dirpath={tmp_path / 'cls'}",
+             "callbacks.prior.steps=2", "callbacks.prior.loss_weight=0.5",
+             f"callbacks.prior.dirpath={tmp_path / 'cls'}",
              "trainer.max_steps=2"]
     cfg = compose_cfg(overrides(tiny_model, imagefolder_data, tmp_path / "a", *prior,
                                 "+callbacks.record._target_=tests.helpers.RecordBatches"), tmp_path / "a")

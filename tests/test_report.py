@@ -26,7 +26,7 @@ from toolkit.report.figures import throughput
 from toolkit.report.render import MAX_SIDE, image_uri
 from toolkit.results import append_row, settings_key
 from toolkit.tasks import report as report_task
-from toolkit.tasks.summarize import find_baseline
+from toolkit.tasks.summarize import find_baseline, summarize_rows
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -48,10 +48,13 @@ def grid_png(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0) -> Pat
     return path
 
 
-def result_row(run_dir: Path, adapters: list, lora_scale: float, seed: int, fid: float, clip: float) -> dict:
+def result_row(run_dir: Path, adapters: list, lora_scale: float, seed: int, fid: float, clip: float,
+               train: dict | None = None) -> dict:
     settings = {"adapters": adapters, "lora_scale": [lora_scale], "seed": seed, "guidance_scale": 5.0, "steps": 4,
                 "scheduler": "DDIMScheduler", "num_images": 16, "num_ref": 32, "dataset": "files:0123",
                 "model": {"name_or_path": "tiny", "dtype": "float32"}, "prompts": "dataset captions"}
+    if train is not None:   # a row of a model trained in the run: its training settings, as finetune_eval writes
+        settings["train"] = train
     metrics = {"fid": fid, "fid_ci_low": fid - 10, "fid_ci_high": fid + 12, "kid": fid / 1000,
                "kid_ci_low": fid / 1000 - 0.01, "kid_ci_high": fid / 1000 + 0.01, "kid_std": 0.01,
                "clip_score": clip, "clip_score_ci_low": clip - 1, "clip_score_ci_high": clip + 1.5, "n_fake": 16,
@@ -88,10 +91,11 @@ METRICS_CSV = """epoch,lr-AdamW,step,train/batches,train/grad_norm,train/loss,tr
 """
 
 
-def make_train_run(d: Path, seed: int = 0) -> Path:
+def make_train_run(d: Path, seed: int = 0, r: int | None = None) -> Path:
+    r = 4 * (seed + 1) if r is None else r
     (d / ".hydra").mkdir(parents=True, exist_ok=True)
-    (d / ".hydra/config.yaml").write_text(f"seed: {seed}\nmodule:\n  lora:\n    r: {4 * (seed + 1)}\n")
-    (d / ".hydra/overrides.yaml").write_text(f"- debug=fast\n- module.lora.r={4 * (seed + 1)}\n")
+    (d / ".hydra/config.yaml").write_text(f"seed: {seed}\nmodule:\n  lora:\n    r: {r}\n")
+    (d / ".hydra/overrides.yaml").write_text(f"- debug=fast\n- module.lora.r={r}\n- seed={seed}\n")
     (d / "train_metrics.json").write_text(json.dumps({"train/loss": 0.26, "global_step": 3}))
     (d / "csv/version_0").mkdir(parents=True)
     (d / "csv/version_0/metrics.csv").write_text(METRICS_CSV)
@@ -107,16 +111,19 @@ def make_train_run(d: Path, seed: int = 0) -> Path:
     return d
 
 
-def make_train_eval_sweep(root: Path) -> Path:
-    """Two cells of the default job (module.lora.r=4, 8): each a training run with its own results.jsonl,
-    where the base model's row is the same cell (same key) in both."""
+def make_train_eval_sweep(root: Path, r: int | None = None) -> Path:
+    """Two cells of the default job (module.lora.r=4, 8, or both ``r`` with seeds 0 and 1): each a
+    training run with its own results.jsonl, where the base model's row is the same cell (same key) in both."""
     for i, (fid, clip) in enumerate(((230.0, 21.0), (220.0, 19.0))):
-        cell = make_train_run(root / str(i), seed=i)
+        cell = make_train_run(root / str(i), seed=i, r=r)
         for name, adapters, (f, c) in (("base", [], (300.0, 20.0)),
                                        ("finetuned", [{"path": str(cell / "adapter"), "sha256": f"{i}" * 16}],
                                         (fid, clip))):
             grid_png(cell / f"eval_{name}" / "grid.png", (128, 32), seed=i)
-            append_row(cell / "results.jsonl", result_row(cell / f"eval_{name}", adapters, 1.0, 0, f, c))
+            train = {"seed": i, "module": {"seed": i, "lora": {"r": r or 4 * (i + 1)}},
+                     "data": {"path": "/d", "resolution": 32}}
+            append_row(cell / "results.jsonl", result_row(cell / f"eval_{name}", adapters, 1.0, 0, f, c,
+                                                          train if adapters else None))
         grid_png(cell / "base_vs_finetuned.png", (128, 64))
     return root
 
@@ -162,6 +169,42 @@ def test_summary_entries_intervals_pareto_baseline(tmp_path):
         summary_entries(rows, baseline="lora_scale=[7]")
     _, entries = summary_entries(rows, baseline="lora_scale=[1]")
     assert next(e for e in entries if e.get("baseline"))["lora_scale"] == "[1]"
+
+
+def test_fine_tuned_vs_base_table_shows_what_was_varied(tmp_path):
+    """The default job's table: base vs fine-tuned, Δ against the base — not one column per training
+    setting the base row lacks (they pushed the metrics off the page)."""
+    tes = make_train_eval_sweep(tmp_path / "tes")
+    varying, entries = summary_entries(collect(tes / "0").rows)
+    assert varying == ["adapters"]
+    base, tuned = sorted(entries, key=lambda e: not e.get("baseline"))
+    assert base["adapters"] == "base (no adapter)" and base["baseline"]
+    assert tuned["adapters"] == "fine-tuned (trained in the run)" and tuned["delta_fid"] == pytest.approx(-70.0)
+    varying, entries = summary_entries(collect(tes).rows)             # two cells: r = 4 and r = 8
+    assert varying == ["adapters", "run", "train.module.lora.r"] and len(entries) == 3   # run: the cell's overrides
+    reps = make_train_eval_sweep(tmp_path / "reps", r=4)               # two cells: r = 4, seeds 0 and 1
+    varying, entries = summary_entries(collect(reps).rows)
+    assert varying == ["adapters"] and [e["n_seeds"] for e in entries] == [1, 2]   # one setting, two seeds
+
+
+def test_training_seeds_and_what_derives_from_them_are_replicates(tmp_path):
+    """Two training seeds of one setting are one table row with n_seeds 2, also when the training
+    config carries values derived from the seed (the module's ``seed`` / ``val_seed``)."""
+    rows = [result_row(tmp_path, [], 1.0, 0, 300.0, 20.0)]
+    for seed, fid in ((0, 230.0), (1, 220.0)):
+        train = {"seed": seed, "module": {"seed": seed, "val_seed": seed + 7, "lora": {"r": 4}}}
+        rows.append(result_row(tmp_path, [{"path": f"/runs/{seed}/adapter", "sha256": f"{seed}" * 16}], 1.0, 0, fid,
+                               21.0, train))
+    varying, entries = summarize_rows(rows, "base")
+    assert varying == ["adapters"] and [e["n_seeds"] for e in entries] == [1, 2]
+    assert entries[1]["fid"] == pytest.approx(225.0) and entries[1]["delta_method"] == "paired t across 2 seeds"
+    for seed, fid in ((0, 240.0), (1, 226.0)):   # a second setting, same two seeds: Δ vs r=4 pairs seed with seed
+        train = {"seed": seed, "module": {"seed": seed, "val_seed": seed + 7, "lora": {"r": 8}}}
+        rows.append(result_row(tmp_path, [{"path": f"/runs/8{seed}/adapter", "sha256": "8" * 16}], 1.0, 0, fid, 21.0,
+                               train))
+    _, entries = summarize_rows(rows, "r=4")
+    r8 = next(e for e in entries if e.get("train.module.lora.r") == "8")
+    assert r8["delta_fid"] == pytest.approx(8.0)          # (240 − 230 + 226 − 220) / 2, not against one seed
 
 
 def test_table_columns_reads_generic_fields():
@@ -321,8 +364,8 @@ def test_train_eval_sweep_report_in_browser(browser, tmp_path):
     root = make_train_eval_sweep(tmp_path / "tes")
     page, problems, requests = open_report(browser, write_report(root))
     expected = {"adapters=base (no adapter)": (300.0, 20.0),
-                "adapters=0/adapter (00000000), run=module.lora.r=4": (230.0, 21.0),
-                "adapters=1/adapter (11111111), run=module.lora.r=8": (220.0, 19.0)}
+                "adapters=fine-tuned (trained in the run), run=module.lora.r=4, r=4": (230.0, 21.0),
+                "adapters=fine-tuned (trained in the run), run=module.lora.r=8, r=8": (220.0, 19.0)}
     check_page(page, problems, requests, expected)
     assert page.locator(".strip img").count() == 6                       # 3 training grids per run
     assert page.locator("[id^=fig-curve-] .main-svg").count() >= 4       # loss, lr, grad norm, img/s

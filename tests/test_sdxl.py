@@ -92,6 +92,22 @@ def test_fixed_micro_conditioning_overrides_each_images_own(tiny_sdxl, tiny_mode
         instantiate(compose_cfg(tiny_overrides(tiny_model, imagefolder_data, tmp_path) + [fixed], tmp_path).module)
 
 
+def test_an_sdxl_unet_in_a_pipeline_without_its_second_encoder_is_refused(tiny_sdxl, tmp_path):
+    import json
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sdxl, broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    for name in ("tokenizer_2", "text_encoder_2"):
+        index.pop(name)
+        shutil.rmtree(broken / name)
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"sdxl model, which needs the pipeline components \['tokenizer_2', "
+                                         r"'text_encoder_2'\]"):
+        load_components(str(broken))
+
+
 def test_a_half_precision_vae_that_overflows_stays_float32(tiny_sdxl):
     c = load_components(tiny_sdxl, dtype="float16")   # the tiny SDXL VAE says force_upcast, as SDXL's does
     assert c.unet.dtype == torch.float16 and c.vae.dtype == torch.float32

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_entry
 from toolkit.results import read_rows
+from toolkit.run_dir import history
 
 
 def sweep_args(model: str, clip: str, data, evaldata, sweep, cache) -> list[str]:
@@ -54,6 +55,9 @@ def test_train_and_evaluate_sweep_resumes_and_summarizes(tiny_model, tiny_clip, 
     assert "already in" in log and "resuming from its last checkpoint" in log
     assert (sweep / "1" / "checkpoints" / "step=2.ckpt").stat().st_mtime_ns == step2   # steps 1-2 not redone
     assert (sweep / "1" / "checkpoints" / "step=4.ckpt").is_file()
+    events = [(h["event"], h.get("ckpt_path")) for h in history(sweep / "1")]
+    assert events == [("start", None), ("rerun", None), ("resume", "last")]   # the cell's record says what happened
+    assert [h["event"] for h in history(sweep / "0")] == ["start", "rerun"]
     again = read_rows(sweep / "results.jsonl")
     assert len(again) == 3
     resumed = load_file(sweep / "1" / "adapter" / "pytorch_lora_weights.safetensors")

@@ -113,6 +113,18 @@ def finish_trackers() -> None:
         wandb.finish()
 
 
+def wandb_logger(**kwargs):
+    """Lightning's ``WandbLogger`` without the ``anonymous=None`` it always passes to
+    ``wandb.init``: wandb >= 0.22 prints "The anonymous setting has no effect" for any value,
+    before its silent mode applies, as the first line of every run's log."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(**kwargs)
+    if logger._wandb_init.get("anonymous", "unset") is None:
+        del logger._wandb_init["anonymous"]
+    return logger
+
+
 def route_library_logs() -> None:
     """Make library loggers print through the root handlers only (set up from
     ``conf/hydra/default.yaml``): ``lightning`` installs its own console handler at import, and

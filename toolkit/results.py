@@ -17,6 +17,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file (adapters, weights, references: recorded with every result)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def settings_key(settings: dict[str, Any]) -> str:
     blob = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -286,11 +286,22 @@ def record_attempt(cfg: DictConfig) -> dict[str, Any] | None:
         new = task[len(saved):] if task[:len(saved)] == saved else [o for o in task if o not in saved]
     else:
         new = task
+    # "rerun": a sweep command run again over this cell (it skips or resumes the cell's work)
+    event = "resume" if resumed else "rerun" if history(out) else "start"
     row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "event": "resume" if resumed else "start", "hydra_dir": str(subdir), "overrides": new,
+           "event": event, "hydra_dir": str(subdir), "overrides": new,
            "ckpt_path": cfg.get("ckpt_path"), "toolkit": toolkit_version(), "git": _git()}
     append_row(out / HISTORY, row)
     return row
+
+
+def record_event(run: str | Path, event: str, **fields: Any) -> None:
+    """Append an event the task itself decides (e.g. a sweep cell resuming its training)."""
+    from toolkit.results import append_row
+
+    if rank_zero():
+        append_row(Path(run) / HISTORY, {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                         "event": event, **fields})
 
 
 def history(run: str | Path) -> list[dict[str, Any]]:

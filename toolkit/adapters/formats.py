@@ -44,6 +44,7 @@ from safetensors.torch import save
 from toolkit.adapters.layers import FACTORS, AdapterLayer, lora
 from toolkit.atomic import atomic_open, current_umask
 from toolkit.models.families import ModelFamily
+from toolkit.results import file_sha256
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -92,14 +93,6 @@ class AdapterFile:
         return self
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def formats_for(kind: str, requested: Iterable[str] | str = "auto") -> tuple[str, ...]:
     """The export formats for an adapter kind: ``auto`` = every format that carries it whole; an
     explicit format that cannot is refused (a lossy file is never written)."""
@@ -144,8 +137,32 @@ def peft_config(layers: Mapping[str, AdapterLayer], **extra: Any) -> Any:
     if kind == "lora":
         return LoraConfig(**common, lora_alpha=alpha, use_dora=any(w.dora for w in layers.values()), **extra)
     cls = LoHaConfig if kind == "loha" else LoKrConfig
-    return cls(**common, alpha=alpha, **{k: v for k, v in extra.items() if k != "lora_dropout"},
+    shape = lokr_shape(layers) if kind == "lokr" else {}
+    return cls(**common, alpha=alpha, **shape, **{k: v for k, v in extra.items() if k != "lora_dropout"},
                **({"rank_dropout": extra["lora_dropout"]} if "lora_dropout" in extra else {}))
+
+
+def lokr_shape(layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+    """peft's ``decompose_factor`` / ``decompose_both`` that rebuild these LoKr layers' factor shapes.
+
+    peft has one factor for all layers and splits each dimension with its ``factorization``; the
+    file holds the split (w1 is (out_m, in_m)), so the factor is the candidate that gives every
+    layer's w1 — a file trained with another factor would otherwise not fit the layers peft builds."""
+    from peft.tuners.lokr.layer import factorization
+
+    dims = []
+    for w in layers.values():
+        f = w.factors
+        w1 = tuple(f["w1"].shape) if "w1" in f else (f["w1_a"].shape[0], f["w1_b"].shape[1])
+        w2 = tuple(f["w2"].shape[:2]) if "w2" in f else (f["w2_a"].shape[0], f["w2_b"].shape[1])
+        out_in = tuple(w.shape[:2]) if w.shape is not None else (w1[0] * w2[0], w1[1] * w2[1])   # conv: needs shape
+        dims.append((w1[0], w1[1], *out_in))
+    both = any("w1_a" in w.factors for w in layers.values())
+    for factor in [-1, *sorted({d for a, b, _, _ in dims for d in (a, b)})]:
+        if all(factorization(o, factor)[0] == a and factorization(i, factor)[0] == b for a, b, o, i in dims):
+            return {"decompose_factor": factor, "decompose_both": both}
+    raise AdapterFormatError("these LoKr layers split their dimensions in ways no single peft decompose_factor "
+                             "reproduces (the file mixes factors); refusing to load it approximately")
 
 
 def peft_state_dict(lay: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:

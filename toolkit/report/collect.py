@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.results import read_rows
+from toolkit.tasks.summarize import BASE_LABEL, is_seed
 
 log = logging.getLogger(__name__)
 KIND_TITLES = {"train": "Training run", "finetune_eval": "Fine-tune + evaluate",
                "eval_sweep": "Evaluation sweep", "train_eval_sweep": "Training sweep"}
-BASE_LABEL = "base (no adapter)"
 
 
 @dataclass
@@ -122,8 +122,9 @@ def read_run(d: Path, name: str) -> TrainRun:
     return run
 
 
-def cell_labels(dirs: list[Path]) -> dict[Path, str]:
-    """Each cell's overrides that not all cells share (``.hydra/overrides.yaml``), e.g. ``module.lora.r=4``."""
+def cell_labels(dirs: list[Path], seeds: bool = True) -> dict[Path, str]:
+    """Each cell's overrides that not all cells share (``.hydra/overrides.yaml``), e.g. ``module.lora.r=4``;
+    ``seeds=False`` leaves out seed overrides (the label of the setting, shared by its replicates)."""
     import yaml
 
     ovr = {}
@@ -131,7 +132,9 @@ def cell_labels(dirs: list[Path]) -> dict[Path, str]:
         f = c / ".hydra/overrides.yaml"
         ovr[c] = list(yaml.safe_load(f.read_text()) or []) if f.is_file() else []
     shared = set.intersection(*(set(v) for v in ovr.values())) if ovr else set()
-    return {c: " ".join(o for o in v if o not in shared) or f"cell {c.name}" for c, v in ovr.items()}
+    keep = {c: [o for o in v if o not in shared and (seeds or not is_seed(o.split("=")[0].lstrip("+~")))]
+            for c, v in ovr.items()}
+    return {c: " ".join(v) or (f"cell {c.name}" if seeds else "") for c, v in keep.items()}
 
 
 def readable(row: dict[str, Any], root: Path, runs: dict[Path, str]) -> dict[str, Any]:
@@ -177,12 +180,13 @@ def collect(d: str | Path) -> Collected:
         run_dirs = cell_labels([c for c in cells(root) if is_train_run(c)])
     else:
         run_dirs = {}
+    settings = cell_labels(list(run_dirs), seeds=False) if kind == "train_eval_sweep" else run_dirs
     raw = read_rows(root / "results.jsonl") + [r for c in run_dirs if c != root for r in read_rows(c / "results.jsonl")]
     seen, rows = set(), []
     for r in raw:   # the base model's row repeats in every cell of a train sweep: the same cell key
         if r.get("key") not in seen:
             seen.add(r.get("key"))
-            rows.append(readable(r, root, {c: lab for c, lab in run_dirs.items() if c != root}))
+            rows.append(readable(r, root, {c: lab for c, lab in settings.items() if c != root}))
     grids = {r["key"]: g for r in rows if (g := eval_grid(r, root)) is not None}
     extra = [(("" if c == root else f"{lab}: ") + "base (top) vs fine-tuned (bottom), same prompts and seeds", p)
              for c, lab in run_dirs.items() for p in [c / "base_vs_finetuned.png"] if p.is_file()]

@@ -25,7 +25,7 @@ def as_json(fig: go.Figure) -> dict[str, Any]:
 
 def fid_clip_figure(entries: list[dict[str, Any]], varying: list[str]) -> dict[str, Any] | None:
     """FID (y, lower is better) vs CLIP score (x, higher is better): one marker per setting with its
-    95% interval as error bars (clipped at the point where a bootstrap interval misses it), Pareto
+    95% interval as error bars (clipped at the point, for intervals from older results that miss it), Pareto
     points in red and joined by a dashed line, the baseline as a diamond. None without both metrics."""
     pts = [e for e in entries if number(e.get("fid")) is not None and number(e.get("clip_score")) is not None]
     if not pts:

@@ -34,6 +34,7 @@ from toolkit.inference.pipeline import make_grid
 from toolkit.metrics.intervals import Reference
 from toolkit.report import write_report
 from toolkit.results import read_rows, settings_key
+from toolkit.run_dir import record_event
 from toolkit.tasks import eval as eval_task
 from toolkit.tasks import train as train_task
 from toolkit.tasks.summarize import per_image
@@ -109,6 +110,7 @@ def train_or_resume(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return json.loads(done.read_text())
     if (out / "checkpoints" / "last.ckpt").is_file() and cfg.ckpt_path is None:
         log.info("training of %s was interrupted: resuming from its last checkpoint", out)
+        record_event(out, "resume", ckpt_path="last", why="the sweep ran again over an interrupted cell")
         cfg = copy.deepcopy(cfg)
         with open_dict(cfg):
             cfg.ckpt_path = "last"

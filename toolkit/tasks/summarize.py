@@ -35,7 +35,15 @@ log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "clip_score", "precision", "recall", "density", "coverage", "fid_inf")
 DELTA_METRICS = ("fid", "kid", "clip_score")
 CI_KEYS = {m: m for m in METRICS}   # entry[m + "_ci_low"/"_ci_high"]: the interval of metric m
-SEED_KEYS = ("seed", "train.seed")
+
+
+def is_seed(key: str) -> bool:
+    """A seed setting (``seed``, ``train.seed``, and what the training config derives from the seed,
+    e.g. ``train.module.seed``, ``train.module.val_seed``): rows differing only there are replicates."""
+    last = key.rsplit(".", 1)[-1]
+    return last == "seed" or last.endswith("_seed")
+BASE_LABEL = "base (no adapter)"   # the adapter column of rows without one (the report's label)
+TRAINED_LABEL = "fine-tuned (trained in the run)"   # ... of rows whose adapter the run trained
 
 
 def flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -53,14 +61,30 @@ def identity(row: dict[str, Any]) -> dict[str, str]:
     the adapter files, which differ per training seed: the training settings identify them)."""
     s = flat(row["settings"])
     trained = any(k.startswith("train.") for k in s)
-    return {k: v for k, v in s.items() if k not in SEED_KEYS
-            and not (trained and k.startswith("adapters") and row["settings"].get("adapters"))}
+    out = {k: v for k, v in s.items() if not is_seed(k)
+           and not (trained and k.startswith("adapters") and row["settings"].get("adapters"))}
+    if trained and row["settings"].get("adapters"):
+        out["adapters"] = TRAINED_LABEL
+    elif not row["settings"].get("adapters"):
+        out["adapters"] = BASE_LABEL
+    return out
+
+
+def varying_keys(idents: list[dict[str, str]]) -> list[str]:
+    """The settings that differ between rows. A key present in some rows only and constant where
+    present (a fine-tuned row's ``train.*`` settings beside the base row) is left out when the
+    other keys already tell the settings apart, so the table shows what was varied."""
+    keys = sorted({k for s in idents for k in s})
+    every = [k for k in keys if len({s.get(k) for s in idents}) > 1]
+    core = [k for k in every if len({s[k] for s in idents if k in s}) > 1]
+    distinct = len({tuple(s.get(k) for k in every) for s in idents})
+    return core if len({tuple(s.get(k) for k in core) for s in idents}) == distinct else every
 
 
 def is_base(row: dict[str, Any]) -> bool:
     s = row["settings"]
     scales = [float(x) for x in s.get("lora_scale") or [1.0]]
-    return not s.get("adapters") or all(x == 0 for x in scales)
+    return not s.get("adapters") or s["adapters"] == BASE_LABEL or all(x == 0 for x in scales)
 
 
 def setting_label(entry: dict[str, Any], varying: list[str]) -> str:
@@ -109,9 +133,15 @@ def replicate(row: dict[str, Any]) -> tuple[str, str]:
 
 def delta_entry(members: list[dict[str, Any]], base_rows: list[dict[str, Any]], level: float = 0.95
                 ) -> dict[str, Any]:
-    """Δ columns of one setting vs the baseline rows: paired by evaluation seed and images."""
+    """Δ columns of one setting vs the baseline rows: paired by evaluation seed and images, and by
+    training seed too when the baseline was itself trained with several seeds (same data order and
+    noise on both sides; the base model has one row per evaluation seed)."""
+    by_replicate = {replicate(b): b for b in base_rows}
     by_eval_seed = {flat(b["settings"]).get("seed"): b for b in base_rows}
-    pairs = [(by_eval_seed.get(flat(r["settings"]).get("seed")), r) for r in members]
+    if len(by_replicate) > len(by_eval_seed):
+        pairs = [(by_replicate.get(replicate(r)), r) for r in members]
+    else:
+        pairs = [(by_eval_seed.get(flat(r["settings"]).get("seed")), r) for r in members]
     pairs = [(b, r) for b, r in pairs if b is not None and b is not r]
     out: dict[str, Any] = {}
     if not pairs:
@@ -143,8 +173,7 @@ def summarize_rows(rows: list[dict[str, Any]], baseline: str | None = None
                    ) -> tuple[list[str], list[dict[str, Any]]]:
     """Group rows by their settings minus the seeds; return (varying setting names, table rows)."""
     idents = [identity(r) for r in rows]
-    keys = sorted({k for s in idents for k in s})
-    varying = [k for k in keys if len({s.get(k) for s in idents}) > 1]
+    varying = varying_keys(idents)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for s, r in zip(idents, rows):
         groups[tuple(s.get(k) for k in varying)].append(r)
