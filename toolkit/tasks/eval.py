@@ -114,7 +114,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
 
     ref, data_fp = reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split,
                                             ev.num_ref, ev.revision)
-    inception = InceptionFeatures(m.inception_weights, fabric.device, m.feature_batch_size)
+    inception = InceptionFeatures(m.inception_weights, fabric.device, m.feature_batch_size, m.channels_last)
     clip = load_clip(m.clip_model)
     prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[ev.caption_column]]
     prompts, groups = prompt_groups(prompts)
