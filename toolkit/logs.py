@@ -115,7 +115,7 @@ def finish_trackers() -> None:
 
 def wandb_logger(**kwargs):
     """Lightning's ``WandbLogger`` without the ``anonymous=None`` it always passes to
-    ``wandb.init``: wandb >= 0.22 prints "The anonymous setting has no effect" for any value,
+    ``wandb.init``: wandb (0.31 here) prints "The anonymous setting has no effect" for any value,
     before its silent mode applies, as the first line of every run's log."""
     from lightning.pytorch.loggers import WandbLogger
 
