@@ -221,7 +221,7 @@ def markdown(table: list[dict[str, Any]], varying: list[str]) -> list[str]:
     head = cols + [f"{m} [95% CI]" for m in metric_cols] + [f"Δ{m} [95% CI] p" for m in deltas] + ["Pareto"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
-        cells = [str(e.get(c, "")) for c in cols]
+        cells = ["—" if e.get(c) in (None, "None") else str(e[c]) for c in cols]
         for m in metric_cols:
             scale = 1000 if m == "kid" else 1
             cells.append(f"{scale * e[m]:.4g}" + (f" [{scale * e[m + '_ci_low']:.4g}, {scale * e[m + '_ci_high']:.4g}]"
