@@ -113,7 +113,7 @@ def test_adapter_type_loads_verified_for_sampling(kind_run, tiny_model):
     [loaded] = load_adapters(pipe, module.family, [out / "adapter"])
     assert loaded.format == ("diffusers" if kind in ("locon", "dora") else "kohya")   # auto formats
     cmp = compare_updates(model_updates(module.unet, "default"), model_updates(pipe.unet, "a0"))
-    assert cmp.ok(1e-6), cmp.describe()
+    assert cmp.compared and cmp.ok(1e-6), cmp.describe()
     if kind == "dora":
         cmp = compare_updates(model_magnitudes(module.unet, "default"), model_magnitudes(pipe.unet, "a0"))
         assert cmp.compared and cmp.ok(1e-6), cmp.describe()
@@ -263,6 +263,7 @@ def test_masked_loss_uses_each_images_mask_naive_and_cached(tiny_model, tmp_path
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     lm = objectives.latent_mask(batch["mask"], (8, 8))
+    assert (lm < 1e-6).any() and (lm > 0.5).any()   # some latent pixels masked out, some kept
     changed = pred + 100 * (lm < 1e-6).float() * torch.randn(4, 4, 8, 8, generator=g)
     assert objectives.weighted_loss(changed, target, mask=lm) == objectives.weighted_loss(pred, target, mask=lm)
     with pytest.raises(Exception, match="masked_loss=False but data.masks='alpha'"):
@@ -320,4 +321,8 @@ def test_fused_adapters_draw_what_unfused_ones_draw(kind_run, tiny_model, tmp_pa
                                                                      5.0, height=16, width=16, progress=False)])
             for p in pipes]
     assert np.abs(imgs[0] - imgs[1]).max() <= 1
+    base = load_pipeline(tiny_model)
+    plain = np.stack([np.asarray(im, np.int16) for im in generate(base, ["a red circle", "a blue square"], [0, 1], 3,
+                                                                   5.0, height=16, width=16, progress=False)])
+    assert np.abs(imgs[1] - plain).max() > 1                    # and the adapter is in them
     assert not any("lora_" in n or "hada_" in n or "lokr_" in n for n, _ in pipes[1].unet.named_parameters())

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -205,6 +206,33 @@ def test_training_seeds_and_what_derives_from_them_are_replicates(tmp_path):
     _, entries = summarize_rows(rows, "r=4")
     r8 = next(e for e in entries if e.get("train.module.lora.r") == "8")
     assert r8["delta_fid"] == pytest.approx(8.0)          # (240 − 230 + 226 − 220) / 2, not against one seed
+
+
+def test_two_base_settings_leave_the_baseline_open_and_repeated_cells_count_once(tmp_path):
+    """A sweep with two adapter-free settings (e.g. two guidance scales) has no single base: no Δ
+    columns unless baseline= names one, instead of an error; a cell evaluated again (same key) is one
+    row, the newer, not a second seed."""
+    rows = [result_row(tmp_path, [], 1.0, 0, 300.0, 20.0), result_row(tmp_path, [], 1.0, 0, 310.0, 20.0)]
+    rows[1]["settings"]["guidance_scale"] = 7.0
+    rows[1]["key"] = settings_key(rows[1]["settings"])
+    rows.append(result_row(tmp_path, [{"path": "/runs/a/adapter", "sha256": "a" * 16}], 1.0, 0, 230.0, 21.0))
+    again = result_row(tmp_path, [{"path": "/runs/a/adapter", "sha256": "a" * 16}], 1.0, 0, 240.0, 21.0)
+    _, entries = summary_entries([*rows, again])
+    assert len(entries) == 3 and not any(e.get("baseline") for e in entries)
+    tuned = next(e for e in entries if e["fid"] > 200 and e["fid"] < 300)
+    assert tuned["n_seeds"] == 1 and tuned["fid"] == 240.0
+
+
+def test_reference_statistics_are_computed_once_per_file(tmp_path):
+    from toolkit.evaluation import reference
+    from toolkit.metrics.intervals import Reference
+
+    feats = np.random.default_rng(0).normal(size=(40, 16))
+    path = reference.save_cached(tmp_path, "ref", feats)
+    first = reference.statistics(path)
+    assert reference.statistics(path) is first                                  # reused, not recomputed
+    want = Reference.from_features(feats)
+    assert np.array_equal(first.sigma_sqrt, want.sigma_sqrt) and first.kxx_mean == want.kxx_mean
 
 
 def test_table_columns_reads_generic_fields():

@@ -54,6 +54,11 @@ class AdapterEMA(L.Callback):
             self.ema.load_state_dict(self._pending)
             self._pending = None
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # setup and a checkpoint's restore run before Lightning moves the module to its device
+        if self.active:
+            self.ema.to(device=module.device)
+
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step

@@ -266,6 +266,9 @@ class CaptionedImageDataModule(L.LightningDataModule):
         if self.buckets:
             raise ValueError("prior preservation with aspect-ratio buckets is not supported (the class images are "
                              "square and a batch must be one shape): set data.buckets=null")
+        if self.masks:
+            raise ValueError("prior preservation with loss masks (data.masks) is not supported (the class images "
+                             "have no masks): set data.masks=null or drop callbacks.prior.class_prompt")
         self.train_set.prior = CaptionedImages(ds, "image", "text", self.resolution, self.center_crop,
                                                self.random_flip, self.policy, self.seed)
         self.train_set.prior_weight = weight

@@ -7,6 +7,7 @@ preprocessing protocol and the number of images; a changed file gives a new key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from toolkit.atomic import atomic_open
 from toolkit.data.sources import detect_format, fingerprint_files, load_captioned
 from toolkit.data.transforms import crop_box, resize_to_cover
 from toolkit.data.validate import BadItem, DataPolicy, decode_image, item_name
+from toolkit.metrics.intervals import Reference
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +84,16 @@ def save_cached(cache_dir: str | Path, key: str, feats: np.ndarray) -> Path:
     with atomic_open(path) as fh:
         np.save(fh, feats)
     return path
+
+
+def statistics(path: str | Path) -> Reference:
+    """The FID/KID statistics of the reference features in ``path`` (a d×d eigh and an m² kernel
+    pass: seconds at d = 2048), computed once per file and process — the base and fine-tuned cells,
+    their paired Δ and the report all read the same reference."""
+    st = Path(path).stat()
+    return _statistics(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _statistics(path: str, mtime_ns: int, size: int) -> Reference:
+    return Reference.from_features(np.load(path))

@@ -158,7 +158,7 @@ class LoRADiffusion(L.LightningModule):
             log.info("module.init_adapter=%s: rank, alpha and targets come from the file (module.lora's are "
                      "not used)", init_adapter)
             af, params = init_from_file(self.models, self.family, init_adapter,
-                                         dropout=getattr(lora, "lora_dropout", 0.0))
+                                         dropout=getattr(lora, "lora_dropout", getattr(lora, "rank_dropout", 0.0)))
             self.init_adapter_sha256 = af.sha256
             self.unet_lora_params = params.get("unet", [])
             self.text_lora_params = [p for c, ps in params.items() if c != "unet" for p in ps]

@@ -108,7 +108,8 @@ def table_columns(entries: list[dict[str, Any]], varying: list[str]) -> tuple[li
 def summary_entries(rows: list[dict[str, Any]], baseline: str | None = None) -> tuple[list[str], list[dict]]:
     """``summarize_rows`` with a baseline: the one given, else the rows without an adapter (or
     with LoRA scale 0) when the sweep has them. Δ columns are then paired (see summarize)."""
-    spec = baseline or ("base" if any(is_base(r) for r in rows) and not all(is_base(r) for r in rows) else None)
+    base_settings = {tuple(sorted(identity(r).items())) for r in rows if is_base(r)}
+    spec = baseline or ("base" if len(base_settings) == 1 and not all(is_base(r) for r in rows) else None)
     varying, entries = summarize_rows(rows, spec)
     base = next((e for e in entries if e.get("baseline")), None)
     if base is not None and not any(k.startswith("delta_") for e in entries for k in e):

@@ -33,7 +33,6 @@ from toolkit.evaluation.scores import compute_scores, per_prompt
 from toolkit.inference.pipeline import generate, make_grid
 from toolkit.metrics.clip import load_clip
 from toolkit.metrics.inception import InceptionFeatures
-from toolkit.metrics.intervals import Reference
 from toolkit.models.pretrained import unet_config, vae_factor
 from toolkit.results import append_row, find_row, settings_key
 from toolkit.tasks.sample import generation_record, pipeline_from_cfg
@@ -121,7 +120,9 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     n = int(ev.num_images)
     settings = {**generation_record(cfg, ev), "dataset": data_fp, "num_ref": len(ref), "num_images": n,
                 "seed": int(ev.seed), "prompts": str(ev.prompts or "dataset captions"),
-                "inception_sha256": inception.sha256, "clip_model": m.clip_model if clip else None}
+                "inception_sha256": inception.sha256, "clip_model": m.clip_model if clip else None,
+                # what the row's numbers depend on beyond the images: a change recomputes the cell
+                "metrics": {k: m[k] for k in ("level", "interval_groups", "prdc", "fid_infinity", "channels_last")}}
     if record:
         settings["train"] = record["settings"]
     key = settings_key(settings)
@@ -165,7 +166,9 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
 
     fake = np.stack([f for f, _ in gathered])
     clip_scores = np.array([c for _, c in gathered]) if clip else None
-    scores = compute_scores(Reference.from_features(real), fake, clip_scores, m.interval_groups, m.level,
+    ref_file = reference.cache_path(m.cache_dir, ckey) if m.cache_reference else \
+        reference.save_cached(out, "reference_features", real)
+    scores = compute_scores(reference.statistics(ref_file), fake, clip_scores, m.interval_groups, m.level,
                             seed=int(ev.seed), with_fid_infinity=m.fid_infinity, with_prdc=m.prdc)
     methods = {k: scores.pop(k) for k in list(scores) if k.endswith("_ci_method")}
     fid_inf_fit = {k: scores.pop(k) for k in ("fid_inf_sizes", "fid_inf_fids") if k in scores}
@@ -180,8 +183,6 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     with atomic_open(per_image) as fh:
         np.savez(fh, features=fake.astype(np.float32), seeds=all_seeds,
                  clip=clip_scores if clip_scores is not None else np.full(n, np.nan))
-    ref_file = reference.cache_path(m.cache_dir, ckey) if m.cache_reference else \
-        reference.save_cached(out, "reference_features", real)
     row = {"key": key, "settings": settings, "metrics": metrics, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "per_prompt": per_prompt([prompts[i % len(prompts)] for i in range(n)], clip_scores,
                                     groups and [groups[i % len(groups)] for i in range(n)])

@@ -25,13 +25,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
+from toolkit.evaluation import reference
 from toolkit.evaluation.scores import paired_deltas
 from toolkit.inference.pipeline import make_grid
-from toolkit.metrics.intervals import Reference
 from toolkit.report import write_report
 from toolkit.results import read_rows, settings_key
 from toolkit.run_dir import record_event
@@ -145,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     deltas = {}
     a, b = per_image(base_row), per_image(tuned_row)
     if a is not None and b is not None:
-        ref = Reference.from_features(np.load(base_row["files"]["reference_features"]))
+        ref = reference.statistics(base_row["files"]["reference_features"])
         deltas = paired_deltas(ref, a, b, cfg.metrics.interval_groups, cfg.metrics.level, int(cfg.eval.seed))
     grid = comparison_grid(out / "eval_base", out / "eval_finetuned", 8, out / "base_vs_finetuned.png")
     text = summary_markdown(results["base"], results["finetuned"], deltas, cfg, grid)

@@ -27,14 +27,16 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from toolkit.evaluation import reference
 from toolkit.evaluation.scores import paired_deltas
-from toolkit.metrics.intervals import Reference, compare_seeds, mean_interval, pareto_front
+from toolkit.metrics.intervals import compare_seeds, mean_interval, pareto_front
 from toolkit.results import read_rows
 
 log = logging.getLogger(__name__)
 METRICS = ("fid", "kid", "clip_score", "precision", "recall", "density", "coverage", "fid_inf")
 DELTA_METRICS = ("fid", "kid", "clip_score")
-CI_KEYS = {m: m for m in METRICS}   # entry[m + "_ci_low"/"_ci_high"]: the interval of metric m
+BASE_LABEL = "base (no adapter)"   # the adapter column of rows without one (the report's label)
+TRAINED_LABEL = "fine-tuned (trained in the run)"   # ... of rows whose adapter the run trained
 
 
 def is_seed(key: str) -> bool:
@@ -42,8 +44,6 @@ def is_seed(key: str) -> bool:
     e.g. ``train.module.seed``, ``train.module.val_seed``): rows differing only there are replicates."""
     last = key.rsplit(".", 1)[-1]
     return last == "seed" or last.endswith("_seed")
-BASE_LABEL = "base (no adapter)"   # the adapter column of rows without one (the report's label)
-TRAINED_LABEL = "fine-tuned (trained in the run)"   # ... of rows whose adapter the run trained
 
 
 def flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -152,7 +152,7 @@ def delta_entry(members: list[dict[str, Any]], base_rows: list[dict[str, Any]], 
         ref_file = (b.get("files") or {}).get("reference_features")
         if a_img is None or b_img is None or not ref_file or not Path(ref_file).is_file():
             return out
-        comps = paired_deltas(Reference.from_features(np.load(ref_file)), a_img, b_img, level=level)
+        comps = paired_deltas(reference.statistics(ref_file), a_img, b_img, level=level)
         method = "paired jackknife over images"
     else:
         comps = {}
@@ -171,7 +171,9 @@ def delta_entry(members: list[dict[str, Any]], base_rows: list[dict[str, Any]], 
 
 def summarize_rows(rows: list[dict[str, Any]], baseline: str | None = None
                    ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Group rows by their settings minus the seeds; return (varying setting names, table rows)."""
+    """Group rows by their settings minus the seeds; return (varying setting names, table rows).
+    A cell evaluated again (``eval.force=true``) appends a row with the same key: the last counts."""
+    rows = list({r.get("key") or id(r): r for r in rows}.values())
     idents = [identity(r) for r in rows]
     varying = varying_keys(idents)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
