@@ -10,6 +10,7 @@ TOOLKIT_VERBOSE=1 shows the library messages that are filtered out as harmless (
 """
 
 import importlib
+import logging
 import sys
 
 from toolkit.logs import quiet
@@ -21,9 +22,11 @@ from omegaconf import DictConfig  # noqa: E402
 
 from toolkit.config import check_overrides, register_resolvers  # noqa: E402
 from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
-from toolkit.run_dir import RunDirError, launch_args, record_attempt, restore  # noqa: E402
+from toolkit.model_defaults import ModelDefaultsError, chosen_lines, model_overrides  # noqa: E402
+from toolkit.run_dir import RunDirError, launch_args, rank_zero, record_attempt, restore  # noqa: E402
 
 register_resolvers()
+log = logging.getLogger("toolkit")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -32,6 +35,9 @@ def main(cfg: DictConfig) -> dict:
     record_attempt(cfg)                        # <run>/run_history.jsonl
     task = importlib.import_module(f"toolkit.tasks.{cfg.task_name}")
     route_library_logs()
+    if rank_zero():
+        for line in chosen_lines(cfg):   # what was chosen for the user, from the model
+            log.info("chosen %s", line)
     try:
         return task.run(cfg)
     finally:
@@ -44,7 +50,8 @@ if __name__ == "__main__":
         sys.exit(f"config error: {problem}")
     try:
         sys.argv[1:] = launch_args(args)   # a resume: the run's saved overrides + these
-    except RunDirError as err:
+        sys.argv[1:] = model_overrides(sys.argv[1:])   # what the user left open, from the model
+    except (RunDirError, ModelDefaultsError, FileNotFoundError) as err:
         sys.exit(f"config error: {err}")
     try:
         main()

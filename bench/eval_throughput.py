@@ -41,7 +41,7 @@ def main() -> None:
     images_ref = [r["image"] for r in ref]
     inception = InceptionFeatures(batch_size=args.batch)
     cache = Path(tempfile.mkdtemp())
-    key = reference.cache_key(fp, inception.protocol, len(ref))
+    key = reference.cache_key(fp, inception.protocol)
 
     def cold():
         feats = inception(images_ref, progress=False)

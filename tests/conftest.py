@@ -25,6 +25,7 @@ from omegaconf import open_dict  # noqa: E402
 
 from toolkit.config import CONFIG_DIR, ROOT, register_resolvers  # noqa: E402
 from toolkit.data.world import generate  # noqa: E402
+from toolkit.model_defaults import model_overrides  # noqa: E402
 from toolkit.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 from toolkit.models.tokenizer import load_clip_tokenizer  # noqa: E402
 
@@ -102,7 +103,8 @@ def sidecar_data(imagefolder_data, tmp_path_factory) -> Path:
 def tiny_overrides(model: str, data: Path, out: Path) -> list[str]:
     """Shrink the real config to a seconds-long CPU run."""
     return [
-        "task=train", f"model.name_or_path={model}", f"data.path={data}", "data.resolution=16",
+        # module=lora_miniature: the tests' tiny models are miniature-sized (SD's preset is tested by itself)
+        "task=train", f"model.name_or_path={model}", f"data.path={data}", "data.resolution=16", "module=lora_miniature",
         "data.global_batch_size=4", "data.val_fraction=0.25", "logger=csv",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=2",
@@ -113,6 +115,7 @@ def tiny_overrides(model: str, data: Path, out: Path) -> list[str]:
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None):
     """Compose conf/config.yaml as run.py would, with the Hydra runtime set for interpolations."""
+    overrides = model_overrides(overrides)   # as run.py does: open settings follow the model
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)

@@ -9,6 +9,7 @@ from toolkit.results import read_rows
 
 
 def test_default_job_fast(tmp_path):
+    """The default job, then the same on 2 DDP processes (gloo): one evaluation, sharded, written once."""
     out = tmp_path / "run"
     res = run_entry(["debug=fast", f"hydra.run.dir={out}", f"metrics.cache_dir={tmp_path / 'cache'}",
                      "logger=none"], timeout=900)
@@ -30,3 +31,20 @@ def test_default_job_fast(tmp_path):
         d = paired[k]
         assert d["low"] <= d["delta"] <= d["high"] and 0 <= d["p_value"] <= 1 and d["verdict"]
         assert d["delta"] == pytest.approx(rows[1]["metrics"][k] - rows[0]["metrics"][k], rel=1e-6)
+
+    # 2 processes: they train together, then evaluate once (sharded), rank zero alone writing; the
+    # reference features are computed sharded too (a cache of their own).
+    ddp = tmp_path / "ddp"
+    res = run_entry(["debug=fast", f"hydra.run.dir={ddp}", f"metrics.cache_dir={tmp_path / 'cache_ddp'}",
+                     "logger=none", "trainer=ddp", "trainer.devices=2"], timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ddp_rows = read_rows(ddp / "results.jsonl")
+    assert len(ddp_rows) == 2 and [len(r["settings"]["adapters"]) for r in ddp_rows] == [0, 1]
+    assert all(r["protocol"]["world_size"] == 2 for r in ddp_rows)
+    assert res.stdout.count("report: ") == 1 and res.stdout.count("# Fine-tune + evaluate") == 1
+    assert sorted(p.name for p in (ddp / "eval_base" / "samples").glob("*.png")) == [f"{i:05d}.png" for i in range(16)]
+    base, base_ddp = rows[0]["metrics"], ddp_rows[0]["metrics"]   # the base model: the same images either way
+    for k in ("fid", "kid", "clip_score"):
+        assert base_ddp[k] == pytest.approx(base[k], rel=1e-6), k
+    assert json.loads((ddp / "paired.json").read_text())["fid"]["delta"] == pytest.approx(
+        ddp_rows[1]["metrics"]["fid"] - base_ddp["fid"], rel=1e-6)

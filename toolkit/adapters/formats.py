@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 
 from toolkit.adapters.layers import FACTORS, AdapterLayer, lora
 from toolkit.atomic import atomic_open, current_umask
@@ -180,8 +180,10 @@ def peft_state_dict(lay: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def save_diffusers(layers: Layers, out_dir: str | Path, family: type[ModelFamily]) -> Path:
-    """``out_dir/pytorch_lora_weights.safetensors`` via diffusers' own writer, atomically."""
+def save_diffusers(layers: Layers, out_dir: str | Path, family: type[ModelFamily],
+                   metadata: Mapping[str, str] | None = None) -> Path:
+    """``out_dir/pytorch_lora_weights.safetensors`` via diffusers' own writer, atomically, with
+    ``metadata`` (``toolkit_*`` entries) added beside diffusers' own ``lora_adapter_metadata``."""
     kind = layer_kind(layers)
     if kind != "lora":
         raise AdapterFormatError(f"no diffusers-format {kind} file: diffusers cannot load it whole (no LoHa reader; "
@@ -196,6 +198,11 @@ def save_diffusers(layers: Layers, out_dir: str | Path, family: type[ModelFamily
             kwargs[f"{comp}_lora_adapter_metadata"] = peft_config(lay).to_dict()
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
         family.pipeline_class.save_lora_weights(tmp, **kwargs)
+        if metadata:   # diffusers' writer takes no metadata of ours: add it to the file it wrote
+            with safe_open(str(Path(tmp) / DIFFUSERS_FILE), framework="pt", device="cpu") as f:
+                meta = {**(f.metadata() or {}), **metadata}
+                sd = {k: f.get_tensor(k) for k in f.keys()}   # noqa: SIM118 - safe_open is not a Mapping
+            save_file(sd, str(Path(tmp) / DIFFUSERS_FILE), metadata=meta)
         # safetensors' writer (under diffusers') creates the file 0600: the user's umask decides instead
         os.chmod(Path(tmp) / DIFFUSERS_FILE, 0o666 & ~current_umask())
         os.replace(Path(tmp) / DIFFUSERS_FILE, out_dir / DIFFUSERS_FILE)

@@ -17,6 +17,7 @@ The same checks back the export tests, so "the file loads" always means "the fil
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import tempfile
@@ -206,6 +207,7 @@ class LoadedAdapter:
     sha256: str
     scale: float
     layers: dict[str, int]
+    schedule: dict[str, Any] | None = None   # the noise schedule it was trained with (toolkit_schedule)
 
 
 def load_adapters(pipe: Any, family: type[ModelFamily], paths: Sequence[str | Path],
@@ -233,7 +235,8 @@ def load_adapters(pipe: Any, family: type[ModelFamily], paths: Sequence[str | Pa
                 if lay:
                     inject(models[comp], name, lay)
         counts = verify_loaded(models, name, af, tolerance(dtype))
-        loaded.append(LoadedAdapter(name, af.path, af.format, af.sha256, scales[i], counts))
+        schedule = json.loads(af.metadata["toolkit_schedule"]) if af.metadata.get("toolkit_schedule") else None
+        loaded.append(LoadedAdapter(name, af.path, af.format, af.sha256, scales[i], counts, schedule))
         log.info("adapter %s (%s, sha256 %s…): %s layers loaded whole, scale %g", af.path, af.format,
                  af.sha256[:12], counts, scales[i])
     if loaded:

@@ -19,6 +19,7 @@ import lightning as L
 
 from toolkit.adapters.formats import formats_for
 from toolkit.callbacks.ema import AdapterEMA
+from toolkit.inference.schedule import training_schedule
 from toolkit.models.lora import save_adapter
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ def kohya_metadata(trainer: L.Trainer, module: L.LightningModule) -> dict[str, A
         meta["ss_dataset_dirs"] = json.dumps({Path(str(dm.path)).name: {"n_repeats": 1, "img_count": n_train}})
     if getattr(module, "init_adapter_sha256", None):
         meta["toolkit_init_adapter_sha256"] = module.init_adapter_sha256
+    meta["toolkit_schedule"] = json.dumps(training_schedule(module.noise_scheduler.config))
     return meta
+
 
 
 class AdapterExport(L.Callback):

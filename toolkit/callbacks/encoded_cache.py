@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from toolkit.data.encoded_cache import ArrayStore, bytes_key, fill, module_fingerprint, text_key
+from toolkit.data.encoded_cache import ArrayStore, bytes_key, fill, module_fingerprint, text_key, tokenizer_fingerprint
 from toolkit.data.masks import load_mask
 from toolkit.data.sources import fingerprint_listing
 from toolkit.data.transforms import train_transform
@@ -60,7 +60,8 @@ class EncodedCache(L.Callback):
         elif self.text:
             captions = sorted({""} | {c for s in sets for c in s.captions()})   # "" for caption dropout
             encoders = "-".join(module_fingerprint(e) for e in module.text_encoders)
-            key = hashlib.sha256(f"{module.family.name}-{encoders}".encode()).hexdigest()[:20]
+            tokenizers = "-".join(tokenizer_fingerprint(t) for t in module.tokenizers)
+            key = hashlib.sha256(f"{module.family.name}-{encoders}-{tokenizers}-{self.dtype}".encode()).hexdigest()[:20]
             module.text_cache = {}
             for field in module.family.cache_fields:   # one store per conditioning tensor (SDXL: + pooled)
                 store = ArrayStore(self.dirpath / f"text-{key}-{field}")
@@ -75,7 +76,7 @@ class EncodedCache(L.Callback):
         elif self.latents:
             flips = 2 if dm.random_flip else 1
             prep = (f"{module_fingerprint(module.vae)}-r{dm.resolution}-f{flips}-b{dm.buckets}"
-                    f"-{dm.policy.alpha_background}")
+                    f"-{dm.policy.alpha_background}-{self.dtype}")
             folder = hashlib.sha256(prep.encode()).hexdigest()[:20]
             store = ArrayStore(self.dirpath / f"latents-{folder}")
             # What each cached variant was cut at (original size, crop top-left, target size): SDXL's

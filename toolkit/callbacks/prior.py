@@ -25,7 +25,7 @@ import lightning as L
 import torch
 
 from toolkit.atomic import atomic_open
-from toolkit.data.encoded_cache import module_fingerprint
+from toolkit.data.encoded_cache import module_fingerprint, tokenizer_fingerprint
 from toolkit.data.sources import load_captioned
 from toolkit.inference.pipeline import generate
 
@@ -54,7 +54,9 @@ class PriorPreservation(L.Callback):
         return bool(self.class_prompt)
 
     def folder(self, module: L.LightningModule, size: int) -> Path:
-        weights = "-".join(module_fingerprint(module.models[c]) for c in module.models)
+        # every part that shapes a class image: UNet, text encoders, tokenizers and the VAE that decodes it
+        parts = [*module.models.values(), module.vae]
+        weights = "-".join([*map(module_fingerprint, parts), *map(tokenizer_fingerprint, module.tokenizers)])
         spec = [weights, self.class_prompt, self.negative_prompt, self.seed, self.num_images, self.steps,
                 self.guidance, self.scheduler, size]
         return self.dirpath / hashlib.sha256(json.dumps(spec, default=str).encode()).hexdigest()[:20]

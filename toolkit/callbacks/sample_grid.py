@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import diffusers
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from toolkit.inference.pipeline import generate, make_grid
+from toolkit.inference.schedule import sampling_scheduler, training_schedule
 
 
 class SampleGrid(L.Callback):
@@ -39,7 +39,9 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero or step == self._last:
             return None
         self._last = step
-        sched = getattr(diffusers, self.scheduler).from_config(module.noise_scheduler.config)
+        # the schedule being trained (zero terminal SNR: rescaled betas, trailing timesteps), as sampling will use
+        sched = sampling_scheduler(self.scheduler, module.noise_scheduler.config,
+                                   training_schedule(module.noise_scheduler.config))
         pipe = module.family.pipeline(module.pipeline_components, sched)
         pipe.set_progress_bar_config(disable=True)
         modes = {m: m.training for m in module.modules()}

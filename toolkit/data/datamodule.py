@@ -23,7 +23,7 @@ from toolkit.data.buckets import BucketBatchSampler, make_buckets, nearest_bucke
 from toolkit.data.captions import TagPolicy, tag_caption
 from toolkit.data.masks import load_mask
 from toolkit.data.sampler import ResumableLoader, ResumableSampler
-from toolkit.data.sources import CAPTION_PROBLEM, fingerprint_listing, load_captioned
+from toolkit.data.sources import CAPTION_PROBLEM, fingerprint_listing, split_train_val
 from toolkit.data.transforms import train_transform
 from toolkit.data.validate import (
     BadItem,
@@ -174,7 +174,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
             (``toolkit.data.masks``); None: no masks.
     """
 
-    def __init__(self, path: str, resolution: int = 512, global_batch_size: int = 16,
+    def __init__(self, path: str, resolution: int | None = None, global_batch_size: int = 16,
                  image_column: str = "image", caption_column: str = "text", split: str = "train",
                  validation_split: str | None = None, val_fraction: float = 0.0,
                  center_crop: bool = True, random_flip: bool = False, num_workers: int = 0,
@@ -232,15 +232,11 @@ class CaptionedImageDataModule(L.LightningDataModule):
         world, accum = (trainer.world_size, trainer.accumulate_grad_batches) if trainer else (1, 1)
         self.rank, self.world_size = (trainer.global_rank, world) if trainer else (0, 1)
         self.batch_size = per_device_batch_size(self.global_batch_size, world, accum)
-        kw = {"image_column": self.image_column, "caption_column": self.caption_column,
-              "revision": self.revision}
-        train = load_captioned(self.path, split=self.split, **kw)
-        val = None
-        if self.validation_split:
-            val = load_captioned(self.path, split=self.validation_split, **kw)
-        elif self.val_fraction > 0:
-            parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
-            train, val = parts["train"], parts["test"]
+        if self.resolution is None:
+            raise ValueError("data.resolution is null: run.py sets it to the model's native size "
+                             "(toolkit.model_defaults); composed by hand, set it.")
+        train, val = split_train_val(self.path, self.split, self.validation_split, self.val_fraction, self.seed,
+                                     self.image_column, self.caption_column, self.revision)
         self.train_set = self._wrap(train, train=True)
         self.val_set = self._wrap(val, train=False) if val is not None else None
         if self.policy.scan:

@@ -48,6 +48,17 @@ def module_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of what decides a tokenizer's ids: its class, vocabulary, merges / normaliser (the fast
+    tokenizer's serialised state), maximum length, padding side and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+            "backend": backend.to_str() if backend is not None else None,
+            "max_length": tokenizer.model_max_length, "padding_side": tokenizer.padding_side,
+            "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def text_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 

@@ -144,3 +144,27 @@ def fingerprint_files(root: str | Path) -> str:
         h.update(str(f.relative_to(root)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def split_train_val(path: str, split: str, validation_split: str | None, val_fraction: float, seed: int,
+                    image_column: str, caption_column: str, revision: str | None = None
+                    ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The training rows and the held-out rows (``validation_split``, else a seeded
+    ``val_fraction`` of ``split``, else none): the one definition the datamodule trains on and
+    ``eval.dataset=held_out`` evaluates against."""
+    kw = {"image_column": image_column, "caption_column": caption_column, "revision": revision}
+    train = load_captioned(path, split=split, **kw)
+    if validation_split:
+        return train, load_captioned(path, split=validation_split, **kw)
+    if val_fraction > 0:
+        parts = train.train_test_split(test_size=val_fraction, seed=seed)
+        return parts["train"], parts["test"]
+    return train, None
+
+
+def held_out(path: str, split: str, validation_split: str | None, val_fraction: float, seed: int,
+             image_column: str, caption_column: str, revision: str | None = None) -> datasets.Dataset | list:
+    """The rows of ``path`` that training does not see (empty when it holds none out)."""
+    _, val = split_train_val(path, split, validation_split, val_fraction, seed, image_column, caption_column,
+                             revision)
+    return val if val is not None else []

@@ -1,8 +1,9 @@
 """Reference (real-image) features, cached on disk.
 
-The cache key is a hash of the dataset fingerprint (file contents for local data, the
-``datasets`` fingerprint + revision for hub data), the feature extractor's weights hash, the
-preprocessing protocol and the number of images; a changed file gives a new key.
+The cache key is a hash of the reference set's identity (the dataset fingerprint: file contents
+for local data, the ``datasets`` fingerprint + revision for hub data; the split or the held-out
+definition; the columns; the number of images), the feature extractor's weights hash and the
+preprocessing protocol (``reference_size`` included); a change to any of them gives a new key.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from toolkit.atomic import atomic_open
-from toolkit.data.sources import detect_format, fingerprint_files, load_captioned
+from toolkit.data.sources import detect_format, fingerprint_files, held_out, load_captioned
 from toolkit.data.transforms import crop_box, resize_to_cover
 from toolkit.data.validate import BadItem, DataPolicy, decode_image, item_name
 from toolkit.metrics.intervals import Reference
@@ -33,16 +34,36 @@ def dataset_fingerprint(path: str, ds: Any, revision: str | None = None) -> str:
 
 
 def load_reference(path: str, image_column: str, caption_column: str, split: str,
-                   num: int | None, revision: str | None = None) -> tuple[Any, str]:
-    """The first ``num`` rows (all when None) of the reference set and its fingerprint."""
+                   num: int | None, revision: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The first ``num`` rows (all when None) of the reference set and its identity: the dataset
+    fingerprint, split, columns and size, everything the reference features depend on."""
     ds = load_captioned(path, split=split, image_column=image_column, caption_column=caption_column,
                         revision=revision)
-    fp = dataset_fingerprint(path, ds, revision)
+    ident = {"data": dataset_fingerprint(path, ds, revision), "split": split}
+    return _first(ds, num, path, ident, image_column, caption_column)
+
+
+def load_held_out(data: Any, num: int | None) -> tuple[Any, dict[str, Any]]:
+    """``eval.dataset=held_out``: the rows of ``data.path`` its training run holds out (the
+    datamodule's own split), and their identity (the split's definition included)."""
+    ds = held_out(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
+                  data.image_column, data.caption_column, data.revision)
+    if not len(ds):
+        raise ValueError(f"eval.dataset=held_out, but data.path={data.path!r} holds nothing out of training "
+                         "(data.val_fraction=0 and no data.validation_split): pass eval.dataset=<a reference set>")
+    ident = {"data": dataset_fingerprint(data.path, ds, data.revision),
+             "held_out": {"split": data.split, "validation_split": data.validation_split,
+                          "val_fraction": data.val_fraction, "seed": data.seed}}
+    return _first(ds, num, f"the held-out part of {data.path!r}", ident, data.image_column, data.caption_column)
+
+
+def _first(ds: Any, num: int | None, what: str, ident: dict[str, Any], image_column: str, caption_column: str
+           ) -> tuple[Any, dict[str, Any]]:
     if num is not None:
         if num > len(ds):
-            raise ValueError(f"eval.num_ref={num} but {path!r} has only {len(ds)} images")
+            raise ValueError(f"eval.num_ref={num} but {what} has only {len(ds)} images")
         ds = ds.select(range(num))
-    return ds, fp
+    return ds, {**ident, "image_column": image_column, "caption_column": caption_column, "n": len(ds)}
 
 
 def reference_image(item: Any, size: tuple[int, int] | None = None) -> Image.Image:
@@ -61,8 +82,9 @@ def reference_image(item: Any, size: tuple[int, int] | None = None) -> Image.Ima
     return img.crop(crop_box(*img.size, size, True, np.random.default_rng(0)))
 
 
-def cache_key(fingerprint: str, protocol: dict[str, Any], n: int) -> str:
-    blob = json.dumps({"data": fingerprint, "protocol": protocol, "n": n}, sort_keys=True)
+def cache_key(identity: dict[str, Any], protocol: dict[str, Any]) -> str:
+    """The reference features' key: the set's identity (``load_reference``) and the extractor's protocol."""
+    blob = json.dumps({"reference": identity, "protocol": protocol}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

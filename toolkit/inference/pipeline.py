@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
 from toolkit.adapters.loading import load_adapters, resolve_adapter
+from toolkit.inference.schedule import sampling_scheduler
 from toolkit.logs import progress as progress_bar
 from toolkit.models.pretrained import (
     check_model_path,
@@ -70,16 +70,32 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
     if vae:
         pipe.vae = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
     if scheduler:
-        cls = getattr(diffusers, scheduler, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise ValueError(f"scheduler={scheduler!r} is not a diffusers scheduler class")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        pipe.scheduler = sampling_scheduler(scheduler, pipe.scheduler.config, None)
     loaded = load_adapters(pipe, family, list(adapters), list(lora_scales), adapter_variant)
+    apply_schedule(pipe, loaded)
     if loaded and fuse_adapters:
         pipe.fuse_lora(components=list(family.components()), adapter_names=[a.name for a in loaded])
         pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def apply_schedule(pipe: DiffusionPipeline, loaded: Sequence[Any]) -> None:
+    """Sample with the schedule the adapters were trained with (their ``toolkit_schedule``
+    metadata; ``toolkit.inference.schedule``). Adapters that disagree are refused, naming both."""
+    import json
+
+    schedules = {json.dumps(a.schedule, sort_keys=True): a for a in loaded if a.schedule}
+    if len(schedules) > 1:
+        a, b = list(schedules.values())[:2]
+        raise ValueError(f"adapters trained with different noise schedules cannot be sampled together: {a.path} "
+                         f"{a.schedule} vs {b.path} {b.schedule}")
+    if schedules:
+        adapter = next(iter(schedules.values()))
+        pipe.scheduler = sampling_scheduler(type(pipe.scheduler), pipe.scheduler.config, adapter.schedule,
+                                            f"adapter {adapter.path}")
+        if adapter.schedule["rescale_betas_zero_snr"]:
+            log.info("sampling with the adapter's schedule: zero terminal SNR, trailing timesteps (%s)", adapter.path)
 
 
 def default_size(pipe: DiffusionPipeline) -> int:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
+from toolkit.data.encoded_cache import module_fingerprint
 from toolkit.locate import check_local_or_hub
 from toolkit.logs import progress as progress_bar
 
@@ -56,11 +57,12 @@ class CLIPScorer:
         else:
             self.mean, self.std = OPENAI_MEAN, OPENAI_STD
         self.device, self.batch_size = torch.device(device), batch_size
+        self.sha256 = module_fingerprint(self.model)   # the weights' identity, in every row's key
 
     @property
     def protocol(self) -> dict[str, str]:
-        return {"clip_model": self.name, "clip_resize": f"PIL bicubic {self.size}x{self.size}",
-                "clip_score": "100*max(cos,0)"}
+        return {"clip_model": self.name, "clip_sha256": self.sha256,
+                "clip_resize": f"PIL bicubic {self.size}x{self.size}", "clip_score": "100*max(cos,0)"}
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
         arr = np.stack([np.asarray(im.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC))

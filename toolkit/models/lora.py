@@ -139,7 +139,8 @@ def save_adapter(out_dir: str | Path, models: Mapping[str, torch.nn.Module], fam
     out_dir = Path(out_dir)
     out = {}
     if "diffusers" in formats:
-        out["diffusers"] = save_diffusers(layers, out_dir, family)
+        out["diffusers"] = save_diffusers(layers, out_dir, family,
+                                          {k: str(v) for k, v in (metadata or {}).items() if k.startswith("toolkit_")})
     if "kohya" in formats:
         out["kohya"] = save_kohya(layers, out_dir / KOHYA_FILE, family, models["unet"].config, metadata)
     return out

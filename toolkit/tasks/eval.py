@@ -12,7 +12,10 @@ in a multirun, ``<run dir>/results.jsonl`` otherwise; a cell whose key is there 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -100,45 +103,82 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return evaluate(cfg).get("metrics", {})
 
 
+def build_fabric(cfg: DictConfig) -> Any:
+    """The evaluation's processes. A job that already runs on several (DDP training earlier in this
+    job, or a launch by torchrun / srun / Lightning's launcher: ``WORLD_SIZE`` > 1) evaluates on
+    those same processes, once, sharded; otherwise ``cfg.fabric`` (one process unless
+    ``fabric.devices`` says more)."""
+    import torch.distributed as dist
+    from lightning import Fabric
+
+    joined = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        nodes = int(cfg.trainer.num_nodes) if "trainer" in cfg else 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world // nodes))
+        fabric = Fabric(accelerator=cfg.fabric.accelerator, devices=local, num_nodes=world // local, strategy="ddp")
+    else:
+        fabric = instantiate(cfg.fabric)
+    fabric.launch()
+    return fabric
+
+
+def reference_set(cfg: DictConfig) -> tuple[Any, dict[str, Any], str, str]:
+    """The reference rows, their identity and their image / caption columns."""
+    ev = cfg.eval
+    if ev.dataset in (None, "auto"):
+        raise ValueError(f"eval.dataset={ev.dataset!r}: run.py chooses it from the model "
+                         "(toolkit.model_defaults); composed by hand, name a reference set")
+    if ev.dataset == "held_out":
+        ref, ident = reference.load_held_out(cfg.data, ev.num_ref)
+        return ref, ident, cfg.data.image_column, cfg.data.caption_column
+    ref, ident = reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split, ev.num_ref,
+                                          ev.revision)
+    return ref, ident, ev.image_column, ev.caption_column
+
+
 def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """One evaluation cell; returns its results row ({} on ranks other than zero). ``record`` (the
     training run behind the adapter) joins the row and its key, so a train-and-evaluate sweep
-    keeps one row per trained cell."""
-    fabric = instantiate(cfg.fabric)
-    fabric.launch()
+    keeps one row per trained cell. Rank zero alone reads and writes the results table."""
+    fabric = build_fabric(cfg)
     rank, world = fabric.global_rank, fabric.world_size
     ev, m = cfg.eval, cfg.metrics
     out = Path(cfg.paths.output_dir)
     table = results_path(cfg)
 
-    ref, data_fp = reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split,
-                                            ev.num_ref, ev.revision)
+    ref, ref_identity, image_column, caption_column = reference_set(cfg)
     inception = InceptionFeatures(m.inception_weights, fabric.device, m.feature_batch_size, m.channels_last)
     clip = load_clip(m.clip_model)
-    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[ev.caption_column]]
+    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[caption_column]]
+    prompts_sha256 = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     prompts, groups = prompt_groups(prompts)
     n = int(ev.num_images)
-    settings = {**generation_record(cfg, ev), "dataset": data_fp, "num_ref": len(ref), "num_images": n,
+    ref_size = reference_size(cfg)
+    # Everything the row's numbers depend on: a change to any of these recomputes the cell.
+    settings = {**generation_record(cfg, ev), "dataset": ref_identity, "num_ref": len(ref), "num_images": n,
                 "seed": int(ev.seed), "prompts": str(ev.prompts or "dataset captions"),
-                "inception_sha256": inception.sha256, "clip_model": m.clip_model if clip else None,
-                # what the row's numbers depend on beyond the images: a change recomputes the cell
-                "metrics": {k: m[k] for k in ("level", "interval_groups", "prdc", "fid_infinity", "channels_last")}}
+                "prompts_sha256": prompts_sha256, "inception_sha256": inception.sha256,
+                "clip_model": m.clip_model if clip else None, "clip_sha256": clip.sha256 if clip else None,
+                "metrics": {**{k: m[k] for k in ("level", "interval_groups", "prdc", "fid_infinity", "channels_last")},
+                            "reference_size": ref_size}}
     if record:
         settings["train"] = record["settings"]
     key = settings_key(settings)
-    done = find_row(table, key)
+    done = fabric.broadcast(find_row(table, key) if rank == 0 else None, 0)
     if done is not None and not ev.force:
-        log.info("cell %s already in %s: skipped (eval.force=true recomputes)", key, table)
-        return done
+        if rank == 0:
+            log.info("cell %s already in %s: skipped (eval.force=true recomputes)", key, table)
+        return done if rank == 0 else {}
 
     t0 = time.time()
-    ref_size = reference_size(cfg)
     protocol = {**inception.protocol, "reference_size": ref_size}
-    ckey = reference.cache_key(data_fp, protocol, len(ref))
-    real = reference.load_cached(m.cache_dir, ckey) if m.cache_reference else None
-    if real is None:
+    ckey = reference.cache_key(ref_identity, protocol)
+    # Rank zero decides whether the cached reference is there (a node-local cache may differ per node).
+    real = reference.load_cached(m.cache_dir, ckey) if m.cache_reference and rank == 0 else None
+    if not fabric.broadcast(real is not None, 0):
         idx = shard(len(ref), rank, world, m.feature_batch_size)
-        feats = inception([reference.reference_image(ref[i][ev.image_column], ref_size) for i in idx],
+        feats = inception([reference.reference_image(ref[i][image_column], ref_size) for i in idx],
                           desc="reference features")
         real = np.stack(gather_by_index(idx, list(feats), world))
         if rank == 0 and m.cache_reference:

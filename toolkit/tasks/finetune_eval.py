@@ -116,6 +116,13 @@ def train_or_resume(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return train_task.run(cfg)
 
 
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     table = eval_task.results_path(cfg)
@@ -128,6 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("train-and-evaluate cell %s already in %s: skipped", cell, table)
         return {"finetuned": finished["metrics"], "skipped": True}
     train_metrics = train_or_resume(cfg, out)
+    barrier()   # rank zero wrote the adapter: every rank reads it next
     record = {"settings": train_settings, "metrics": train_metrics, "run_dir": str(out), "cell": cell}
     rows = {}
     for name, adapter in (("base", None), ("finetuned", str(out / "adapter"))):

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from toolkit.adapters.layers import compare_updates, model_updates
 from toolkit.adapters.loading import components, load_adapters
 from toolkit.evaluation.protocol import as_list, versions
-from toolkit.inference.pipeline import load_pipeline
+from toolkit.inference.pipeline import apply_schedule, load_pipeline
 from toolkit.models.families import family_of
 from toolkit.models.pretrained import resolve_dtype
 from toolkit.models.single_file import pipeline_to_single_file
@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pipe = load_pipeline(**{**model, "dtype": "float32"})   # merged in float32, cast when written
     family = family_of(pipe.unet.config)
     loaded = load_adapters(pipe, family, adapters, [float(s) for s in as_list(mc.lora_scale)], cfg.adapter_variant)
+    apply_schedule(pipe, loaded)   # the merged model's scheduler config: the schedule it was trained with
     models = components(pipe, family)
     names = list(pipe.get_active_adapters())
     # What the merge must produce: base + Σ scale·ΔW per adapted layer (set_adapters' scale is in

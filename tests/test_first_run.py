@@ -1,0 +1,194 @@
+"""A user's first real run: settings follow the model, every input is in its key, adapters carry
+their schedule. Through the real entry point (run.py) where the choice happens there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from safetensors import safe_open
+
+from tests.conftest import compose_cfg, run_entry, tiny_overrides
+from toolkit.data.world import generate
+from toolkit.model_defaults import EMBEDDED_MODEL, ModelDefaultsError, model_overrides
+from toolkit.models.tiny import build_tiny_pipeline
+from toolkit.results import read_rows
+from toolkit.tasks import eval as eval_task
+from toolkit.tasks import sample as sample_task
+from toolkit.tasks import train
+
+
+@pytest.fixture(scope="module")
+def other_size_model(tmp_path_factory) -> str:
+    """An SD-layout model whose native size (12 x VAE factor 2 = 24 px) is not the miniature's 32."""
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-24", seed=3, sample_size=12))
+
+
+def chosen(args: list[str]) -> dict[str, str]:
+    return dict(a.split("=", 1) for a in model_overrides(args)[len(args):] if not a.startswith("+chosen."))
+
+
+def test_train_on_a_user_model_gets_its_native_size_and_family_preset(other_size_model, imagefolder_data, tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    res = run_entry(["task=train", f"model.name_or_path={other_size_model}", f"data.path={imagefolder_data}",
+                     "data.global_batch_size=4", "data.val_fraction=0.25", "logger=none", "trainer.max_steps=2",
+                     "trainer.val_check_interval=1", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+                     "callbacks.sample_grid.every_n_steps=100", f"hydra.run.dir={out}"],
+                    env={"TOOLKIT_CACHE": str(cache)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "chosen data.resolution=24: the model's native size (UNet sample_size 12 x VAE factor 2)" in log
+    assert "chosen module=lora: the preset for the SD family" in log
+    saved = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())
+    assert saved["data"]["resolution"] == 24
+    assert saved["module"]["lora"]["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]   # not the miniature's
+    assert saved["module"]["optimizer"]["lr"] == 1e-4
+    assert saved["chosen"]["data"]["resolution"].startswith("24:")
+    latents = [np.load(f) for f in (cache / "encoded").glob("latents-*/*.npy")]
+    assert latents and all(a.shape[-2:] == (12, 12) for a in latents)   # trained at 24 px: 12x12 latents
+
+
+@pytest.mark.parametrize("which,preset,size", [("embedded", "lora_miniature", "32"), ("sdxl", "lora_sdxl", "16"),
+                                               ("sd", "lora", "16")])
+def test_preset_follows_the_family(which, preset, size, tiny_model, tiny_sdxl):
+    model = {"embedded": str(EMBEDDED_MODEL), "sdxl": tiny_sdxl, "sd": tiny_model}[which]
+    got = chosen(["task=train", f"model.name_or_path={model}"])
+    assert got["module"] == preset and got["data.resolution"] == size
+    assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8"]) == {}
+
+
+def test_a_sweep_over_models_must_set_what_follows_the_model(tiny_model, tiny_sdxl):
+    with pytest.raises(ModelDefaultsError, match="data.resolution, module"):
+        model_overrides(["-m", "task=train", f"model.name_or_path={tiny_model},{tiny_sdxl}"])
+    assert chosen(["-m", "task=train", f"model.name_or_path={tiny_model},{tiny_sdxl}", "module=lora",
+                   "data.resolution=16"]) == {}
+
+
+def test_default_job_on_another_model_never_uses_the_miniatures_test_set_or_clip(tiny_model, imagefolder_data,
+                                                                                  tmp_path):
+    base = [f"model.name_or_path={tiny_model}", f"data.path={imagefolder_data}", f"hydra.run.dir={tmp_path / 'r'}"]
+    res = run_entry(base)
+    assert res.returncode != 0 and "eval.dataset" in res.stderr and "holds out only 2 images" in res.stderr
+    res = run_entry([*base, f"eval.dataset={imagefolder_data}"])
+    assert res.returncode != 0 and "metrics.clip_model" in res.stderr and "fits only the embedded model" in res.stderr
+    assert not (tmp_path / "r").exists()   # refused before anything ran
+    with pytest.raises(ModelDefaultsError, match="task=eval has no training data"):
+        model_overrides(["task=eval", f"model.name_or_path={tiny_model}"])
+
+
+def test_held_out_images_are_the_reference_when_there_are_enough(tiny_model, tmp_path):
+    data = generate(tmp_path / "data", n=400, seed=2, size=16)
+    got = chosen([f"model.name_or_path={tiny_model}", f"data.path={data}", "data.val_fraction=0.5",
+                  "metrics.clip_model=null"])
+    assert got["eval.dataset"] == "held_out" and "eval.num_ref" not in got
+    with pytest.raises(ModelDefaultsError, match="holds out only 40 images"):
+        model_overrides([f"model.name_or_path={tiny_model}", f"data.path={data}", "metrics.clip_model=null"])
+    # held_out evaluates against exactly the rows the datamodule keeps out of training
+    out = tmp_path / "e"
+    m = eval_task.run(compose_cfg(["task=eval", f"model.name_or_path={tiny_model}", f"data.path={data}",
+                                   "data.val_fraction=0.02", "eval.dataset=held_out", "metrics.clip_model=null",
+                                   f"metrics.cache_dir={tmp_path / 'c'}", "eval.num_images=4", "eval.steps=2",
+                                   "metrics.interval_groups=4", "logger=none", f"hydra.run.dir={out}"], out))
+    assert m["n_real"] == 8
+    dm_cfg = compose_cfg(tiny_overrides(tiny_model, data, tmp_path / "t") + ["data.val_fraction=0.02"], tmp_path / "t")
+    from hydra.utils import instantiate
+
+    dm = instantiate(dm_cfg.data)
+    dm.setup("fit")
+    row = read_rows(out / "results.jsonl")[0]
+    assert row["settings"]["dataset"]["held_out"]["val_fraction"] == 0.02
+    import hashlib
+
+    assert len(dm.val_set) == 8   # the prompts are the reference captions: the datamodule's held-out ones
+    assert row["settings"]["prompts_sha256"] == hashlib.sha256(json.dumps(dm.val_set.captions()).encode()).hexdigest()
+
+
+def eval_cfg(model: str, clip: str, data: Path, prompts: Path, out: Path, *extra: str):
+    return compose_cfg(["task=eval", f"model.name_or_path={model}", f"metrics.clip_model={clip}",
+                        f"eval.dataset={data}", f"eval.prompts={prompts}", f"metrics.cache_dir={out.parent / 'c'}",
+                        "eval.num_images=6", "eval.steps=2", "metrics.interval_groups=6", "logger=none",
+                        f"eval.results_file={out.parent / 'results.jsonl'}", f"hydra.run.dir={out}", *extra], out)
+
+
+def test_every_input_of_an_eval_row_is_in_its_key(tiny_model, tiny_clip, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import CLIPModel
+
+    data = generate(tmp_path / "ref", n=8, seed=4, size=32)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip, clip)
+    table = tmp_path / "results.jsonl"
+    n = lambda: len(read_rows(table))
+    eval_task.run(eval_cfg(tiny_model, clip, data, prompts, tmp_path / "a"))
+    eval_task.run(eval_cfg(tiny_model, clip, data, prompts, tmp_path / "b"))
+    assert n() == 1                                            # nothing changed: skipped
+    prompts.write_text("a red circle\na green triangle\n")     # same path, other contents
+    eval_task.run(eval_cfg(tiny_model, clip, data, prompts, tmp_path / "c"))
+    assert n() == 2
+    eval_task.run(eval_cfg(tiny_model, clip, data, prompts, tmp_path / "d", "metrics.reference_size=native"))
+    assert n() == 3
+    model = CLIPModel.from_pretrained(clip)                    # same path, other weights
+    with torch.no_grad():
+        model.visual_projection.weight.mul_(2)
+    model.save_pretrained(clip)
+    eval_task.run(eval_cfg(tiny_model, clip, data, prompts, tmp_path / "e", "metrics.reference_size=native"))
+    assert n() == 4
+    eval_task.run(eval_cfg(tiny_model, clip, data, prompts, tmp_path / "f", "eval.num_ref=6",
+                           "metrics.reference_size=native"))
+    assert n() == 5
+    keys = [r["key"] for r in read_rows(table)]
+    assert len(set(keys)) == 5
+    refs = {json.dumps(r["files"]["reference_features"]) for r in read_rows(table)}
+    assert len(refs) == 3   # generated size / native size / 6 images: three reference feature files
+
+
+def test_cache_keys_hold_the_storage_dtype(tiny_model, imagefolder_data, tmp_path):
+    cache = tmp_path / "cache"
+    for dtype in ("float16", "float32"):
+        out = tmp_path / dtype
+        train.run(compose_cfg(tiny_overrides(tiny_model, imagefolder_data, out) + [
+            "trainer.max_steps=1", f"callbacks.encoded_cache.dirpath={cache}",
+            f"callbacks.encoded_cache.dtype={dtype}", "callbacks.sample_grid.every_n_steps=100"], out))
+    for kind in ("latents", "text"):
+        dirs = sorted(cache.glob(f"{kind}-*"))
+        dtypes = {np.load(next(d.glob("*.npy"))).dtype.name for d in dirs}
+        assert len(dirs) == 2 and dtypes == {"float16", "float32"}, (kind, dirs)
+
+
+def test_zero_snr_adapter_samples_with_its_own_schedule(tiny_model_v, imagefolder_data, tmp_path):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    train.run(compose_cfg(tiny_overrides(tiny_model_v, imagefolder_data, out) + [
+        "module.zero_terminal_snr=true", "trainer.max_steps=2", "module.optimizer.lr=1e-2",
+        "callbacks.sample_grid.every_n_steps=100"], out))
+    adapter = out / "adapter" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(adapter), "pt") as f:
+        schedule = json.loads(f.metadata()["toolkit_schedule"])
+    assert schedule == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                        "timestep_spacing": "trailing"}
+    s = tmp_path / "s"
+    sample_task.run(compose_cfg(["task=sample", f"model.name_or_path={tiny_model_v}", f"adapter={out}",
+                                 "sample.steps=4", "sample.seeds=[0,1]", "sample.prompts=[a red circle]",
+                                 "sample.fuse_adapters=false", f"hydra.run.dir={s}"], s))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_v, safety_checker=None, requires_safety_checker=False)
+    by_hand = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True,
+                                        timestep_spacing="trailing")
+    pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
+    pipe.set_progress_bar_config(disable=True)
+    for sched, same in ((by_hand, True), (DDIMScheduler.from_config(pipe.scheduler.config), False)):
+        pipe.scheduler = sched
+        for i, seed in enumerate((0, 1)):
+            img = pipe(["a red circle"], generator=[torch.Generator("cpu").manual_seed(seed)], num_inference_steps=4,
+                       guidance_scale=5.0, height=16, width=16, output_type="pil").images[0]
+            diff = np.abs(np.asarray(img, np.int16) - np.asarray(Image.open(s / "samples" / f"{i:05d}.png"), np.int16))
+            assert (diff.max() <= 1) == same, (seed, diff.max())

@@ -1,0 +1,169 @@
+"""Settings that follow the model: what the user does not set comes from the model they named.
+
+    python run.py task=train model.name_or_path=<SD-1.5 id, folder or .safetensors> data.path=<images>
+      -> data.resolution=512 (UNet sample_size 64 x VAE factor 8), module=lora (the SD-1.x/2.x preset)
+
+The shipped config leaves four values open (``auto`` / null), and ``run.py`` fills each from the
+model before Hydra composes the run, as if the user had typed it, so the choice is in the run's
+saved overrides and config (a resume replays it) and under ``chosen.<key>`` with its reason,
+which the task logs once at start:
+
+- ``data.resolution`` (null): the model's native size, UNet ``sample_size`` x VAE factor;
+- ``module`` (``auto``): the family's preset (``PRESETS``); the embedded miniature keeps its own;
+- ``eval.dataset`` (``auto``): the miniature's held-out style split for the embedded model on its
+  style set; for any other model the held-out part of ``data.path`` (``held_out``: the images the
+  datamodule keeps out of training) when it has at least ``MIN_REFERENCE`` images, else an error
+  asking for one;
+- ``metrics.clip_model`` (``auto``): the miniature's CLIP for the embedded model only; any other
+  model needs a real CLIP named (or ``metrics.clip_model=null``: no CLIP score, said in the row).
+
+Everything here reads configs only (no weights), so a refusal comes before anything is loaded.
+A sweep over ``model.name_or_path`` needs these set explicitly: they would differ per cell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from toolkit.config import CONFIG_DIR, ROOT, register_resolvers
+
+EMBEDDED_MODEL = ROOT / "data" / "miniature" / "sd"
+EMBEDDED_CLIP = ROOT / "data" / "miniature" / "clip"
+EMBEDDED_STYLE = ROOT / "data" / "world" / "style"
+PRESETS = {"sd": "lora", "sdxl": "lora_sdxl"}   # family name -> conf/module preset
+EMBEDDED_PRESET = "lora_miniature"
+EMBEDDED_NUM_REF = 500
+# Fewer reference images than this make FID/KID mostly sample-size bias (FID's bias falls as 1/N,
+# Chong & Forsyth 2020) and their intervals too wide to tell two adapters apart; the miniature's
+# job uses 500. A smaller held-out part is refused rather than scored.
+MIN_REFERENCE = 200
+EVAL_TASKS = ("eval", "finetune_eval")
+TRAIN_TASKS = ("train", "finetune_eval")
+
+
+class ModelDefaultsError(ValueError):
+    """A value left to the model cannot be chosen: the message says which key to set."""
+
+
+def is_embedded(name_or_path: str) -> bool:
+    path = Path(str(name_or_path)).expanduser()
+    return path.exists() and path.resolve() == EMBEDDED_MODEL.resolve()
+
+
+def native_resolution(name_or_path: str, revision: str | None = None, config: str | None = None) -> tuple[int, str]:
+    """The model's native training size and how it was read (UNet ``sample_size`` x VAE factor)."""
+    from toolkit.models.pretrained import check_model_path, unet_config, vae_factor
+
+    check_model_path(name_or_path, config, allow_pickle=True)
+    size = unet_config(name_or_path, revision, config)["sample_size"]
+    factor = vae_factor(name_or_path, revision, config)
+    return int(size) * factor, f"the model's native size (UNet sample_size {size} x VAE factor {factor})"
+
+
+def held_out_count(data: DictConfig) -> int:
+    from toolkit.data.sources import held_out
+
+    return len(held_out(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
+                        data.image_column, data.caption_column, data.revision))
+
+
+def _compose(args: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return compose("config", overrides=args, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
+    """``{key: (value, reason)}`` for every open setting of the composed ``cfg`` (keys the user
+    gave, in ``given``, are never touched). Raises ``ModelDefaultsError`` naming the key to set."""
+    m, task = cfg.model, cfg.task_name
+    embedded = is_embedded(m.name_or_path)
+    out: dict[str, tuple[Any, str]] = {}
+    if task in TRAIN_TASKS:
+        if cfg.hydra.runtime.choices.get("module") == "auto":
+            if embedded:
+                out["module"] = (EMBEDDED_PRESET, "the embedded miniature's own preset")
+            else:
+                from toolkit.models.pretrained import model_family
+
+                family = model_family(m.name_or_path, m.revision, m.get("config"))
+                out["module"] = (PRESETS[family.name], f"the preset for the {family.name.upper()} family")
+        if cfg.data.resolution is None:
+            out["data.resolution"] = native_resolution(m.name_or_path, m.revision, m.get("config"))
+    if task in EVAL_TASKS:
+        if cfg.eval.dataset == "auto":
+            style_set = Path(str(cfg.data.path)).resolve() == (EMBEDDED_STYLE / "train").resolve()
+            if embedded and style_set:
+                out["eval.dataset"] = (str(EMBEDDED_STYLE / "test"), "the held-out split of the embedded style set")
+                if cfg.eval.num_ref is None and "eval.num_ref" not in given:
+                    out["eval.num_ref"] = (EMBEDDED_NUM_REF, "the embedded style test set's reference size")
+            elif task == "finetune_eval" and (n := held_out_count(cfg.data)) >= MIN_REFERENCE:
+                out["eval.dataset"] = ("held_out", f"the {n} images of data.path held out of training "
+                                       f"(data.val_fraction={cfg.data.val_fraction})")
+            else:
+                have = (f"data.path holds out only {held_out_count(cfg.data)} images (data.val_fraction="
+                        f"{cfg.data.val_fraction}), fewer than the {MIN_REFERENCE} a FID/KID reference needs"
+                        if task == "finetune_eval" else "task=eval has no training data to hold out")
+                raise ModelDefaultsError(
+                    f"eval.dataset: the embedded miniature's test set applies only to the embedded model on its "
+                    f"style set, and {have}. Pass eval.dataset=<a captioned folder or hub dataset of the target "
+                    f"style> (or raise data.val_fraction so that data.path holds out at least {MIN_REFERENCE}).")
+        if cfg.metrics.clip_model == "auto":
+            if not embedded:
+                raise ModelDefaultsError(
+                    "metrics.clip_model: the default is the embedded miniature's 128-d CLIP, which fits only the "
+                    f"embedded model, not {m.name_or_path!r}. Name a real CLIP (a hub id such as "
+                    "openai/clip-vit-large-patch14, or a local CLIPModel folder), or set metrics.clip_model=null to "
+                    "leave the CLIP score out (said in each row's protocol).")
+            out["metrics.clip_model"] = (str(EMBEDDED_CLIP), "the embedded miniature's CLIP (for the embedded model)")
+    return out
+
+
+def model_overrides(args: list[str]) -> list[str]:
+    """``args`` plus an override for every setting left to the model, each with its reason under
+    ``chosen.<key>``. Raises ``ModelDefaultsError`` before any weight is read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from toolkit.run_dir import hydra_quote
+
+    if any(a.startswith("chosen.") or a.startswith("+chosen.") for a in args):
+        return args   # already chosen: a resume's saved overrides, or a DDP child's command line
+    lines = [a for a in args if "=" in a and not a.startswith("-")]
+    parsed = OverridesParser.create().parse_overrides(lines)
+    given = {o.key_or_group for o in parsed}
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    cfg = _compose([o.input_line for o in parsed if not o.is_sweep_override()])
+    chosen = choose(cfg, given)
+    if chosen and swept & {"model", "model.name_or_path", "model.config", "data", "data.path", "task"}:
+        raise ModelDefaultsError(
+            f"this sweep varies {sorted(swept & {'model', 'model.name_or_path', 'model.config', 'data', 'data.path'})}"
+            f", so the settings that follow the model would differ per cell: set {', '.join(sorted(chosen))} "
+            "explicitly for the sweep.")
+    extra = []
+    for key, (value, why) in chosen.items():
+        extra.append(f"{key}={hydra_quote(str(value))}")
+        extra.append(f"+chosen.{key}={_quote(f'{value}: {why}')}")
+    return [*args, *extra]
+
+
+def chosen_lines(cfg: DictConfig) -> list[str]:
+    """The ``chosen`` block as log lines (``data.resolution 512: the model's native size ...``)."""
+    from toolkit.run_dir import flatten
+
+    if not cfg.get("chosen"):
+        return []
+    return [f"{key}={why}" for key, why in flatten(OmegaConf.to_container(cfg.chosen, resolve=True)).items()]
