@@ -61,3 +61,21 @@ class RecordBatches(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         RecordBatches.batches.append(batch)
+
+
+class SignalAt(L.Callback):
+    """Sends ``signal`` to this process at the start of the first batch of optimizer step ``step``
+    + 1 whose index in its accumulation window is ``window_batch`` — once per ``marker`` file, so a
+    resume (which replays the run's overrides) is not signalled again."""
+
+    def __init__(self, step: int, signal: str, marker: str, window_batch: int = 0) -> None:
+        self.step, self.signal, self.marker, self.window_batch = step, signal, Path(marker), window_batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        import os
+        import signal
+
+        if (not self.marker.exists() and trainer.global_step == self.step
+                and batch_idx % trainer.accumulate_grad_batches == self.window_batch):
+            self.marker.write_text(str(batch_idx))
+            os.kill(os.getpid(), getattr(signal, self.signal))

@@ -192,3 +192,38 @@ def test_zero_snr_adapter_samples_with_its_own_schedule(tiny_model_v, imagefolde
                        guidance_scale=5.0, height=16, width=16, output_type="pil").images[0]
             diff = np.abs(np.asarray(img, np.int16) - np.asarray(Image.open(s / "samples" / f"{i:05d}.png"), np.int16))
             assert (diff.max() <= 1) == same, (seed, diff.max())
+
+
+def test_one_paired_delta_everywhere_and_a_moved_run_still_pairs(tmp_path):
+    """summarize's Δ = the default job's paired.json Δ under non-default groups / level / seed, after the
+    run dir moved; a pair that is not one (other prompts, a cleared reference cache) is said so."""
+    import shutil
+
+    from toolkit.evaluation.pairing import pair
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    res = run_entry(["debug=fast", "logger=none", "metrics.interval_groups=8", "metrics.level=0.9", "eval.seed=3",
+                     f"hydra.run.dir={out}", f"metrics.cache_dir={cache}"], timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    paired = json.loads((out / "paired.json").read_text())
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(out, moved)
+    res = run_entry(["task=summarize", f"sweep={moved}", "baseline=base"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    tuned = next(e for e in json.loads((moved / "summary.json").read_text())["table"] if not e["baseline"])
+    assert tuned["delta_method"] == "paired jackknife over images"
+    for m in ("fid", "kid", "clip_score"):
+        assert tuned[f"delta_{m}"] == pytest.approx(paired[m]["delta"], rel=1e-12)
+        assert tuned[f"delta_{m}_ci_low"] == pytest.approx(paired[m]["low"], rel=1e-12)
+        assert tuned[f"delta_{m}_ci_high"] == pytest.approx(paired[m]["high"], rel=1e-12)
+        assert tuned[f"delta_{m}_p"] == pytest.approx(paired[m]["p_value"], rel=1e-12)
+    base, ft = read_rows(moved / "results.jsonl")
+    assert pair(base, ft).reason is None
+    other = {**ft, "settings": {**ft["settings"], "prompts_sha256": "0" * 64}}
+    assert pair(base, other).reason == "prompts differ"
+    for f in cache.glob("*.npy"):
+        f.unlink()   # the reference features are gone: said, never an unpaired number passed off as paired
+    assert "reference features" in pair(base, ft).reason
+    res = run_entry(["task=summarize", f"sweep={moved}", "baseline=base"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "not paired: reference features" in (moved / "summary.md").read_text()

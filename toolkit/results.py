@@ -28,7 +28,22 @@ def settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def stored_path(path: str | Path, table_dir: str | Path) -> str:
+    """``path`` as a row stores it: relative to the results table's folder when under it, so a
+    sweep moved elsewhere keeps its files (and its paired comparisons)."""
+    path, table_dir = Path(path).resolve(), Path(table_dir).resolve()
+    return os.path.relpath(path, table_dir) if path.is_relative_to(table_dir) else str(path)
+
+
+def resolved(row: dict[str, Any], table_dir: str | Path) -> dict[str, Any]:
+    """``row`` with its ``files`` as paths a reader can open (relative ones are under ``table_dir``)."""
+    files = {k: str(Path(table_dir) / v) if v and not Path(v).is_absolute() else v
+             for k, v in (row.get("files") or {}).items()}
+    return {**row, "files": files} if "files" in row else row
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a results table, their files resolved (``resolved``)."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -37,7 +52,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(resolved(json.loads(line), path.parent))
         except json.JSONDecodeError:
             log.warning("%s:%d is not valid JSON (interrupted write?); ignored", path, n)
     return rows

@@ -58,14 +58,18 @@ class AdapterEMA(L.Callback):
         # setup and a checkpoint's restore run before Lightning moves the module to its device
         if self.active:
             self.ema.to(device=module.device)
+        # the optimizer step the weights are at (restored with the checkpoint): the average
+        # moves only after the next one, never on a batch that merely accumulated gradients
+        self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
         # once per optimizer step (several batches share one with gradient accumulation)
-        if self.active and step != self._last_step and step % self.every == 0:
+        if self.active and step != self._last_step:
             self._last_step = step
-            self.ema.step(self._params(module))
+            if step % self.every == 0:
+                self.ema.step(self._params(module))
 
     @contextlib.contextmanager
     def swapped(self, module: L.LightningModule) -> Iterator[None]:

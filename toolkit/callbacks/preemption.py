@@ -1,7 +1,9 @@
 """Survive preemption and Ctrl-C: checkpoint on SIGTERM / SIGUSR1 / SIGINT, write every checkpoint atomically.
 
-``PreemptionCheckpoint`` turns a signal into a checkpoint written at the next batch boundary
-(the same point where ``ModelCheckpoint`` saves, so ``ckpt_path=last`` resumes exactly), then
+``PreemptionCheckpoint`` turns a signal into a checkpoint written at the end of the next batch
+that ends an optimizer step (with gradient accumulation, the end of the accumulation window: the
+gradients accumulated so far are in no checkpoint; it is where ``ModelCheckpoint`` saves too, so
+``ckpt_path=last`` resumes exactly), then
 stops training; the train task exits with 128 + the signal number (143 for SIGTERM and SIGUSR1,
 130 for Ctrl-C) and prints the command that resumes the run. A second Ctrl-C stops at once,
 without a checkpoint (the previous ``last.ckpt`` stays: writes are atomic). In a DDP run the
@@ -54,6 +56,7 @@ class PreemptionCheckpoint(L.Callback):
         self.preempted_at: int | None = None
         self.checkpoint: Path | None = None
         self._previous: dict[int, Any] = {}
+        self._step = -1   # the optimizer step at the previous batch end
 
     @property
     def exit_code(self) -> int:
@@ -69,7 +72,7 @@ class PreemptionCheckpoint(L.Callback):
             raise KeyboardInterrupt
         self.requested = name
         again = " (Ctrl-C again to stop at once, without one)" if name == "SIGINT" else ""
-        log.warning("%s received: checkpointing at the end of this batch%s", name, again)
+        log.warning("%s received: checkpointing at the end of this optimizer step%s", name, again)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # Registered after Lightning's own handlers (set up at fit start), which they replace
@@ -77,12 +80,15 @@ class PreemptionCheckpoint(L.Callback):
         for name in self.signals:
             sig = getattr(signal, name)
             self._previous[sig] = signal.signal(sig, self._handler)
+        self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if self.preempted_at is not None or not trainer.strategy.reduce_boolean_decision(
-                self.requested is not None, all=False):
-            return
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        # every rank takes part in the reduction every batch (a collective), and all stop together
+        requested = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+        if self.preempted_at is not None or not requested or not stepped:
+            return   # mid accumulation window: the accumulated gradients would be lost
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)   # the full state, as ModelCheckpoint saves
         self.preempted_at, self.checkpoint = trainer.global_step, path

@@ -59,6 +59,9 @@ def significance(entry: dict[str, Any], m: str) -> tuple[str, str]:
     ci = interval(entry, f"delta_{m}")
     if ci is not None:
         return ("*" if ci[0] > 0 or ci[1] < 0 else ""), f"95% CI [{fmt(ci[0])}, {fmt(ci[1])}]"
+    method = str(entry.get("delta_method") or "")
+    if method.startswith("not paired"):   # visibly: a plain difference of means, and why it is not paired
+        return "†", f"difference of means, no test ({method})"
     return "", "difference of means, no test"
 
 
@@ -110,15 +113,7 @@ def summary_entries(rows: list[dict[str, Any]], baseline: str | None = None) -> 
     with LoRA scale 0) when the sweep has them. Δ columns are then paired (see summarize)."""
     base_settings = {tuple(sorted(identity(r).items())) for r in rows if is_base(r)}
     spec = baseline or ("base" if len(base_settings) == 1 and not all(is_base(r) for r in rows) else None)
-    varying, entries = summarize_rows(rows, spec)
-    base = next((e for e in entries if e.get("baseline")), None)
-    if base is not None and not any(k.startswith("delta_") for e in entries for k in e):
-        # rows without per-image files (older results): the plain difference, shown as "no test"
-        for e in entries:
-            for m in metric_names(entries, varying):
-                if number(e.get(m)) is not None and number(base.get(m)) is not None:
-                    e[f"delta_{m}"] = e[m] - base[m]
-    return varying, entries
+    return summarize_rows(rows, spec)
 
 
 def members(entry: dict[str, Any], rows: list[dict[str, Any]], varying: list[str]) -> list[dict[str, Any]]:

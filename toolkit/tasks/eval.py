@@ -37,7 +37,7 @@ from toolkit.inference.pipeline import generate, make_grid
 from toolkit.metrics.clip import load_clip
 from toolkit.metrics.inception import InceptionFeatures
 from toolkit.models.pretrained import unet_config, vae_factor
-from toolkit.results import append_row, find_row, settings_key
+from toolkit.results import append_row, find_row, resolved, settings_key, stored_path
 from toolkit.tasks.sample import generation_record, pipeline_from_cfg
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,9 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
            "per_prompt": per_prompt([prompts[i % len(prompts)] for i in range(n)], clip_scores,
                                     groups and [groups[i % len(groups)] for i in range(n)])
            if clip_scores is not None else {},
-           "files": {"per_image": str(per_image), "reference_features": str(ref_file), "grid": str(grid)},
+           # relative to the table's folder where under it: a moved sweep keeps its files (and pairs)
+           "files": {k: stored_path(v, table.parent) for k, v in
+                     (("per_image", per_image), ("reference_features", ref_file), ("grid", grid))},
            "protocol": {**protocol, **(clip.protocol if clip else {"clip": "skipped"}),
                         "metric_impl": METRIC_IMPL, "intervals": methods, "level": m.level,
                         "fid_infinity": fid_inf_fit or "off", "versions": versions(), "world_size": world,
@@ -236,4 +238,4 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     append_row(table, row)
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics.items()})
     log_to_loggers(cfg, row, grid)
-    return row
+    return resolved(row, table.parent)

@@ -28,15 +28,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from toolkit.evaluation import reference
-from toolkit.evaluation.scores import paired_deltas
+from toolkit.evaluation.pairing import pair
 from toolkit.inference.pipeline import make_grid
 from toolkit.report import write_report
 from toolkit.results import read_rows, settings_key
 from toolkit.run_dir import record_event
 from toolkit.tasks import eval as eval_task
 from toolkit.tasks import train as train_task
-from toolkit.tasks.summarize import per_image
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ def fmt(m: dict[str, Any], k: str, scale: float = 1, digits: int = 1) -> str:
 
 
 def summary_markdown(base: dict[str, Any], tuned: dict[str, Any], deltas: dict[str, dict[str, Any]],
-                     cfg: DictConfig, grid: Path | None) -> str:
+                     cfg: DictConfig, grid: Path | None, not_paired: str | None = None) -> str:
     rows = ["| model | FID [95% CI] | KID ×1000 [95% CI] | CLIP score [95% CI] | precision | recall |",
             "|---|---|---|---|---|---|"]
     for name, m in (("base", base), ("fine-tuned", tuned)):
@@ -82,6 +80,8 @@ def summary_markdown(base: dict[str, Any], tuned: dict[str, Any], deltas: dict[s
             cells.append("—" if d is None else f"{scale * d['delta']:+.{digits}f} [{scale * d['low']:+.{digits}f}, "
                          f"{scale * d['high']:+.{digits}f}], p={d['p_value']:.2g}")
         rows.append(f"| fine-tuned − base (paired) | {' | '.join(cells)} | | |")
+    elif not_paired:
+        rows.append(f"| fine-tuned − base | not paired: {not_paired} | | | | |")
     lines = [f"# Fine-tune + evaluate: {cfg.model.name_or_path}", "",
              f"Reference: `{cfg.eval.dataset}` ({base['n_real']} images); generated: {base['n_fake']} per model "
              f"(prompts = reference captions, seeds {cfg.eval.seed}·10⁶+i, {cfg.eval.steps} {cfg.eval.scheduler} "
@@ -149,15 +149,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {}
     base_row, tuned_row = rows["base"], rows["finetuned"]
     results = {k: r["metrics"] for k, r in rows.items()}
-    deltas = {}
-    a, b = per_image(base_row), per_image(tuned_row)
-    if a is not None and b is not None:
-        ref = reference.statistics(base_row["files"]["reference_features"])
-        deltas = paired_deltas(ref, a, b, cfg.metrics.interval_groups, cfg.metrics.level, int(cfg.eval.seed))
+    paired = pair(base_row, tuned_row)   # the one paired Δ (summarize and the report use it too)
+    if paired.reason:
+        log.warning("fine-tuned vs base: %s", paired.method)
+    deltas = paired.deltas
     grid = comparison_grid(out / "eval_base", out / "eval_finetuned", 8, out / "base_vs_finetuned.png")
-    text = summary_markdown(results["base"], results["finetuned"], deltas, cfg, grid)
+    text = summary_markdown(results["base"], results["finetuned"], deltas, cfg, grid, paired.reason)
     (out / "summary.md").write_text(text)
-    (out / "paired.json").write_text(json.dumps(deltas, indent=1))
+    (out / "paired.json").write_text(json.dumps(deltas if not paired.reason else {"not_paired": paired.reason},
+                                                indent=1))
     print(text)
     metrics = {"train": train_metrics, "base": results["base"], "finetuned": results["finetuned"],
                "paired": deltas, "fid_ratio": results["finetuned"]["fid"] / results["base"]["fid"]}

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from toolkit.evaluation import reference
-from toolkit.evaluation.scores import paired_deltas
+from toolkit.evaluation.pairing import pair
 from toolkit.metrics.intervals import compare_seeds, mean_interval, pareto_front
 from toolkit.results import read_rows
 
@@ -118,24 +117,18 @@ def find_baseline(entries: list[dict[str, Any]], varying: list[str], members: li
     return hits[0]
 
 
-def per_image(row: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    f = (row.get("files") or {}).get("per_image")
-    if not f or not Path(f).is_file():
-        return None
-    with np.load(f) as z:
-        return {k: z[k] for k in z.files}
-
-
 def replicate(row: dict[str, Any]) -> tuple[str, str]:
     s = flat(row["settings"])
     return s.get("train.seed", ""), s.get("seed", "")
 
 
-def delta_entry(members: list[dict[str, Any]], base_rows: list[dict[str, Any]], level: float = 0.95
-                ) -> dict[str, Any]:
+def delta_entry(members: list[dict[str, Any]], base_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Δ columns of one setting vs the baseline rows: paired by evaluation seed and images, and by
     training seed too when the baseline was itself trained with several seeds (same data order and
-    noise on both sides; the base model has one row per evaluation seed)."""
+    noise on both sides; the base model has one row per evaluation seed). A single pair that is not
+    one (other prompts, reference set, missing files, ...; ``toolkit.evaluation.pairing``) gets no
+    paired Δ, only ``delta_method`` = ``not paired: <why>`` (``summarize_rows`` then shows the plain
+    difference of the means)."""
     by_replicate = {replicate(b): b for b in base_rows}
     by_eval_seed = {flat(b["settings"]).get("seed"): b for b in base_rows}
     if len(by_replicate) > len(by_eval_seed):
@@ -148,13 +141,13 @@ def delta_entry(members: list[dict[str, Any]], base_rows: list[dict[str, Any]], 
         return out
     if len(pairs) == 1:
         b, r = pairs[0]
-        a_img, b_img = per_image(b), per_image(r)
-        ref_file = (b.get("files") or {}).get("reference_features")
-        if a_img is None or b_img is None or not ref_file or not Path(ref_file).is_file():
-            return out
-        comps = paired_deltas(reference.statistics(ref_file), a_img, b_img, level=level)
-        method = "paired jackknife over images"
+        paired = pair(b, r)
+        if paired.reason:
+            log.warning("Δ of %s vs the baseline %s: %s", r.get("key"), b.get("key"), paired.method)
+            return {"delta_method": paired.method}
+        comps, method = paired.deltas, paired.method
     else:
+        level = float((base_rows[0]["settings"].get("metrics") or {}).get("level", 0.95))   # the rows' own level
         comps = {}
         for m in DELTA_METRICS:
             if all(m in b["metrics"] and m in r["metrics"] for b, r in pairs):
@@ -206,6 +199,10 @@ def summarize_rows(rows: list[dict[str, Any]], baseline: str | None = None
         entry["baseline"] = i == base
         if base is not None and i != base:
             entry.update(delta_entry(members[i], members[base]))
+            if not any(f"delta_{m}" in entry for m in DELTA_METRICS):   # no paired Δ: the plain difference, said so
+                entry.update({f"delta_{m}": entry[m] - table[base][m] for m in DELTA_METRICS
+                              if m in entry and m in table[base]})
+                entry.setdefault("delta_method", "not paired: no matching baseline row")
     front = set(pareto_front([e.get("fid", np.nan) for e in table], [e.get("clip_score", np.nan) for e in table]))
     for i, e in enumerate(table):
         e["pareto"] = i in front
@@ -229,7 +226,10 @@ def markdown(table: list[dict[str, Any]], varying: list[str]) -> list[str]:
             cells.append(f"{scale * e[m]:.4g}" + (f" [{scale * e[m + '_ci_low']:.4g}, {scale * e[m + '_ci_high']:.4g}]"
                                                    if m + "_ci_low" in e else "") if m in e else "")
         for m in deltas:
-            if f"delta_{m}" in e:
+            if f"delta_{m}" in e and f"delta_{m}_ci_low" not in e:   # not a pair: the plain difference, said so
+                scale = 1000 if m == "kid" else 1
+                cells.append(f"{scale * e[f'delta_{m}']:+.4g} ({e.get('delta_method', 'not paired')})")
+            elif f"delta_{m}" in e:
                 scale = 1000 if m == "kid" else 1
                 cells.append(f"{scale * e[f'delta_{m}']:+.4g} [{scale * e[f'delta_{m}_ci_low']:+.4g}, "
                              f"{scale * e[f'delta_{m}_ci_high']:+.4g}] p={e[f'delta_{m}_p']:.2g}"
