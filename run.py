@@ -6,55 +6,11 @@
     python run.py hydra.run.dir=<run dir> ckpt_path=last     # resume a run with its own settings
     python run.py task=sample | task=eval | task=summarize ...
 
+Installed with pip, the same entry is the ``toolkit`` command (toolkit/cli.py).
 TOOLKIT_VERBOSE=1 shows the library messages that are filtered out as harmless (toolkit/logs.py).
 """
 
-import importlib
-import logging
-import sys
-
-from toolkit.logs import quiet
-
-quiet()   # before any library is imported: some speak at import time
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from toolkit.config import check_overrides, register_resolvers  # noqa: E402
-from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
-from toolkit.model_defaults import ModelDefaultsError, chosen_lines, model_overrides  # noqa: E402
-from toolkit.run_dir import RunDirError, launch_args, rank_zero, record_attempt, restore  # noqa: E402
-
-register_resolvers()
-log = logging.getLogger("toolkit")
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> dict:
-    cfg = restore(cfg, cfg.paths.output_dir)   # a resume: the run's saved settings
-    record_attempt(cfg)                        # <run>/run_history.jsonl
-    task = importlib.import_module(f"toolkit.tasks.{cfg.task_name}")
-    route_library_logs()
-    if rank_zero():
-        for line in chosen_lines(cfg):   # what was chosen for the user, from the model
-            log.info("chosen %s", line)
-    try:
-        return task.run(cfg)
-    finally:
-        finish_trackers()   # the next multirun cell starts its own dashboard run
-
+from toolkit.cli import entry
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if problem := check_overrides(args):   # names the nearest valid key; Hydra does not
-        sys.exit(f"config error: {problem}")
-    try:
-        sys.argv[1:] = launch_args(args)   # a resume: the run's saved overrides + these
-        sys.argv[1:] = model_overrides(sys.argv[1:])   # what the user left open, from the model
-    except (RunDirError, ModelDefaultsError, FileNotFoundError) as err:
-        sys.exit(f"config error: {err}")
-    try:
-        main()
-    except KeyboardInterrupt:   # Ctrl-C outside the training loop (inside it: a checkpoint, then 130 too)
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+    entry()

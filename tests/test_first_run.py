@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
 from toolkit.data.world import generate
+from toolkit.config import data_dir
 from toolkit.model_defaults import EMBEDDED_MODEL, ModelDefaultsError, model_overrides
 from toolkit.models.tiny import build_tiny_pipeline
 from toolkit.results import read_rows
@@ -55,7 +56,7 @@ def test_train_on_a_user_model_gets_its_native_size_and_family_preset(other_size
 @pytest.mark.parametrize("which,preset,size", [("embedded", "lora_miniature", "32"), ("sdxl", "lora_sdxl", "16"),
                                                ("sd", "lora", "16")])
 def test_preset_follows_the_family(which, preset, size, tiny_model, tiny_sdxl):
-    model = {"embedded": str(EMBEDDED_MODEL), "sdxl": tiny_sdxl, "sd": tiny_model}[which]
+    model = {"embedded": str(Path(data_dir()) / EMBEDDED_MODEL), "sdxl": tiny_sdxl, "sd": tiny_model}[which]
     got = chosen(["task=train", f"model.name_or_path={model}"])
     assert got["module"] == preset and got["data.resolution"] == size
     assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8"]) == {}

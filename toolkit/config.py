@@ -1,16 +1,40 @@
-"""Hydra/OmegaConf helpers shared by run.py and the tests."""
+"""Hydra/OmegaConf helpers shared by the entry point and the tests, and where the package's files are.
+
+The configs ship inside the package (``toolkit/conf``; ``conf`` at the top of a checkout links to
+it), so an installed toolkit (``pip install .``) runs every task from anywhere. The embedded
+miniature (``data/``: model, CLIP and style set, ~50 MB) is not in the wheel: a checkout has it,
+an installed package finds it through ``TOOLKIT_DATA=<a checkout's data/>`` or ``paths.data_dir``.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "conf"
+PACKAGE = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE / "conf"
+# The checkout the package runs from (None for an installed package): pyproject.toml beside it.
+ROOT: Path | None = PACKAGE.parent if (PACKAGE.parent / "pyproject.toml").is_file() else None
+
+
+def data_dir() -> str:
+    """``${data_dir:}``: the embedded miniature's folder — ``TOOLKIT_DATA``, else the checkout's
+    ``data/``. An installed package without either fails here, saying what to set."""
+    if env := os.environ.get("TOOLKIT_DATA"):
+        if not (Path(env) / "miniature").is_dir():
+            raise FileNotFoundError(f"TOOLKIT_DATA={env!r} holds no miniature/ folder: point it at a checkout's data/")
+        return str(Path(env).resolve())
+    if ROOT is not None and (ROOT / "data" / "miniature").is_dir():
+        return str(ROOT / "data")
+    raise FileNotFoundError(
+        "the embedded miniature (model, CLIP, style set) is not installed with the package: set TOOLKIT_DATA=<a "
+        "checkout's data/ folder> or paths.data_dir=<it>, or name your own model.name_or_path, data.path, "
+        "eval.dataset and metrics.clip_model")
 
 
 def _multirun() -> Any:
@@ -40,9 +64,9 @@ def cell_name() -> str | None:
 
 
 def register_resolvers() -> None:
-    """``${root:}`` is the repository root, so shipped data resolves from any working dir;
-    ``${sweep_group:}`` / ``${cell_name:}`` name a multirun's dashboard group and cell."""
-    for name, fn in (("root", lambda: str(ROOT)), ("sweep_group", sweep_group), ("cell_name", cell_name)):
+    """``${data_dir:}`` is the embedded miniature's folder (``data_dir``), so shipped data resolves
+    from any working dir; ``${sweep_group:}`` / ``${cell_name:}`` name a multirun's dashboard group and cell."""
+    for name, fn in (("data_dir", data_dir), ("sweep_group", sweep_group), ("cell_name", cell_name)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -28,11 +28,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.config import CONFIG_DIR, ROOT, register_resolvers
+from toolkit.config import CONFIG_DIR, register_resolvers
 
-EMBEDDED_MODEL = ROOT / "data" / "miniature" / "sd"
-EMBEDDED_CLIP = ROOT / "data" / "miniature" / "clip"
-EMBEDDED_STYLE = ROOT / "data" / "world" / "style"
+# the embedded miniature's parts, under paths.data_dir (toolkit.config.data_dir)
+EMBEDDED_MODEL, EMBEDDED_CLIP, EMBEDDED_STYLE = "miniature/sd", "miniature/clip", "world/style"
 PRESETS = {"sd": "lora", "sdxl": "lora_sdxl"}   # family name -> conf/module preset
 EMBEDDED_PRESET = "lora_miniature"
 EMBEDDED_NUM_REF = 500
@@ -48,9 +47,19 @@ class ModelDefaultsError(ValueError):
     """A value left to the model cannot be chosen: the message says which key to set."""
 
 
-def is_embedded(name_or_path: str) -> bool:
-    path = Path(str(name_or_path)).expanduser()
-    return path.exists() and path.resolve() == EMBEDDED_MODEL.resolve()
+def embedded_data(cfg: DictConfig) -> Path | None:
+    """The embedded miniature's folder (``paths.data_dir``), or None where it is not installed."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        return Path(cfg.paths.data_dir).resolve()
+    except InterpolationResolutionError:   # an installed package without TOOLKIT_DATA: no miniature here
+        return None
+
+
+def same_path(a: Any, b: Path | None) -> bool:
+    path = Path(str(a)).expanduser()
+    return b is not None and path.exists() and path.resolve() == b.resolve()
 
 
 def native_resolution(name_or_path: str, revision: str | None = None, config: str | None = None) -> tuple[int, str]:
@@ -91,7 +100,9 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
     """``{key: (value, reason)}`` for every open setting of the composed ``cfg`` (keys the user
     gave, in ``given``, are never touched). Raises ``ModelDefaultsError`` naming the key to set."""
     m, task = cfg.model, cfg.task_name
-    embedded = is_embedded(m.name_or_path)
+    data = embedded_data(cfg)
+    model, clip, style = ((data / p) if data else None for p in (EMBEDDED_MODEL, EMBEDDED_CLIP, EMBEDDED_STYLE))
+    embedded = same_path(m.name_or_path, model)
     out: dict[str, tuple[Any, str]] = {}
     if task in TRAIN_TASKS:
         if cfg.hydra.runtime.choices.get("module") == "auto":
@@ -106,9 +117,8 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
             out["data.resolution"] = native_resolution(m.name_or_path, m.revision, m.get("config"))
     if task in EVAL_TASKS:
         if cfg.eval.dataset == "auto":
-            style_set = Path(str(cfg.data.path)).resolve() == (EMBEDDED_STYLE / "train").resolve()
-            if embedded and style_set:
-                out["eval.dataset"] = (str(EMBEDDED_STYLE / "test"), "the held-out split of the embedded style set")
+            if embedded and same_path(OmegaConf.select(cfg, "data.path", throw_on_missing=False), style / "train"):
+                out["eval.dataset"] = (str(style / "test"), "the held-out split of the embedded style set")
                 if cfg.eval.num_ref is None and "eval.num_ref" not in given:
                     out["eval.num_ref"] = (EMBEDDED_NUM_REF, "the embedded style test set's reference size")
             elif task == "finetune_eval" and (n := held_out_count(cfg.data)) >= MIN_REFERENCE:
@@ -129,7 +139,7 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
                     f"embedded model, not {m.name_or_path!r}. Name a real CLIP (a hub id such as "
                     "openai/clip-vit-large-patch14, or a local CLIPModel folder), or set metrics.clip_model=null to "
                     "leave the CLIP score out (said in each row's protocol).")
-            out["metrics.clip_model"] = (str(EMBEDDED_CLIP), "the embedded miniature's CLIP (for the embedded model)")
+            out["metrics.clip_model"] = (str(clip), "the embedded miniature's CLIP (for the embedded model)")
     return out
 
 

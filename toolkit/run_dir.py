@@ -105,9 +105,22 @@ def hydra_quote(value: str) -> str:
 
 def resume_command(run: str | Path) -> str:
     """The shell command that resumes ``run`` (works as printed from any directory)."""
-    entry = "run.py" if Path.cwd().resolve() == ROOT else str(ROOT / "run.py")
-    return shlex.join(["python", entry, f"hydra.run.dir={hydra_quote(str(Path(run).resolve()))}",
-                       "ckpt_path=last"])
+    return shlex.join([*launcher(), f"hydra.run.dir={hydra_quote(str(Path(run).resolve()))}", "ckpt_path=last"])
+
+
+def launcher() -> list[str]:
+    """How this process was started, as a command a user can type: ``python run.py`` (a checkout),
+    ``toolkit`` (the installed console script) or ``python -m toolkit``."""
+    import sys
+
+    import __main__
+
+    main = Path(getattr(__main__, "__file__", "") or "")
+    if main.name == "run.py":
+        return ["python", "run.py" if Path.cwd().resolve() == main.resolve().parent else str(main.resolve())]
+    if getattr(__main__, "__spec__", None) is not None and __main__.__spec__.name.startswith("toolkit"):
+        return ["python", "-m", "toolkit"]
+    return [Path(sys.argv[0]).name or "toolkit"]
 
 
 def has_last_checkpoint(run: Path) -> bool:
@@ -244,6 +257,8 @@ def restore(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
 
 
 def _git() -> str | None:
+    if ROOT is None:   # an installed package: its version says what ran
+        return None
     try:
         rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5)

@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPModel
 
-from toolkit.config import ROOT
+from toolkit.config import data_dir
 from toolkit.models.tokenizer import load_clip_tokenizer
 from toolkit.pretrain.autoencoder import reconstruct
 from toolkit.pretrain.clip import normalise
@@ -29,7 +29,7 @@ from toolkit.pretrain.export import dir_size_mb, num_params
 from toolkit.pretrain.measure import attribute_binding, reconstruction_mse
 from toolkit.pretrain.world_data import load_images, read_rows, to_unit
 
-WORLD = ROOT / "data" / "world"
+WORLD = Path(data_dir()) / "world"
 
 
 def sample_grid(pipe: StableDiffusionPipeline, prompts: list[str], steps: int = 50,
@@ -83,7 +83,7 @@ def measure(root: Path, n_eval: int = 1000, resolution: int = 32) -> dict[str, A
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("root", nargs="?", default=str(ROOT / "data" / "miniature"))
+    ap.add_argument("root", nargs="?", default=str(Path(data_dir()) / "miniature"))
     ap.add_argument("--grid", default="samples_base.png", help="file name under root ('' to skip)")
     ap.add_argument("--guidance", type=float, default=4.0)
     args = ap.parse_args()
