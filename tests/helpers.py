@@ -79,3 +79,19 @@ class SignalAt(L.Callback):
                 and batch_idx % trainer.accumulate_grad_batches == self.window_batch):
             self.marker.write_text(str(batch_idx))
             os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class RecordStep(L.Callback):
+    """The trainable tensors before the first step, its gradients (before clipping) and the tensors after."""
+
+    seen: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        RecordStep.seen = {"before": [p.detach().clone() for p in module.unet_lora_params]}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
+        RecordStep.seen["grads"] = [p.grad.detach().clone() for p in module.unet_lora_params]
+        RecordStep.seen["lr"] = optimizer.param_groups[0]["lr"]
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        RecordStep.seen["after"] = [p.detach().clone() for p in module.unet_lora_params]

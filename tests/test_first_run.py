@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
-from toolkit.data.world import generate
 from toolkit.config import data_dir
+from toolkit.data.world import generate
 from toolkit.model_defaults import EMBEDDED_MODEL, ModelDefaultsError, model_overrides
 from toolkit.models.tiny import build_tiny_pipeline
 from toolkit.results import read_rows
@@ -228,3 +228,45 @@ def test_one_paired_delta_everywhere_and_a_moved_run_still_pairs(tmp_path):
     res = run_entry(["task=summarize", f"sweep={moved}", "baseline=base"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "not paired: reference features" in (moved / "summary.md").read_text()
+
+
+def test_report_has_training_curves_whatever_the_logger(tiny_model, imagefolder_data, tmp_path):
+    from toolkit.report.collect import collect
+
+    out = tmp_path / "run"
+    res = run_entry(tiny_overrides(tiny_model, imagefolder_data, out)[:-1] + ["logger=wandb", f"hydra.run.dir={out}"],
+                    env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    curves = collect(out).runs[0].curves
+    assert [s for s, _ in curves["train/loss"]] == [0, 1, 2, 3] and "val/loss" in curves
+
+
+def test_a_train_sweep_runs_again_skipping_finished_cells_and_resuming_interrupted_ones(tiny_model, imagefolder_data,
+                                                                                       tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from toolkit.run_dir import history
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *[a for a in tiny_overrides(tiny_model, imagefolder_data, tmp_path)[:-1]], "logger=none",
+            "callbacks.sample_grid.every_n_steps=100", f"hydra.sweep.dir={sweep}", "module.lora.r=2,4"]
+    res = run_entry(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first = load_file(sweep / "1" / "adapter" / "pytorch_lora_weights.safetensors")
+    # cell 1 "interrupted" after its step-2 checkpoint: no final adapter, last.ckpt at step 2
+    shutil.rmtree(sweep / "1" / "adapter")
+    (sweep / "1" / "train_metrics.json").unlink()
+    shutil.copy(sweep / "1" / "checkpoints" / "step=2.ckpt", sweep / "1" / "checkpoints" / "last.ckpt")
+    (sweep / "1" / "checkpoints" / "step=4.ckpt").unlink()
+    res = run_entry(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "finished earlier: reused" in log and "was interrupted: resuming from its last checkpoint" in log
+    assert [h["event"] for h in history(sweep / "0")] == ["start", "rerun"]
+    assert [(h["event"], h.get("ckpt_path")) for h in history(sweep / "1")] == [("start", None), ("rerun", None),
+                                                                                ("resume", "last")]
+    resumed = load_file(sweep / "1" / "adapter" / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == first.keys() and all(torch.equal(resumed[k], first[k]) for k in first)

@@ -47,6 +47,11 @@ def _multirun() -> Any:
     return hc if hc.mode == RunMode.MULTIRUN else None
 
 
+def in_multirun() -> bool:
+    """This process runs a cell of a Hydra multirun (``-m``)."""
+    return _multirun() is not None
+
+
 def sweep_group(task: str) -> str | None:
     """A multirun's cells share one dashboard group: ``<task>/<sweep dir name>``; None outside one."""
     hc = _multirun()

@@ -32,7 +32,6 @@ from toolkit.evaluation.pairing import pair
 from toolkit.inference.pipeline import make_grid
 from toolkit.report import write_report
 from toolkit.results import read_rows, settings_key
-from toolkit.run_dir import record_event
 from toolkit.tasks import eval as eval_task
 from toolkit.tasks import train as train_task
 
@@ -103,17 +102,8 @@ def summary_markdown(base: dict[str, Any], tuned: dict[str, Any], deltas: dict[s
 
 def train_or_resume(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Train this cell, resume its interrupted training, or reuse its finished training."""
-    done = out / "train_metrics.json"
-    if done.is_file() and (out / "adapter").is_dir():
-        log.info("training of %s finished earlier: reused (%s)", out, done)
-        return json.loads(done.read_text())
-    if (out / "checkpoints" / "last.ckpt").is_file() and cfg.ckpt_path is None:
-        log.info("training of %s was interrupted: resuming from its last checkpoint", out)
-        record_event(out, "resume", ckpt_path="last", why="the sweep ran again over an interrupted cell")
-        cfg = copy.deepcopy(cfg)
-        with open_dict(cfg):
-            cfg.ckpt_path = "last"
-    return train_task.run(cfg)
+    cfg, done = train_task.reuse_or_resume(cfg, out)
+    return done if done is not None else train_task.run(cfg)
 
 
 def barrier() -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pickle
@@ -16,11 +17,12 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
+from toolkit.config import in_multirun
 from toolkit.locate import check_local_or_hub
 from toolkit.models.pretrained import check_resolution
-from toolkit.run_dir import resume_command
+from toolkit.run_dir import record_event, resume_command
 from toolkit.training import build_trainer
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,28 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
             "convert them to safetensors first.") from None
 
 
+def reuse_or_resume(cfg: DictConfig, out: Path) -> tuple[DictConfig, dict[str, Any] | None]:
+    """A sweep cell run again: its finished training's metrics (reused), or its interrupted
+    training continued from its last checkpoint (``cfg`` with ``ckpt_path=last``)."""
+    done = out / "train_metrics.json"
+    if done.is_file() and (out / "adapter").is_dir():
+        log.info("training of %s finished earlier: reused (%s)", out, done)
+        return cfg, json.loads(done.read_text())
+    if (out / "checkpoints" / "last.ckpt").is_file() and cfg.ckpt_path is None:
+        log.info("training of %s was interrupted: resuming from its last checkpoint", out)
+        record_event(out, "resume", ckpt_path="last", why="the sweep ran again over an interrupted cell")
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.ckpt_path = "last"
+    return cfg, None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
+    if in_multirun():   # a sweep run again: finished cells are skipped, interrupted ones resumed
+        cfg, done = reuse_or_resume(cfg, output_dir)
+        if done is not None:
+            return done
     check_fresh_run_dir(output_dir, cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
