@@ -270,3 +270,24 @@ def test_a_train_sweep_runs_again_skipping_finished_cells_and_resuming_interrupt
                                                                                 ("resume", "last")]
     resumed = load_file(sweep / "1" / "adapter" / "pytorch_lora_weights.safetensors")
     assert resumed.keys() == first.keys() and all(torch.equal(resumed[k], first[k]) for k in first)
+
+
+def test_a_ddp_train_and_evaluate_sweep_evaluates_each_cell_once_on_its_processes(tiny_model, imagefolder_data,
+                                                                                 tmp_path):
+    """Every cell of a multirun trains on 2 DDP processes and evaluates once, sharded over them (the
+    launcher re-runs the cell, not the sweep, for the other rank; each cell starts its own ranks)."""
+    evaldata = generate(tmp_path / "evaldata", n=8, seed=5, striped=True, size=32)
+    sweep = tmp_path / "sweep"
+    res = run_entry(["-m", "task=finetune_eval", f"model.name_or_path={tiny_model}", f"data.path={imagefolder_data}",
+                     "data.resolution=16", "module=lora_miniature", "data.global_batch_size=4", "data.val_fraction=0.25",
+                     "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                     "trainer.enable_progress_bar=false", "callbacks.model_checkpoint.every_n_train_steps=2",
+                     "callbacks.sample_grid.every_n_steps=0", "metrics.clip_model=null", f"eval.dataset={evaldata}",
+                     "eval.num_images=8", "eval.steps=2", "eval.batch_size=4", "metrics.interval_groups=4",
+                     "metrics.prdc=false", f"hydra.sweep.dir={sweep}", "module.lora.r=2,4", "trainer=ddp",
+                     "trainer.devices=2"], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_rows(sweep / "results.jsonl")
+    assert [len(r["settings"]["adapters"]) for r in rows] == [0, 1, 1]   # the base once, one row per cell
+    assert all(r["protocol"]["world_size"] == 2 for r in rows)
+    assert all((sweep / c / "summary.md").is_file() for c in ("0", "1"))

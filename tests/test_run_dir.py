@@ -55,7 +55,7 @@ def test_changed_setting_on_resume_is_refused_naming_the_saved_value(tmp_path):
     assert "data.path: saved '/my/data', given '/other'" in msg and "data.resolution: saved 16, given 64" in msg
     assert "trainer.max_steps" not in msg.split("On resume only")[0]      # allowed: extends the run
     assert "On resume only these may change: " + ", ".join(RESUMABLE) in msg
-    with pytest.raises(RunDirError, match=r"model.name_or_path: saved '\$\{root:\}/data/miniature/sd', given"):
+    with pytest.raises(RunDirError, match=r"model.name_or_path: saved '\$\{paths.data_dir\}/miniature/sd', given"):
         launch_args([f"hydra.run.dir={run}", "ckpt_path=last", "model=sd15"])   # a group override
 
 

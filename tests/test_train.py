@@ -131,8 +131,10 @@ def test_ddp_two_processes_keep_identical_lora(request, model_fixture, imagefold
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_instantiates(experiment, tiny_model, imagefolder_data, tmp_path):
+    # a reference set and CLIP for the experiments that evaluate: the miniature's fit only the miniature
     cfg = compose_cfg([f"experiment={experiment}", f"model.name_or_path={tiny_model}",
-                       f"data.path={imagefolder_data}"], tmp_path)
+                       f"data.path={imagefolder_data}", f"++eval.dataset={imagefolder_data}",
+                       "++metrics.clip_model=null"], tmp_path)
     assert cfg.task_name
     if cfg.task_name == "train":
         instantiate(cfg.data)

@@ -11,6 +11,7 @@ TOOLKIT_VERBOSE=1 shows the library messages that are filtered out as harmless (
 
 import importlib
 import logging
+import os
 import sys
 
 from toolkit.logs import quiet
@@ -38,10 +39,31 @@ def main(cfg: DictConfig) -> dict:
     if rank_zero():
         for line in chosen_lines(cfg):   # what was chosen for the user, from the model
             log.info("chosen %s", line)
+    launch_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
         return task.run(cfg)
     finally:
         finish_trackers()   # the next multirun cell starts its own dashboard run
+        end_processes(launch_env)   # ... and its own DDP processes: this cell's are gone
+
+
+# What Lightning's DDP launcher sets in the launching process (rank zero) for the ranks it starts.
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE")
+
+
+def end_processes(launch_env: dict[str, str | None]) -> None:
+    """After a task: leave its process group and restore the DDP variables the cell started with,
+    so the next cell of a multirun launches its own ranks (with LOCAL_RANK left set, Lightning
+    would take this process for one it did not start, and wait for peers that never come)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in launch_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def entry() -> None:

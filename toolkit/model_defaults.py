@@ -125,8 +125,8 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
                 out["eval.dataset"] = ("held_out", f"the {n} images of data.path held out of training "
                                        f"(data.val_fraction={cfg.data.val_fraction})")
             else:
-                have = (f"data.path holds out only {held_out_count(cfg.data)} images (data.val_fraction="
-                        f"{cfg.data.val_fraction}), fewer than the {MIN_REFERENCE} a FID/KID reference needs"
+                have = (f"data.path holds out only {n} images (data.val_fraction={cfg.data.val_fraction}), fewer "
+                        f"than the {MIN_REFERENCE} a FID/KID reference needs"
                         if task == "finetune_eval" else "task=eval has no training data to hold out")
                 raise ModelDefaultsError(
                     f"eval.dataset: the embedded miniature's test set applies only to the embedded model on its "

@@ -108,6 +108,22 @@ def resume_command(run: str | Path) -> str:
     return shlex.join([*launcher(), f"hydra.run.dir={hydra_quote(str(Path(run).resolve()))}", "ckpt_path=last"])
 
 
+def relaunch_as_cell(ckpt_path: str | None) -> None:
+    """In a multirun cell, make the command Lightning's DDP launcher re-runs for the other ranks
+    (``sys.argv`` plus ``hydra.run.dir``) run this cell, not the sweep again: the cell's own
+    resolved overrides (no ``-m``, no sweep syntax), its run dir, and its resume decision."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    hc = HydraConfig.get()
+    args = [a for a in hc.overrides.task if not a.startswith("ckpt_path=")]
+    sys.argv[1:] = [*args, *([f"ckpt_path={ckpt_path}"] if ckpt_path else [])]
+    with read_write(hc), open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir   # what the launcher passes as hydra.run.dir
+
+
 def launcher() -> list[str]:
     """How this process was started, as a command a user can type: ``python run.py`` (a checkout),
     ``toolkit`` (the installed console script) or ``python -m toolkit``."""
@@ -115,12 +131,14 @@ def launcher() -> list[str]:
 
     import __main__
 
-    main = Path(getattr(__main__, "__file__", "") or "")
-    if main.name == "run.py":
-        return ["python", "run.py" if Path.cwd().resolve() == main.resolve().parent else str(main.resolve())]
-    if getattr(__main__, "__spec__", None) is not None and __main__.__spec__.name.startswith("toolkit"):
+    if Path(sys.argv[0]).name == "toolkit":   # the console script
+        return ["toolkit"]
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None and spec.name.startswith("toolkit"):
         return ["python", "-m", "toolkit"]
-    return [Path(sys.argv[0]).name or "toolkit"]
+    if ROOT is None:   # an installed package, started some other way: its command
+        return ["toolkit"]
+    return ["python", "run.py" if Path.cwd().resolve() == ROOT else str(ROOT / "run.py")]
 
 
 def has_last_checkpoint(run: Path) -> bool:

@@ -63,6 +63,9 @@ class PriorPreservation(L.Callback):
 
     @torch.no_grad()
     def generate(self, trainer: L.Trainer, module: L.LightningModule, out: Path, size: int) -> None:
+        # every rank lists the missing images before any rank writes one (else a fast rank's new
+        # files shrink a slow rank's list, and the shares no longer cover it)
+        trainer.strategy.barrier()
         todo = [i for i in range(self.num_images) if not (out / f"{i:05d}.png").is_file()]
         mine = todo[trainer.global_rank:: trainer.world_size]
         if mine:

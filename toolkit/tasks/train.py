@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from toolkit.config import in_multirun
 from toolkit.locate import check_local_or_hub
 from toolkit.models.pretrained import check_resolution
-from toolkit.run_dir import record_event, resume_command
+from toolkit.run_dir import record_event, relaunch_as_cell, resume_command
 from toolkit.training import build_trainer
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     check_resolution(cfg.model.name_or_path, datamodule.resolution, cfg.model.revision, cfg.model.get("config"))
     module = instantiate(cfg.module)
+    if in_multirun():   # DDP in a sweep cell: the other ranks must run this cell, not the sweep
+        relaunch_as_cell(cfg.ckpt_path)
 
     try:
         fit(trainer, module, datamodule, ckpt_path)
