@@ -278,10 +278,10 @@ def test_a_ddp_train_and_evaluate_sweep_evaluates_each_cell_once_on_its_processe
     launcher re-runs the cell, not the sweep, for the other rank; each cell starts its own ranks)."""
     evaldata = generate(tmp_path / "evaldata", n=8, seed=5, striped=True, size=32)
     sweep = tmp_path / "sweep"
-    res = run_entry(["-m", "task=finetune_eval", f"model.name_or_path={tiny_model}", f"data.path={imagefolder_data}",
-                     "data.resolution=16", "module=lora_miniature", "data.global_batch_size=4", "data.val_fraction=0.25",
-                     "logger=none", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-                     "trainer.enable_progress_bar=false", "callbacks.model_checkpoint.every_n_train_steps=2",
+    res = run_entry(["-m", "task=finetune_eval", f"model.name_or_path={tiny_model}",
+                     f"data.path={imagefolder_data}", "data.resolution=16", "module=lora_miniature",
+                     "data.global_batch_size=4", "data.val_fraction=0.25", "logger=none", "trainer.max_steps=2",
+                     "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "callbacks.model_checkpoint.every_n_train_steps=2",
                      "callbacks.sample_grid.every_n_steps=0", "metrics.clip_model=null", f"eval.dataset={evaldata}",
                      "eval.num_images=8", "eval.steps=2", "eval.batch_size=4", "metrics.interval_groups=4",
                      "metrics.prdc=false", f"hydra.sweep.dir={sweep}", "module.lora.r=2,4", "trainer=ddp",
