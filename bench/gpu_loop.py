@@ -36,7 +36,7 @@ def build_model(out: Path, model: str) -> None:
     from diffusers import DDPMScheduler
 
     from bench.step import MODELS, base_models
-    from toolkit.models.tokenizer import load_clip_tokenizer
+    from miniature.tokenizer import load_clip_tokenizer
 
     spec = MODELS[model]
     family = spec["family"]

@@ -28,10 +28,10 @@ from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from miniature.tokenizer import load_clip_tokenizer
+from toolkit.adapters.inject import add_lora
 from toolkit.models.families import SD, SDXL
-from toolkit.models.lora import add_lora
 from toolkit.models.objectives import sample_timesteps, training_target
-from toolkit.models.tokenizer import load_clip_tokenizer
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")

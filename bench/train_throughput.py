@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig
 
-from toolkit.models.module import LoRADiffusion
-from toolkit.models.tiny import build_tiny_pipeline
+from tests.tiny import build_tiny_pipeline
+from toolkit.training.module import LoRADiffusion
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from toolkit.data.world import generate_all
+from miniature.world import generate_all
 
 if __name__ == "__main__":
     generate_all(Path(__file__).parent / "world", only=tuple(sys.argv[1:]) or None,

@@ -23,11 +23,11 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
+from miniature.tokenizer import load_clip_tokenizer  # noqa: E402
+from miniature.world import generate  # noqa: E402
+from tests.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
 from toolkit.config import CONFIG_DIR, ROOT, register_resolvers  # noqa: E402
-from toolkit.data.world import generate  # noqa: E402
 from toolkit.model_defaults import model_overrides  # noqa: E402
-from toolkit.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
-from toolkit.models.tokenizer import load_clip_tokenizer  # noqa: E402
 
 register_resolvers()
 

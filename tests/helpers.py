@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-from toolkit.models.module import LoRADiffusion
+from toolkit.training.module import LoRADiffusion
 
 
 class DumpRankLoRA(L.Callback):

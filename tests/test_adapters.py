@@ -215,7 +215,7 @@ def test_inspect_reports_every_layer(run, tmp_path):
 
 @pytest.mark.parametrize("run", ["with_text_encoder", "sdxl_with_text_encoders"], indirect=True)
 def test_training_continues_from_a_kohya_file(run, imagefolder_data, tmp_path):
-    from toolkit.results import file_sha256
+    from toolkit.hashing import file_sha256
 
     _, out, module, trained = run
     init = out / "adapter" / KOHYA_FILE
@@ -272,6 +272,6 @@ def test_merge_equals_base_plus_adapters_and_single_file_equals_folder(run, tmp_
 
 
 def file_sha(path: Path) -> str:
-    from toolkit.results import file_sha256
+    from toolkit.hashing import file_sha256
 
     return file_sha256(path)

@@ -16,10 +16,10 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from tests.conftest import compose_cfg, tiny_overrides
+from tests.tiny import build_tiny_pipeline
 from toolkit.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from toolkit.data.encoded_cache import ArrayStore, fill
 from toolkit.data.sampler import ResumableSampler
-from toolkit.models.tiny import build_tiny_pipeline
 from toolkit.tasks import train
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from miniature.world import generate
 from tests.conftest import compose_cfg, run_entry
-from toolkit.data.world import generate
 from toolkit.results import read_rows
 from toolkit.tasks import eval as eval_task
 from toolkit.tasks import sample as sample_task

@@ -19,7 +19,7 @@ from tests.conftest import ROOT, compose_cfg, run_entry, tiny_overrides
 from toolkit.callbacks.preemption import AtomicCheckpointIO, PreemptionCheckpoint
 from toolkit.config import check_overrides
 from toolkit.evaluation.protocol import read_prompts
-from toolkit.run_dir import history
+from toolkit.run.history import history
 from toolkit.tasks import train
 
 ADAPTER = Path("adapter") / "pytorch_lora_weights.safetensors"
@@ -197,7 +197,7 @@ def test_misspelt_key_fails_at_start_naming_the_nearest_key():
 def test_inconsistent_settings_fail_before_training(override, message, tiny_model, imagefolder_data, tmp_path,
                                                     monkeypatch):
     loaded = []
-    monkeypatch.setattr("toolkit.models.module.load_components", lambda **kw: loaded.append(kw))
+    monkeypatch.setattr("toolkit.training.module.load_components", lambda **kw: loaded.append(kw))
     extra = ["trainer.accumulate_grad_batches=2", override] if "global_batch" in override else [override]
     with pytest.raises((ValueError, KeyError, FileNotFoundError), match=message):
         train.run(compose_cfg(tiny_overrides(tiny_model, imagefolder_data, tmp_path) + extra, tmp_path))

@@ -12,11 +12,11 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 
+from miniature.world import generate
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
+from tests.tiny import build_tiny_pipeline
 from toolkit.config import data_dir
-from toolkit.data.world import generate
 from toolkit.model_defaults import EMBEDDED_MODEL, ModelDefaultsError, model_overrides
-from toolkit.models.tiny import build_tiny_pipeline
 from toolkit.results import read_rows
 from toolkit.tasks import eval as eval_task
 from toolkit.tasks import sample as sample_task
@@ -248,7 +248,7 @@ def test_a_train_sweep_runs_again_skipping_finished_cells_and_resuming_interrupt
     import torch
     from safetensors.torch import load_file
 
-    from toolkit.run_dir import history
+    from toolkit.run.history import history
 
     sweep = tmp_path / "sweep"
     args = ["-m", *[a for a in tiny_overrides(tiny_model, imagefolder_data, tmp_path)[:-1]], "logger=none",

@@ -161,7 +161,7 @@ def test_empty_dataset_stops_before_any_model_is_loaded(tiny_model, tmp_path, mo
     (bad / "b.txt").write_text("x")
     _rgb(1).save(bad / "c.png")                       # no caption
     loaded = []
-    monkeypatch.setattr("toolkit.models.module.load_components", lambda **kw: loaded.append(kw))
+    monkeypatch.setattr("toolkit.training.module.load_components", lambda **kw: loaded.append(kw))
     out = tmp_path / "run"
     with pytest.raises(EmptyDatasetError) as err:
         train.run(compose_cfg(tiny_overrides(tiny_model, bad, out) + ["data.val_fraction=0"], out))

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from miniature.pretrain.clip import contrastive_loss
+from miniature.pretrain.imagery import pattern_bank
+from miniature.pretrain.latent_cache import LatentTextCache
+from miniature.pretrain.world_data import read_rows, scene_of, swapped_caption
+from miniature.world import COLOURS, SHAPES, SPLITS, generate
 from tests.conftest import compose_cfg
 from toolkit.config import ROOT
-from toolkit.data.world import COLOURS, SHAPES, SPLITS, generate
-from toolkit.pretrain.clip import contrastive_loss
-from toolkit.pretrain.imagery import pattern_bank
-from toolkit.pretrain.latent_cache import LatentTextCache
-from toolkit.pretrain.world_data import read_rows, scene_of, swapped_caption
 
 MINIATURE = ROOT / "data" / "miniature"
 
@@ -154,10 +154,10 @@ def test_shipped_clip_binds_colour_and_shape(tmp_path):
     same caption with the colour / the shape changed far more often than chance (0.5)."""
     from transformers import CLIPModel
 
-    from toolkit.models.tokenizer import load_clip_tokenizer
-    from toolkit.pretrain.clip import normalise
-    from toolkit.pretrain.measure import attribute_binding
-    from toolkit.pretrain.world_data import load_images
+    from miniature.pretrain.clip import normalise
+    from miniature.pretrain.measure import attribute_binding
+    from miniature.pretrain.world_data import load_images
+    from miniature.tokenizer import load_clip_tokenizer
 
     n, seed, striped = SPLITS["base/test"]
     folder = generate(tmp_path / "base_test", n=100, seed=seed, striped=striped)

@@ -21,13 +21,14 @@ from PIL import Image
 
 from tests.conftest import compose_cfg
 from toolkit.data.validate import ScanResult, save_scan
+from toolkit.evaluation.summary import find_baseline, summarize_rows
+from toolkit.hashing import settings_key
 from toolkit.report import collect, detect, pareto_front, summary_entries, table_columns, write_report
 from toolkit.report.collect import read_curves
 from toolkit.report.figures import throughput
 from toolkit.report.render import MAX_SIDE, image_uri
-from toolkit.results import append_row, settings_key
+from toolkit.results import append_row
 from toolkit.tasks import report as report_task
-from toolkit.tasks.summarize import find_baseline, summarize_rows
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

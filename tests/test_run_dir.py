@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, compose_cfg, tiny_overrides
-from toolkit.run_dir import RESUMABLE, RunDirError, _compose, launch_args, restore, resume_command
+from toolkit.run.resume import RESUMABLE, RunDirError, _compose, launch_args, restore, resume_command
 from toolkit.tasks import train
 
 

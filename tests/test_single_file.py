@@ -19,9 +19,9 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from tests.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from toolkit.config import ROOT
 from toolkit.models import single_file as sf
-from toolkit.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 MINIATURE = ROOT / "data" / "miniature" / "sd"
 COMPONENTS = {"sd1": ("unet", "vae", "text_encoder"), "sd2": ("unet", "vae", "text_encoder"),

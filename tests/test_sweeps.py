@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_entry
 from toolkit.results import read_rows
-from toolkit.run_dir import history
+from toolkit.run.history import history
 
 
 def sweep_args(model: str, clip: str, data, evaldata, sweep, cache) -> list[str]:
@@ -27,7 +27,7 @@ def sweep_args(model: str, clip: str, data, evaldata, sweep, cache) -> list[str]
 
 
 def test_train_and_evaluate_sweep_resumes_and_summarizes(tiny_model, tiny_clip, imagefolder_data, tmp_path):
-    from toolkit.data.world import generate
+    from miniature.world import generate
 
     evaldata = generate(tmp_path / "evaldata", n=8, seed=5, striped=True, size=32)
     sweep, cache = tmp_path / "sweep", tmp_path / "cache"

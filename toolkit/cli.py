@@ -24,7 +24,9 @@ from omegaconf import DictConfig  # noqa: E402
 from toolkit.config import check_overrides, register_resolvers  # noqa: E402
 from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
 from toolkit.model_defaults import ModelDefaultsError, chosen_lines, model_overrides  # noqa: E402
-from toolkit.run_dir import RunDirError, launch_args, rank_zero, record_attempt, restore  # noqa: E402
+from toolkit.run.history import record_attempt  # noqa: E402
+from toolkit.run.lifecycle import RunDirError, rank_zero  # noqa: E402
+from toolkit.run.resume import launch_args, restore  # noqa: E402
 
 register_resolvers()
 log = logging.getLogger("toolkit")

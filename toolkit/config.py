@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PACKAGE = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE / "conf"
@@ -138,3 +138,12 @@ def check_overrides(args: list[str]) -> str | None:
     hint = f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
     return (f"unknown config key {bad!r} in {where}{hint} "
             "(python run.py --cfg job prints every valid key; prefix a new key with '+' to add it)")
+
+
+def as_list(x: Any) -> list[Any]:
+    """A config value (None, one value, or a list) as a plain list."""
+    if x is None:
+        return []
+    if isinstance(x, ListConfig | DictConfig):
+        x = OmegaConf.to_container(x, resolve=True)
+    return list(x) if isinstance(x, list | tuple) else [x]

@@ -148,7 +148,7 @@ def model_overrides(args: list[str]) -> list[str]:
     ``chosen.<key>``. Raises ``ModelDefaultsError`` before any weight is read."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from toolkit.run_dir import hydra_quote
+    from toolkit.run.resume import hydra_quote
 
     if any(a.startswith("chosen.") or a.startswith("+chosen.") for a in args):
         return args   # already chosen: a resume's saved overrides, or a DDP child's command line
@@ -172,7 +172,7 @@ def model_overrides(args: list[str]) -> list[str]:
 
 def chosen_lines(cfg: DictConfig) -> list[str]:
     """The ``chosen`` block as log lines (``data.resolution 512: the model's native size ...``)."""
-    from toolkit.run_dir import flatten
+    from toolkit.run.resume import flatten
 
     if not cfg.get("chosen"):
         return []

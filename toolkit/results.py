@@ -7,7 +7,6 @@ that already have a row. Rows are appended with a single ``write`` + fsync; a to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,17 +14,6 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file (adapters, weights, references: recorded with every result)."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def settings_key(settings: dict[str, Any]) -> str:
-    blob = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def stored_path(path: str | Path, table_dir: str | Path) -> str:

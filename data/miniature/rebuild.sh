@@ -55,4 +55,4 @@ wait $clip || exit 1
 stage unet python run.py experiment=pretrain_unet $TRAINER pretrain.miniature_dir="$MINI" hydra.run.dir="$RUNS/unet" \
   trainer.max_steps="$UNET_STEPS" +trainer.max_time="$UNET_TIME" pretrain.data.batch_size="$UNET_BATCH" \
   pretrain.data.limit=null callbacks.model_checkpoint.every_n_train_steps=2500 || exit 1
-[ -n "${SKIP_CARD:-}" ] || stage card python -m toolkit.pretrain.card "$MINI"
+[ -n "${SKIP_CARD:-}" ] || stage card python -m miniature.pretrain.card "$MINI"

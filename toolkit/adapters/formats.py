@@ -43,8 +43,8 @@ from safetensors.torch import save, save_file
 
 from toolkit.adapters.layers import FACTORS, AdapterLayer, lora
 from toolkit.atomic import atomic_open, current_umask
+from toolkit.hashing import file_sha256
 from toolkit.models.families import ModelFamily
-from toolkit.results import file_sha256
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"

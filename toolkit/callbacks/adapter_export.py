@@ -18,9 +18,9 @@ from typing import Any
 import lightning as L
 
 from toolkit.adapters.formats import formats_for
+from toolkit.adapters.inject import save_adapter
 from toolkit.callbacks.ema import AdapterEMA
 from toolkit.inference.schedule import training_schedule
-from toolkit.models.lora import save_adapter
 
 log = logging.getLogger(__name__)
 

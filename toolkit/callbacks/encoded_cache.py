@@ -16,11 +16,12 @@ import lightning as L
 import numpy as np
 import torch
 
-from toolkit.data.encoded_cache import ArrayStore, bytes_key, fill, module_fingerprint, text_key, tokenizer_fingerprint
+from toolkit.data.encoded_cache import ArrayStore, fill
 from toolkit.data.masks import load_mask
 from toolkit.data.sources import fingerprint_listing
 from toolkit.data.transforms import train_transform
 from toolkit.data.validate import decode_image
+from toolkit.hashing import bytes_key, module_fingerprint, text_key, tokenizer_fingerprint
 from toolkit.models.objectives import latent_mask
 
 log = logging.getLogger(__name__)

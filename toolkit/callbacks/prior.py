@@ -25,8 +25,8 @@ import lightning as L
 import torch
 
 from toolkit.atomic import atomic_open
-from toolkit.data.encoded_cache import module_fingerprint, tokenizer_fingerprint
 from toolkit.data.sources import load_captioned
+from toolkit.hashing import module_fingerprint, tokenizer_fingerprint
 from toolkit.inference.pipeline import generate
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,8 @@ import importlib.metadata
 import platform
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from toolkit.config import as_list
 
 PACKAGES = ("toolkit", "torch", "diffusers", "transformers", "peft", "numpy", "scipy", "pillow",
             "lightning", "datasets")
@@ -27,14 +26,6 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[p] = "absent"
     return out
-
-
-def as_list(x: Any) -> list[Any]:
-    if x is None:
-        return []
-    if isinstance(x, ListConfig | DictConfig):
-        x = OmegaConf.to_container(x, resolve=True)
-    return list(x) if isinstance(x, list | tuple) else [x]
 
 
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".lst", ".prompts")

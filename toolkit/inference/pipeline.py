@@ -14,9 +14,12 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from toolkit.adapters.loading import load_adapters, resolve_adapter
+from toolkit.config import as_list
+from toolkit.hashing import file_sha256
 from toolkit.inference.schedule import sampling_scheduler
 from toolkit.logs import progress as progress_bar
 from toolkit.models.pretrained import (
@@ -27,7 +30,6 @@ from toolkit.models.pretrained import (
     pipeline_from_single_file,
     resolve_dtype,
 )
-from toolkit.results import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +134,23 @@ def make_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def pipeline_from_cfg(cfg: DictConfig, gen: DictConfig, device: Any = "cpu"):
+    """The pipeline of ``cfg.model`` + ``cfg.adapter`` set up as the generation block ``gen`` says."""
+    return load_pipeline(**OmegaConf.to_container(cfg.model, resolve=True), adapters=as_list(cfg.adapter),
+                         lora_scales=[float(s) for s in as_list(gen.lora_scale)], adapter_variant=cfg.adapter_variant,
+                         scheduler=gen.scheduler, fuse_adapters=gen.fuse_adapters, device=device)
+
+
+def generation_record(cfg: DictConfig, gen: DictConfig) -> dict[str, Any]:
+    """Everything that determines a generated image, besides its prompt and seed."""
+    m = cfg.model
+    return {"model": OmegaConf.to_container(m, resolve=True),
+            "family": model_family(m.name_or_path, m.revision, m.get("config")).name,
+            "adapters": [{"path": str(a), "variant": cfg.adapter_variant,
+                          "sha256": adapter_sha256(a, cfg.adapter_variant)} for a in as_list(cfg.adapter)],
+            "lora_scale": as_list(gen.lora_scale), "scheduler": gen.scheduler, "steps": gen.steps,
+            "guidance_scale": gen.guidance_scale, "negative_prompt": gen.negative_prompt,
+            "fuse_adapters": gen.fuse_adapters,
+            "height": gen.height, "width": gen.width}

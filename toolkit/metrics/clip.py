@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
-from toolkit.data.encoded_cache import module_fingerprint
+from toolkit.hashing import module_fingerprint
 from toolkit.locate import check_local_or_hub
 from toolkit.logs import progress as progress_bar
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from toolkit.hashing import file_sha256
 from toolkit.logs import progress as progress_bar
-from toolkit.results import file_sha256
 
 SIZE = 299
 PROTOCOL = {"feature_extractor": "tf-inception-v3 pool3 (2048-d)", "resize": "PIL bicubic 299x299 on uint8",

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolkit.evaluation.summary import BASE_LABEL, is_seed
 from toolkit.results import read_rows
-from toolkit.tasks.summarize import BASE_LABEL, is_seed
 
 log = logging.getLogger(__name__)
 KIND_TITLES = {"train": "Training run", "finetune_eval": "Fine-tune + evaluate",

@@ -20,10 +20,10 @@ from markupsafe import Markup
 from PIL import Image
 
 from toolkit.atomic import atomic_open
+from toolkit.evaluation.summary import flat
 from toolkit.report.collect import KIND_TITLES, Collected, TrainRun, collect
 from toolkit.report.figures import curve_figures, fid_clip_figure
 from toolkit.report.table import members, setting_label, summary_entries, table_columns
-from toolkit.tasks.summarize import flat
 
 MAX_SIDE = 1024          # px: larger grids are downscaled (a 4096² SD grid would be ~20 MB as PNG)
 JPEG_ABOVE = 512         # px: larger images are stored as JPEG (photos), smaller as PNG (pixel-exact)

@@ -1,6 +1,6 @@
 """The report's results table: result rows → summary entries → display columns, and the Pareto front.
 
-Entries come from ``toolkit.tasks.summarize.summarize_rows`` and are read generically: every
+Entries come from ``toolkit.evaluation.summary.summarize_rows`` and are read generically: every
 numeric key ``m`` is a metric unless it is a setting, a count (``n_*``) or one of the statistics
 suffixes below; its interval is ``m_ci_low``/``m_ci_high`` or ``m_half``; a Δ vs the baseline is
 ``delta_m`` with optional ``delta_m_ci_low``/``delta_m_ci_high`` and ``delta_m_p``; booleans
@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from toolkit.evaluation.summary import identity, is_base, mark, setting_label, summarize_rows
 from toolkit.metrics import intervals
-from toolkit.tasks.summarize import identity, is_base, setting_label, summarize_rows
 
 STAT_SUFFIXES = ("_ci_low", "_ci_high", "_half", "_p", "_ci", "_std")
 COUNT_LABELS = {"n_images": ("N", "generated images per seed"), "n_seeds": ("seeds", "seeds (rows) per setting")}
@@ -54,8 +54,7 @@ def significance(entry: dict[str, Any], m: str) -> tuple[str, str]:
     Δ interval excludes 0, else nothing."""
     p = number(entry.get(f"delta_{m}_p"))
     if p is not None:
-        stars = "***" if p < 1e-3 else "**" if p < 1e-2 else "*" if p < 0.05 else ""
-        return stars, f"p = {p:.3g}"
+        return mark(p), f"p = {p:.3g}"
     ci = interval(entry, f"delta_{m}")
     if ci is not None:
         return ("*" if ci[0] > 0 or ci[1] < 0 else ""), f"95% CI [{fmt(ci[0])}, {fmt(ci[1])}]"

@@ -28,12 +28,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
+from toolkit.evaluation.job import evaluate, results_path
 from toolkit.evaluation.pairing import pair
+from toolkit.evaluation.render import finetune_markdown
+from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import make_grid
 from toolkit.report import write_report
-from toolkit.results import read_rows, settings_key
-from toolkit.tasks import eval as eval_task
-from toolkit.tasks import train as train_task
+from toolkit.results import read_rows
+from toolkit.run import lifecycle
+from toolkit.training.fit import train
 
 log = logging.getLogger(__name__)
 
@@ -57,65 +60,15 @@ def training_record(cfg: DictConfig) -> dict[str, Any]:
             "trainer": {k: cfg.trainer.get(k) for k in ("max_steps", "precision", "accumulate_grad_batches")}}
 
 
-def fmt(m: dict[str, Any], k: str, scale: float = 1, digits: int = 1) -> str:
-    if k not in m:
-        return "skipped"
-    lo, hi = m.get(k + "_ci_low"), m.get(k + "_ci_high")
-    iv = f" [{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]" if lo is not None else ""
-    return f"{scale * m[k]:.{digits}f}{iv}"
-
-
-def summary_markdown(base: dict[str, Any], tuned: dict[str, Any], deltas: dict[str, dict[str, Any]],
-                     cfg: DictConfig, grid: Path | None, not_paired: str | None = None) -> str:
-    rows = ["| model | FID [95% CI] | KID ×1000 [95% CI] | CLIP score [95% CI] | precision | recall |",
-            "|---|---|---|---|---|---|"]
-    for name, m in (("base", base), ("fine-tuned", tuned)):
-        rows.append(f"| {name} | {fmt(m, 'fid')} | {fmt(m, 'kid', 1000)} | {fmt(m, 'clip_score', 1, 2)} | "
-                    f"{fmt(m, 'precision', 1, 3)} | {fmt(m, 'recall', 1, 3)} |")
-    if deltas:
-        cells = []
-        for k, scale, digits in (("fid", 1, 1), ("kid", 1000, 1), ("clip_score", 1, 2)):
-            d = deltas.get(k)
-            cells.append("—" if d is None else f"{scale * d['delta']:+.{digits}f} [{scale * d['low']:+.{digits}f}, "
-                         f"{scale * d['high']:+.{digits}f}], p={d['p_value']:.2g}")
-        rows.append(f"| fine-tuned − base (paired) | {' | '.join(cells)} | | |")
-    elif not_paired:
-        rows.append(f"| fine-tuned − base | not paired: {not_paired} | | | | |")
-    lines = [f"# Fine-tune + evaluate: {cfg.model.name_or_path}", "",
-             f"Reference: `{cfg.eval.dataset}` ({base['n_real']} images); generated: {base['n_fake']} per model "
-             f"(prompts = reference captions, seeds {cfg.eval.seed}·10⁶+i, {cfg.eval.steps} {cfg.eval.scheduler} "
-             f"steps, guidance {cfg.eval.guidance_scale}).", "", *rows, "",
-             "Intervals: over generated images, reference fixed (grouped jackknife; CLIP: t over images). "
-             "The paired row compares the two models image by image (same prompts and seeds)."]
-    for k, d in deltas.items():
-        verdict = d["verdict"].replace("A better", "base better").replace("B better", "fine-tuned better")
-        lines.append(f"- {k}: {verdict}")
-    lines += ["", f"FID ratio fine-tuned / base = **{tuned['fid'] / base['fid']:.3f}**"]
-    if base.get("clip_score") and "clip_score" in tuned:
-        lines.append(f"CLIP ratio fine-tuned / base = **{tuned['clip_score'] / base['clip_score']:.3f}**")
-    out = Path(cfg.paths.output_dir)
-    lines += ["", "Files:", f"- adapter: `{out / 'adapter'}`", f"- training grids: `{out / 'samples'}`"]
-    if grid:
-        lines.append(f"- base (top) vs fine-tuned (bottom), same prompts and seeds: `{grid}`")
-    return "\n".join(lines) + "\n"
-
-
 def train_or_resume(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Train this cell, resume its interrupted training, or reuse its finished training."""
-    cfg, done = train_task.reuse_or_resume(cfg, out)
-    return done if done is not None else train_task.run(cfg)
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    cfg, done = lifecycle.reuse_or_resume(cfg, out)
+    return done if done is not None else train(cfg)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
-    table = eval_task.results_path(cfg)
+    table = results_path(cfg)
     train_settings = training_record(cfg)
     cell = settings_key({"train": train_settings, "eval": OmegaConf.to_container(cfg.eval, resolve=True),
                          "metrics": OmegaConf.to_container(cfg.metrics, resolve=True),
@@ -125,7 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("train-and-evaluate cell %s already in %s: skipped", cell, table)
         return {"finetuned": finished["metrics"], "skipped": True}
     train_metrics = train_or_resume(cfg, out)
-    barrier()   # rank zero wrote the adapter: every rank reads it next
+    lifecycle.barrier()   # rank zero wrote the adapter: every rank reads it next
     record = {"settings": train_settings, "metrics": train_metrics, "run_dir": str(out), "cell": cell}
     rows = {}
     for name, adapter in (("base", None), ("finetuned", str(out / "adapter"))):
@@ -134,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             sub.adapter = adapter
             sub.paths.output_dir = str(out / f"eval_{name}")
             sub.eval.results_file = str(table)
-        rows[name] = eval_task.evaluate(sub, record if adapter else None)
+        rows[name] = evaluate(sub, record if adapter else None)
     if not rows["base"]:  # non-zero rank in a distributed run
         return {}
     base_row, tuned_row = rows["base"], rows["finetuned"]
@@ -144,7 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.warning("fine-tuned vs base: %s", paired.method)
     deltas = paired.deltas
     grid = comparison_grid(out / "eval_base", out / "eval_finetuned", 8, out / "base_vs_finetuned.png")
-    text = summary_markdown(results["base"], results["finetuned"], deltas, cfg, grid, paired.reason)
+    text = finetune_markdown(results["base"], results["finetuned"], deltas, cfg, grid, paired.reason)
     (out / "summary.md").write_text(text)
     (out / "paired.json").write_text(json.dumps(deltas if not paired.reason else {"not_paired": paired.reason},
                                                 indent=1))

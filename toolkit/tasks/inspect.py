@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from toolkit.adapters.formats import AdapterFile, read_adapter
 from toolkit.adapters.loading import module_shapes, resolve_adapter
 from toolkit.atomic import atomic_open
-from toolkit.evaluation.protocol import as_list
+from toolkit.config import as_list
 from toolkit.models.families import ModelFamily, family_named
 from toolkit.models.pretrained import skeletons
 

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from toolkit.adapters.layers import compare_updates, model_updates
 from toolkit.adapters.loading import components, load_adapters
-from toolkit.evaluation.protocol import as_list, versions
+from toolkit.config import as_list
+from toolkit.evaluation.protocol import versions
 from toolkit.inference.pipeline import apply_schedule, load_pipeline
 from toolkit.models.families import family_of
 from toolkit.models.pretrained import resolve_dtype

@@ -14,32 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from toolkit.evaluation.protocol import as_list, read_prompts, versions
-from toolkit.inference.pipeline import adapter_sha256, generate, load_pipeline, make_grid
-from toolkit.models.pretrained import model_family
+from toolkit.config import as_list
+from toolkit.evaluation.protocol import read_prompts, versions
+from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
 
 log = logging.getLogger(__name__)
-
-
-def pipeline_from_cfg(cfg: DictConfig, gen: DictConfig, device: Any = "cpu"):
-    return load_pipeline(**OmegaConf.to_container(cfg.model, resolve=True), adapters=as_list(cfg.adapter),
-                         lora_scales=[float(s) for s in as_list(gen.lora_scale)], adapter_variant=cfg.adapter_variant,
-                         scheduler=gen.scheduler, fuse_adapters=gen.fuse_adapters, device=device)
-
-
-def generation_record(cfg: DictConfig, gen: DictConfig) -> dict[str, Any]:
-    """Everything that determines a generated image, besides its prompt and seed."""
-    m = cfg.model
-    return {"model": OmegaConf.to_container(m, resolve=True),
-            "family": model_family(m.name_or_path, m.revision, m.get("config")).name,
-            "adapters": [{"path": str(a), "variant": cfg.adapter_variant,
-                          "sha256": adapter_sha256(a, cfg.adapter_variant)} for a in as_list(cfg.adapter)],
-            "lora_scale": as_list(gen.lora_scale), "scheduler": gen.scheduler, "steps": gen.steps,
-            "guidance_scale": gen.guidance_scale, "negative_prompt": gen.negative_prompt,
-            "fuse_adapters": gen.fuse_adapters,
-            "height": gen.height, "width": gen.width}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from toolkit.models import objectives
-from toolkit.training import optimizers
+from toolkit.training.optimizers import optimizers
 
 
 class UNetPretraining(L.LightningModule):

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from diffusers import AutoencoderKL
 
-from toolkit.training import optimizers
+from toolkit.training.optimizers import optimizers
 
 
 def reconstruction_losses(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:

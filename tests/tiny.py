@@ -3,7 +3,7 @@
 Used by the tests (and as a starting point for the embedded miniature): they are saved with
 ``save_pretrained`` and read back through the same ``from_pretrained`` path as a hub model.
 
-    python -m toolkit.models.tiny OUT_DIR [--seed 0] [--sdxl]
+    python -m tests.tiny OUT_DIR [--seed 0] [--sdxl]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from toolkit.models.tokenizer import load_clip_tokenizer
+from miniature.tokenizer import load_clip_tokenizer
 
 
 def build_tiny_pipeline(

@@ -21,11 +21,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import CLIPImageProcessor
 
-from toolkit.pretrain.clip import CLIP_MEAN, CLIP_STD, CaptionedWorld, collate, normalise
-from toolkit.pretrain.export import copy_tokenizer, num_params, save_fp16
-from toolkit.pretrain.measure import attribute_binding
-from toolkit.pretrain.world_data import load_images, read_rows
-from toolkit.training import build_trainer
+from miniature.pretrain.clip import CLIP_MEAN, CLIP_STD, CaptionedWorld, collate, normalise
+from miniature.pretrain.export import copy_tokenizer, num_params, save_fp16
+from miniature.pretrain.measure import attribute_binding
+from miniature.pretrain.world_data import load_images, read_rows
+from toolkit.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 

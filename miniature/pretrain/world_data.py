@@ -1,4 +1,4 @@
-"""The generated world (``toolkit.data.world`` imagefolders) as in-memory tensors.
+"""The generated world (``miniature.world`` imagefolders) as in-memory tensors.
 
 Pretraining reads tens of thousands of 64 px PNGs once and then samples batches from memory:
 on a 2-core CPU, decoding PNGs every step would cost as much as the model itself.
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from miniature.world import COLOURS, SHAPES, Scene
 from toolkit.data.transforms import RESAMPLE
-from toolkit.data.world import COLOURS, SHAPES, Scene
 
 SCENE_FIELDS = tuple(f.name for f in fields(Scene))
 

@@ -6,7 +6,7 @@ different torch build); the conversion ran once and its output lives in
 
     pip download --no-deps open-clip-torch -d /tmp/oc && cd /tmp/oc && unzip -o *.whl \
         open_clip/bpe_simple_vocab_16e6.txt.gz
-    python -m toolkit.models.tokenizer /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz out_dir
+    python -m miniature.tokenizer /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz out_dir
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
 # CLIP's context length; a tokenizer built from files does not know it (defaults to 1e30).
 MODEL_MAX_LENGTH = 77
 

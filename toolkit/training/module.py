@@ -22,13 +22,13 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import PeftConfig
 
-from toolkit.data.encoded_cache import text_key
+from toolkit.adapters.inject import add_lora, init_from_file
+from toolkit.hashing import text_key
 from toolkit.models import objectives
 from toolkit.models.families import ModelFamily
-from toolkit.models.lora import add_lora, init_from_file
 from toolkit.models.pretrained import load_components
 from toolkit.reproducibility import gather_rng_states, seed_step, set_rng_state
-from toolkit.training import optimizers
+from toolkit.training.optimizers import optimizers
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class LoRADiffusion(L.LightningModule):
     Args:
         pretrained: kwargs of :func:`toolkit.models.pretrained.load_components`
             (``name_or_path``, ``revision``, ``variant``, ``dtype``).
-        lora: peft config of the UNet adapter (``toolkit.models.lora.adapter_config``: LoRA, DoRA,
+        lora: peft config of the UNet adapter (``toolkit.adapters.inject.adapter_config``: LoRA, DoRA,
             LoHa or LoKr).
         text_encoder_lora: adapter config for the text encoder(s), or None to keep them frozen.
         init_adapter: a LoRA file (diffusers, kohya/A1111 or LyCORIS LoCon) to start from: its

@@ -2,7 +2,7 @@
 
     python run.py experiment=pretrain_autoencoder     # writes <pretrain.miniature_dir>/sd/vae
 
-Data: world base/train images plus procedural textures (``toolkit.pretrain.imagery``), so the
+Data: world base/train images plus procedural textures (``miniature.pretrain.imagery``), so the
 AE also reconstructs looks the base world lacks (the striped style a LoRA must learn later).
 Reports reconstruction MSE on held-out base and style images.
 """
@@ -22,12 +22,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from toolkit.pretrain.autoencoder import latent_std
-from toolkit.pretrain.export import num_params, save_fp16
-from toolkit.pretrain.imagery import KINDS, pattern_bank
-from toolkit.pretrain.measure import reconstruction_mse
-from toolkit.pretrain.world_data import load_images, read_rows, to_unit
-from toolkit.training import build_trainer
+from miniature.pretrain.autoencoder import latent_std
+from miniature.pretrain.export import num_params, save_fp16
+from miniature.pretrain.imagery import KINDS, pattern_bank
+from miniature.pretrain.measure import reconstruction_mse
+from miniature.pretrain.world_data import load_images, read_rows, to_unit
+from toolkit.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 

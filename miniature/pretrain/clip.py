@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from toolkit.models.tokenizer import load_clip_tokenizer
-from toolkit.pretrain.world_data import swapped_caption
-from toolkit.training import optimizers
+from miniature.pretrain.world_data import swapped_caption
+from miniature.tokenizer import load_clip_tokenizer
+from toolkit.training.optimizers import optimizers
 
 # OpenAI CLIP's pixel statistics (what CLIPImageProcessor uses by default).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

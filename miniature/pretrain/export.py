@@ -18,7 +18,7 @@ import torch
 from diffusers import ModelMixin
 from transformers import PreTrainedModel
 
-from toolkit.models.tokenizer import ASSET_DIR
+from miniature.tokenizer import ASSET_DIR
 
 
 def save_fp16(model: ModelMixin | PreTrainedModel, out_dir: str | Path) -> Path:
@@ -67,7 +67,7 @@ def assemble_pipeline(out_dir: str | Path, unet: ModelMixin, text_encoder: PreTr
     """
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    from toolkit.models.tokenizer import load_clip_tokenizer
+    from miniature.tokenizer import load_clip_tokenizer
 
     out = Path(out_dir)
     vae = AutoencoderKL.from_pretrained(out / "vae")

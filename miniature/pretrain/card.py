@@ -1,6 +1,6 @@
 """Measure the shipped miniature for its model card and draw its sample grid.
 
-    python -m toolkit.pretrain.card [data/miniature] [--grid samples_base.png]
+    python -m miniature.pretrain.card [data/miniature] [--grid samples_base.png]
 
 Prints JSON: parameters and sizes per part, AE reconstruction MSE on held-out base vs style
 images, CLIP attribute-binding rates on held-out base images; writes a 4x4 grid of pipeline
@@ -21,13 +21,13 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from transformers import CLIPModel
 
+from miniature.pretrain.autoencoder import reconstruct
+from miniature.pretrain.clip import normalise
+from miniature.pretrain.export import dir_size_mb, num_params
+from miniature.pretrain.measure import attribute_binding, reconstruction_mse
+from miniature.pretrain.world_data import load_images, read_rows, to_unit
+from miniature.tokenizer import load_clip_tokenizer
 from toolkit.config import data_dir
-from toolkit.models.tokenizer import load_clip_tokenizer
-from toolkit.pretrain.autoencoder import reconstruct
-from toolkit.pretrain.clip import normalise
-from toolkit.pretrain.export import dir_size_mb, num_params
-from toolkit.pretrain.measure import attribute_binding, reconstruction_mse
-from toolkit.pretrain.world_data import load_images, read_rows, to_unit
 
 WORLD = Path(data_dir()) / "world"
 

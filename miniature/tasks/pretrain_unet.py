@@ -3,7 +3,7 @@
     python run.py experiment=pretrain_unet      # needs sd/vae and clip/ from the other two tasks
 
 Frozen: the autoencoder (``<miniature_dir>/sd/vae``) and the CLIP text tower
-(``<miniature_dir>/clip``); their outputs are cached once (``toolkit.pretrain.latent_cache``).
+(``<miniature_dir>/clip``); their outputs are cached once (``miniature.pretrain.latent_cache``).
 Writes ``<miniature_dir>/sd`` as a StableDiffusionPipeline directory.
 """
 
@@ -22,12 +22,12 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import CLIPModel
 
-from toolkit.models.tokenizer import load_clip_tokenizer
-from toolkit.pretrain.clip import text_encoder_from_clip
-from toolkit.pretrain.export import assemble_pipeline, num_params
-from toolkit.pretrain.latent_cache import build_cache
-from toolkit.pretrain.world_data import load_images, read_rows, to_unit
-from toolkit.training import build_trainer
+from miniature.pretrain.clip import text_encoder_from_clip
+from miniature.pretrain.export import assemble_pipeline, num_params
+from miniature.pretrain.latent_cache import build_cache
+from miniature.pretrain.world_data import load_images, read_rows, to_unit
+from miniature.tokenizer import load_clip_tokenizer
+from toolkit.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 

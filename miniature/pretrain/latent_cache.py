@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from toolkit.pretrain.clip import tokenize
+from miniature.pretrain.clip import tokenize
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ Three tasks rebuild it from scratch on CPU, in order (each writes its part into
     python run.py experiment=pretrain_autoencoder   # -> sd/vae  (AutoencoderKL, factor 4)
     python run.py experiment=pretrain_clip          # -> clip/   (CLIPModel; text tower = text_encoder)
     python run.py experiment=pretrain_unet          # -> sd/     (the whole StableDiffusionPipeline)
-    python -m toolkit.pretrain.card                 # model-card figures + samples_base.png
+    python -m miniature.pretrain.card                 # model-card figures + samples_base.png
 
 Modules: ``imagery`` (procedural textures for the autoencoder), ``world_data`` (the generated
 world as in-memory tensors, attribute-swapped captions), ``autoencoder`` / ``clip`` / ``unet``

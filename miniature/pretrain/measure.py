@@ -11,9 +11,9 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPModel, CLIPTokenizer
 
-from toolkit.pretrain.autoencoder import reconstruct
-from toolkit.pretrain.clip import image_embeddings, text_embeddings
-from toolkit.pretrain.world_data import swapped_caption
+from miniature.pretrain.autoencoder import reconstruct
+from miniature.pretrain.clip import image_embeddings, text_embeddings
+from miniature.pretrain.world_data import swapped_caption
 
 
 def reconstruction_mse(vae: AutoencoderKL, x: torch.Tensor) -> float:

@@ -5,31 +5,28 @@
     python run.py hydra.run.dir=<run> ckpt_path=last trainer.max_steps=800     # extends it
     python run.py hydra.run.dir=<run> ckpt_path=last data.path=other           # refused, naming the saved value
 
-``launch_args`` (run.py, before Hydra) turns a resume command into the run's saved overrides
+``launch_args`` (toolkit/cli.py, before Hydra) turns a resume command into the run's saved overrides
 (``<run>/.hydra/overrides.yaml``) followed by the new ones, refuses new ones that would change a
 setting outside ``RESUMABLE`` (naming each key with its saved and its new value), and sends
 Hydra's files for the attempt to ``<run>/.hydra/resume-<n>/``, so the first run's ``.hydra/``
 is never written over. In the task function, ``restore`` takes the run's saved config as the
 truth (if ``conf/`` changed since the run started, the saved values win, with a warning) and
-``record_attempt`` appends each start and resume to ``<run>/run_history.jsonl``.
+``run.history.record_attempt`` appends each start and resume to ``<run>/run_history.jsonl``.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
-import os
 import re
 import shlex
-import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.config import CONFIG_DIR, ROOT, register_resolvers
+from toolkit.run.lifecycle import RunDirError, check_fresh, nothing_to_resume, rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +41,12 @@ RESUMABLE: tuple[str, ...] = (
     "data.num_workers", "data.pin_memory", "data.policy.scan_workers",
     "paths.cache_dir",
 )
-HISTORY = "run_history.jsonl"
 SAVED = Path(".hydra")
 _ABSENT = "(absent)"
 
 
-class RunDirError(ValueError):
-    """A command that cannot mean what the user meant for this run directory."""
-
-
 def resumable(key: str) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE)
-
-
-def rank_zero() -> bool:
-    """This process is global rank zero (or not distributed). Set by torchrun, SLURM and
-    Lightning's DDP launcher before our code runs."""
-    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -160,11 +146,8 @@ def launch_args(args: list[str]) -> list[str]:
     run = Path(str(run_o.value())).expanduser() if run_o is not None else None
     ckpt = ckpt_o.value() if ckpt_o is not None else None
     if ckpt in (None, "null"):
-        if run is not None and rank_zero() and any((run / "checkpoints").glob("*.ckpt")) and _trains(args):
-            raise RunDirError(
-                f"{run} already holds checkpoints of an earlier run; a fresh run there would mix two runs. "
-                f"Resume it with: {resume_command(run)}  — or start this run in another directory "
-                "(hydra.run.dir=...).")
+        if run is not None and rank_zero() and (run / "checkpoints").is_dir() and _trains(args):
+            check_fresh(run, resume_command(run))
         return args
     if run is None:
         if ckpt == "last":
@@ -172,12 +155,8 @@ def launch_args(args: list[str]) -> list[str]:
                               "python run.py hydra.run.dir=outputs/train/<time> ckpt_path=last")
         return args   # start a fresh run dir from a checkpoint file
     if ckpt == "last" and not has_last_checkpoint(run):
-        what = "does not exist" if not run.exists() else "holds no checkpoint (no last.ckpt under it)"
-        raise RunDirError(
-            f"ckpt_path=last: {run} {what}, so there is nothing to resume. Checkpoints are written every "
-            "callbacks.model_checkpoint.every_n_train_steps steps and when a run is stopped by SIGTERM, "
-            "SIGUSR1 or Ctrl-C; a run killed before its first one starts over: drop ckpt_path (and pick a new "
-            "hydra.run.dir, or delete this one).")
+        raise nothing_to_resume(f"{run} " + ("does not exist" if not run.exists()
+                                             else "holds no checkpoint (no last.ckpt under it)"))
     if not (run / SAVED / "config.yaml").is_file():
         return args   # a checkpoint without a saved config (not written by run.py): resume as told
     saved = [str(x) for x in OmegaConf.load(run / SAVED / "overrides.yaml")]
@@ -272,71 +251,3 @@ def restore(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
     out = OmegaConf.create(saved_tree)
     OmegaConf.set_struct(out, True)
     return out
-
-
-def _git() -> str | None:
-    if ROOT is None:   # an installed package: its version says what ran
-        return None
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        if rev.returncode:
-            return None
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def toolkit_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("toolkit")
-    except PackageNotFoundError:   # run from a source tree without pip install
-        return "source tree (not installed)"
-
-
-def record_attempt(cfg: DictConfig) -> dict[str, Any] | None:
-    """Append this start or resume to ``<run>/run_history.jsonl`` (rank zero, single runs only):
-    time, the overrides this attempt added, the checkpoint, toolkit version and git commit."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from toolkit.results import append_row
-
-    if not HydraConfig.initialized() or not rank_zero():
-        return None
-    hc = HydraConfig.get()
-    subdir = hc.output_subdir
-    if subdir is None:
-        return None
-    out = Path(hc.runtime.output_dir)
-    task = [str(o) for o in hc.overrides.task]
-    resumed = str(subdir) != str(SAVED)
-    if resumed:
-        saved = [str(x) for x in OmegaConf.load(out / SAVED / "overrides.yaml")]
-        new = task[len(saved):] if task[:len(saved)] == saved else [o for o in task if o not in saved]
-    else:
-        new = task
-    # "rerun": a sweep command run again over this cell (it skips or resumes the cell's work)
-    event = "resume" if resumed else "rerun" if history(out) else "start"
-    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "event": event, "hydra_dir": str(subdir), "overrides": new,
-           "ckpt_path": cfg.get("ckpt_path"), "toolkit": toolkit_version(), "git": _git()}
-    append_row(out / HISTORY, row)
-    return row
-
-
-def record_event(run: str | Path, event: str, **fields: Any) -> None:
-    """Append an event the task itself decides (e.g. a sweep cell resuming its training)."""
-    from toolkit.results import append_row
-
-    if rank_zero():
-        append_row(Path(run) / HISTORY, {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                         "event": event, **fields})
-
-
-def history(run: str | Path) -> list[dict[str, Any]]:
-    path = Path(run) / HISTORY
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -1,0 +1,235 @@
+"""One evaluation: generate images for a reference set's captions, score FID/KID/CLIP with
+intervals, append one row to the results table (the body of ``task=eval`` and of both halves of
+``task=finetune_eval``'s evaluation).
+
+Image i uses caption i of the reference set (cycled) and seed ``eval.seed·10⁶ + i``; ranks take
+disjoint indices, so N processes give the same images and metrics as one. A row is keyed by the
+hash of its settings (prompts, reference identity, model, adapters, metric weights); a cell whose
+key is in the table is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+
+from toolkit.atomic import atomic_open
+from toolkit.evaluation import reference
+from toolkit.evaluation.distributed import gather_by_index, shard
+from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
+from toolkit.evaluation.scores import compute_scores, per_prompt
+from toolkit.hashing import settings_key
+from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
+from toolkit.metrics.clip import load_clip
+from toolkit.metrics.inception import InceptionFeatures
+from toolkit.models.pretrained import unet_config, vae_factor
+from toolkit.results import append_row, find_row, resolved, stored_path
+
+log = logging.getLogger(__name__)
+
+
+def results_path(cfg: DictConfig) -> Path:
+    if cfg.eval.results_file:
+        return Path(cfg.eval.results_file)
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is not None and hc.mode == RunMode.MULTIRUN:
+        return Path(hc.sweep.dir) / "results.jsonl"
+    return Path(cfg.paths.output_dir) / "results.jsonl"
+
+
+def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> None:
+    """The eval row on the dashboards: metrics, the settings as config, the row as a table with the
+    cell's sample grid (wandb) or as a text table (TensorBoard)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    name = "eval_" + ("finetuned" if row["settings"].get("adapters") else "base")
+    for lg_cfg in (cfg.get("logger") or {}).values():
+        lg = instantiate(lg_cfg)
+        lg.log_metrics({f"{name}/{k}": v for k, v in row["metrics"].items()})
+        if isinstance(lg, WandbLogger):
+            import wandb
+
+            lg.experiment.config.update({name: row["settings"]}, allow_val_change=True)
+            lg.experiment.summary.update({f"{name}/{k}": v for k, v in row["metrics"].items()})
+            cols = ["key", *row["metrics"], "grid"]
+            lg.log_table(f"{name}/results", columns=cols,
+                         data=[[row["key"], *row["metrics"].values(), wandb.Image(str(grid_path))]])
+        elif isinstance(lg, TensorBoardLogger):
+            text = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.5g} |"
+                                                               for k, v in row["metrics"].items())
+            lg.experiment.add_text(f"{name}/results", text)
+            lg.experiment.add_image(f"{name}/grid", np.asarray(Image.open(grid_path).convert("RGB")), 0,
+                                    dataformats="HWC")
+        lg.finalize("success")
+
+
+def prompt_groups(prompts: list[str]) -> tuple[list[str], list[str] | None]:
+    """Prompts written ``[group] prompt`` (in a prompts file) are scored per group too: returns the
+    prompts without the tag and the groups (None when the prompts carry no tags)."""
+    tagged = [re.match(r"^\[([^\]]+)\]\s*(.+)$", p) for p in prompts]
+    if not all(tagged):
+        return prompts, None
+    return [t.group(2) for t in tagged], [t.group(1) for t in tagged]
+
+
+def reference_size(cfg: DictConfig) -> tuple[int, int] | None:
+    """(width, height) reference images are brought to: the generated size (``metrics.reference_size
+    = generated``, read from the eval settings or the UNet/VAE configs), or None (``native``)."""
+    if cfg.metrics.reference_size == "native":
+        return None
+    if cfg.metrics.reference_size != "generated":
+        raise ValueError(f"metrics.reference_size={cfg.metrics.reference_size!r}: expected generated or native")
+    name, rev, conf = cfg.model.name_or_path, cfg.model.revision, cfg.model.get("config")
+    native = unet_config(name, rev, conf)["sample_size"] * vae_factor(name, rev, conf)
+    return int(cfg.eval.width or native), int(cfg.eval.height or native)
+
+
+def build_fabric(cfg: DictConfig) -> Any:
+    """The evaluation's processes. A job that already runs on several (DDP training earlier in this
+    job, or a launch by torchrun / srun / Lightning's launcher: ``WORLD_SIZE`` > 1) evaluates on
+    those same processes, once, sharded; otherwise ``cfg.fabric`` (one process unless
+    ``fabric.devices`` says more)."""
+    import torch.distributed as dist
+    from lightning import Fabric
+
+    joined = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        nodes = int(cfg.trainer.num_nodes) if "trainer" in cfg else 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world // nodes))
+        fabric = Fabric(accelerator=cfg.fabric.accelerator, devices=local, num_nodes=world // local, strategy="ddp")
+    else:
+        fabric = instantiate(cfg.fabric)
+    fabric.launch()
+    return fabric
+
+
+def reference_set(cfg: DictConfig) -> tuple[Any, dict[str, Any], str, str]:
+    """The reference rows, their identity and their image / caption columns."""
+    ev = cfg.eval
+    if ev.dataset in (None, "auto"):
+        raise ValueError(f"eval.dataset={ev.dataset!r}: run.py chooses it from the model "
+                         "(toolkit.model_defaults); composed by hand, name a reference set")
+    if ev.dataset == "held_out":
+        ref, ident = reference.load_held_out(cfg.data, ev.num_ref)
+        return ref, ident, cfg.data.image_column, cfg.data.caption_column
+    ref, ident = reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split, ev.num_ref,
+                                          ev.revision)
+    return ref, ident, ev.image_column, ev.caption_column
+
+
+def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One evaluation cell; returns its results row ({} on ranks other than zero). ``record`` (the
+    training run behind the adapter) joins the row and its key, so a train-and-evaluate sweep
+    keeps one row per trained cell. Rank zero alone reads and writes the results table."""
+    fabric = build_fabric(cfg)
+    rank, world = fabric.global_rank, fabric.world_size
+    ev, m = cfg.eval, cfg.metrics
+    out = Path(cfg.paths.output_dir)
+    table = results_path(cfg)
+
+    ref, ref_identity, image_column, caption_column = reference_set(cfg)
+    inception = InceptionFeatures(m.inception_weights, fabric.device, m.feature_batch_size, m.channels_last)
+    clip = load_clip(m.clip_model)
+    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[caption_column]]
+    prompts_sha256 = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    prompts, groups = prompt_groups(prompts)
+    n = int(ev.num_images)
+    ref_size = reference_size(cfg)
+    # Everything the row's numbers depend on: a change to any of these recomputes the cell.
+    settings = {**generation_record(cfg, ev), "dataset": ref_identity, "num_ref": len(ref), "num_images": n,
+                "seed": int(ev.seed), "prompts": str(ev.prompts or "dataset captions"),
+                "prompts_sha256": prompts_sha256, "inception_sha256": inception.sha256,
+                "clip_model": m.clip_model if clip else None, "clip_sha256": clip.sha256 if clip else None,
+                "metrics": {**{k: m[k] for k in ("level", "interval_groups", "prdc", "fid_infinity", "channels_last")},
+                            "reference_size": ref_size}}
+    if record:
+        settings["train"] = record["settings"]
+    key = settings_key(settings)
+    done = fabric.broadcast(find_row(table, key) if rank == 0 else None, 0)
+    if done is not None and not ev.force:
+        if rank == 0:
+            log.info("cell %s already in %s: skipped (eval.force=true recomputes)", key, table)
+        return done if rank == 0 else {}
+
+    t0 = time.time()
+    protocol = {**inception.protocol, "reference_size": ref_size}
+    ckey = reference.cache_key(ref_identity, protocol)
+    # Rank zero decides whether the cached reference is there (a node-local cache may differ per node).
+    real = reference.load_cached(m.cache_dir, ckey) if m.cache_reference and rank == 0 else None
+    if not fabric.broadcast(real is not None, 0):
+        idx = shard(len(ref), rank, world, m.feature_batch_size)
+        feats = inception([reference.reference_image(ref[i][image_column], ref_size) for i in idx],
+                          desc="reference features")
+        real = np.stack(gather_by_index(idx, list(feats), world))
+        if rank == 0 and m.cache_reference:
+            reference.save_cached(m.cache_dir, ckey, real)
+    t_ref = time.time() - t0
+
+    idx = shard(n, rank, world, ev.batch_size)
+    my_prompts = [prompts[i % len(prompts)] for i in idx]
+    seeds = [int(ev.seed) * 10**6 + i for i in idx]
+    pipe = pipeline_from_cfg(cfg, ev, fabric.device)
+    t1 = time.time()
+    images = generate(pipe, my_prompts, seeds, ev.steps, ev.guidance_scale, ev.negative_prompt,
+                      ev.height, ev.width, ev.batch_size, desc=f"generate (rank {rank})")
+    t_gen = time.time() - t1
+    if ev.save_images:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        for i, img in zip(idx, images):
+            img.save(out / "samples" / f"{i:05d}.png")
+    feats = inception(images, desc="generated features")
+    clips = clip.scores(images, my_prompts) if clip else [None] * len(images)
+    gathered = gather_by_index(idx, list(zip(feats, clips)), world)
+    fabric.barrier()
+    if rank != 0:
+        return {}
+
+    fake = np.stack([f for f, _ in gathered])
+    clip_scores = np.array([c for _, c in gathered]) if clip else None
+    ref_file = reference.cache_path(m.cache_dir, ckey) if m.cache_reference else \
+        reference.save_cached(out, "reference_features", real)
+    scores = compute_scores(reference.statistics(ref_file), fake, clip_scores, m.interval_groups, m.level,
+                            seed=int(ev.seed), with_fid_infinity=m.fid_infinity, with_prdc=m.prdc)
+    methods = {k: scores.pop(k) for k in list(scores) if k.endswith("_ci_method")}
+    fid_inf_fit = {k: scores.pop(k) for k in ("fid_inf_sizes", "fid_inf_fids") if k in scores}
+    metrics = {**scores, "seconds_reference": t_ref, "seconds_generate": t_gen,
+               "images_per_second": n / max(t_gen, 1e-9)}
+    grid = out / "grid.png"
+    make_grid(images[:64], cols=8).save(grid)  # rank zero's first images
+    # Per-image features and scores: what a paired comparison with another cell (same prompts and
+    # seeds) needs, without generating anything again.
+    all_seeds = np.array([int(ev.seed) * 10**6 + i for i in range(n)])
+    per_image = out / "per_image.npz"
+    with atomic_open(per_image) as fh:
+        np.savez(fh, features=fake.astype(np.float32), seeds=all_seeds,
+                 clip=clip_scores if clip_scores is not None else np.full(n, np.nan))
+    row = {"key": key, "settings": settings, "metrics": metrics, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "per_prompt": per_prompt([prompts[i % len(prompts)] for i in range(n)], clip_scores,
+                                    groups and [groups[i % len(groups)] for i in range(n)])
+           if clip_scores is not None else {},
+           # relative to the table's folder where under it: a moved sweep keeps its files (and pairs)
+           "files": {k: stored_path(v, table.parent) for k, v in
+                     (("per_image", per_image), ("reference_features", ref_file), ("grid", grid))},
+           "protocol": {**protocol, **(clip.protocol if clip else {"clip": "skipped"}),
+                        "metric_impl": METRIC_IMPL, "intervals": methods, "level": m.level,
+                        "fid_infinity": fid_inf_fit or "off", "versions": versions(), "world_size": world,
+                        "seed_rule": "seed_i = eval.seed*1e6 + i", "reference_cache": ckey},
+           "run_dir": str(out), **({"train": record} if record else {})}
+    append_row(table, row)
+    log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics.items()})
+    log_to_loggers(cfg, row, grid)
+    return resolved(row, table.parent)

@@ -1,0 +1,146 @@
+"""The rules of a run's life, each written once: who is rank zero, when a fresh start is refused,
+what ``ckpt_path=last`` means, how a run reused or resumed in a sweep decides, and how an
+interrupted fit exits. ``run.resume`` (before Hydra), ``tasks.train`` and ``tasks.finetune_eval``
+call these; nothing else decides them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, open_dict
+
+if TYPE_CHECKING:
+    import lightning as L
+
+log = logging.getLogger(__name__)
+INTERRUPTED_EXIT_CODE = 130   # 128 + SIGINT: what a shell reports for Ctrl-C
+
+
+class RunDirError(ValueError):
+    """A command that cannot mean what the user meant for this run directory."""
+
+
+class CheckpointsExist(RunDirError, FileExistsError):
+    """A fresh run was asked for in a directory holding another run's checkpoints."""
+
+
+class NoCheckpoint(RunDirError, FileNotFoundError):
+    """``ckpt_path=last`` names a run with no checkpoint to resume."""
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C without a checkpoint of the current step."""
+
+
+def rank_zero() -> bool:
+    """This process is global rank zero (or not distributed): from the variables torchrun, SLURM and
+    Lightning's DDP launcher set before our code runs, so it holds before any process group exists."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op outside a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def check_fresh(run: Path, resume: str) -> None:
+    """Refuse to start a fresh run over another run's checkpoints (resuming is explicit).
+    ``resume``: the command that resumes ``run``."""
+    ckpts = list((run / "checkpoints").glob("*.ckpt"))
+    if ckpts:
+        raise CheckpointsExist(
+            f"{run} already holds checkpoints of an earlier run ({len(ckpts)} files); a fresh run there would mix "
+            f"two runs. Resume it with: {resume}  — or start this run in another directory (hydra.run.dir=...).")
+
+
+def nothing_to_resume(detail: str) -> NoCheckpoint:
+    """The error of ``ckpt_path=last`` without a checkpoint (``detail``: what was looked at)."""
+    return NoCheckpoint(
+        f"ckpt_path=last: {detail}, so there is nothing to resume. Checkpoints are written every "
+        "callbacks.model_checkpoint.every_n_train_steps steps and when a run is stopped by SIGTERM, SIGUSR1 or "
+        "Ctrl-C; a run killed before its first one starts over: drop ckpt_path (and pick a new hydra.run.dir, "
+        "or delete this one).")
+
+
+def last_checkpoint(trainer: L.Trainer, output_dir: Path) -> Path:
+    """The run's one ``last.ckpt`` (where the checkpoint callback writes it)."""
+    cb = trainer.checkpoint_callback
+    return Path(cb.dirpath if cb is not None and cb.dirpath else output_dir / "checkpoints") / "last.ckpt"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, trainer: L.Trainer, output_dir: Path) -> str | None:
+    """``last`` -> this run's ``last.ckpt`` (the one file: never a guess between versions); an
+    error if there is none, rather than a silent fresh start."""
+    if ckpt_path != "last":
+        return ckpt_path
+    path = last_checkpoint(trainer, output_dir)
+    if not path.is_file():
+        raise nothing_to_resume(f"no checkpoint {path} in {output_dir}")
+    return str(path)
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule,
+        ckpt_path: str | None) -> None:
+    """``trainer.fit`` that reads checkpoints with ``weights_only=True`` (tensors and plain
+    containers only: a pickle cannot run code on load) and explains a refused file. Lightning
+    turns a KeyboardInterrupt it catches (Ctrl-C before training started, or a second Ctrl-C)
+    into ``exit(1)``; that becomes ``Interrupted``."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SystemExit:
+        if trainer.interrupted:
+            raise Interrupted from None
+        raise
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refused to load checkpoint {ckpt_path!r}: it holds Python objects beyond tensors and "
+            f"plain containers, and unpickling those can execute arbitrary code ({str(err).splitlines()[0]}). "
+            "Resume only from checkpoints this toolkit wrote; to start from foreign LoRA weights, "
+            "convert them to safetensors first.") from None
+
+
+def exit_if_stopped(trainer: L.Trainer, output_dir: Path, resume: str) -> None:
+    """After ``fit``: a run stopped by a signal (``PreemptionCheckpoint``) exits with its code,
+    naming its checkpoint and the resume command."""
+    stop = next((cb for cb in trainer.callbacks if getattr(cb, "preempted_at", None) is not None), None)
+    if stop is not None:
+        log.warning("stopped by %s at step %d; checkpoint %s. Resume with:\n    %s",
+                    stop.requested or "a signal on another rank", stop.preempted_at, stop.checkpoint, resume)
+        raise SystemExit(stop.exit_code)
+
+
+def exit_interrupted(trainer: L.Trainer, output_dir: Path, resume: str) -> None:
+    """Ctrl-C without a checkpoint of the current step: say what there is to resume, exit 130."""
+    last = last_checkpoint(trainer, output_dir)
+    log.warning("interrupted at step %d, without a checkpoint of that step. %s", trainer.global_step,
+                f"The last checkpoint is {last}; resume with: {resume}" if last.is_file()
+                else "No checkpoint was written: nothing to resume.")
+    raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+
+
+def reuse_or_resume(cfg: DictConfig, out: Path) -> tuple[DictConfig, dict[str, Any] | None]:
+    """A sweep cell run again: its finished training's metrics (reused), or its interrupted
+    training continued from its last checkpoint (``cfg`` with ``ckpt_path=last``)."""
+    from toolkit.run.history import record_event
+
+    done = out / "train_metrics.json"
+    if done.is_file() and (out / "adapter").is_dir():
+        log.info("training of %s finished earlier: reused (%s)", out, done)
+        return cfg, json.loads(done.read_text())
+    if (out / "checkpoints" / "last.ckpt").is_file() and cfg.ckpt_path is None:
+        log.info("training of %s was interrupted: resuming from its last checkpoint", out)
+        record_event(out, "resume", ckpt_path="last", why="the sweep ran again over an interrupted cell")
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.ckpt_path = "last"
+    return cfg, None

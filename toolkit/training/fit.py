@@ -1,0 +1,68 @@
+"""Fine-tune LoRA adapters on a frozen pretrained latent-diffusion pipeline: the body of
+``task=train`` (and of the training half of ``task=finetune_eval``).
+
+Everything that can be checked without model weights is checked first: the model and data
+locations, the data (scan, columns, batch split) and the resolution against the VAE config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from toolkit.config import in_multirun
+from toolkit.locate import check_local_or_hub
+from toolkit.models.pretrained import check_resolution
+from toolkit.run import lifecycle
+from toolkit.run.resume import relaunch_as_cell, resume_command
+from toolkit.training.trainer import build_trainer
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train with ``cfg`` (the composed root config); the final metrics, also in ``train_metrics.json``."""
+    output_dir = Path(cfg.paths.output_dir)
+    resume = resume_command(output_dir)
+    if in_multirun():   # a sweep run again: finished cells are skipped, interrupted ones resumed
+        cfg, done = lifecycle.reuse_or_resume(cfg, output_dir)
+        if done is not None:
+            return done
+    if cfg.ckpt_path is None:
+        lifecycle.check_fresh(output_dir, resume)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    trainer = build_trainer(cfg)
+    ckpt_path = lifecycle.resolve_ckpt_path(cfg.ckpt_path, trainer, output_dir)
+    if trainer.is_global_zero:
+        log.info("run dir %s (resume: %s)", output_dir, resume)
+        if ckpt_path:
+            log.info("starting from checkpoint %s", ckpt_path)
+    check_local_or_hub(cfg.model.name_or_path, "model.name_or_path", "model", cfg.model.revision)
+    datamodule = instantiate(cfg.data)
+    datamodule.trainer = trainer
+    datamodule.setup("fit")
+    check_resolution(cfg.model.name_or_path, datamodule.resolution, cfg.model.revision, cfg.model.get("config"))
+    module = instantiate(cfg.module)
+    if in_multirun():   # DDP in a sweep cell: the other ranks must run this cell, not the sweep
+        relaunch_as_cell(cfg.ckpt_path)
+
+    try:
+        lifecycle.fit(trainer, module, datamodule, ckpt_path)
+    except lifecycle.Interrupted:
+        lifecycle.exit_interrupted(trainer, output_dir, resume)
+    lifecycle.exit_if_stopped(trainer, output_dir, resume)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics.update(global_step=trainer.global_step, adapter=str(output_dir / "adapter"))
+    if trainer.is_global_zero:
+        (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("train metrics (%s): %s", output_dir / "train_metrics.json",
+                 " · ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics
