@@ -26,7 +26,7 @@ from omegaconf import open_dict  # noqa: E402
 from miniature.tokenizer import load_clip_tokenizer  # noqa: E402
 from miniature.world import generate  # noqa: E402
 from tests.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
-from toolkit.config import CONFIG_DIR, ROOT, register_resolvers  # noqa: E402
+from toolkit.config import CONFIG_DIR, ROOT, register_resolvers, renamed_overrides  # noqa: E402
 from toolkit.model_defaults import model_overrides  # noqa: E402
 
 register_resolvers()
@@ -115,7 +115,8 @@ def tiny_overrides(model: str, data: Path, out: Path) -> list[str]:
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None):
     """Compose conf/config.yaml as run.py would, with the Hydra runtime set for interpolations."""
-    overrides = model_overrides(overrides)   # as run.py does: open settings follow the model
+    overrides = model_overrides(renamed_overrides(overrides)[0])   # as run.py does: renamed keys, and open
+    # settings follow the model
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from miniature import SEARCHPATH
 from tests.conftest import ROOT, compose_cfg
 
 
@@ -69,6 +70,6 @@ def test_a_users_config_folder_joins_through_the_search_path(venv, tmp_path):
 
 @pytest.mark.parametrize("task", ["pretrain_autoencoder", "pretrain_clip", "pretrain_unet"])
 def test_pretrain_tasks_write_a_new_folder(task, tmp_path):
-    cfg = compose_cfg([f"task={task}", f"hydra.run.dir={tmp_path}"], tmp_path)
+    cfg = compose_cfg([SEARCHPATH, f"task={task}", f"hydra.run.dir={tmp_path}"], tmp_path)
     assert Path(cfg.pretrain.miniature_dir) == tmp_path / "miniature"
     assert not Path(cfg.pretrain.miniature_dir).is_relative_to(ROOT / "data")

@@ -270,7 +270,7 @@ def test_masked_loss_uses_each_images_mask_naive_and_cached(tiny_model, tmp_path
         bad = compose_cfg(overrides(tiny_model, data, tmp_path / "bad", "data.masks=alpha", "data.val_fraction=0",
                                     "trainer.max_steps=1"), tmp_path / "bad")
         train.run(bad)
-    assert module.masked_loss
+    assert module.objective.masked_loss
 
 
 def test_prior_preservation_mixes_cached_class_images(tiny_model, imagefolder_data, tmp_path, caplog):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from miniature import SEARCHPATH
 from miniature.pretrain.clip import contrastive_loss
 from miniature.pretrain.imagery import pattern_bank
 from miniature.pretrain.latent_cache import LatentTextCache
@@ -83,8 +84,8 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
 def _run_task(experiment: str, overrides: list[str], out: Path) -> dict:
     common = ["trainer.max_steps=2", "trainer.enable_progress_bar=false",
               "trainer.log_every_n_steps=1", f"hydra.run.dir={out}"]
-    cfg = compose_cfg([f"experiment={experiment}", *common, *overrides], out)
-    return importlib.import_module(f"toolkit.tasks.{cfg.task_name}").run(cfg)
+    cfg = compose_cfg([SEARCHPATH, f"experiment={experiment}", *common, *overrides], out)
+    return importlib.import_module(cfg.task_module).run(cfg)
 
 
 def test_pretrain_tasks_end_to_end(tiny_world, tmp_path):
@@ -103,7 +104,7 @@ def test_pretrain_tasks_end_to_end(tiny_world, tmp_path):
     vae_cfg = json.loads((mini / "sd" / "vae" / "config.json").read_text())
     assert vae_cfg["scaling_factor"] == pytest.approx(ae["scaling_factor"])
     # second stage: continues from the first stage's weights, on other texture kinds
-    cfg = compose_cfg(["experiment=pretrain_autoencoder_refine", f"pretrain.miniature_dir={mini}"])
+    cfg = compose_cfg([SEARCHPATH, "experiment=pretrain_autoencoder_refine", f"pretrain.miniature_dir={mini}"])
     module = instantiate(cfg.pretrain.module)
     saved = AutoencoderKL.from_pretrained(mini / "sd" / "vae").state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in module.vae.state_dict().items())

@@ -21,7 +21,7 @@ quiet()   # before any library is imported: some speak at import time
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from toolkit.config import check_overrides, register_resolvers  # noqa: E402
+from toolkit.config import check_overrides, register_resolvers, renamed_overrides  # noqa: E402
 from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
 from toolkit.model_defaults import ModelDefaultsError, chosen_lines, model_overrides  # noqa: E402
 from toolkit.run.history import record_attempt  # noqa: E402
@@ -36,7 +36,7 @@ log = logging.getLogger("toolkit")
 def main(cfg: DictConfig) -> dict:
     cfg = restore(cfg, cfg.paths.output_dir)   # a resume: the run's saved settings
     record_attempt(cfg)                        # <run>/run_history.jsonl
-    task = importlib.import_module(f"toolkit.tasks.{cfg.task_name}")
+    task = importlib.import_module(cfg.get("task_module") or f"toolkit.tasks.{cfg.task_name}")
     route_library_logs()
     if rank_zero():
         for line in chosen_lines(cfg):   # what was chosen for the user, from the model
@@ -70,7 +70,9 @@ def end_processes(launch_env: dict[str, str | None]) -> None:
 
 def entry() -> None:
     """The console script ``toolkit`` (and ``python -m toolkit``, ``python run.py``)."""
-    args = sys.argv[1:]
+    args, notes = renamed_overrides(sys.argv[1:])
+    for note in notes:
+        print(f"renamed: {note}", file=sys.stderr)
     if problem := check_overrides(args):   # names the nearest valid key; Hydra does not
         sys.exit(f"config error: {problem}")
     try:

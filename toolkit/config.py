@@ -147,3 +147,51 @@ def as_list(x: Any) -> list[Any]:
     if isinstance(x, ListConfig | DictConfig):
         x = OmegaConf.to_container(x, resolve=True)
     return list(x) if isinstance(x, list | tuple) else [x]
+
+
+# Keys renamed in 0.2 (module options grouped by the object they configure): the old names keep
+# working for one release, with a message. Exact keys, and prefixes (ending in ".") of sub-trees.
+RENAMED: dict[str, str] = {
+    "module.caption_dropout": "module.objective.caption_dropout",
+    "module.snr_gamma": "module.objective.snr_gamma",
+    "module.noise_offset": "module.objective.noise_offset",
+    "module.zero_terminal_snr": "module.objective.zero_terminal_snr",
+    "module.input_perturbation": "module.objective.input_perturbation",
+    "module.debiased_estimation": "module.objective.debiased_estimation",
+    "module.masked_loss": "module.objective.masked_loss",
+    "module.min_timestep": "module.objective.timesteps.min",
+    "module.max_timestep": "module.objective.timesteps.max",
+    "module.timestep_density.": "module.objective.timesteps.",
+    "module.loss": "module.objective.loss.kind",
+    "module.huber_delta": "module.objective.loss.huber_delta",
+    "module.gradient_checkpointing": "module.speed.gradient_checkpointing",
+    "module.attention": "module.speed.attention",
+    "module.channels_last": "module.speed.channels_last",
+    "module.compile": "module.speed.compile",
+    "module.val_timesteps": "module.validation.timesteps",
+    "module.val_seed": "module.validation.seed",
+}
+
+
+def renamed_key(key: str) -> str | None:
+    """The current name of a renamed config key (None: not renamed)."""
+    prefix = re.match(r"[+~]*", key).group(0)
+    bare = key[len(prefix):]
+    if bare in RENAMED and not bare.endswith("."):
+        return prefix + RENAMED[bare]
+    old = next((o for o in RENAMED if o.endswith(".") and bare.startswith(o)), None)
+    return prefix + RENAMED[old] + bare[len(old):] if old else None
+
+
+def renamed_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """``args`` with renamed keys under their current names, and one message per rename."""
+    out, notes = [], []
+    for a in args:
+        key, eq, value = a.partition("=")
+        new = renamed_key(key) if eq and not a.startswith("-") else None
+        if new is None:
+            out.append(a)
+            continue
+        out.append(f"{new}={value}")
+        notes.append(f"{key.lstrip('+~')} is now {new.lstrip('+~')} (the old name works until the next release)")
+    return out, notes

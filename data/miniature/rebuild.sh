@@ -34,25 +34,25 @@ stage() {   # stage NAME CMD...: run, time, and keep going (the caller checks wh
 mkdir -p "$RUNS"
 
 [ -n "${SKIP_WORLD:-}" ] || stage world env WORKERS="$WORKERS" python data/make_world.py base/train base/test || exit 1
-stage autoencoder python run.py experiment=pretrain_autoencoder $TRAINER pretrain.miniature_dir="$MINI" hydra.run.dir="$RUNS/autoencoder" \
+stage autoencoder python -m miniature experiment=pretrain_autoencoder $TRAINER pretrain.miniature_dir="$MINI" hydra.run.dir="$RUNS/autoencoder" \
   trainer.max_steps="$AE_STEPS" +trainer.max_time="$AE_TIME" pretrain.data.batch_size=64 \
   pretrain.data.world_limit=20000 pretrain.data.patterns="$PATTERNS" pretrain.data.workers="$WORKERS" \
   callbacks.model_checkpoint.every_n_train_steps=100000 &
 ae=$!
-stage clip python run.py experiment=pretrain_clip $TRAINER pretrain.miniature_dir="$MINI" hydra.run.dir="$RUNS/clip" \
+stage clip python -m miniature experiment=pretrain_clip $TRAINER pretrain.miniature_dir="$MINI" hydra.run.dir="$RUNS/clip" \
   trainer.max_steps="$CLIP_STEPS" +trainer.max_time="$CLIP_TIME" pretrain.data.batch_size="$CLIP_BATCH" \
   'pretrain.data.folders.0.limit=null' callbacks.model_checkpoint.every_n_train_steps=100000 &
 clip=$!
 wait $ae || exit 1
-stage autoencoder_refine python run.py experiment=pretrain_autoencoder_refine $TRAINER pretrain.miniature_dir="$MINI" \
+stage autoencoder_refine python -m miniature experiment=pretrain_autoencoder_refine $TRAINER pretrain.miniature_dir="$MINI" \
   hydra.run.dir="$RUNS/autoencoder_refine" trainer.max_steps="$AE2_STEPS" +trainer.max_time="$AE2_TIME" \
   pretrain.data.batch_size=64 pretrain.data.world_limit=20000 pretrain.data.patterns="$PATTERNS" \
   pretrain.data.workers="$WORKERS" callbacks.model_checkpoint.every_n_train_steps=100000 || exit 1
-stage autoencoder_decoder python run.py experiment=pretrain_autoencoder_decoder $TRAINER pretrain.miniature_dir="$MINI" \
+stage autoencoder_decoder python -m miniature experiment=pretrain_autoencoder_decoder $TRAINER pretrain.miniature_dir="$MINI" \
   hydra.run.dir="$RUNS/autoencoder_decoder" trainer.max_steps="$DEC_STEPS" +trainer.max_time="$DEC_TIME" \
   pretrain.data.batch_size=64 pretrain.data.workers="$WORKERS" callbacks.model_checkpoint.every_n_train_steps=100000 || exit 1
 wait $clip || exit 1
-stage unet python run.py experiment=pretrain_unet $TRAINER pretrain.miniature_dir="$MINI" hydra.run.dir="$RUNS/unet" \
+stage unet python -m miniature experiment=pretrain_unet $TRAINER pretrain.miniature_dir="$MINI" hydra.run.dir="$RUNS/unet" \
   trainer.max_steps="$UNET_STEPS" +trainer.max_time="$UNET_TIME" pretrain.data.batch_size="$UNET_BATCH" \
   pretrain.data.limit=null callbacks.model_checkpoint.every_n_train_steps=2500 || exit 1
 [ -n "${SKIP_CARD:-}" ] || stage card python -m miniature.pretrain.card "$MINI"

@@ -4,9 +4,9 @@ Three tasks rebuild it from scratch on CPU, in order (each writes its part into
 ``pretrain.miniature_dir``):
 
     python data/make_world.py base/train base/test
-    python run.py experiment=pretrain_autoencoder   # -> sd/vae  (AutoencoderKL, factor 4)
-    python run.py experiment=pretrain_clip          # -> clip/   (CLIPModel; text tower = text_encoder)
-    python run.py experiment=pretrain_unet          # -> sd/     (the whole StableDiffusionPipeline)
+    python -m miniature experiment=pretrain_autoencoder   # -> sd/vae  (AutoencoderKL, factor 4)
+    python -m miniature experiment=pretrain_clip          # -> clip/   (CLIPModel; text tower = text_encoder)
+    python -m miniature experiment=pretrain_unet          # -> sd/     (the whole StableDiffusionPipeline)
     python -m miniature.pretrain.card                 # model-card figures + samples_base.png
 
 Modules: ``imagery`` (procedural textures for the autoencoder), ``world_data`` (the generated

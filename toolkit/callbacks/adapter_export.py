@@ -37,7 +37,8 @@ def kohya_metadata(trainer: L.Trainer, module: L.LightningModule) -> dict[str, A
             "ss_seed": str(getattr(module, "seed", "")), "ss_training_finished_at": str(time.time()),
             "ss_resolution": f"({res}, {res})" if res else "",
             "ss_learning_rate": str(opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])) if opt else "",
-            "ss_mixed_precision": str(trainer.precision), "ss_caption_dropout_rate": str(module.caption_dropout)}
+            "ss_mixed_precision": str(trainer.precision),
+            "ss_caption_dropout_rate": str(module.objective.caption_dropout)}
     if dm is not None and n_train is not None:
         meta["ss_num_train_images"] = str(n_train)
         meta["ss_dataset_dirs"] = json.dumps({Path(str(dm.path)).name: {"n_repeats": 1, "img_count": n_train}})

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.config import CONFIG_DIR, ROOT, register_resolvers
+from toolkit.config import CONFIG_DIR, ROOT, register_resolvers, renamed_overrides
 from toolkit.run.lifecycle import RunDirError, check_fresh, nothing_to_resume, rank_zero
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ def launcher() -> list[str]:
     if Path(sys.argv[0]).name == "toolkit":   # the console script
         return ["toolkit"]
     spec = getattr(__main__, "__spec__", None)
-    if spec is not None and spec.name.startswith("toolkit"):
-        return ["python", "-m", "toolkit"]
+    if spec is not None and spec.name.split(".")[0] in ("toolkit", "miniature"):   # python -m <it>
+        return ["python", "-m", spec.name.split(".")[0]]
     if ROOT is None:   # an installed package, started some other way: its command
         return ["toolkit"]
     return ["python", "run.py" if Path.cwd().resolve() == ROOT else str(ROOT / "run.py")]
@@ -159,7 +159,7 @@ def launch_args(args: list[str]) -> list[str]:
                                              else "holds no checkpoint (no last.ckpt under it)"))
     if not (run / SAVED / "config.yaml").is_file():
         return args   # a checkpoint without a saved config (not written by run.py): resume as told
-    saved = [str(x) for x in OmegaConf.load(run / SAVED / "overrides.yaml")]
+    saved = renamed_overrides([str(x) for x in OmegaConf.load(run / SAVED / "overrides.yaml")])[0]
     check_resume(run, saved, args)
     n = 1 + len(list((run / SAVED).glob("resume-*")))
     subdir = f"{SAVED}/resume-{n}" if rank_zero() else "null"

@@ -18,17 +18,17 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import PeftConfig
 
 from toolkit.adapters.inject import add_lora, init_from_file
 from toolkit.hashing import text_key
-from toolkit.models import objectives
 from toolkit.models.families import ModelFamily
+from toolkit.models.objective import Objective
 from toolkit.models.pretrained import load_components
 from toolkit.reproducibility import gather_rng_states, seed_step, set_rng_state
 from toolkit.training.optimizers import optimizers
+from toolkit.training.speed import Speed
 
 log = logging.getLogger(__name__)
 
@@ -65,38 +65,24 @@ class LoRADiffusion(L.LightningModule):
             (``name_or_path``, ``revision``, ``variant``, ``dtype``).
         lora: peft config of the UNet adapter (``toolkit.adapters.inject.adapter_config``: LoRA, DoRA,
             LoHa or LoKr).
+        optimizer: partial optimizer, called with the trainable parameters.
+        objective: the denoising objective (``toolkit.models.objective.Objective``): noise, timesteps,
+            targets, weights and the loss.
+        lr_scheduler: partial ``diffusers.optimization.get_scheduler`` (called with the optimizer
+            and ``num_training_steps``), or None for a constant LR.
         text_encoder_lora: adapter config for the text encoder(s), or None to keep them frozen.
         init_adapter: a LoRA file (diffusers, kohya/A1111 or LyCORIS LoCon) to start from: its
             rank, α and target layers replace ``lora``/``text_encoder_lora``'s, and training
             continues from its weights (verified to apply the file's update exactly).
-        optimizer: partial optimizer, called with the trainable parameters.
-        lr_scheduler: partial ``diffusers.optimization.get_scheduler`` (called with the optimizer
-            and ``num_training_steps``), or None for a constant LR.
-        caption_dropout: probability of training on the empty prompt (keeps CFG working).
-        snr_gamma: min-SNR-γ weighting; None for the plain MSE.
-        noise_offset: noise-offset strength (0 disables it).
-        min_timestep / max_timestep: training timestep range [min, max); None = whole schedule.
-        gradient_checkpointing: recompute UNet activations in backward to save memory.
-        attention: ``sdpa`` (PyTorch scaled_dot_product_attention) or ``default``.
-        channels_last: UNet/VAE in channels-last memory format (faster convs on GPUs, bf16).
-        compile: ``torch.compile`` the UNet in place (parameter names, hence checkpoints and
-            adapters, are unchanged).
-        val_timesteps: fixed timesteps of the validation loss (same noise every time, so the
-            figure is comparable across runs and checkpoints).
-        val_seed: seed of the fixed validation noise.
+        speed: the speed knobs (``toolkit.training.speed.Speed``).
+        validation: ``{timesteps, seed}`` of the validation loss: fixed timesteps and fixed noise,
+            so the figure is comparable across runs and checkpoints.
         seed: seed of the per-step random draws (``toolkit.reproducibility``).
         nonfinite: on a NaN/inf loss: ``stop`` (raise, naming the last good checkpoint) or
             ``skip`` (no update for that batch; stops after ``max_skipped_steps`` skips).
         max_skipped_steps: how many non-finite steps ``skip`` tolerates in one run.
         micro_conditioning: SDXL only: fixed ``original_size`` / ``crop_top_left`` /
             ``target_size`` ([h, w] each, None: each image's own) instead of the per-image values.
-        loss: per-element penalty: ``mse``, ``huber`` or ``smooth_l1`` (``huber_delta``: its δ).
-        timestep_density: ``{scheme: uniform | logit_normal | mode, logit_mean, logit_std,
-            mode_scale}`` (``objectives.sample_timesteps_density``).
-        zero_terminal_snr: rescale the betas to zero terminal SNR (v-prediction models only).
-        input_perturbation: γ of input perturbation (0: off).
-        debiased_estimation: multiply the loss weights by the debiased-estimation weights.
-        masked_loss: weight the loss by each image's mask (``data.masks``), in latent space.
     """
 
     def __init__(
@@ -104,55 +90,30 @@ class LoRADiffusion(L.LightningModule):
         pretrained: Mapping[str, Any],
         lora: PeftConfig,
         optimizer: Callable[..., torch.optim.Optimizer],
+        objective: Objective | None = None,
         lr_scheduler: Callable[..., Any] | None = None,
         text_encoder_lora: PeftConfig | None = None,
         init_adapter: str | None = None,
-        caption_dropout: float = 0.0,
-        snr_gamma: float | None = None,
-        noise_offset: float = 0.0,
-        min_timestep: int = 0,
-        max_timestep: int | None = None,
-        gradient_checkpointing: bool = False,
-        attention: str = "sdpa",
-        channels_last: bool = False,
-        compile: bool = False,
-        val_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
-        val_seed: int = 0,
+        speed: Speed | None = None,
+        validation: Mapping[str, Any] | None = None,
         seed: int = 0,
         nonfinite: str = "stop",
         max_skipped_steps: int = 10,
         micro_conditioning: Mapping[str, Any] | None = None,
-        loss: str = "mse",
-        huber_delta: float = 1.0,
-        timestep_density: Mapping[str, Any] | None = None,
-        zero_terminal_snr: bool = False,
-        input_perturbation: float = 0.0,
-        debiased_estimation: bool = False,
-        masked_loss: bool = False,
     ) -> None:
         super().__init__()
         self.pretrained = dict(pretrained)
+        self.objective = objective or Objective()
+        speed = speed or Speed()
         c = load_components(**self.pretrained)
-        self.family, self.noise_scheduler = c.family, c.noise_scheduler
-        if zero_terminal_snr:
-            if self.noise_scheduler.config.prediction_type != "v_prediction":
-                raise ValueError("module.zero_terminal_snr=true needs a v-prediction model: at SNR 0 the noise is "
-                                 "the input, so ε-prediction has nothing to learn at t=T (Lin et al. 2024, §3.2)")
-            self.noise_scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config,
-                                                                          rescale_betas_zero_snr=True)
+        self.family, self.noise_scheduler = c.family, self.objective.schedule(c.noise_scheduler)
         self.vae, self.unet = c.vae, c.unet
         for name, tok in c.tokenizers.items():
             setattr(self, name, tok)
         for name, enc in c.text_encoders.items():   # registered as submodules under their pipeline names
             setattr(self, name, enc)
         self.micro_override = fixed_micro_conditioning(self.family, micro_conditioning)
-        if attention == "sdpa":
-            self.unet.set_attn_processor(AttnProcessor2_0())
-        elif attention != "default":
-            raise ValueError(f"attention={attention!r}: expected 'sdpa' or 'default'")
-        if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
+        speed.before_adapters(self.unet, self.vae)
         self.init_adapter_sha256: str | None = None
         if init_adapter:
             log.info("module.init_adapter=%s: rank, alpha and targets come from the file (module.lora's are "
@@ -166,23 +127,10 @@ class LoRADiffusion(L.LightningModule):
             self.unet_lora_params = add_lora(self.unet, lora)
             self.text_lora_params = [] if text_encoder_lora is None else [   # every text encoder of the family
                 p for enc in self.text_encoders for p in add_lora(enc, copy.deepcopy(text_encoder_lora))]
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if self.text_lora_params:
-                for enc in self.text_encoders:
-                    enc.gradient_checkpointing_enable()
-        if compile:
-            self.unet.compile()
+        speed.after_adapters(self.unet, self.text_encoders if self.text_lora_params else [])
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
-        self.caption_dropout, self.snr_gamma, self.noise_offset = caption_dropout, snr_gamma, noise_offset
-        self.min_timestep, self.max_timestep = min_timestep, max_timestep
-        self.timestep_density = {"scheme": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-                                 **(timestep_density or {})}
-        if loss not in objectives.LOSSES:
-            raise ValueError(f"module.loss={loss!r}: expected one of {objectives.LOSSES}")
-        self.loss, self.huber_delta, self.input_perturbation = loss, huber_delta, input_perturbation
-        self.debiased_estimation, self.masked_loss = debiased_estimation, masked_loss
-        self.val_timesteps, self.val_seed = tuple(val_timesteps), val_seed
+        validation = {"timesteps": (100, 300, 500, 700, 900), "seed": 0, **(validation or {})}
+        self.val_timesteps, self.val_seed = tuple(validation["timesteps"]), validation["seed"]
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"module.nonfinite={nonfinite!r}: expected 'stop' or 'skip'")
         self.seed, self.nonfinite, self.max_skipped_steps = seed, nonfinite, max_skipped_steps
@@ -273,34 +221,17 @@ class LoRADiffusion(L.LightningModule):
         else:
             latents = self.encode_images(batch["pixel_values"])
         cond = self.encode_text(batch["captions"])
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        noise = objectives.offset_noise(noise, self.noise_offset, generator)
-        if timesteps is None:
-            timesteps = objectives.sample_timesteps_density(
-                latents.shape[0], self.noise_scheduler.config.num_train_timesteps, self.timestep_density["scheme"],
-                self.min_timestep, self.max_timestep, self.timestep_density["logit_mean"],
-                self.timestep_density["logit_std"], self.timestep_density["mode_scale"], latents.device, generator)
-        seen = objectives.perturb_noise(noise, self.input_perturbation, generator) if self.training else noise
-        noisy = self.noise_scheduler.add_noise(latents, seen, timesteps)
-        target = objectives.training_target(self.noise_scheduler, latents, noise, timesteps)
-        pred = self.unet(noisy.to(self.unet.dtype), timesteps,
+        noised = self.objective.noised(self.noise_scheduler, latents, batch, self.training, timesteps, generator)
+        pred = self.unet(noised.noisy.to(self.unet.dtype), noised.timesteps,
                          **self.family.unet_inputs(cond, self.micro(batch), self.unet.dtype)).sample
-        weights = objectives.min_snr_weights(self.noise_scheduler, timesteps, self.snr_gamma)
-        if self.debiased_estimation:
-            debias = objectives.debiased_weights(self.noise_scheduler, timesteps)
-            weights = debias if weights is None else weights * debias
-        if "prior" in batch:   # loss = mean over instance images + λ · mean over class images
-            prior = objectives.prior_weights(batch["prior"].to(latents.device), batch["prior_weight"])
-            weights = prior if weights is None else weights * prior
-        mask = objectives.latent_mask(batch["mask"].to(latents.device), latents.shape[-2:]) \
-            if self.masked_loss and "mask" in batch else None
-        return objectives.weighted_loss(pred, target, weights, mask, self.loss, self.huber_delta)
+        return self.objective.loss(pred, noised)
 
     def setup(self, stage: str) -> None:
         masks = getattr(getattr(self.trainer, "datamodule", None), "masks", None)
-        if self.masked_loss != bool(masks):
-            raise ValueError(f"module.masked_loss={self.masked_loss} but data.masks={masks!r}: the loss masks need "
-                             "both (data.masks=alpha or a folder, and module.masked_loss=true)")
+        if self.objective.masked_loss != bool(masks):
+            raise ValueError(f"module.objective.masked_loss={self.objective.masked_loss} but data.masks={masks!r}: "
+                             "the loss masks need both (data.masks=alpha or a folder, and "
+                             "module.objective.masked_loss=true)")
 
     def on_train_epoch_start(self) -> None:
         # Lightning puts the whole module in train mode; the frozen VAE (and a frozen text
@@ -314,7 +245,7 @@ class LoRADiffusion(L.LightningModule):
         seed_step(self.seed, self.current_epoch, batch_idx, self.global_rank)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        batch = {**batch, "captions": objectives.drop_captions(batch["captions"], self.caption_dropout)}
+        batch = {**batch, "captions": self.objective.captions(batch["captions"])}
         loss = self.diffusion_loss(batch)
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
             return self._nonfinite(loss)
