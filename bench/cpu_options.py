@@ -6,8 +6,8 @@
 For each option: ``task=train`` from the warm latent/text caches with that option, paired with a
 run of the bare naive loop (``bench/framework_tax.py``: the floor of a trainer that encodes every
 step), alternating A B A B so the ratio holds when the machine's speed drifts; prints img/s of
-each and the median ratio cached-with-option / bare-naive. Options: ``module.channels_last``,
-``module.compile`` (inductor), ``trainer.precision=bf16-mixed`` (autocast; this CPU's AMX), foreach
+each and the median ratio cached-with-option / bare-naive. Options: ``module.speed.channels_last``,
+``module.speed.compile`` (inductor), ``trainer.precision=bf16-mixed`` (autocast; this CPU's AMX), foreach
 AdamW, ``data.num_workers``, and their combination.
 """
 
@@ -28,12 +28,12 @@ from bench.framework_tax import bare_run, rate, toolkit_run  # noqa: E402
 
 OPTIONS = {
     "cached": [],
-    "channels_last": ["module.channels_last=true"],
-    "compile": ["module.compile=true"],
+    "channels_last": ["module.speed.channels_last=true"],
+    "compile": ["module.speed.compile=true"],
     "bf16_autocast": ["trainer.precision=bf16-mixed"],
     "foreach_adamw": ["module.optimizer.foreach=true"],
     "loader_workers_2": ["data.num_workers=2"],
-    "compile_channels_last": ["module.compile=true", "module.channels_last=true"],
+    "compile_channels_last": ["module.speed.compile=true", "module.speed.channels_last=true"],
 }
 
 

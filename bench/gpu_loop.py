@@ -1,6 +1,6 @@
 """The real training loop (``task=train``) at SD-1.5 size on a GPU: img/s, peak memory, MFU.
 
-    python bench/gpu_loop.py --batch 32 --steps 60 --work /tmp/gpu_loop     # then: -- module.compile=true ...
+    python bench/gpu_loop.py --batch 32 --steps 60 --work /tmp/gpu_loop     # then: -- module.speed.compile=true ...
 
 No SD-1.5 weights exist offline, so a pipeline with SD-1.5's component configs and random weights
 is built on the GPU and saved with ``save_pretrained`` (cost per step depends on shapes, not
@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--tflop-per-step", type=float, help="FLOPs of one cached step (bench/step.py) for the MFU")
     ap.add_argument("--peak", type=float, default=989e12, help="dense bf16 FLOP/s of the GPU")
-    ap.add_argument("--configs", default='{"cached": [], "cached_compile": ["module.compile=true"]}')
+    ap.add_argument("--configs", default='{"cached": [], "cached_compile": ["module.speed.compile=true"]}')
     ap.add_argument("--json")
     args = ap.parse_args()
     import torch

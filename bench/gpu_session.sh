@@ -23,10 +23,10 @@ TF=$(python3 -c "import json; print(json.load(open('$OUT/sd15_b32.json'))['cache
 # (Fused AdamW is not used: torch refuses it together with Lightning's gradient clipping, which the
 # default config turns on; module.optimizer.fused=true needs trainer.gradient_clip_val=null.)
 timeout 200 python3 bench/gpu_loop.py --batch 32 --steps 60 --warmup 15 --tflop-per-step "$TF" --json "$OUT/loop_sd15_b32.json" \
-    --configs '{"cached": [], "cached_compile": ["module.compile=true"]}' \
+    --configs '{"cached": [], "cached_compile": ["module.speed.compile=true"]}' \
     > "$OUT/loop_sd15_b32.log" 2>&1; echo "loop_sd15_b32: $?"; tail -4 "$OUT/loop_sd15_b32.log"
 step sd15_b64 --model sd15 --batch 64 --steps 4 --warmup 2
 TF64=$(python3 -c "import json; print(json.load(open('$OUT/sd15_b64.json'))['cached']['tflop_per_step'])" 2>/dev/null || echo 0)
 timeout 200 python3 bench/gpu_loop.py --batch 64 --steps 40 --warmup 10 --tflop-per-step "$TF64" --json "$OUT/loop_sd15_b64.json" \
-    --configs '{"cached_compile_b64": ["module.compile=true"]}' \
+    --configs '{"cached_compile_b64": ["module.speed.compile=true"]}' \
     > "$OUT/loop_sd15_b64.log" 2>&1; echo "loop_sd15_b64: $?"; tail -4 "$OUT/loop_sd15_b64.log"

@@ -10,6 +10,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import compose_cfg, run_entry
 from toolkit.config import PACKAGE
 
 # Lower rank = lower room. Rooms of one rank do not import each other.
@@ -81,3 +84,68 @@ def test_the_check_catches_an_upward_import(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from toolkit.tasks import train\n    import toolkit.report.table\n")
     assert [m for m, _ in imports(f)] == ["toolkit.tasks", "toolkit.report.table"]
+
+
+def test_the_module_takes_a_handful_of_arguments():
+    """The objective, speed and validation options are objects/blocks of their own (29 arguments before)."""
+    import inspect
+
+    from toolkit.training.module import LoRADiffusion
+
+    params = list(inspect.signature(LoRADiffusion.__init__).parameters)[1:]
+    assert len(params) <= 13, params
+    assert not {"snr_gamma", "noise_offset", "loss", "compile", "val_seed"} & set(params)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("module.snr_gamma=5", "module.objective.snr_gamma=5"),
+    ("module.timestep_density.scheme=logit_normal", "module.objective.timesteps.scheme=logit_normal"),
+    ("module.min_timestep=100", "module.objective.timesteps.min=100"),
+    ("module.loss=huber", "module.objective.loss.kind=huber"),
+    ("module.compile=true", "module.speed.compile=true"),
+    ("module.val_seed=3", "module.validation.seed=3"),
+])
+def test_renamed_keys_still_mean_the_same(old, new, tmp_path):
+    from omegaconf import OmegaConf
+
+    from toolkit.config import renamed_overrides
+
+    got, notes = renamed_overrides([old, "module.lora.r=8"])
+    assert got == [new, "module.lora.r=8"] and len(notes) == 1 and new.split("=")[0] in notes[0]
+    a = compose_cfg(["module=lora_miniature", old], tmp_path)   # compose_cfg renames as the entry does
+    b = compose_cfg(["module=lora_miniature", new], tmp_path)
+    assert OmegaConf.to_container(a.module) == OmegaConf.to_container(b.module)
+
+
+def test_an_override_the_task_would_ignore_is_refused():
+    from toolkit.config import check_overrides
+
+    msg = check_overrides(["task=report", "report.dir=/tmp", "trainer.devices=8"])
+    assert msg and "task=report does not read trainer.devices=8" in msg
+    assert check_overrides(["task=report", "report.dir=/tmp"]) is None
+    assert check_overrides(["task=sample", "sample.steps=2", "model.name_or_path=x", "generation.steps=3"]) is None
+    assert check_overrides(["task=train", "trainer.devices=8"]) is None
+
+
+def test_one_generation_block_reaches_every_generator(tmp_path):
+    cfg = compose_cfg(["module=lora_miniature", "generation.steps=7", "generation.guidance_scale=3",
+                       "eval.dataset=x", "metrics.clip_model=y", "eval.num_ref=10"], tmp_path)
+    assert (cfg.eval.steps, cfg.callbacks.prior.steps) == (7, 7)
+    cb = cfg.callbacks
+    assert cfg.eval.guidance_scale == cb.sample_grid.guidance_scale == cb.prior.guidance_scale == 3
+    sample = compose_cfg(["task=sample", "generation.steps=7", "sample.guidance_scale=2"], tmp_path)
+    assert (sample.sample.steps, sample.sample.guidance_scale) == (7, 2)   # one place, or all
+
+
+def test_renamed_key_through_the_entry_says_so(tmp_path):
+    res = run_entry(["task=report", f"report.dir={tmp_path}", "module.snr_gamma=5"])
+    assert "renamed: module.snr_gamma is now module.objective.snr_gamma" in res.stderr
+    assert res.returncode != 0 and "task=report does not read module.objective.snr_gamma=5" in res.stderr
+
+
+def test_a_missing_experiment_is_an_error_not_the_default_job():
+    """``experiment=`` names a file: one that is not there (e.g. a miniature experiment given to
+    ``run.py`` instead of ``python -m miniature``) stops before any work."""
+    res = run_entry(["experiment=pretrain_unet"], timeout=120)
+    assert res.returncode != 0 and "experiment/pretrain_unet" in res.stderr
+    assert "step" not in res.stderr   # nothing trained

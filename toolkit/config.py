@@ -119,8 +119,7 @@ def check_overrides(args: list[str]) -> str | None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
-            compose("config", overrides=plain)
-            return None
+            return ignored_by_task(compose("config", overrides=plain), parsed)
         except ConfigCompositionException as err:
             text = f"{err} {err.__cause__ or ''}"
         m = re.search(r"full_key: (\S+)", text) or re.search(r"Could not (?:override|append to) '([^']+)'", text)
@@ -138,6 +137,27 @@ def check_overrides(args: list[str]) -> str | None:
     hint = f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
     return (f"unknown config key {bad!r} in {where}{hint} "
             "(python run.py --cfg job prints every valid key; prefix a new key with '+' to add it)")
+
+
+# Read by every task (or by the entry itself): never refused as ignored.
+ALWAYS_READ = frozenset({"hydra", "task", "task_name", "task_module", "task_reads", "experiment", "debug", "paths",
+                         "seed", "chosen"})
+
+
+def ignored_by_task(cfg: DictConfig, parsed: list[Any]) -> str | None:
+    """A message if an override sets a group the task does not read (``task_reads`` in its config),
+    e.g. ``task=report trainer.devices=8``: accepted and ignored would look like it took effect.
+    One root config serves every task (finetune_eval is train + eval, resume and sweeps compose the
+    same tree), so the tasks that read little say what they read instead of a config of their own."""
+    reads = cfg.get("task_reads")
+    if reads is None:
+        return None
+    allowed = set(reads) | ALWAYS_READ
+    ignored = [o.input_line for o in parsed if o.key_or_group.lstrip("+~").split(".")[0].split("@")[0] not in allowed]
+    if not ignored:
+        return None
+    return (f"task={cfg.task_name} does not read {', '.join(ignored)}: it reads only {', '.join(map(str, reads))} "
+            "(and paths, seed); drop the override, or pick the task that uses it")
 
 
 def as_list(x: Any) -> list[Any]:

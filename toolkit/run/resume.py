@@ -66,7 +66,7 @@ def _container(cfg: Any) -> dict[str, Any]:
 def _parse(args: list[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    return OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    return OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
 
 
 def _compose(overrides: list[str]) -> DictConfig:
