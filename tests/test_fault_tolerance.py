@@ -30,7 +30,7 @@ def resume_overrides(model: str, data: Path, out: Path) -> list[str]:
     input on: flips, random crops, caption dropout, LoRA dropout, deterministic CPU kernels."""
     return tiny_overrides(model, data, out) + [
         "trainer.max_steps=8", "trainer.deterministic=true", "data.random_flip=true",
-        "data.center_crop=false", "module.caption_dropout=0.3", "module.lora.dropout=0.1",
+        "data.center_crop=false", "module.objective.caption_dropout=0.3", "module.lora.dropout=0.1",
         "callbacks.sample_grid.every_n_steps=100"]
 
 

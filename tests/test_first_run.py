@@ -170,7 +170,7 @@ def test_zero_snr_adapter_samples_with_its_own_schedule(tiny_model_v, imagefolde
 
     out = tmp_path / "run"
     train.run(compose_cfg(tiny_overrides(tiny_model_v, imagefolder_data, out) + [
-        "module.zero_terminal_snr=true", "trainer.max_steps=2", "module.optimizer.lr=1e-2",
+        "module.objective.zero_terminal_snr=true", "trainer.max_steps=2", "module.optimizer.lr=1e-2",
         "callbacks.sample_grid.every_n_steps=100"], out))
     adapter = out / "adapter" / "pytorch_lora_weights.safetensors"
     with safe_open(str(adapter), "pt") as f:

@@ -208,8 +208,9 @@ def test_tag_captions_shuffle_reproducibly_and_bypass_the_text_cache(tiny_model,
 
 
 def test_objective_options_train_and_zero_snr_needs_v(tiny_model, tiny_model_v, imagefolder_data, tmp_path):
-    opts = ["module.loss=huber", "module.timestep_density.scheme=logit_normal", "module.debiased_estimation=true",
-            "module.input_perturbation=0.1", "module.zero_terminal_snr=true", "trainer.max_steps=3"]
+    opts = ["module.objective.loss.kind=huber", "module.objective.timesteps.scheme=logit_normal",
+            "module.objective.debiased_estimation=true", "module.objective.input_perturbation=0.1",
+            "module.objective.zero_terminal_snr=true", "trainer.max_steps=3"]
     cfg = compose_cfg(overrides(tiny_model_v, imagefolder_data, tmp_path / "v", *opts), tmp_path / "v")
     module = instantiate(cfg.module)
     assert module.noise_scheduler.alphas_cumprod[-1] < 1e-6           # the schedule reaches SNR 0
@@ -234,7 +235,7 @@ def test_masked_loss_uses_each_images_mask_naive_and_cached(tiny_model, tmp_path
         rgba[:, 24:, 3] = 0                                   # right half transparent: not learned
         Image.fromarray(rgba, "RGBA").save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"image {i}")
-    common = ["data.masks=alpha", "module.masked_loss=true", "data.val_fraction=0", "data.random_flip=true",
+    common = ["data.masks=alpha", "module.objective.masked_loss=true", "data.val_fraction=0", "data.random_flip=true",
               "trainer.max_steps=2", "data.resolution=16"]
     cfg = compose_cfg(overrides(tiny_model, data, tmp_path / "run", *common), tmp_path / "run")
     dm = instantiate(cfg.data)

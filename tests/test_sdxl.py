@@ -118,7 +118,7 @@ def test_sigkill_then_resume_with_buckets_is_bit_identical(tiny_sdxl, mixed_shap
     from tests.test_fault_tolerance import ADAPTER, same_tensors, start, wait_for
 
     args = lambda out: xl_overrides(tiny_sdxl, mixed_shapes, out, "trainer.max_steps=8", "trainer.deterministic=true",
-                                    "module.caption_dropout=0.3", "callbacks.sample_grid.every_n_steps=100")
+                                    "module.objective.caption_dropout=0.3", "callbacks.sample_grid.every_n_steps=100")
     ref = run_entry(args(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]
     proc = start(args(tmp_path / "run"))

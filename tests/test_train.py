@@ -24,8 +24,8 @@ def build(cfg):
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_model_v", "tiny_sdxl"])
 def test_only_lora_changes(request, model_fixture, sidecar_data, tmp_path):
     model = request.getfixturevalue(model_fixture)
-    cfg = compose_cfg(tiny_overrides(model, sidecar_data, tmp_path) + ["module.snr_gamma=5",
-                                                                        "module.noise_offset=0.05"],
+    cfg = compose_cfg(tiny_overrides(model, sidecar_data, tmp_path) + ["module.objective.snr_gamma=5",
+                                                                        "module.objective.noise_offset=0.05"],
                       tmp_path)
     dm, module, trainer = build(cfg)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -43,7 +43,7 @@ def test_loss_decreases_when_overfitting(request, model_fixture, imagefolder_dat
     cfg = compose_cfg(tiny_overrides(request.getfixturevalue(model_fixture), imagefolder_data, tmp_path) + [
         "data.val_fraction=0", "data.validation_split=train",  # validate on the training images
         "module.lora.r=16", "module.lora.alpha=16", "module.optimizer.lr=3e-3",
-        "module.caption_dropout=0", "trainer.max_steps=60", "trainer.val_check_interval=1000",
+        "module.objective.caption_dropout=0", "trainer.max_steps=60", "trainer.val_check_interval=1000",
     ], tmp_path)
     dm, module, trainer = build(cfg)
     before = trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"]
@@ -99,7 +99,7 @@ def test_resume_continues_step_and_optimizer(tiny_model, sidecar_data, tmp_path)
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_sdxl"])
 def test_text_encoder_lora_and_full_targets(request, model_fixture, imagefolder_data, tmp_path):
     cfg = compose_cfg(tiny_overrides(request.getfixturevalue(model_fixture), imagefolder_data, tmp_path) + [
-        "module=lora_full", "module.gradient_checkpointing=true"], tmp_path)
+        "module=lora_full", "module.speed.gradient_checkpointing=true"], tmp_path)
     dm, module, trainer = build(cfg)
     names = set(module.trainable_state_dict())
     for enc in module.family.text_encoders:   # SDXL: both encoders

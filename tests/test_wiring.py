@@ -69,12 +69,14 @@ def by_hand(module: Any, batch: dict[str, Any], *, loss: str = "mse", delta: flo
 
 CASES = {
     "mse": ([], {}),
-    "huber": (["module.loss=huber", "module.huber_delta=0.05"], {"loss": "huber", "delta": 0.05}),
-    "logit_normal": (["module.timestep_density.scheme=logit_normal"], {"density": "logit_normal"}),
-    "debiased": (["module.debiased_estimation=true"], {"debiased": True}),
-    "input_perturbation": (["module.input_perturbation=0.1"], {"gamma": 0.1}),
-    "all": (["module.loss=huber", "module.huber_delta=0.05", "module.timestep_density.scheme=logit_normal",
-             "module.debiased_estimation=true", "module.input_perturbation=0.1"],
+    "huber": (["module.objective.loss.kind=huber", "module.objective.loss.huber_delta=0.05"],
+              {"loss": "huber", "delta": 0.05}),
+    "logit_normal": (["module.objective.timesteps.scheme=logit_normal"], {"density": "logit_normal"}),
+    "debiased": (["module.objective.debiased_estimation=true"], {"debiased": True}),
+    "input_perturbation": (["module.objective.input_perturbation=0.1"], {"gamma": 0.1}),
+    "all": (["module.objective.loss.kind=huber", "module.objective.loss.huber_delta=0.05",
+             "module.objective.timesteps.scheme=logit_normal", "module.objective.debiased_estimation=true",
+             "module.objective.input_perturbation=0.1"],
             {"loss": "huber", "delta": 0.05, "density": "logit_normal", "debiased": True, "gamma": 0.1}),
 }
 
