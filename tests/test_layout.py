@@ -149,3 +149,11 @@ def test_a_missing_experiment_is_an_error_not_the_default_job():
     res = run_entry(["experiment=pretrain_unet"], timeout=120)
     assert res.returncode != 0 and "experiment/pretrain_unet" in res.stderr
     assert "step" not in res.stderr   # nothing trained
+
+
+def test_eval_reads_its_dataset_as_the_training_data_unless_told(tmp_path):
+    base = ["module=lora_miniature", "eval.dataset=x", "metrics.clip_model=y", "eval.num_ref=10"]
+    cfg = compose_cfg([*base, "data.caption_column=caption", "data.split=all"], tmp_path)
+    assert (cfg.eval.caption_column, cfg.eval.split, cfg.eval.image_column) == ("caption", "all", "image")
+    cfg = compose_cfg([*base, "data.caption_column=caption", "eval.caption_column=text"], tmp_path)
+    assert cfg.eval.caption_column == "text"
