@@ -25,6 +25,7 @@ from toolkit.config import check_overrides, register_resolvers, renamed_override
 from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
 from toolkit.model_defaults import ModelDefaultsError, chosen_lines, model_overrides  # noqa: E402
 from toolkit.run.history import record_attempt  # noqa: E402
+from toolkit.run.launch import shared_run_dir  # noqa: E402
 from toolkit.run.lifecycle import RunDirError, rank_zero  # noqa: E402
 from toolkit.run.resume import launch_args, restore  # noqa: E402
 
@@ -76,6 +77,7 @@ def entry() -> None:
     if problem := check_overrides(args):   # names the nearest valid key; Hydra does not
         sys.exit(f"config error: {problem}")
     try:
+        args = shared_run_dir(args)   # torchrun / srun: one run dir from the job's id
         sys.argv[1:] = launch_args(args)   # a resume: the run's saved overrides + these
         sys.argv[1:] = model_overrides(sys.argv[1:])   # what the user left open, from the model
     except (RunDirError, ModelDefaultsError, FileNotFoundError) as err:

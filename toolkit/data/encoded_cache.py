@@ -76,6 +76,10 @@ def fill(store: ArrayStore, keys: Sequence[str], inputs: Sequence[Any], encode: 
          desc: str = "encoding") -> int:
     """Encode the inputs whose key is missing, this rank's share of them, in batches; returns
     how many this rank encoded. All ranks see every shard after the barrier."""
+    # Every rank must split the same list: a rank that starts late would otherwise see rows another
+    # has already written, split a shorter list, and leave items nobody encodes.
+    barrier()
+    store.refresh()
     todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
     mine = todo[rank::world_size]
     chunk = max(batch_size, 1024 // max(batch_size, 1) * batch_size)   # rows per shard file

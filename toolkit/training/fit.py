@@ -20,6 +20,7 @@ from toolkit.config import in_multirun
 from toolkit.locate import check_local_or_hub
 from toolkit.models.pretrained import check_resolution
 from toolkit.run import lifecycle
+from toolkit.run.launch import check_world_size
 from toolkit.run.resume import relaunch_as_cell, resume_command
 from toolkit.training.trainer import build_trainer
 
@@ -38,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lifecycle.check_fresh(output_dir, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    check_world_size(cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
     trainer = build_trainer(cfg)
     ckpt_path = lifecycle.resolve_ckpt_path(cfg.ckpt_path, trainer, output_dir)
     if trainer.is_global_zero:
