@@ -46,14 +46,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nnodes: int, nproc: int, args: list[str], cwd: Path, rdzv_id: str) -> list[subprocess.Popen]:
+def torchrun(nnodes: int, nproc: int, args: list[str] | list[list[str]], cwd: Path,
+             rdzv_id: str) -> list[subprocess.Popen]:
+    """One torchrun agent per "node" (``args``: the same for all, or one list per node)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = []
     for node in range(nnodes):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={node}",
                f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
-               f"--rdzv-id={rdzv_id}", str(ROOT / "run.py"), *args]
+               f"--rdzv-id={rdzv_id}", str(ROOT / "run.py"), *(args[node] if isinstance(args[0], list) else args)]
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     return procs
@@ -87,3 +89,14 @@ def test_a_job_size_mismatch_is_refused_before_training(tiny_model, imagefolder_
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert procs[0].returncode != 0
     assert "trainer.devices=2 × trainer.num_nodes=2 ≠ WORLD_SIZE=2" in logs[0]
+
+
+def test_a_run_dir_the_nodes_do_not_share_is_refused(tiny_model, imagefolder_data, tmp_path):
+    """Each "node" given its own folder (what node-local run dirs look like): refused before any work."""
+    base = [a for a in tiny_overrides(tiny_model, imagefolder_data, tmp_path) if not a.startswith("hydra.run.dir")]
+    common = [*base, "trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2", "trainer.accelerator=cpu"]
+    procs = torchrun(2, 1, [[*common, f"hydra.run.dir={tmp_path / f'node{i}'}"] for i in range(2)], tmp_path, "apart")
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    assert all("is not shared between the nodes" in log for log in logs), logs[0][-2000:]
+    assert not list(tmp_path.glob("node*/checkpoints/*.ckpt")) and not list(tmp_path.glob("node*/adapter"))
