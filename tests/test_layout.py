@@ -38,8 +38,7 @@ def imports(path: Path) -> list[tuple[str, int]]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            out += [(n, node.lineno) for n in names[:1]]
+            out.append((node.module, node.lineno))
             if node.module == "toolkit":   # from toolkit import x
                 out += [(f"toolkit.{a.name}", node.lineno) for a in node.names]
         elif isinstance(node, ast.Import):

@@ -26,6 +26,14 @@ TIMESTEP_DEFAULTS = {"min": 0, "max": None, "scheme": "uniform", "logit_mean": 0
 LOSS_DEFAULTS = {"kind": "mse", "huber_delta": 1.0}
 
 
+def with_defaults(name: str, given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` over ``defaults``; an unknown key is an error (a typo would otherwise be ignored)."""
+    unknown = set(given or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"module.objective.{name}: unknown keys {sorted(unknown)}; expected {list(defaults)}")
+    return {**defaults, **(given or {})}
+
+
 @dataclass
 class Noised:
     """What the UNet sees and what it is scored against, for one batch."""
@@ -60,14 +68,10 @@ class Objective:
         self.snr_gamma, self.noise_offset, self.caption_dropout = snr_gamma, noise_offset, caption_dropout
         self.input_perturbation, self.zero_terminal_snr = input_perturbation, zero_terminal_snr
         self.debiased_estimation, self.masked_loss = debiased_estimation, masked_loss
-        unknown = set(timesteps or {}) - set(TIMESTEP_DEFAULTS)
-        if unknown:
-            raise ValueError(f"module.objective.timesteps: unknown keys {sorted(unknown)}; expected "
-                             f"{list(TIMESTEP_DEFAULTS)}")
-        self.timesteps = {**TIMESTEP_DEFAULTS, **(timesteps or {})}
-        self.loss_kind = {**LOSS_DEFAULTS, **(loss or {})}
-        if self.loss_kind["kind"] not in objectives.LOSSES:
-            raise ValueError(f"module.objective.loss.kind={self.loss_kind['kind']!r}: expected one of "
+        self.timesteps = with_defaults("timesteps", timesteps, TIMESTEP_DEFAULTS)
+        self.penalty = with_defaults("loss", loss, LOSS_DEFAULTS)
+        if self.penalty["kind"] not in objectives.LOSSES:
+            raise ValueError(f"module.objective.loss.kind={self.penalty['kind']!r}: expected one of "
                              f"{objectives.LOSSES}")
 
     def schedule(self, scheduler: DDPMScheduler) -> DDPMScheduler:
@@ -119,5 +123,5 @@ class Objective:
 
     def loss(self, pred: torch.Tensor, noised: Noised) -> torch.Tensor:
         """The weighted loss of a prediction against ``noised``'s target."""
-        return objectives.weighted_loss(pred, noised.target, noised.weights, noised.mask, self.loss_kind["kind"],
-                                        self.loss_kind["huber_delta"])
+        return objectives.weighted_loss(pred, noised.target, noised.weights, noised.mask, self.penalty["kind"],
+                                        self.penalty["huber_delta"])

@@ -109,7 +109,7 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
             "convert them to safetensors first.") from None
 
 
-def exit_if_stopped(trainer: L.Trainer, output_dir: Path, resume: str) -> None:
+def exit_if_stopped(trainer: L.Trainer, resume: str) -> None:
     """After ``fit``: a run stopped by a signal (``PreemptionCheckpoint``) exits with its code,
     naming its checkpoint and the resume command."""
     stop = next((cb for cb in trainer.callbacks if getattr(cb, "preempted_at", None) is not None), None)

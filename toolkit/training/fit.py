@@ -59,7 +59,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lifecycle.fit(trainer, module, datamodule, ckpt_path)
     except lifecycle.Interrupted:
         lifecycle.exit_interrupted(trainer, output_dir, resume)
-    lifecycle.exit_if_stopped(trainer, output_dir, resume)
+    lifecycle.exit_if_stopped(trainer, resume)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(global_step=trainer.global_step, adapter=str(output_dir / "adapter"))
