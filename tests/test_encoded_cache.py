@@ -44,6 +44,22 @@ def test_store_encodes_only_missing_keys(tmp_path):
     assert done == [2, 2] and all(s.index.keys() == set("wxyz") for s in stores)
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_batch_holds_the_same_items_whatever_the_number_of_ranks(tmp_path, world_size):
+    """So a build over N ranks (or one per node) gives the rows a one-process build gives, bit for bit."""
+    def batches(world: int) -> set[tuple[int, ...]]:
+        seen: list[tuple[int, ...]] = []
+        enc = lambda xs: (seen.append(tuple(xs)), np.zeros((len(xs), 1), np.float32))[1]
+        barrier, stores = threading.Barrier(world), [ArrayStore(tmp_path / f"w{world}") for _ in range(world)]
+        with ThreadPoolExecutor(world) as pool:
+            list(pool.map(lambda r: fill(stores[r], [str(i) for i in range(11)], list(range(11)), enc, 3, rank=r,
+                                         world_size=world, barrier=barrier.wait), range(world)))
+        assert len(seen) == len(set(seen))
+        return set(seen)
+
+    assert batches(world_size) == batches(1) == {(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10)}
+
+
 def rows_in(cache: Path, kind: str) -> dict[str, int]:
     """Rows per cache folder of ``kind`` (latents / text)."""
     return {d.name: sum(len(json.loads(f.read_text())) for f in d.glob("*.keys.json"))

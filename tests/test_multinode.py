@@ -4,17 +4,21 @@ trains with the same global batch."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, tiny_overrides
-from tests.test_fault_tolerance import ADAPTER, same_tensors
-from toolkit.run.launch import check_world_size, job_run_id, shared_run_dir
+from tests.test_fault_tolerance import ADAPTER, resume_overrides, same_tensors, wait_for
+from toolkit.run.launch import check_restartable, check_world_size, elastic_resume, job_run_id, shared_run_dir
 from toolkit.run.lifecycle import RunDirError
 
 TORCHRUN = {"WORLD_SIZE": "2", "RANK": "1", "TORCHELASTIC_RUN_ID": "job-7"}
@@ -33,6 +37,32 @@ def test_the_run_dir_comes_from_the_jobs_id_never_a_clock():
     assert job_run_id({**TORCHRUN, "TORCHELASTIC_RUN_ID": "a/b c"}) == "torchrun-a_b_c"
 
 
+def test_a_restart_continues_the_jobs_own_run_and_needs_an_unshared_store(tmp_path):
+    run = tmp_path / "outputs" / "train" / "torchrun-job-7"
+    args = ["task=train", "hydra.run.dir=outputs/${task_name}/torchrun-job-7"]
+    env = {**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "0"}   # a healthy node's group restarts with count 0
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert elastic_resume(args, env) == args   # nothing there: a fresh start
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        assert elastic_resume(args, env) == args   # another run's checkpoint: not continued (refused later)
+        (run / "run_history.jsonl").write_text(json.dumps({"event": "start", "job": "torchrun-job-7"}) + "\n")
+        assert elastic_resume(args, env) == ["task=train", "hydra.run.dir=outputs/train/torchrun-job-7",
+                                             "ckpt_path=last"]
+        assert elastic_resume([*args, "ckpt_path=null"], env) == [*args, "ckpt_path=null"]   # told otherwise
+    finally:
+        os.chdir(cwd)
+    shared = {**TORCHRUN, "TORCHELASTIC_MAX_RESTARTS": "1", "GROUP_WORLD_SIZE": "2",
+              "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    with pytest.raises(RunDirError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        check_restartable(shared)
+    check_restartable({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"})
+    check_restartable({**shared, "GROUP_WORLD_SIZE": "1"})   # one node: every worker restarts with the same count
+    check_restartable({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"})
+
+
 def test_devices_times_nodes_must_be_the_world_size():
     check_world_size(1, 2, TORCHRUN)
     with pytest.raises(RunDirError, match=r"trainer.devices=2 × trainer.num_nodes=2 ≠ WORLD_SIZE=2"):
@@ -46,47 +76,128 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nnodes: int, nproc: int, args: list[str] | list[list[str]], cwd: Path,
-             rdzv_id: str) -> list[subprocess.Popen]:
+def torchrun(nnodes: int, nproc: int, args: list[str] | list[list[str]], cwd: Path, rdzv_id: str,
+             extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """One torchrun agent per "node" (``args``: the same for all, or one list per node)."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: what the README's torchrun commands set (a restart needs it)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     procs = []
+    (cwd / "logs").mkdir(exist_ok=True)
     for node in range(nnodes):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={node}",
-               f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
-               f"--rdzv-id={rdzv_id}", str(ROOT / "run.py"), *(args[node] if isinstance(args[0], list) else args)]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        # the c10d rendezvous (what a cluster uses): a failed worker makes every agent restart its group
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}", *extra,
+               str(ROOT / "run.py"),
+               *(args[node] if isinstance(args[0], list) else args)]
+        log = cwd / "logs" / f"{rdzv_id}-node{node}.log"
+        with open(log, "w") as out:   # a file, not a pipe: a chatty agent never blocks on a full pipe
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)   # its own group: a "node" is killed whole
+        proc.log = log
+        procs.append(proc)
     return procs
 
 
+def logs_of(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+    end = time.time() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(end - time.time(), 1))
+    finally:   # a hung job never outlives its test
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    return [p.log.read_text() for p in procs]
+
+
 def finish(procs: list[subprocess.Popen]) -> list[str]:
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    logs = logs_of(procs)
     assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
     return logs
 
 
-def test_two_nodes_train_what_one_node_with_two_processes_trains(tiny_model, imagefolder_data, tmp_path):
-    def args(nodes: int, devices: int) -> list[str]:
-        base = [a for a in tiny_overrides(tiny_model, imagefolder_data, tmp_path) if not a.startswith("hydra.run.dir")]
-        return [*base, "trainer=ddp", f"trainer.devices={devices}", f"trainer.num_nodes={nodes}",
-                "trainer.accelerator=cpu", f"paths.cache_dir={tmp_path / 'cache'}"]
+def job_args(tiny_model, imagefolder_data, tmp_path, nodes: int, devices: int, caches: list[Path]) -> list[list[str]]:
+    """8 steps with every random input on (flips, caption dropout, LoRA dropout), checkpoints every
+    2 steps, the encoded cache on; ``caches``: one folder per node (node-local) or one for all."""
+    base = [a for a in resume_overrides(tiny_model, imagefolder_data, tmp_path) if not a.startswith("hydra.run.dir")]
+    common = [*base, "data.center_crop=true", "trainer=ddp", f"trainer.devices={devices}",
+              f"trainer.num_nodes={nodes}", "trainer.accelerator=cpu"]
+    return [[*common, f"paths.cache_dir={caches[min(i, len(caches) - 1)]}"] for i in range(nodes)]
 
-    finish(torchrun(2, 1, args(2, 1), tmp_path, "two-nodes"))
-    finish(torchrun(1, 2, args(1, 2), tmp_path, "one-node"))
-    runs = sorted(p.name for p in (tmp_path / "outputs" / "train").iterdir())
-    assert runs == ["torchrun-one-node", "torchrun-two-nodes"]   # one run dir per job, named by its id
-    two, one = (tmp_path / "outputs" / "train" / r for r in ("torchrun-two-nodes", "torchrun-one-node"))
+
+def cached_rows(cache: Path) -> int:
+    return sum(len(json.loads(f.read_text())) for f in cache.glob("encoded/latents-*/*.keys.json"))
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tiny_model, imagefolder_data, tmp_path_factory) -> tuple[Path, list[str]]:
+    """An uninterrupted run on 2 nodes × 1 process, each node with its own (node-local) cache."""
+    tmp = tmp_path_factory.mktemp("two_nodes")
+    logs = finish(torchrun(2, 1, job_args(tiny_model, imagefolder_data, tmp, 2, 1, [tmp / "n0", tmp / "n1"]),
+                           tmp, "two-nodes"))
+    return tmp, logs
+
+
+def test_two_nodes_train_what_one_node_with_two_processes_trains(two_nodes, tiny_model, imagefolder_data, tmp_path):
+    tmp, logs = two_nodes
+    finish(torchrun(1, 2, job_args(tiny_model, imagefolder_data, tmp_path, 1, 2, [tmp_path / "shared"])[0], tmp_path,
+                    "one-node"))
+    two, one = tmp / "outputs" / "train" / "torchrun-two-nodes", tmp_path / "outputs" / "train" / "torchrun-one-node"
+    assert sorted(p.name for p in (tmp / "outputs" / "train").iterdir()) == ["torchrun-two-nodes"]   # one run dir
     assert same_tensors(two / ADAPTER, one / ADAPTER)
     assert len([line for line in (two / "run_history.jsonl").read_text().splitlines() if line]) == 1   # one writer
+    # Node-local caches: each node built a complete copy (node 1 did not stop at "items still missing"),
+    # split over its own ranks; the shared cache of the one-node job was built once, split over both.
+    assert cached_rows(tmp / "n0") == cached_rows(tmp / "n1") == cached_rows(tmp_path / "shared") > 0
+    text = "\n".join(logs)   # the rendezvous decides which agent is node 0
+    for node in (0, 1):
+        assert f"node-local: node {node} builds its own copy over its 1 ranks" in text
+        assert re.search(rf"latent cache: \d+ images \([1-9]\d* encoded now by rank {node}, node {node}\)", text)
+    assert "node-local" not in (tmp_path / "outputs").as_posix()
+
+
+def test_sigkill_of_both_nodes_then_resume_on_two_nodes_is_bit_identical(two_nodes, tiny_model, imagefolder_data,
+                                                                         tmp_path):
+    args = job_args(tiny_model, imagefolder_data, tmp_path, 2, 1, [tmp_path / "n0", tmp_path / "n1"])
+    run = tmp_path / "outputs" / "train" / "torchrun-killed"
+    procs = torchrun(2, 1, args, tmp_path, "killed")
+    wait_for(run / "checkpoints" / "step=4.ckpt", procs[0])
+    for p in procs:   # both nodes die at once: agents and workers
+        os.killpg(p.pid, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    assert not (run / ADAPTER).exists()
+    finish(torchrun(2, 1, [[*a, f"hydra.run.dir={run}", "ckpt_path=last"] for a in args], tmp_path, "resumed"))
+    assert same_tensors(run / ADAPTER, two_nodes[0] / "outputs" / "train" / "torchrun-two-nodes" / ADAPTER)
+
+
+def test_a_worker_killed_under_max_restarts_restarts_the_group_and_ends_identical(two_nodes, tiny_model,
+                                                                                imagefolder_data, tmp_path):
+    args = job_args(tiny_model, imagefolder_data, tmp_path, 2, 1, [tmp_path / "n0", tmp_path / "n1"])
+    run = tmp_path / "outputs" / "train" / "torchrun-elastic"
+    procs = torchrun(2, 1, args, tmp_path, "elastic", extra=("--max-restarts=1",))
+    wait_for(run / "checkpoints" / "step=4.ckpt", procs[1])
+    workers = children(procs[1].pid)
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGKILL)   # node 1's worker dies; its agent restarts the whole group
+    logs = finish(procs)
+    assert "job torchrun-elastic started again: continuing its run from the last checkpoint" in "\n".join(logs)
+    assert same_tensors(run / ADAPTER, two_nodes[0] / "outputs" / "train" / "torchrun-two-nodes" / ADAPTER)
+    attempts = [json.loads(line) for line in (run / "run_history.jsonl").read_text().splitlines() if line]
+    assert [(a["event"], a["ckpt_path"], a["job"]) for a in attempts] == [
+        ("start", None, "torchrun-elastic"), ("resume", "last", "torchrun-elastic")]
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def test_a_job_size_mismatch_is_refused_before_training(tiny_model, imagefolder_data, tmp_path):
     base = [a for a in tiny_overrides(tiny_model, imagefolder_data, tmp_path) if not a.startswith("hydra.run.dir")]
     procs = torchrun(1, 2, [*base, "trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2",
                             "trainer.accelerator=cpu"], tmp_path, "mismatch")
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    logs = logs_of(procs, 300)
     assert procs[0].returncode != 0
     assert "trainer.devices=2 × trainer.num_nodes=2 ≠ WORLD_SIZE=2" in logs[0]
 
@@ -96,7 +207,7 @@ def test_a_run_dir_the_nodes_do_not_share_is_refused(tiny_model, imagefolder_dat
     base = [a for a in tiny_overrides(tiny_model, imagefolder_data, tmp_path) if not a.startswith("hydra.run.dir")]
     common = [*base, "trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2", "trainer.accelerator=cpu"]
     procs = torchrun(2, 1, [[*common, f"hydra.run.dir={tmp_path / f'node{i}'}"] for i in range(2)], tmp_path, "apart")
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    logs = logs_of(procs, 300)
     assert all(p.returncode != 0 for p in procs)
     assert all("is not shared between the nodes" in log for log in logs), logs[0][-2000:]
     assert not list(tmp_path.glob("node*/checkpoints/*.ckpt")) and not list(tmp_path.glob("node*/adapter"))

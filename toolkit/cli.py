@@ -25,7 +25,7 @@ from toolkit.config import check_overrides, register_resolvers, renamed_override
 from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
 from toolkit.model_defaults import ModelDefaultsError, chosen_lines, model_overrides  # noqa: E402
 from toolkit.run.history import record_attempt  # noqa: E402
-from toolkit.run.launch import shared_run_dir  # noqa: E402
+from toolkit.run.launch import check_restartable, elastic_resume, job_run_id, shared_run_dir  # noqa: E402
 from toolkit.run.lifecycle import RunDirError, rank_zero  # noqa: E402
 from toolkit.run.resume import launch_args, restore  # noqa: E402
 
@@ -78,6 +78,12 @@ def entry() -> None:
         sys.exit(f"config error: {problem}")
     try:
         args = shared_run_dir(args)   # torchrun / srun: one run dir from the job's id
+        check_restartable()
+        if (resumed := elastic_resume(args)) != args:   # torchrun restarted the group: continue the run
+            if rank_zero():
+                print(f"job {job_run_id()} started again: continuing its run from the last checkpoint",
+                      file=sys.stderr)
+            args = resumed
         sys.argv[1:] = launch_args(args)   # a resume: the run's saved overrides + these
         sys.argv[1:] = model_overrides(sys.argv[1:])   # what the user left open, from the model
     except (RunDirError, ModelDefaultsError, FileNotFoundError) as err:

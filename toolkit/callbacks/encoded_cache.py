@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.distributed import is_shared_filesystem
 
 from toolkit.data.encoded_cache import ArrayStore, fill
 from toolkit.data.masks import load_mask
@@ -49,11 +50,28 @@ class EncodedCache(L.Callback):
         self.dirpath, self.latents, self.text = Path(dirpath), latents, text
         self.batch_size, self.dtype = batch_size, np.dtype(dtype)
 
+    def sharding(self, trainer: L.Trainer) -> dict[str, Any]:
+        """Who encodes what. On storage every rank sees (one cache for the job) the missing items are
+        split over all ranks. On node-local disks (``paths.cache_dir`` on local NVMe, as clusters
+        have it; found with Lightning's ``is_shared_filesystem``) each node builds its own complete
+        copy, split over its own ranks: every rank then reads only its node's disk, nothing is sent
+        between nodes, and the copy serves later runs on that node. The cost is the encoding done
+        once per node instead of once per job; it runs at the node's full speed (all its GPUs), and
+        at any size it is one pass of the frozen encoders over the data, small next to training."""
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        barrier = trainer.strategy.barrier
+        if trainer.num_nodes == 1 or is_shared_filesystem(trainer.strategy, self.dirpath):
+            return {"rank": trainer.global_rank, "world_size": trainer.world_size, "barrier": barrier}
+        if trainer.local_rank == 0:
+            log.info("encoded cache %s is node-local: node %d builds its own copy over its %d ranks",
+                     self.dirpath, trainer.node_rank, trainer.num_devices)
+        return {"rank": trainer.local_rank, "world_size": trainer.num_devices, "barrier": barrier}
+
     @torch.no_grad()
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         dm = trainer.datamodule
         sets = [s for s in (dm.train_set, dm.val_set, dm.train_set.prior) if s is not None]
-        shard = {"rank": trainer.global_rank, "world_size": trainer.world_size, "barrier": trainer.strategy.barrier}
+        shard = self.sharding(trainer)
         if self.text and module.text_lora_params:
             log.info("text-embedding cache off: the text encoder is being trained")
         elif self.text and dm.tags.varies:
@@ -71,7 +89,8 @@ class EncodedCache(L.Callback):
                 n = fill(store, [text_key(c) for c in captions], captions, enc, self.batch_size,
                          desc=f"text cache ({field})", **shard)
                 module.text_cache[field] = store
-                log.info("text cache (%s): %d prompts (%d encoded now) in %s", field, len(captions), n, store.root)
+                log.info("text cache (%s): %d prompts (%d encoded now by rank %d, node %d) in %s", field, len(captions),
+                         n, trainer.global_rank, trainer.node_rank, store.root)
         if self.latents and not dm.center_crop:
             log.warning("latent cache off: random crops are not cacheable (set data.center_crop=true)")
         elif self.latents:
@@ -136,4 +155,5 @@ class EncodedCache(L.Callback):
                         fill(mask_store, [keys[r] for r in rows], [items[r] for r in rows],
                              lambda its, size=size: mask_rows(its, size), self.batch_size, desc="loss masks", **shard)
                 s.latents = (store, micro_store, mask_store if s.masks else None, keys)
-                log.info("latent cache: %d images (%d encoded now) in %s", len(s.indices), n, store.root)
+                log.info("latent cache: %d images (%d encoded now by rank %d, node %d) in %s", len(s.indices), n,
+                         trainer.global_rank, trainer.node_rank, store.root)

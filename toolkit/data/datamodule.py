@@ -223,6 +223,26 @@ class CaptionedImageDataModule(L.LightningDataModule):
             save_scan(result, cache)
         return result
 
+    def _scan_once(self) -> dict[str, ScanResult]:
+        """The scans of the train and val sets, run once per job: processes that already share a
+        process group (torchrun, srun: ``training.trainer.join_job``) take rank zero's results, and an
+        error there is raised on every rank."""
+        import torch.distributed as dist
+
+        sets = [(name, ds) for name, ds in (("train", self.train_set), ("val", self.val_set)) if ds is not None]
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {name: self._scan(ds, name) for name, ds in sets}
+        outcome: tuple[dict[str, ScanResult] | None, Exception | None] = (None, None)
+        if dist.get_rank() == 0:
+            try:
+                outcome = ({name: self._scan(ds, name) for name, ds in sets}, None)
+            except Exception as err:   # noqa: BLE001 - re-raised below, on every rank
+                outcome = (None, err)
+        results, error = self.trainer.strategy.broadcast(outcome, 0)
+        if error is not None:
+            raise error
+        return results
+
     def setup(self, stage: str | None = None) -> None:
         """Load, split and scan the data; fails (before any model is loaded, when the task calls
         it first) on a bad setting or on a dataset with too few usable items."""
@@ -240,15 +260,14 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.train_set = self._wrap(train, train=True)
         self.val_set = self._wrap(val, train=False) if val is not None else None
         if self.policy.scan:
-            report = {}
+            report = self._scan_once()
             for name, ds in (("train", self.train_set), ("val", self.val_set)):
                 if ds is not None:
-                    result = self._scan(ds, name)
+                    result = report[name]
                     ds.indices = result.keep
                     if self.buckets:
                         sizes = make_buckets(self.resolution, **self.buckets)
                         ds.sizes = [sizes[nearest_bucket(w, h, sizes)] for w, h in result.sizes]
-                    report[name] = result
                     (log.warning if result.rejected else log.info)("data scan (%s): %s", name, result.summary())
             if self.report_dir and self.rank == 0:
                 for name, result in report.items():

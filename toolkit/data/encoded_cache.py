@@ -81,7 +81,10 @@ def fill(store: ArrayStore, keys: Sequence[str], inputs: Sequence[Any], encode: 
     barrier()
     store.refresh()
     todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
-    mine = todo[rank::world_size]
+    # Whole batches dealt round-robin: a batch holds the same items whatever the number of ranks
+    # (or nodes building their own copy), so the rows are bit-identical to a one-process build
+    # (convolutions' numerics depend on the batch they run in).
+    mine = [i for b in range(rank * batch_size, len(todo), world_size * batch_size) for i in todo[b: b + batch_size]]
     chunk = max(batch_size, 1024 // max(batch_size, 1) * batch_size)   # rows per shard file
     bar = progress_bar(total=len(mine), desc=f"{desc} (rank {rank})", unit="item", disable=not mine)
     for start in range(0, len(mine), chunk):

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from toolkit.config import ROOT
 from toolkit.results import append_row
+from toolkit.run.launch import job_run_id
 from toolkit.run.lifecycle import rank_zero
 from toolkit.run.resume import SAVED
 
@@ -67,7 +68,8 @@ def record_attempt(cfg: DictConfig) -> dict[str, Any] | None:
     event = "resume" if resumed else "rerun" if history(out) else "start"
     row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "event": event, "hydra_dir": str(subdir), "overrides": new,
-           "ckpt_path": cfg.get("ckpt_path"), "toolkit": toolkit_version(), "git": _git()}
+           "ckpt_path": cfg.get("ckpt_path"), "toolkit": toolkit_version(), "git": _git(),
+           "job": job_run_id()}   # torchrun's rendezvous id / SLURM's job id: a restart of it continues
     append_row(out / HISTORY, row)
     return row
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from toolkit.run.lifecycle import RunDirError
 
@@ -66,3 +67,44 @@ def check_world_size(devices: int | str, num_nodes: int, env: Mapping[str, str] 
         raise RunDirError(
             f"trainer.devices={devices} × trainer.num_nodes={num_nodes} ≠ WORLD_SIZE={world} (the processes the "
             f"launcher started): set trainer.devices to the processes per node and trainer.num_nodes to the nodes")
+
+
+def elastic_resume(args: list[str], env: Mapping[str, str] = os.environ) -> list[str]:
+    """A job started again under its own id continues its run from the last checkpoint
+    (``ckpt_path=last``) instead of refusing to start over it. That covers torchrun restarting the
+    worker group after a failure (``--max-restarts``; the agents of healthy nodes restart theirs
+    as a new rendezvous round, with ``TORCHELASTIC_RESTART_COUNT`` still 0, so the count cannot
+    tell), SLURM requeueing a job (same ``SLURM_JOB_ID``), and the same ``--rdzv-id`` given again.
+    "Its own": the run's history records the job id of its first start. A job that failed before
+    its first checkpoint starts over. ``args`` already hold ``hydra.run.dir`` (``shared_run_dir``)."""
+    rid = job_run_id(env)
+    if rid is None or any(a.lstrip("+").startswith("ckpt_path=") for a in args):
+        return args
+    i, run = next(((i, a.split("=", 1)[1]) for i, a in enumerate(args) if a.lstrip("+").startswith("hydra.run.dir=")),
+                  (None, None))
+    if run is None:
+        return args
+    if "${task_name}" in run:   # the task's name, as Hydra will resolve it
+        from toolkit.run.resume import _compose
+
+        run = run.replace("${task_name}", str(_compose([a for a in args if a.startswith("task=")]).task_name))
+    from toolkit.run.history import history
+    from toolkit.run.resume import has_last_checkpoint
+
+    if not has_last_checkpoint(Path(run)) or not any(a.get("job") == rid for a in history(run)):
+        return args
+    return [*args[:i], f"hydra.run.dir={run}", *args[i + 1:], "ckpt_path=last"]
+
+
+def check_restartable(env: Mapping[str, str] = os.environ) -> None:
+    """Refuse a multi-node torchrun job with ``--max-restarts`` whose workers share the agent's
+    rendezvous store: after a failure only the failed node's agent counts a restart, the workers
+    of the other nodes keep the old count, key the store by it (pytorch/pytorch#135712) and read
+    the previous round's addresses, so the restart the user asked for would die connecting."""
+    if external_launcher(env) != "torchrun" or int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) == 0:
+        return
+    if int(env.get("GROUP_WORLD_SIZE") or 1) > 1 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise RunDirError(
+            "torchrun --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+            "environment (export it before torchrun on every node): with the shared store a restarted group "
+            "cannot connect (pytorch/pytorch#135712)")

@@ -22,7 +22,7 @@ from toolkit.models.pretrained import check_resolution
 from toolkit.run import lifecycle
 from toolkit.run.launch import check_world_size
 from toolkit.run.resume import relaunch_as_cell, resume_command
-from toolkit.training.trainer import build_trainer
+from toolkit.training.trainer import build_trainer, join_job
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     check_world_size(cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
     trainer = build_trainer(cfg)
-    ckpt_path = lifecycle.resolve_ckpt_path(cfg.ckpt_path, trainer, output_dir)
+    ckpt_path = join_job(trainer, output_dir, cfg.ckpt_path)
     if trainer.is_global_zero:
         log.info("run dir %s (resume: %s)", output_dir, resume)
         if ckpt_path:
