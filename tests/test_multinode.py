@@ -4,6 +4,7 @@ trains with the same global batch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,10 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import ROOT, tiny_overrides
+from miniature.world import generate
+from tests.conftest import ROOT, run_entry, tiny_overrides
+from tests.test_eval import eval_overrides
 from tests.test_fault_tolerance import ADAPTER, resume_overrides, same_tensors, wait_for
+from toolkit.results import read_rows
 from toolkit.run.launch import check_restartable, check_world_size, elastic_resume, job_run_id, shared_run_dir
 from toolkit.run.lifecycle import RunDirError
 
@@ -105,9 +110,8 @@ def logs_of(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
         for p in procs:
             p.wait(timeout=max(end - time.time(), 1))
     finally:   # a hung job never outlives its test
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+        if any(p.poll() is None for p in procs):
+            kill_nodes(procs)
     return [p.log.read_text() for p in procs]
 
 
@@ -163,10 +167,7 @@ def test_sigkill_of_both_nodes_then_resume_on_two_nodes_is_bit_identical(two_nod
     run = tmp_path / "outputs" / "train" / "torchrun-killed"
     procs = torchrun(2, 1, args, tmp_path, "killed")
     wait_for(run / "checkpoints" / "step=4.ckpt", procs[0])
-    for p in procs:   # both nodes die at once: agents and workers
-        os.killpg(p.pid, signal.SIGKILL)
-    for p in procs:
-        p.wait()
+    kill_nodes(procs)   # both nodes die at once: agents and workers
     assert not (run / ADAPTER).exists()
     finish(torchrun(2, 1, [[*a, f"hydra.run.dir={run}", "ckpt_path=last"] for a in args], tmp_path, "resumed"))
     assert same_tensors(run / ADAPTER, two_nodes[0] / "outputs" / "train" / "torchrun-two-nodes" / ADAPTER)
@@ -190,7 +191,28 @@ def test_a_worker_killed_under_max_restarts_restarts_the_group_and_ends_identica
 
 
 def children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:   # already gone
+        return []
+
+
+def kill_nodes(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL each agent and every process under it (torchrun starts each worker in its own session,
+    so the agent's process group does not hold them), as a node that loses power."""
+    tree = [p.pid for p in procs]
+    for pid in tree:
+        tree.extend(children(pid))
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    end = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+              for pid in tree[len(procs):]):
+        assert time.time() < end, "workers still alive 30 s after SIGKILL"
+        time.sleep(0.05)
 
 
 def test_a_job_size_mismatch_is_refused_before_training(tiny_model, imagefolder_data, tmp_path):
@@ -211,3 +233,50 @@ def test_a_run_dir_the_nodes_do_not_share_is_refused(tiny_model, imagefolder_dat
     assert all(p.returncode != 0 for p in procs)
     assert all("is not shared between the nodes" in log for log in logs), logs[0][-2000:]
     assert not list(tmp_path.glob("node*/checkpoints/*.ckpt")) and not list(tmp_path.glob("node*/adapter"))
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("evaldata"), n=8, seed=5, striped=True, size=32)
+
+
+def eval_job(tiny_model, tiny_clip, eval_data, tmp_path) -> list[str]:
+    """12 images in 6 shards of 2 (3 per node), references cached per test."""
+    base = [a for a in eval_overrides(tiny_model, tiny_clip, eval_data, tmp_path / "refcache", tmp_path)
+            if not a.startswith("hydra.run.dir")]
+    return [*base, "eval.num_images=12", "eval.batch_size=2", "eval.shard_size=2", "eval.steps=4"]
+
+
+def test_two_node_eval_equals_one_process_and_resumes_from_finished_shards(tiny_model, tiny_clip, eval_data,
+                                                                           tmp_path):
+    args = eval_job(tiny_model, tiny_clip, eval_data, tmp_path)
+    single = tmp_path / "single"
+    res = run_entry([*args, f"hydra.run.dir={single}"], env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = read_rows(single / "results.jsonl")[0]
+
+    run = tmp_path / "outputs" / "eval" / "torchrun-eval"
+    procs = torchrun(2, 1, args, tmp_path, "eval")
+    shards = run / "eval_shards"
+    end = time.time() + 300
+    while not list(shards.glob("*/*.npz")):
+        assert all(p.poll() is None for p in procs) and time.time() < end, logs_of(procs, 1)
+        time.sleep(0.02)
+    kill_nodes(procs)   # both nodes die with the first shard written
+    assert not (run / "results.jsonl").exists()
+    done_before = {f.name for f in shards.glob("*/*.npz")}
+    assert 1 <= len(done_before) < 6
+
+    logs = finish(torchrun(2, 1, args, tmp_path, "eval"))   # the same job again: the finished shards are kept
+    assert re.search(rf"{len(done_before)} of 6 shards from an earlier attempt .* {12 - 2 * len(done_before)} images "
+                     "generated now", "\n".join(logs)), logs[0][-2000:]
+    two = read_rows(run / "results.jsonl")
+    assert len(two) == 1 and two[0]["protocol"]["world_size"] == 2 and two[0]["protocol"]["shards"]["reused"] > 0
+    assert two[0]["key"] == one["key"]
+    a, b = (np.load(r / "per_image.npz") for r in (single, run))
+    assert np.array_equal(a["seeds"], b["seeds"])
+    np.testing.assert_allclose(b["features"], a["features"], rtol=1e-10, atol=0)   # the statistics' inputs
+    np.testing.assert_allclose(b["clip"], a["clip"], rtol=1e-10)
+    for k in ("fid", "kid", "clip_score", "fid_ci_low", "fid_ci_high"):
+        assert two[0]["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-6), k
+    assert not shards.exists() or not list(shards.glob("*/*.npz"))   # cleaned once the row is written

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
 from toolkit.metrics.clip import load_clip
 from toolkit.metrics.inception import InceptionFeatures
+from toolkit.metrics.moments import Moments, combine, fid_from_moments
 from toolkit.models.pretrained import unet_config, vae_factor
 from toolkit.results import append_row, find_row, resolved, stored_path
 
@@ -131,6 +133,53 @@ def reference_set(cfg: DictConfig) -> tuple[Any, dict[str, Any], str, str]:
     return ref, ident, ev.image_column, ev.caption_column
 
 
+def shard_plan(n: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:
+    """Images ``[start, stop)`` per shard: whole batches, so a batch holds the same images whatever
+    the number of processes (the numerics of a batch depend on its members)."""
+    size = max(1, -(-shard_size // batch_size)) * batch_size
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def shard_file(shard_dir: Path, start: int, stop: int) -> Path:
+    return shard_dir / f"{start:08d}-{stop:08d}.npz"
+
+
+def write_shard(path: Path, index: np.ndarray, feats: np.ndarray, clips: np.ndarray) -> None:
+    """One shard's per-image features and CLIP scores, written whole or not at all. Features are
+    the Inception network's float32 outputs, stored as float32 where that loses nothing."""
+    exact = np.array_equal(feats.astype(np.float32).astype(feats.dtype), feats)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path) as fh:
+        np.savez(fh, index=index, features=feats.astype(np.float32) if exact else feats, clip=clips)
+
+
+def read_shards(shard_dir: Path, plan: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, Moments]:
+    """All shards in index order: features (float64), CLIP scores, and the float64 moments of the
+    features combined shard by shard. Every image must be there exactly once."""
+    feats, clips, parts = [], [], []
+    for start, stop in plan:
+        path = shard_file(shard_dir, start, stop)
+        if not path.is_file():
+            raise RuntimeError(f"evaluation shard {path} is missing after every rank finished: a rank failed "
+                               "to write it (see its log); run the evaluation again to compute only what is missing")
+        with np.load(path) as z:
+            if not np.array_equal(z["index"], np.arange(start, stop)):
+                raise RuntimeError(f"evaluation shard {path} holds other images than {start}-{stop}")
+            f = z["features"].astype(np.float64)
+            feats.append(f)
+            clips.append(z["clip"])
+            parts.append(Moments.of(f))
+    return np.concatenate(feats), np.concatenate(clips), combine(parts)
+
+
+def check_moments(fid: float, fid_moments: float) -> None:
+    """The FID of the combined per-shard moments must be the FID of the assembled features: a
+    mismatch means shards that do not belong together."""
+    if abs(fid - fid_moments) > 1e-6 * max(abs(fid), 1.0):
+        raise RuntimeError(f"FID from the assembled features ({fid!r}) and from the shards' combined moments "
+                           f"({fid_moments!r}) differ: the evaluation shards are inconsistent")
+
+
 def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """One evaluation cell; returns its results row ({} on ranks other than zero). ``record`` (the
     training run behind the adapter) joins the row and its key, so a train-and-evaluate sweep
@@ -179,37 +228,53 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
             reference.save_cached(m.cache_dir, ckey, real)
     t_ref = time.time() - t0
 
-    idx = shard(n, rank, world, ev.batch_size)
-    my_prompts = [prompts[i % len(prompts)] for i in idx]
-    seeds = [int(ev.seed) * 10**6 + i for i in idx]
-    pipe = pipeline_from_cfg(cfg, ev, fabric.device)
+    grid = out / "grid.png"
+    plan, shard_dir = shard_plan(n, int(ev.shard_size), int(ev.batch_size)), out / "eval_shards" / key
     t1 = time.time()
-    images = generate(pipe, my_prompts, seeds, ev.steps, ev.guidance_scale, ev.negative_prompt,
-                      ev.height, ev.width, ev.batch_size, desc=f"generate (rank {rank})")
+    made, reused = 0, 0
+    pipe = None
+    for start, stop in plan[rank::world]:
+        path = shard_file(shard_dir, start, stop)
+        if path.is_file():   # finished by an earlier attempt of this cell
+            reused += 1
+            continue
+        idx = list(range(start, stop))
+        my_prompts = [prompts[i % len(prompts)] for i in idx]
+        pipe = pipe or pipeline_from_cfg(cfg, ev, fabric.device)
+        images = generate(pipe, my_prompts, [int(ev.seed) * 10**6 + i for i in idx], ev.steps, ev.guidance_scale,
+                          ev.negative_prompt, ev.height, ev.width, ev.batch_size,
+                          desc=f"generate {start}-{stop} (rank {rank})")
+        if ev.save_images:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+            for i, img in zip(idx, images):
+                img.save(out / "samples" / f"{i:05d}.png")
+        if start == 0:
+            make_grid(images[:64], cols=8).save(grid)
+        feats = inception(images, desc="generated features")
+        clips = np.array(clip.scores(images, my_prompts) if clip else [np.nan] * len(images), np.float64)
+        write_shard(path, np.array(idx), feats, clips)
+        made += len(idx)
     t_gen = time.time() - t1
-    if ev.save_images:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        for i, img in zip(idx, images):
-            img.save(out / "samples" / f"{i:05d}.png")
-    feats = inception(images, desc="generated features")
-    clips = clip.scores(images, my_prompts) if clip else [None] * len(images)
-    gathered = gather_by_index(idx, list(zip(feats, clips)), world)
+    counts = gather_by_index([rank], [(made, reused)], world)
     fabric.barrier()
     if rank != 0:
         return {}
-
-    fake = np.stack([f for f, _ in gathered])
-    clip_scores = np.array([c for _, c in gathered]) if clip else None
+    made, reused = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if reused:
+        log.info("eval %s: %d of %d shards from an earlier attempt (%s), %d images generated now",
+                 key, reused, len(plan), shard_dir, made)
+    fake, clip_all, moments = read_shards(shard_dir, plan)
+    clip_scores = clip_all if clip else None
     ref_file = reference.cache_path(m.cache_dir, ckey) if m.cache_reference else \
         reference.save_cached(out, "reference_features", real)
     scores = compute_scores(reference.statistics(ref_file), fake, clip_scores, m.interval_groups, m.level,
                             seed=int(ev.seed), with_fid_infinity=m.fid_infinity, with_prdc=m.prdc)
     methods = {k: scores.pop(k) for k in list(scores) if k.endswith("_ci_method")}
     fid_inf_fit = {k: scores.pop(k) for k in ("fid_inf_sizes", "fid_inf_fids") if k in scores}
+    ref_stats = reference.statistics(ref_file)
+    check_moments(scores["fid"], fid_from_moments(ref_stats.mu, ref_stats.sigma, moments, ref_stats.sigma_sqrt))
     metrics = {**scores, "seconds_reference": t_ref, "seconds_generate": t_gen,
-               "images_per_second": n / max(t_gen, 1e-9)}
-    grid = out / "grid.png"
-    make_grid(images[:64], cols=8).save(grid)  # rank zero's first images
+               "images_per_second": made / max(t_gen, 1e-9)}
     # Per-image features and scores: what a paired comparison with another cell (same prompts and
     # seeds) needs, without generating anything again.
     all_seeds = np.array([int(ev.seed) * 10**6 + i for i in range(n)])
@@ -227,9 +292,11 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
            "protocol": {**protocol, **(clip.protocol if clip else {"clip": "skipped"}),
                         "metric_impl": METRIC_IMPL, "intervals": methods, "level": m.level,
                         "fid_infinity": fid_inf_fit or "off", "versions": versions(), "world_size": world,
-                        "seed_rule": "seed_i = eval.seed*1e6 + i", "reference_cache": ckey},
+                        "seed_rule": "seed_i = eval.seed*1e6 + i", "reference_cache": ckey,
+                        "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused}},
            "run_dir": str(out), **({"train": record} if record else {})}
     append_row(table, row)
+    shutil.rmtree(shard_dir, ignore_errors=True)   # per_image.npz holds what they held
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics.items()})
     log_to_loggers(cfg, row, grid)
     return resolved(row, table.parent)
