@@ -75,3 +75,44 @@ def test_train_and_evaluate_sweep_resumes_and_summarizes(tiny_model, tiny_clip, 
             assert e["delta_fid_ci_low"] <= e["delta_fid"] <= e["delta_fid_ci_high"] and 0 <= e["delta_fid_p"] <= 1
     assert any(e["pareto"] for e in entries) and (sweep / "fid_vs_clip.png").is_file()
     assert "Δfid" in (sweep / "summary.md").read_text()
+
+
+def test_cells_as_separate_jobs_write_one_row_each_and_a_rerun_adds_none(tiny_model, tiny_clip, tmp_path):
+    """hydra/launcher=local (submitit's local executor): the two cells run as two processes at once
+    and append to one table; the same sweep again finds both cells and computes nothing."""
+    from miniature.world import generate
+    from tests.test_eval import eval_overrides
+
+    evaldata = generate(tmp_path / "evaldata", n=8, seed=5, striped=True, size=32)
+    sweep = tmp_path / "sweep"
+    args = ["-m", *eval_overrides(tiny_model, tiny_clip, evaldata, tmp_path / "cache", tmp_path / "unused")[:-1],
+            f"hydra.sweep.dir={sweep}", "eval.save_images=false", "hydra/launcher=local", "eval.seed=0,1"]
+    res = run_entry(args, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_rows(sweep / "results.jsonl")
+    assert len(rows) == 2 and sorted(r["settings"]["seed"] for r in rows) == [0, 1]
+    jobs = [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+    assert len(jobs) == 2   # each cell its own submitit job (a process of its own: the id is its pid)
+    res = run_entry(args, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(read_rows(sweep / "results.jsonl")) == 2
+
+
+def test_concurrent_appends_of_one_cell_keep_one_row(tmp_path):
+    """Four processes finishing the same cell at once (two submissions of one sweep): one row."""
+    import multiprocessing as mp
+
+    table = tmp_path / "results.jsonl"
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        written = pool.starmap(_append, [(str(table), "cell-a", i) for i in range(4)] +
+                               [(str(table), f"cell-{i}", i) for i in range(8)])
+    rows = read_rows(table)
+    assert sum(written[:4]) == 1 and all(written[4:])
+    assert sorted(r["key"] for r in rows) == sorted({"cell-a", *(f"cell-{i}" for i in range(8))})
+
+
+def _append(table: str, key: str, i: int) -> bool:
+    from toolkit.results import append_new_row
+
+    return append_new_row(table, {"key": key, "writer": i, "pad": "x" * 100_000})

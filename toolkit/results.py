@@ -1,8 +1,9 @@
 """The results table of an evaluation (or a sweep of them): one JSON line per cell.
 
 A cell is keyed by the hash of its settings, so re-running an interrupted sweep skips the cells
-that already have a row. Rows are appended with a single ``write`` + fsync; a torn last line
-(crash mid-write) is ignored with a warning when reading.
+that already have a row. Rows are appended with a single ``write`` + fsync, under a lock file when
+cells run concurrently (``append_new_row``); a torn last line (crash mid-write) is ignored with a
+warning when reading.
 """
 
 from __future__ import annotations
@@ -62,3 +63,19 @@ def append_row(path: str | Path, row: dict[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def append_new_row(path: str | Path, row: dict[str, Any], timeout: float = 600) -> bool:
+    """Append ``row`` unless a row with its key is in the table already; False if one was. Cells
+    of a sweep that run as separate jobs (Hydra's submitit launcher) finish concurrently: the
+    check and the append hold the table's lock file (``<table>.lock``), so no row is lost or
+    written twice, also where an append is not atomic (NFS)."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=timeout):
+        if find_row(path, row["key"]) is not None:
+            return False
+        append_row(path, row)
+        return True

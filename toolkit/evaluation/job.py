@@ -38,7 +38,7 @@ from toolkit.metrics.clip import load_clip
 from toolkit.metrics.inception import InceptionFeatures
 from toolkit.metrics.moments import Moments, combine, fid_from_moments
 from toolkit.models.pretrained import unet_config, vae_factor
-from toolkit.results import append_row, find_row, resolved, stored_path
+from toolkit.results import append_new_row, append_row, find_row, resolved, stored_path
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,10 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "seed_rule": "seed_i = eval.seed*1e6 + i", "reference_cache": ckey,
                         "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused}},
            "run_dir": str(out), **({"train": record} if record else {})}
-    append_row(table, row)
+    if ev.force:
+        append_row(table, row)
+    elif not append_new_row(table, row):   # a concurrent job evaluated the same cell first
+        log.warning("cell %s: a row was written to %s by another job meanwhile; kept that one", key, table)
     shutil.rmtree(shard_dir, ignore_errors=True)   # per_image.npz holds what they held
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics.items()})
     log_to_loggers(cfg, row, grid)
