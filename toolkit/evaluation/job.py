@@ -36,7 +36,7 @@ from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
 from toolkit.metrics.clip import load_clip
 from toolkit.metrics.inception import InceptionFeatures
-from toolkit.metrics.moments import Moments, combine, fid_from_moments
+from toolkit.metrics.moments import Moments, fid_from_moments
 from toolkit.models.pretrained import unet_config, vae_factor
 from toolkit.results import append_new_row, append_row, find_row, resolved, stored_path
 
@@ -156,7 +156,7 @@ def write_shard(path: Path, index: np.ndarray, feats: np.ndarray, clips: np.ndar
 def read_shards(shard_dir: Path, plan: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, Moments]:
     """All shards in index order: features (float64), CLIP scores, and the float64 moments of the
     features combined shard by shard. Every image must be there exactly once."""
-    feats, clips, parts = [], [], []
+    feats, clips, total = [], [], None
     for start, stop in plan:
         path = shard_file(shard_dir, start, stop)
         if not path.is_file():
@@ -168,8 +168,8 @@ def read_shards(shard_dir: Path, plan: list[tuple[int, int]]) -> tuple[np.ndarra
             f = z["features"].astype(np.float64)
             feats.append(f)
             clips.append(z["clip"])
-            parts.append(Moments.of(f))
-    return np.concatenate(feats), np.concatenate(clips), combine(parts)
+            total = Moments.of(f) if total is None else total + Moments.of(f)   # one d×d scatter held
+    return np.concatenate(feats), np.concatenate(clips), total
 
 
 def check_moments(fid: float, fid_moments: float) -> None:
