@@ -95,3 +95,10 @@ class RecordStep(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         RecordStep.seen["after"] = [p.detach().clone() for p in module.unet_lora_params]
+
+
+def one_process_trainer(datamodule: Any) -> Any:
+    """What ``EncodedCache.on_fit_start`` reads of a Trainer, for one process (no fit needed)."""
+    strategy = type("S", (), {"barrier": staticmethod(lambda: None)})()
+    return type("T", (), {"datamodule": datamodule, "global_rank": 0, "world_size": 1, "num_nodes": 1,
+                          "node_rank": 0, "local_rank": 0, "num_devices": 1, "strategy": strategy})()

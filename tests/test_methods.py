@@ -248,10 +248,10 @@ def test_masked_loss_uses_each_images_mask_naive_and_cached(tiny_model, tmp_path
     naive = {e: dm.train_set[(e, 0)]["mask"] for e in range(4)}
     train.run(cfg)   # cached path: masks stored on the latent grid
     module = instantiate(cfg.module)
+    from tests.helpers import one_process_trainer
     from toolkit.callbacks.encoded_cache import EncodedCache
 
-    trainer = type("T", (), {"datamodule": dm, "global_rank": 0, "world_size": 1,
-                             "strategy": type("S", (), {"barrier": staticmethod(lambda: None)})()})()
+    trainer = one_process_trainer(dm)
     EncodedCache(cfg.callbacks.encoded_cache.dirpath).on_fit_start(trainer, module)   # reads the run's cache
     for e, m in naive.items():   # the cached mask is the naive one averaged to the 8x8 latent grid
         cached = dm.train_set[(e, 0)]

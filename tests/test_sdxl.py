@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
+from tests.helpers import one_process_trainer
 from toolkit.data.transforms import resize_to_cover, to_tensor
 from toolkit.models.pretrained import load_components
 from toolkit.models.single_file import pipeline_to_single_file
@@ -73,8 +74,7 @@ def test_cached_micro_conditioning_equals_the_naive_one(tiny_sdxl, mixed_shapes,
     dm.setup("fit")
     naive = {i: [dm.train_set[(e, i)] for e in range(6)] for i in range(len(dm.train_set))}
     module = instantiate(cfg.module)
-    trainer = type("T", (), {"datamodule": dm, "global_rank": 0, "world_size": 1,
-                             "strategy": type("S", (), {"barrier": staticmethod(lambda: None)})()})()
+    trainer = one_process_trainer(dm)
     EncodedCache(str(cache)).on_fit_start(trainer, module)   # reads the run's cache: nothing to encode
     for i, items in naive.items():
         cached = [dm.train_set[(e, i)] for e in range(6)]   # same (seed, epoch, item) flip draws
