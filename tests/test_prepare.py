@@ -148,3 +148,67 @@ def test_credentials_never_reach_the_run_dir(hostile, tmp_path, s3):
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
     assert SECRET not in res.stdout + res.stderr
+
+
+def test_training_from_prepared_shards_equals_training_from_the_folder(tiny_model, imagefolder_data, tmp_path, s3):
+    """The same images, captions and order: the adapter trained from the shards (local, and on S3)
+    is the one trained from the folder, bit for bit; start-up reads no image."""
+    from tests.conftest import tiny_overrides
+    from tests.test_fault_tolerance import ADAPTER, same_tensors
+    from toolkit.tasks import train
+
+    prepare.run(prepare_cfg(imagefolder_data, str(tmp_path / "shards"), tmp_path / "p1"))
+    prepare.run(prepare_cfg(imagefolder_data, "s3://datasets/ims", tmp_path / "p2"))
+    runs = {}
+    for name, path in (("folder", imagefolder_data), ("local", tmp_path / "shards"), ("s3", "s3://datasets/ims")):
+        out = tmp_path / name
+        args = [*tiny_overrides(tiny_model, imagefolder_data, out), f"data.path={path}", "data.val_fraction=0",
+                "trainer.limit_val_batches=0", "data.random_flip=true", f"paths.cache_dir={tmp_path / f'c-{name}'}",
+                f"data.local={tmp_path / f'scratch-{name}'}"]
+        train.run(compose_cfg(args, out))
+        runs[name] = out / ADAPTER
+    assert same_tensors(runs["folder"], runs["local"]) and same_tensors(runs["folder"], runs["s3"])
+    assert len(list((tmp_path / "scratch-s3").glob("*.tar"))) == len(list((tmp_path / "shards").glob("*.tar")))
+
+
+def test_a_damaged_shard_is_named(imagefolder_data, tmp_path):
+    from toolkit.data.prepared import BadShard, PreparedDataset
+
+    out = tmp_path / "shards"
+    prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p"))
+    shard = out / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    ds = PreparedDataset(str(out), "image", "text", tmp_path / "scratch")
+    with pytest.raises(BadShard, match=r"shard-000000.tar: its bytes do not match the SHA-256"):
+        ds[0]
+
+
+def test_sigkill_and_resume_from_s3_shards_is_bit_identical(tiny_model, imagefolder_data, tmp_path, s3):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.test_fault_tolerance import ADAPTER, resume_overrides, same_tensors, wait_for
+
+    prepare.run(prepare_cfg(imagefolder_data, "s3://datasets/resume", tmp_path / "p"))
+
+    def args(out: Path) -> list[str]:
+        return [*resume_overrides(tiny_model, imagefolder_data, out), "data.path=s3://datasets/resume",
+                f"paths.cache_dir={tmp_path / 'cache'}", f"data.local={tmp_path / 'scratch'}"]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    whole = subprocess.run([sys.executable, str(ROOT / "run.py"), *args(tmp_path / "whole")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "checkpoints" / "step=4.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = run_entry([*args(out), "ckpt_path=last"], env=s3)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert same_tensors(out / ADAPTER, tmp_path / "whole" / ADAPTER)

@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for j, start in enumerate(range(0, len(result.keep), size)):
         rows = list(zip(result.keep[start: start + size], result.sizes[start: start + size]))
         if store.exists(sidecar_name(j)):   # published by an earlier attempt
-            shards.append(json.loads(store.get(sidecar_name(j))))
+            shards.append({k: v for k, v in json.loads(store.get(sidecar_name(j))).items() if k != "samples"})
             continue
         samples = []
         for n, (row, (w, h)) in enumerate(rows, start):
@@ -89,7 +89,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         blob = tar_bytes(samples)
         store.put(shard_name(j), blob)
         meta = sidecar(j, samples, blob)
-        store.put(sidecar_name(j), json.dumps(meta).encode())   # after the shard: "done"
+        rows_meta = [{"caption": x.caption, **x.meta} for x in samples]   # what training reads at start-up
+        store.put(sidecar_name(j), json.dumps({**meta, "samples": rows_meta}).encode())   # after the shard: "done"
         shards.append(meta)
         written += 1
     report = {"source": source, "counts": {"total": result.total, "kept": len(result.keep),
