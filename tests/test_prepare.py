@@ -162,7 +162,9 @@ def test_training_from_prepared_shards_equals_training_from_the_folder(tiny_mode
     runs = {}
     for name, path in (("folder", imagefolder_data), ("local", tmp_path / "shards"), ("s3", "s3://datasets/ims")):
         out = tmp_path / name
-        args = [*tiny_overrides(tiny_model, imagefolder_data, out), f"data.path={path}", "data.val_fraction=0",
+        source = [f"data.path={path}"] if name != "s3" else ["data=streaming", f"data.remote={path}"]
+        base = [a for a in tiny_overrides(tiny_model, imagefolder_data, out) if not a.startswith("data.path=")]
+        args = [*base, *source, "data.val_fraction=0",
                 "trainer.limit_val_batches=0", "data.random_flip=true", f"paths.cache_dir={tmp_path / f'c-{name}'}",
                 f"data.local={tmp_path / f'scratch-{name}'}"]
         train.run(compose_cfg(args, out))
@@ -212,3 +214,10 @@ def test_sigkill_and_resume_from_s3_shards_is_bit_identical(tiny_model, imagefol
     res = run_entry([*args(out), "ckpt_path=last"], env=s3)
     assert res.returncode == 0, res.stderr[-3000:]
     assert same_tensors(out / ADAPTER, tmp_path / "whole" / ADAPTER)
+
+
+def test_data_remote_and_a_different_data_path_are_refused():
+    from toolkit.data.datamodule import CaptionedImageDataModule
+
+    with pytest.raises(ValueError, match="data.remote='s3://b/x' and data.path='other': give one"):
+        CaptionedImageDataModule("other", remote="s3://b/x")

@@ -175,6 +175,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
             (``toolkit.data.masks``); None: no masks.
         local: node-local folder a prepared dataset's shards are fetched to (``data.path`` a
             ``task=prepare`` output: a folder or ``s3://``).
+        remote: ``data=streaming``'s name for that output (``data.path`` follows it).
     """
 
     def __init__(self, path: str, resolution: int | None = None, global_batch_size: int = 16,
@@ -184,8 +185,11 @@ class CaptionedImageDataModule(L.LightningDataModule):
                  pin_memory: bool = False, revision: str | None = None, seed: int = 0,
                  policy: DataPolicy | dict | None = None, buckets: dict | None = None,
                  report_dir: str | None = None, scan_cache_dir: str | None = None,
-                 tags: TagPolicy | dict | None = None, masks: str | None = None, local: str | None = None) -> None:
+                 tags: TagPolicy | dict | None = None, masks: str | None = None, local: str | None = None,
+                 remote: str | None = None) -> None:
         super().__init__()
+        if remote is not None and str(remote) != str(path):   # data=streaming: path interpolates remote
+            raise ValueError(f"data.remote={remote!r} and data.path={path!r}: give one (data=streaming reads remote)")
         self.path, self.resolution, self.global_batch_size = path, resolution, global_batch_size
         self.image_column, self.caption_column, self.split = image_column, caption_column, split
         self.validation_split, self.val_fraction, self.revision = validation_split, val_fraction, revision
