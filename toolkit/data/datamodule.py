@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from toolkit.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from toolkit.data.captions import TagPolicy, tag_caption
 from toolkit.data.masks import load_mask
+from toolkit.data.prepared import PreparedDataset
 from toolkit.data.sampler import ResumableLoader, ResumableSampler
 from toolkit.data.sources import CAPTION_PROBLEM, fingerprint_listing, split_train_val
 from toolkit.data.transforms import train_transform
@@ -172,6 +173,9 @@ class CaptionedImageDataModule(L.LightningDataModule):
             dropout, separator), applied to training captions only.
         masks: per-image loss masks for training images: ``alpha`` or a folder of masks
             (``toolkit.data.masks``); None: no masks.
+        local: node-local folder a prepared dataset's shards are fetched to (``data.path`` a
+            ``task=prepare`` output: a folder or ``s3://``).
+        remote: ``data=streaming``'s name for that output (``data.path`` follows it).
     """
 
     def __init__(self, path: str, resolution: int | None = None, global_batch_size: int = 16,
@@ -181,15 +185,18 @@ class CaptionedImageDataModule(L.LightningDataModule):
                  pin_memory: bool = False, revision: str | None = None, seed: int = 0,
                  policy: DataPolicy | dict | None = None, buckets: dict | None = None,
                  report_dir: str | None = None, scan_cache_dir: str | None = None,
-                 tags: TagPolicy | dict | None = None, masks: str | None = None) -> None:
+                 tags: TagPolicy | dict | None = None, masks: str | None = None, local: str | None = None,
+                 remote: str | None = None) -> None:
         super().__init__()
+        if remote is not None and str(remote) != str(path):   # data=streaming: path interpolates remote
+            raise ValueError(f"data.remote={remote!r} and data.path={path!r}: give one (data=streaming reads remote)")
         self.path, self.resolution, self.global_batch_size = path, resolution, global_batch_size
         self.image_column, self.caption_column, self.split = image_column, caption_column, split
         self.validation_split, self.val_fraction, self.revision = validation_split, val_fraction, revision
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.policy = policy if isinstance(policy, DataPolicy) else DataPolicy(**(policy or {}))
-        self.report_dir, self.scan_cache_dir = report_dir, scan_cache_dir
+        self.report_dir, self.scan_cache_dir, self.local = report_dir, scan_cache_dir, local
         self.buckets = dict(buckets) if buckets else None
         self.tags = tags if isinstance(tags, TagPolicy) else TagPolicy(**(tags or {}))
         if masks not in (None, "alpha") and not Path(str(masks)).expanduser().is_dir():
@@ -208,6 +215,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
                                masks=self.masks if train else None)
 
     def _scan(self, ds: CaptionedImages, name: str) -> ScanResult:
+        if isinstance(ds.ds, PreparedDataset):   # the policy ran when it was prepared (its report lists why)
+            return ds.ds.scan_result()
         settings = [self.path, self.revision, self.split, self.validation_split, self.val_fraction, self.seed,
                     name, len(ds), self.image_column, self.caption_column, self.resolution, repr(self.policy)]
         local = Path(self.path).expanduser()
@@ -256,7 +265,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
             raise ValueError("data.resolution is null: run.py sets it to the model's native size "
                              "(toolkit.model_defaults); composed by hand, set it.")
         train, val = split_train_val(self.path, self.split, self.validation_split, self.val_fraction, self.seed,
-                                     self.image_column, self.caption_column, self.revision)
+                                     self.image_column, self.caption_column, self.revision, self.local)
         self.train_set = self._wrap(train, train=True)
         self.val_set = self._wrap(val, train=False) if val is not None else None
         if self.policy.scan:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def sidecar_dataset(root: Path, caption_column: str) -> datasets.Dataset:
 
 
 def load_captioned(path: str, split: str = "train", image_column: str = "image",
-                   caption_column: str = "text", revision: str | None = None) -> datasets.Dataset:
+                   caption_column: str = "text", revision: str | None = None, local: str | None = None
+                   ) -> datasets.Dataset:
     """Load one split and check that its image and caption columns exist.
 
     Args:
@@ -82,7 +84,13 @@ def load_captioned(path: str, split: str = "train", image_column: str = "image",
         image_column: name of the image column.
         caption_column: name of the caption column.
         revision: hub revision.
+        local: where a prepared dataset's shards are fetched to (``toolkit.data.prepared``).
     """
+    from toolkit.data.prepared import PreparedDataset, is_prepared
+
+    if is_prepared(path):   # task=prepare's shards, in a folder or on S3
+        default = Path(os.environ.get("TOOLKIT_CACHE", "~/.cache/toolkit")) / "prepared"
+        return PreparedDataset(str(path), image_column, caption_column, local or default)
     fmt = detect_format(path)
     if fmt == "sidecar":
         ds = sidecar_dataset(Path(path).expanduser(), caption_column)
@@ -147,12 +155,12 @@ def fingerprint_files(root: str | Path) -> str:
 
 
 def split_train_val(path: str, split: str, validation_split: str | None, val_fraction: float, seed: int,
-                    image_column: str, caption_column: str, revision: str | None = None
+                    image_column: str, caption_column: str, revision: str | None = None, local: str | None = None
                     ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The training rows and the held-out rows (``validation_split``, else a seeded
     ``val_fraction`` of ``split``, else none): the one definition the datamodule trains on and
     ``eval.dataset=held_out`` evaluates against."""
-    kw = {"image_column": image_column, "caption_column": caption_column, "revision": revision}
+    kw = {"image_column": image_column, "caption_column": caption_column, "revision": revision, "local": local}
     train = load_captioned(path, split=split, **kw)
     if validation_split:
         return train, load_captioned(path, split=validation_split, **kw)

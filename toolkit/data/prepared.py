@@ -1,0 +1,123 @@
+"""A prepared dataset (``task=prepare``: tar shards + wids index, local or on S3) as the rows the
+training data reads (``CaptionedImages``): ``data.path=<folder or s3://bucket/prefix>``.
+
+Start-up reads the index and one small sidecar per shard (captions and sizes), never the images:
+the cost grows with the number of shards. A shard is fetched on first use into ``data.local``
+(node-local scratch; files named by their SHA-256, checked on arrival, so runs sharing the folder
+share the files safely), then read by wids (map-style: any sample by its index, so the
+toolkit's resumable sampler keeps exact resume and world-size independence). The data policy
+ran at prepare time: the scan is not repeated (``scan_result``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from bisect import bisect_right
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.atomic import atomic_open
+from toolkit.data.shards import INDEX, sidecar_name
+from toolkit.data.storage import StorageError, open_store
+from toolkit.data.validate import ScanResult
+
+
+class BadShard(RuntimeError):
+    """A shard whose bytes do not match the SHA-256 its index records."""
+
+
+def is_prepared(path: str) -> bool:
+    return str(path).startswith("s3://") or (Path(str(path)).expanduser() / INDEX).is_file()
+
+
+class PreparedDataset:
+    def __init__(self, url: str, image_column: str, caption_column: str, local: str | Path,
+                 endpoint_url: str | None = None) -> None:
+        self.url, self.image_column, self.caption_column = url, image_column, caption_column
+        self.endpoint_url, self.local = endpoint_url, Path(local).expanduser()
+        store = open_store(url, endpoint_url)
+        if not store.exists(INDEX):
+            raise StorageError(f"{url} is not a prepared dataset (no {INDEX}): write one with "
+                               f"python run.py task=prepare data.path=<your data> prepare.output={url}")
+        raw = store.get(INDEX)
+        self.index = json.loads(raw)
+        self._fingerprint = hashlib.sha256(raw).hexdigest()
+        self.shards = self.index["shardlist"]
+        self.samples = [s for j in range(len(self.shards)) for s in json.loads(store.get(sidecar_name(j)))["samples"]]
+        self.starts = list(np.cumsum([0] + [s["nsamples"] for s in self.shards])[:-1])
+        self.rows = list(range(len(self.samples)))
+        self.column_names = [image_column, caption_column]
+        self._store, self._wids = store, None
+
+    def __getstate__(self) -> dict[str, Any]:   # DataLoader workers open their own store and reader
+        return {**self.__dict__, "_store": None, "_wids": None}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def view(self, rows: list[int]) -> PreparedDataset:
+        out = object.__new__(PreparedDataset)
+        out.__dict__.update({**self.__dict__, "rows": [self.rows[r] for r in rows]})
+        return out
+
+    def train_test_split(self, test_size: float, seed: int) -> dict[str, PreparedDataset]:
+        """A seeded split of the prepared rows (``data.val_fraction``)."""
+        perm = np.random.default_rng(seed).permutation(len(self))
+        n_test = max(1, int(np.ceil(test_size * len(self))))
+        return {"train": self.view(sorted(perm[n_test:].tolist())), "test": self.view(sorted(perm[:n_test].tolist()))}
+
+    def select_columns(self, columns: list[str]) -> _Captions:
+        return _Captions(self)
+
+    def scan_result(self) -> ScanResult:
+        """The prepare's verdict: every prepared row usable, at its recorded size."""
+        return ScanResult(keep=list(range(len(self))), total=len(self),
+                          sizes=[[self.samples[r]["width"], self.samples[r]["height"]] for r in self.rows])
+
+    def _shard_file(self, j: int) -> Path:
+        meta = self.shards[j]
+        path = self.local / f"{meta['sha256']}.tar"
+        if not path.is_file():
+            if self._store is None:
+                self._store = open_store(self.url, self.endpoint_url)
+            data = self._store.get(meta["url"])
+            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                raise BadShard(f"{self.url}/{meta['url']}: its bytes do not match the SHA-256 in {INDEX} "
+                               f"({meta['sha256'][:12]}…): the shard changed or was damaged; prepare the set again")
+            self.local.mkdir(parents=True, exist_ok=True)
+            with atomic_open(path) as f:
+                f.write(data)
+        return path
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import wids
+
+        row = self.rows[i]
+        j = bisect_right(self.starts, row) - 1
+        path = self._shard_file(j)
+        if self._wids is None:
+            with contextlib.redirect_stdout(io.StringIO()):   # wids prints a line per dataset
+                self._wids = wids.ShardListDataset(
+                    [{"url": str(self.local / f"{s['sha256']}.tar"), "nsamples": s["nsamples"]} for s in self.shards],
+                    transformations=[], cache_dir=str(self.local))
+        sample = self._wids[row]
+        meta = self.samples[row]
+        image = next(v for k, v in sample.items() if k.startswith(".") and k not in (".json", ".txt"))
+        assert path.is_file()
+        return {self.image_column: {"bytes": image.read(), "path": meta["source"]},
+                self.caption_column: meta["caption"]}
+
+
+class _Captions:
+    """The captions of a prepared set's rows, from its sidecars (no image is read)."""
+
+    def __init__(self, ds: PreparedDataset) -> None:
+        self.ds = ds
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {self.ds.caption_column: self.ds.samples[self.ds.rows[i]]["caption"]}
