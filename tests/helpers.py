@@ -102,3 +102,12 @@ def one_process_trainer(datamodule: Any) -> Any:
     strategy = type("S", (), {"barrier": staticmethod(lambda: None)})()
     return type("T", (), {"datamodule": datamodule, "global_rank": 0, "world_size": 1, "num_nodes": 1,
                           "node_rank": 0, "local_rank": 0, "num_devices": 1, "strategy": strategy})()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a rendezvous or a local server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

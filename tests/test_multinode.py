@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 
 from miniature.world import generate
 from tests.conftest import ROOT, run_entry, tiny_overrides
+from tests.helpers import free_port
 from tests.test_eval import eval_overrides
 from tests.test_fault_tolerance import ADAPTER, resume_overrides, same_tensors, wait_for
 from toolkit.results import read_rows
@@ -73,12 +73,6 @@ def test_devices_times_nodes_must_be_the_world_size():
     with pytest.raises(RunDirError, match=r"trainer.devices=2 × trainer.num_nodes=2 ≠ WORLD_SIZE=2"):
         check_world_size(2, 2, TORCHRUN)
     check_world_size(8, 1, {})   # not an external launch: Lightning starts the processes itself
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(nnodes: int, nproc: int, args: list[str] | list[list[str]], cwd: Path, rdzv_id: str,

@@ -7,25 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import compose_cfg, run_entry
+from tests.helpers import free_port
 from tests.test_hostile_data import REJECTED, make_hostile
 from toolkit.data.shards import INDEX
 from toolkit.data.storage import StorageError, check_url
 from toolkit.tasks import prepare
 
 SECRET = "s3cr3t-never-logged-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
