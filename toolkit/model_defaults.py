@@ -76,7 +76,7 @@ def held_out_count(data: DictConfig) -> int:
     from toolkit.data.sources import held_out
 
     return len(held_out(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
-                        data.image_column, data.caption_column, data.revision))
+                        data.image_column, data.caption_column, data.revision, data.get("local")))
 
 
 def _compose(args: list[str]) -> DictConfig:

@@ -98,8 +98,7 @@ class PreparedDataset:
         import wids
 
         row = self.rows[i]
-        j = bisect_right(self.starts, row) - 1
-        path = self._shard_file(j)
+        self._shard_file(bisect_right(self.starts, row) - 1)   # fetched and verified before wids opens it
         if self._wids is None:
             with contextlib.redirect_stdout(io.StringIO()):   # wids prints a line per dataset
                 self._wids = wids.ShardListDataset(
@@ -108,7 +107,6 @@ class PreparedDataset:
         sample = self._wids[row]
         meta = self.samples[row]
         image = next(v for k, v in sample.items() if k.startswith(".") and k not in (".json", ".txt"))
-        assert path.is_file()
         return {self.image_column: {"bytes": image.read(), "path": meta["source"]},
                 self.caption_column: meta["caption"]}
 

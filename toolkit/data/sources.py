@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -89,8 +88,10 @@ def load_captioned(path: str, split: str = "train", image_column: str = "image",
     from toolkit.data.prepared import PreparedDataset, is_prepared
 
     if is_prepared(path):   # task=prepare's shards, in a folder or on S3
-        default = Path(os.environ.get("TOOLKIT_CACHE", "~/.cache/toolkit")) / "prepared"
-        return PreparedDataset(str(path), image_column, caption_column, local or default)
+        if local is None:
+            raise ValueError(f"{path} is a prepared dataset: its shards need a node-local folder to be fetched to "
+                             "(data.local; the configs set it to <paths.cache_dir>/prepared)")
+        return PreparedDataset(str(path), image_column, caption_column, local)
     fmt = detect_format(path)
     if fmt == "sidecar":
         ds = sidecar_dataset(Path(path).expanduser(), caption_column)
@@ -171,8 +172,9 @@ def split_train_val(path: str, split: str, validation_split: str | None, val_fra
 
 
 def held_out(path: str, split: str, validation_split: str | None, val_fraction: float, seed: int,
-             image_column: str, caption_column: str, revision: str | None = None) -> datasets.Dataset | list:
+             image_column: str, caption_column: str, revision: str | None = None, local: str | None = None
+             ) -> datasets.Dataset | list:
     """The rows of ``path`` that training does not see (empty when it holds none out)."""
     _, val = split_train_val(path, split, validation_split, val_fraction, seed, image_column, caption_column,
-                             revision)
+                             revision, local)
     return val if val is not None else []

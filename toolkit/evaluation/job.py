@@ -230,17 +230,15 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
 
     grid = out / "grid.png"
     plan, shard_dir = shard_plan(n, int(ev.shard_size), int(ev.batch_size)), out / "eval_shards" / key
+    mine = plan[rank::world]
+    todo = [(a, b) for a, b in mine if not shard_file(shard_dir, a, b).is_file()]   # others: an earlier attempt's
+    made, reused = 0, len(mine) - len(todo)
+    pipe = pipeline_from_cfg(cfg, ev, fabric.device) if todo else None
     t1 = time.time()
-    made, reused = 0, 0
-    pipe = None
-    for start, stop in plan[rank::world]:
+    for start, stop in todo:
         path = shard_file(shard_dir, start, stop)
-        if path.is_file():   # finished by an earlier attempt of this cell
-            reused += 1
-            continue
         idx = list(range(start, stop))
         my_prompts = [prompts[i % len(prompts)] for i in idx]
-        pipe = pipe or pipeline_from_cfg(cfg, ev, fabric.device)
         images = generate(pipe, my_prompts, [int(ev.seed) * 10**6 + i for i in idx], ev.steps, ev.guidance_scale,
                           ev.negative_prompt, ev.height, ev.width, ev.batch_size,
                           desc=f"generate {start}-{stop} (rank {rank})")

@@ -47,7 +47,7 @@ def load_held_out(data: Any, num: int | None) -> tuple[Any, dict[str, Any]]:
     """``eval.dataset=held_out``: the rows of ``data.path`` its training run holds out (the
     datamodule's own split), and their identity (the split's definition included)."""
     ds = held_out(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
-                  data.image_column, data.caption_column, data.revision)
+                  data.image_column, data.caption_column, data.revision, data.get("local"))
     if not len(ds):
         raise ValueError(f"eval.dataset=held_out, but data.path={data.path!r} holds nothing out of training "
                          "(data.val_fraction=0 and no data.validation_split): pass eval.dataset=<a reference set>")
