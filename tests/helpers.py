@@ -111,3 +111,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class WriteBatchKeys(L.Callback):
+    """Each rank appends, per training batch, the global step and a digest of every item's input
+    tensor (which image, as it was cut) to ``<dirpath>/rank<r>.jsonl``: what a run trained on, step
+    by step, to compare runs on different numbers of processes."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        import hashlib
+        import json
+
+        field = "latent_params" if "latent_params" in batch else "pixel_values"
+        keys = [hashlib.sha256(t.detach().cpu().numpy().round(4).tobytes()).hexdigest()[:16] for t in batch[field]]
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        with open(self.dirpath / f"rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "keys": keys}) + "\n")

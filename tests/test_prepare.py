@@ -215,3 +215,62 @@ def test_data_remote_and_a_different_data_path_are_refused():
 
     with pytest.raises(ValueError, match="data.remote='s3://b/x' and data.path='other': give one"):
         CaptionedImageDataModule("other", remote="s3://b/x")
+
+
+def steps_seen(folder: Path) -> dict[int, frozenset]:
+    """Step → the items trained on in it, summed over the ranks' records (``WriteBatchKeys``)."""
+    out: dict[int, set] = {}
+    for f in folder.glob("rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            out.setdefault(row["step"], set()).update(row["keys"])
+    return {k: frozenset(v) for k, v in sorted(out.items())}
+
+
+def test_one_and_two_processes_on_shards_train_on_the_same_items_and_2_resumes_on_1(tiny_model, imagefolder_data,
+                                                                                   tmp_path):
+    """The same global batch on 1 and on 2 processes trains on the same images in each step; a run
+    started on 2 processes and resumed on 1 continues exactly where it stopped."""
+    from tests.conftest import tiny_overrides
+
+    prepare.run(prepare_cfg(imagefolder_data, str(tmp_path / "shards"), tmp_path / "p"))
+
+    def args(out: Path, *extra: str) -> list[str]:
+        base = [a for a in tiny_overrides(tiny_model, imagefolder_data, out) if not a.startswith("data.path=")]
+        return [*base, f"data.path={tmp_path / 'shards'}", f"data.local={tmp_path / 'scratch'}", "data.val_fraction=0",
+                "trainer.limit_val_batches=0", "~callbacks.sample_grid", "trainer.max_steps=6",
+                f"paths.cache_dir={tmp_path / 'cache'}", "+callbacks.keys._target_=tests.helpers.WriteBatchKeys",
+                f"+callbacks.keys.dirpath={out / 'keys'}", *extra]
+
+    one = tmp_path / "one"
+    res = run_entry(args(one))
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = tmp_path / "two"
+    res = run_entry(args(two, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list((two / "keys").glob("rank*.jsonl"))) == 2
+    res = run_entry([f"hydra.run.dir={two}", "ckpt_path=last", "trainer.devices=1", "trainer.max_steps=6"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    want, got = steps_seen(one / "keys"), steps_seen(two / "keys")
+    assert list(want) == list(range(6)) and all(len(v) == 4 for v in want.values())   # into a 2nd epoch
+    assert got == want
+
+
+def test_sdxl_with_buckets_from_shards_equals_the_folder(tiny_sdxl, tmp_path):
+    """Aspect-ratio buckets from the sizes the prepare stored, SDXL's micro-conditioning from the
+    cut each image was made with: the adapter trained from the shards is the folder's, bit for bit."""
+    from tests.test_fault_tolerance import ADAPTER, same_tensors
+    from tests.test_sdxl import make_mixed, xl_overrides
+    from toolkit.tasks import train
+
+    data = make_mixed(tmp_path / "mixed")
+    prepare.run(prepare_cfg(data, str(tmp_path / "shards"), tmp_path / "p"))
+    outs = {}
+    for name, path in (("folder", data), ("shards", tmp_path / "shards")):
+        out = tmp_path / name
+        args = [a for a in xl_overrides(tiny_sdxl, data, out, "trainer.max_steps=4", "~callbacks.sample_grid",
+                                        f"paths.cache_dir={tmp_path / f'c-{name}'}") if not a.startswith("data.path")]
+        cfg = compose_cfg([*args, f"data.path={path}", f"data.local={tmp_path / 'scratch'}"], out)
+        assert cfg.data.buckets and train.run(cfg)["global_step"] == 4
+        outs[name] = out / ADAPTER
+    assert same_tensors(outs["folder"], outs["shards"])

@@ -25,14 +25,18 @@ from toolkit.models.single_file import pipeline_to_single_file
 from toolkit.tasks import sample as sample_task
 
 
-@pytest.fixture(scope="module")
-def mixed_shapes(tmp_path_factory) -> Path:
+def make_mixed(data: Path) -> Path:
     """Noise images of several aspect ratios and sizes (kohya layout), so buckets and crops vary."""
-    data = tmp_path_factory.mktemp("mixed")
+    data.mkdir(parents=True, exist_ok=True)
     for i, (w, h) in enumerate([(80, 40), (40, 80), (48, 48), (66, 54), (100, 60), (36, 60)] * 3):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), np.uint8)).save(data / f"{i:02d}.png")
         (data / f"{i:02d}.txt").write_text(f"image {i}")
     return data
+
+
+@pytest.fixture(scope="module")
+def mixed_shapes(tmp_path_factory) -> Path:
+    return make_mixed(tmp_path_factory.mktemp("mixed"))
 
 
 def xl_overrides(model: str, data: Path, out: Path, *extra: str) -> list[str]:

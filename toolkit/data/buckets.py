@@ -3,9 +3,10 @@
 Bucket sizes have about ``resolution²`` pixels, sides multiples of ``step`` (a multiple of the
 VAE factor), aspect ratios up to ``max_aspect``. An image goes to the bucket nearest its aspect
 ratio (in log space) and is resized to cover it, then cropped. The batch order is a pure
-function of (seed, epoch), so it is reproducible and resumable (``ResumableLoader`` skips the
-batches already trained on); in DDP each rank takes every world_size-th batch, so ranks never
-share an image.
+function of (seed, epoch) and independent of the number of processes: the batches are cut at the
+global size (per-device batch × world size) and each rank takes its share of every batch, so 1
+process and W processes with the same global batch train on the same images in the same steps,
+and a run resumes exactly on another number of processes (``ResumableLoader``).
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``(epoch, index)`` from one bucket each.
 
-    Every epoch: each bucket's items are shuffled and cut into batches (the last one of a bucket
-    may be smaller: every image is used once per epoch on one process), the batches of all
-    buckets are shuffled together, and rank ``r`` takes batches ``r, r + W, ...`` of a list cut to
-    a multiple of W (at most W - 1 batches, a different few each epoch, sit out).
+    Every epoch: each bucket's items are shuffled and cut into global batches of ``batch_size ×
+    world_size`` (the last one of a bucket may be smaller), the batches of all buckets are
+    shuffled together, and rank ``r`` takes items ``r, r + W, ...`` of each. The list does not
+    depend on W; on W > 1 processes a bucket's last batch with fewer than W items (at most one per
+    bucket per epoch) sits out, as every rank needs an item.
     """
 
     def __init__(self, bucket_of: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -55,25 +57,26 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
             self.epoch, self.start = epoch, 0
 
     def batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (what one process with the whole batch would train on)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         groups: dict[int, list[int]] = {}
         for i, b in enumerate(self.bucket_of):
             groups.setdefault(b, []).append(i)
-        out = []
+        out, size = [], self.batch_size * self.world_size
         for b in sorted(groups):
             items = groups[b]
             if self.shuffle:
                 items = [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
-            out += [items[k: k + self.batch_size] for k in range(0, len(items), self.batch_size)]
+            out += [items[k: k + size] for k in range(0, len(items), size)]
         if self.shuffle:
             out = [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
-        return out[: len(out) // self.world_size * self.world_size]
+        return [b for b in out if len(b) >= self.world_size]
 
     def __len__(self) -> int:
-        return len(self.batches(self.epoch)) // self.world_size
+        return len(self.batches(self.epoch))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        mine = self.batches(self.epoch)[self.rank:: self.world_size]
+        mine = [b[self.rank:: self.world_size] for b in self.batches(self.epoch)]
         start, self.start = self.start, 0
         for batch in mine[start:]:
             yield [(self.epoch, i) for i in batch]

@@ -5,7 +5,12 @@ ranks, and resumable mid-epoch.
 from its own generator seeded with ``(seed, epoch, index)``, independent of workers and restarts.
 ``ResumableLoader`` is a ``DataLoader`` with ``state_dict``/``load_state_dict``: Lightning's fit
 loop saves that state in every checkpoint and restores it before iterating, so a resumed run
-skips exactly the batches the interrupted one had trained on. (torchdata's StatefulDataLoader
+skips exactly the batches the interrupted one had trained on.
+
+The number of processes does not change what is trained on: global batch ``k`` of an epoch is
+``order[k·B : (k+1)·B]`` (B = per-device batch × world size) whatever the world size, each rank
+holding every W-th of its items. So a checkpoint written on W processes resumes exactly on W'
+processes with the same global batch: both have consumed k global batches. (torchdata's StatefulDataLoader
 does the same, at the cost of a dependency and of snapshotting worker state.)
 """
 
@@ -67,9 +72,11 @@ class ResumableLoader(DataLoader):
         if batch_sampler is not None:
             super().__init__(dataset, batch_sampler=batch_sampler, **kw)
             self._order, self._unit = batch_sampler, 1            # start counts batches
+            self._per_device = batch_sampler.batch_size
         else:
             super().__init__(dataset, sampler=sampler, batch_size=batch_size, drop_last=True, **kw)
             self._order, self._unit = sampler, batch_size         # start counts items
+            self._per_device = batch_size
         self._yielded, self._epoch = 0, self._order.epoch
 
     def __iter__(self) -> Iterator[Any]:
@@ -84,11 +91,18 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._order.epoch, "batches": self._yielded, "seed": self._order.seed,
-                "world_size": self._order.world_size}
+                "world_size": self._order.world_size, "batch_size": self._per_device}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("world_size", self._order.world_size) != self._order.world_size:
-            raise ValueError(
-                f"the checkpoint's data position was saved with world_size={state['world_size']}, this "
-                f"run has {self._order.world_size}: an exact resume needs the same number of processes.")
+        """Continue at the saved position, on any number of processes with the same global batch
+        per loader step (``data.global_batch_size`` and the accumulation kept)."""
+        world, saved_world = self._order.world_size, state.get("world_size", self._order.world_size)
+        if saved_world != world:
+            saved, now = state.get("batch_size", 0) * saved_world, self._per_device * world
+            if saved != now:
+                raise ValueError(
+                    f"the checkpoint's data position was saved on {saved_world} processes with a per-device batch "
+                    f"of {state.get('batch_size', '?')} ({saved} images per loader step); this run has {world} "
+                    f"× {self._per_device} = {now}: an exact resume on another number of processes needs the "
+                    "same data.global_batch_size and trainer.accumulate_grad_batches")
         self._order.epoch, self._epoch, self._yielded = state["epoch"], state["epoch"], state["batches"]

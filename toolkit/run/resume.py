@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # where and how to log, data-loading speed knobs. Nothing that changes what one step computes.
 RESUMABLE: tuple[str, ...] = (
     "ckpt_path",
+    # the number of processes: the data order is the same on any (toolkit.data.sampler), and the
+    # loader refuses a resume whose global batch per step would change
+    "trainer.devices", "trainer.num_nodes",
     "trainer.max_steps", "trainer.max_time", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "callbacks.*.every_n_train_steps", "callbacks.*.every_n_steps",
     "callbacks.progress", "callbacks.progress.*",
