@@ -274,3 +274,31 @@ def test_sdxl_with_buckets_from_shards_equals_the_folder(tiny_sdxl, tmp_path):
         assert cfg.data.buckets and train.run(cfg)["global_step"] == 4
         outs[name] = out / ADAPTER
     assert same_tensors(outs["folder"], outs["shards"])
+
+
+def test_wrong_credentials_fail_fast_naming_the_url_and_the_variable(hostile, tmp_path, s3, monkeypatch):
+    """The server checks signatures (moto's IAM auth on): an unknown key and a wrong secret each get
+    their own error, naming the URL and the variable to check; the secret itself is never shown."""
+    import boto3
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    iam = boto3.client("iam")
+    iam.create_user(UserName="trainer")
+    key = iam.create_access_key(UserName="trainer")["AccessKey"]
+    iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)   # every request authenticated from now
+    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    assert prepare.run(prepare_cfg(hostile, "s3://datasets/auth", tmp_path / "ok"))["kept"] > 0
+    t0 = time.time()
+    for key_id, secret, want in (("AKIAUNKNOWN0000", SECRET, r"InvalidAccessKeyId.*check AWS_ACCESS_KEY_ID"),
+                                 (key["AccessKeyId"], SECRET, r"SignatureDoesNotMatch.*check AWS_SECRET_ACCESS_KEY")):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        with pytest.raises(StorageError, match=rf"s3://datasets/auth2 .*{want}") as err:
+            prepare.run(prepare_cfg(hostile, "s3://datasets/auth2", tmp_path / "bad"))
+        assert SECRET not in str(err.value)
+    assert time.time() - t0 < 30

@@ -73,7 +73,9 @@ class S3Store:
         self.endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         # Seconds, not minutes: an unreachable endpoint or a wrong setting fails fast.
         config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 2, "mode": "standard"})
-        self.client = boto3.client("s3", endpoint_url=self.endpoint, config=config)
+        # A session of its own: credentials are read now, from the environment as it is, not cached
+        # in boto3's process-wide default session from an earlier store.
+        self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=config)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -109,7 +111,15 @@ class S3Store:
 
     def check(self) -> None:
         """Fail now, naming the URL, if the bucket cannot be reached or used."""
-        self._call("cannot use", self.client.head_bucket, Bucket=self.bucket)
+        try:
+            self._call("cannot use", self.client.head_bucket, Bucket=self.bucket)
+        except StorageError as err:
+            if ": 403 " not in f"{err} ":
+                raise
+            # A HEAD response has no body, so S3 cannot say which of key, secret or permission is
+            # wrong; a one-key listing can (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied).
+            self._call("cannot use", self.client.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+            raise
 
     def put(self, name: str, data: bytes) -> None:
         self._call("cannot write to", self.client.put_object, Bucket=self.bucket, Key=self._key(name), Body=data)
