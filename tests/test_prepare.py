@@ -302,3 +302,25 @@ def test_wrong_credentials_fail_fast_naming_the_url_and_the_variable(hostile, tm
             prepare.run(prepare_cfg(hostile, "s3://datasets/auth2", tmp_path / "bad"))
         assert SECRET not in str(err.value)
     assert time.time() - t0 < 30
+
+
+def _read_all(args: tuple[str, str]) -> list[bytes]:
+    from toolkit.data.prepared import PreparedDataset
+
+    ds = PreparedDataset(args[0], "image", "text", args[1])
+    return [ds[i]["image"]["bytes"] for i in range(len(ds))]
+
+
+def test_two_runs_sharing_data_local_at_once_read_the_same_verified_shards(imagefolder_data, tmp_path):
+    """data.local is shared safely: shards named by their SHA-256 and published by rename, so two
+    processes fetching the same shards at the same moment both read whole, verified files."""
+    import multiprocessing as mp
+
+    out, scratch = tmp_path / "shards", tmp_path / "scratch"
+    prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p"))
+    with mp.get_context("spawn").Pool(2) as pool:
+        a, b = pool.map(_read_all, [(str(out), str(scratch))] * 2)
+    assert a == b and len(a) == 16
+    assert sorted(p.name for p in scratch.iterdir() if p.suffix == ".tar") == sorted(
+        f"{json.loads((out / INDEX).read_text())['shardlist'][j]['sha256']}.tar" for j in range(4))
+    assert not list(scratch.glob(".*.tmp"))   # no half-written file left behind
