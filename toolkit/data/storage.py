@@ -111,15 +111,19 @@ class S3Store:
 
     def check(self) -> None:
         """Fail now, naming the URL, if the bucket cannot be reached or used."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
-            self._call("cannot use", self.client.head_bucket, Bucket=self.bucket)
-        except StorageError as err:
-            if ": 403 " not in f"{err} ":
-                raise
-            # A HEAD response has no body, so S3 cannot say which of key, secret or permission is
-            # wrong; a one-key listing can (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied).
-            self._call("cannot use", self.client.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
-            raise
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") == "403":
+                # A HEAD response has no body, so S3 cannot say which of key, secret or permission
+                # is wrong; a one-key listing can (InvalidAccessKeyId, SignatureDoesNotMatch, ...).
+                self._call("cannot use", self.client.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix,
+                           MaxKeys=1)
+            raise self._fail(err, "cannot use") from None
+        except BotoCoreError as err:
+            raise self._fail(err, "cannot use") from None
 
     def put(self, name: str, data: bytes) -> None:
         self._call("cannot write to", self.client.put_object, Bucket=self.bucket, Key=self._key(name), Body=data)
