@@ -97,14 +97,15 @@ def test_prepare_to_s3_equals_the_local_one_and_resumes_after_a_kill(hostile, tm
     assert tars and all(remote[k] == (local / k).read_bytes() for k in tars)   # byte-identical shards
     assert json.loads(remote[INDEX])["shardlist"] == json.loads((local / INDEX).read_text())["shardlist"]
 
-    # "killed" while writing the last shard: its sidecar and the index were never published
-    for name in (INDEX, tars[-1].replace(".tar", ".json")):
+    # "killed" while writing the last shard: its sidecar, the process's part record and the index
+    # were never published
+    for name in (INDEX, "parts/000-of-001.json", tars[-1].replace(".tar", ".json")):
         client.delete_object(Bucket="datasets", Key=f"hostile/v1/{name}")
     counts = prepare.run(prepare_cfg(hostile, "s3://datasets/hostile/v1", tmp_path / "r3"))
     again = objects()
     assert counts["shards_written_now"] == 1   # nothing lost, nothing twice: every object as before
-    assert {k: v for k, v in again.items() if k != "prepare_report.json"} == \
-        {k: v for k, v in remote.items() if k != "prepare_report.json"}
+    reports = ("prepare_report.json", "000-of-001.json")   # they count the shards written by this attempt
+    assert {k: v for k, v in again.items() if k not in reports} == {k: v for k, v in remote.items() if k not in reports}
     # the same command once more: already prepared
     assert prepare.run(prepare_cfg(hostile, "s3://datasets/hostile/v1", tmp_path / "r4"))["kept"] == counts["kept"]
 
@@ -112,10 +113,10 @@ def test_prepare_to_s3_equals_the_local_one_and_resumes_after_a_kill(hostile, tm
 def test_another_dataset_into_the_same_output_is_refused(hostile, imagefolder_data, tmp_path):
     out = tmp_path / "shards"
     prepare.run(prepare_cfg(hostile, str(out), tmp_path / "r1"))
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(StorageError, match="another dataset or other settings .*source.*never overwritten"):
         prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "r2"))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_bad_storage_fails_fast_naming_the_url_and_what_to_set(hostile, tmp_path, s3):
@@ -324,3 +325,87 @@ def test_two_runs_sharing_data_local_at_once_read_the_same_verified_shards(image
     assert sorted(p.name for p in scratch.iterdir() if p.suffix == ".tar") == sorted(
         f"{json.loads((out / INDEX).read_text())['shardlist'][j]['sha256']}.tar" for j in range(4))
     assert not list(scratch.glob(".*.tmp"))   # no half-written file left behind
+
+
+def test_prepare_spread_over_two_processes_reads_as_the_one_process_prepare(hostile, tmp_path):
+    """Each rank scans and shards its block into its own sub-stream; the merged index reads the
+    same items, in the same order, with the same bytes and the same report as one process."""
+    from tests.test_multinode import logs_of, torchrun
+    from toolkit.data.prepared import PreparedDataset
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    prepare.run(prepare_cfg(hostile, str(one), tmp_path / "r1"))
+    # two "nodes" of one process each (torchrun agents, c10d rendezvous): they meet through the output only
+    nodes = torchrun(2, 1, ["task=prepare", f"data.path={hostile}", "data.resolution=16", f"prepare.output={two}",
+                            "prepare.samples_per_shard=5"], tmp_path, "prep2")
+    logs = logs_of(nodes)
+    assert all(p.returncode == 0 for p in nodes), logs[0][-3000:] + logs[1][-3000:]
+    assert (two / "part-000").is_dir() and (two / "part-001").is_dir()   # one sub-stream per rank
+    a, b = (PreparedDataset(str(p), "image", "text", tmp_path / f"scratch-{p.name}") for p in (one, two))
+    assert a.samples == b.samples and len(a) > 0
+    assert all(a[i]["image"]["bytes"] == b[i]["image"]["bytes"] for i in range(len(a)))
+    ra, rb = (json.loads((p / "prepare_report.json").read_text()) for p in (one, two))
+    assert ra["rejected"] == rb["rejected"] and ra["counts"]["kept"] == rb["counts"]["kept"]
+    assert {Path(r["item"]).name for r in rb["rejected"]} == set(REJECTED)
+    # a killed 2-process prepare is continued with 2 processes, not silently re-cut by one
+    (two / INDEX).unlink()
+    with pytest.raises(StorageError, match="started with 2 processes: continue it with as many"):
+        prepare.run(prepare_cfg(hostile, str(two), tmp_path / "r3"))
+
+
+def encoded_files(cache: Path) -> dict[str, set[str]]:
+    return {d.name: {f.name for f in d.iterdir()} for d in cache.iterdir() if d.is_dir()}
+
+
+def test_prepared_encoder_rows_train_the_unet_alone_and_equal_encoding_here(tiny_model, tiny_model_v,
+                                                                           imagefolder_data, tmp_path, s3):
+    """prepare.encode=true: training fetches the stored rows (encodes nothing itself) and trains the
+    adapter a run encoding its own cache trains, bit for bit; a model with other encoder weights is
+    refused, naming both fingerprints; adding that model's rows to the set makes it usable too."""
+    from tests.conftest import tiny_overrides
+    from tests.test_fault_tolerance import ADAPTER, same_tensors
+    from toolkit.data.prepared import EncodedMismatch
+    from toolkit.tasks import train
+
+    model = [f"model.name_or_path={tiny_model}", "module=lora_miniature", "data.random_flip=true",
+             "callbacks.encoded_cache.dtype=float32"]
+    url = "s3://datasets/encoded"
+    counts = prepare.run(prepare_cfg(imagefolder_data, url, tmp_path / "p", "prepare.encode=true", *model))
+    assert counts["encoded_stores"] == 3   # latents, micro-conditioning, text
+
+    def train_args(out: Path, source: list[str], model_path: str = tiny_model) -> list[str]:
+        base = [a for a in tiny_overrides(model_path, imagefolder_data, out) if not a.startswith("data.path=")]
+        return [*base, *source, "data.val_fraction=0", "trainer.limit_val_batches=0", "data.random_flip=true",
+                "callbacks.encoded_cache.dtype=float32", f"paths.cache_dir={out}-cache", f"data.local={out}-scratch"]
+
+    runs = {}
+    for name, source in (("prepared", ["data=streaming", f"data.remote={url}"]),
+                         ("here", [f"data.path={imagefolder_data}"])):
+        out = tmp_path / name
+        train.run(compose_cfg(train_args(out, source), out))
+        runs[name] = out
+    stored = json.loads(s3_object("datasets", "encoded/encoded.json"))["stores"]
+    # the prepared run's cache holds exactly the fetched files: nothing was encoded at training
+    fetched = encoded_files(Path(f"{runs['prepared']}-cache") / "encoded")
+    assert fetched == {k: set(v["files"]) for k, v in stored.items()}
+    assert encoded_files(Path(f"{runs['here']}-cache") / "encoded").keys() == stored.keys()   # same stores, same keys
+    assert same_tensors(runs["prepared"] / ADAPTER, runs["here"] / ADAPTER)
+
+    other = tmp_path / "other"
+    for extra, what in (([], "text_encoders"), (["callbacks.encoded_cache.text=false"], "vae")):
+        both = rf"{what}: [0-9a-f]{{16}} \(prepared\) ≠ [0-9a-f]{{16}} \(this run\)"   # both fingerprints
+        with pytest.raises(EncodedMismatch, match=both):
+            train.run(compose_cfg([*train_args(other, ["data=streaming", f"data.remote={url}"], tiny_model_v),
+                                   *extra], other))
+    model_v = [a.replace(tiny_model, tiny_model_v) for a in model]
+    prepare.run(prepare_cfg(imagefolder_data, url, tmp_path / "p2", "prepare.encode=true", *model_v))
+    assert len(json.loads(s3_object("datasets", "encoded/encoded.json"))["stores"]) == 6   # both models' rows
+    out = tmp_path / "other2"
+    train.run(compose_cfg(train_args(out, ["data=streaming", f"data.remote={url}"], tiny_model_v), out))
+    assert (out / ADAPTER).is_file()
+
+
+def s3_object(bucket: str, key: str) -> bytes:
+    import boto3
+
+    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()

@@ -8,6 +8,7 @@ over ranks (each encodes every world_size-th missing item, then all read every s
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from lightning.fabric.utilities.distributed import is_shared_filesystem
 
 from toolkit.data.encoded_cache import ArrayStore, fill
 from toolkit.data.masks import load_mask
-from toolkit.data.sources import fingerprint_listing
+from toolkit.data.prepared import PreparedDataset
+from toolkit.data.sources import fingerprint_listing, image_bytes
 from toolkit.data.transforms import train_transform
 from toolkit.data.validate import decode_image
 from toolkit.hashing import bytes_key, module_fingerprint, text_key, tokenizer_fingerprint
@@ -28,12 +30,22 @@ from toolkit.models.objectives import latent_mask
 log = logging.getLogger(__name__)
 
 
-def image_bytes(item: Any) -> bytes:
-    if isinstance(item, dict):
-        return item.get("bytes") or Path(item["path"]).read_bytes()
-    if isinstance(item, str | Path):
-        return Path(item).read_bytes()
-    return item.tobytes()   # an already-decoded PIL image (some hub datasets)
+def settings_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def text_settings(module: Any, dtype: np.dtype) -> dict[str, Any]:
+    """What decides a caption's embedding: the family, every text encoder and tokenizer, the dtype."""
+    return {"kind": "text", "family": module.family.name, "dtype": str(dtype),
+            "text_encoders": "-".join(module_fingerprint(e) for e in module.text_encoders),
+            "tokenizers": "-".join(tokenizer_fingerprint(t) for t in module.tokenizers)}
+
+
+def latent_settings(module: Any, dm: Any, dtype: np.dtype) -> dict[str, Any]:
+    """What decides an image's cached posterior: the VAE (config + weights) and the preprocessing."""
+    return {"kind": "latents", "vae": module_fingerprint(module.vae), "resolution": dm.resolution,
+            "flips": 2 if dm.random_flip else 1, "buckets": str(dm.buckets),
+            "alpha_background": str(dm.policy.alpha_background), "dtype": str(dtype)}
 
 
 class EncodedCache(L.Callback):
@@ -43,11 +55,12 @@ class EncodedCache(L.Callback):
         text: cache prompt embeddings (skipped when the text encoder is trained).
         batch_size: encoding batch.
         dtype: storage dtype of the cached arrays (``float16`` halves the disk; ``float32`` exact).
+        from_prepared: take the rows a prepared set carries (``prepare.encode=true``); false: encode here.
     """
 
     def __init__(self, dirpath: str, latents: bool = True, text: bool = True, batch_size: int = 64,
-                 dtype: str = "float16") -> None:
-        self.dirpath, self.latents, self.text = Path(dirpath), latents, text
+                 dtype: str = "float16", from_prepared: bool = True) -> None:
+        self.dirpath, self.latents, self.text, self.from_prepared = Path(dirpath), latents, text, from_prepared
         self.batch_size, self.dtype = batch_size, np.dtype(dtype)
 
     def sharding(self, trainer: L.Trainer) -> dict[str, Any]:
@@ -69,44 +82,62 @@ class EncodedCache(L.Callback):
 
     @torch.no_grad()
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        dm = trainer.datamodule
+        self.encode(module, trainer.datamodule, self.sharding(trainer),
+                    f"rank {trainer.global_rank}, node {trainer.node_rank}")
+
+    def prepared(self, dm: Any, name: str, settings: dict[str, Any]) -> None:
+        """Rows a ``task=prepare`` with ``prepare.encode=true`` stored for this store: fetched into
+        it (verified), so nothing is encoded here; refused when they were made otherwise."""
+        ds = getattr(dm.train_set, "ds", None)
+        if self.from_prepared and isinstance(ds, PreparedDataset):
+            ds.fetch_encoded(name, settings, self.dirpath / name)
+
+    @torch.no_grad()
+    def encode(self, module: Any, dm: Any, shard: dict[str, Any], who: str = "rank 0") -> dict[str, dict[str, Any]]:
+        """Fill the stores ``module`` (its VAE, text encoders, family) and ``dm`` (its sets and
+        preprocessing) need; ``shard`` splits the work (``fill``). Returns {store folder: settings}."""
         sets = [s for s in (dm.train_set, dm.val_set, dm.train_set.prior) if s is not None]
-        shard = self.sharding(trainer)
+        used: dict[str, dict[str, Any]] = {}
+
+        def open_store(name: str, settings: dict[str, Any]) -> ArrayStore:
+            self.prepared(dm, name, settings)
+            used[name] = settings
+            return ArrayStore(self.dirpath / name)
+
         if self.text and module.text_lora_params:
             log.info("text-embedding cache off: the text encoder is being trained")
         elif self.text and dm.tags.varies:
             log.info("text-embedding cache off: tag shuffling/dropout changes the captions every step")
         elif self.text:
             captions = sorted({""} | {c for s in sets for c in s.captions()})   # "" for caption dropout
-            encoders = "-".join(module_fingerprint(e) for e in module.text_encoders)
-            tokenizers = "-".join(tokenizer_fingerprint(t) for t in module.tokenizers)
-            key = hashlib.sha256(f"{module.family.name}-{encoders}-{tokenizers}-{self.dtype}".encode()).hexdigest()[:20]
+            settings = text_settings(module, self.dtype)
             module.text_cache = {}
             for field in module.family.cache_fields:   # one store per conditioning tensor (SDXL: + pooled)
-                store = ArrayStore(self.dirpath / f"text-{key}-{field}")
+                store = open_store(f"text-{settings_key(settings)}-{field}", {**settings, "field": field})
                 enc = lambda batch, f=field: (module.encode_text(batch, cached=False)[f].float().cpu().numpy()
                                               .astype(self.dtype))
                 n = fill(store, [text_key(c) for c in captions], captions, enc, self.batch_size,
                          desc=f"text cache ({field})", **shard)
                 module.text_cache[field] = store
-                log.info("text cache (%s): %d prompts (%d encoded now by rank %d, node %d) in %s", field, len(captions),
-                         n, trainer.global_rank, trainer.node_rank, store.root)
+                log.info("text cache (%s): %d prompts (%d encoded now by %s) in %s", field, len(captions), n, who,
+                         store.root)
         if self.latents and not dm.center_crop:
             log.warning("latent cache off: random crops are not cacheable (set data.center_crop=true)")
         elif self.latents:
             flips = 2 if dm.random_flip else 1
-            prep = (f"{module_fingerprint(module.vae)}-r{dm.resolution}-f{flips}-b{dm.buckets}"
-                    f"-{dm.policy.alpha_background}-{self.dtype}")
-            folder = hashlib.sha256(prep.encode()).hexdigest()[:20]
-            store = ArrayStore(self.dirpath / f"latents-{folder}")
+            settings = latent_settings(module, dm, self.dtype)
+            folder = settings_key(settings)
+            store = open_store(f"latents-{folder}", settings)
             # What each cached variant was cut at (original size, crop top-left, target size): SDXL's
             # micro-conditioning travels with the latents, from the same transform that cuts the pixels.
-            micro_store = ArrayStore(self.dirpath / f"micro-{folder}")
+            micro_store = open_store(f"micro-{folder}", {**settings, "kind": "micro"})
             min_side = dm.policy.min_side or dm.resolution
             # Loss masks, averaged to the latent grid, per variant; keyed by the mask source too.
             masks = dm.masks
-            mask_key = hashlib.sha256(str(masks if masks in (None, "alpha") else fingerprint_listing(masks)).encode())
-            mask_store = ArrayStore(self.dirpath / f"masks-{folder}-{mask_key.hexdigest()[:12]}") if masks else None
+            mask_src = str(masks if masks in (None, "alpha") else fingerprint_listing(masks))
+            mask_key = hashlib.sha256(mask_src.encode()).hexdigest()[:12]
+            mask_store = (open_store(f"masks-{folder}-{mask_key}", {**settings, "kind": "masks", "masks": mask_src})
+                          if masks else None)
             factor = 2 ** (len(module.vae.config.block_out_channels) - 1)
 
             def mask_rows(items: list[Any], size: int | tuple[int, int]) -> np.ndarray:
@@ -155,5 +186,5 @@ class EncodedCache(L.Callback):
                         fill(mask_store, [keys[r] for r in rows], [items[r] for r in rows],
                              lambda its, size=size: mask_rows(its, size), self.batch_size, desc="loss masks", **shard)
                 s.latents = (store, micro_store, mask_store if s.masks else None, keys)
-                log.info("latent cache: %d images (%d encoded now by rank %d, node %d) in %s", len(s.indices), n,
-                         trainer.global_rank, trainer.node_rank, store.root)
+                log.info("latent cache: %d images (%d encoded now by %s) in %s", len(s.indices), n, who, store.root)
+        return used

@@ -22,13 +22,17 @@ from typing import Any
 import numpy as np
 
 from toolkit.atomic import atomic_open
-from toolkit.data.shards import INDEX, sidecar_name
+from toolkit.data.shards import ENCODED, INDEX, sidecar_name
 from toolkit.data.storage import StorageError, open_store
 from toolkit.data.validate import ScanResult
 
 
 class BadShard(RuntimeError):
     """A shard whose bytes do not match the SHA-256 its index records."""
+
+
+class EncodedMismatch(ValueError):
+    """A prepared set's encoded rows were made with other encoders or preprocessing than the run's."""
 
 
 def is_prepared(path: str) -> bool:
@@ -48,7 +52,9 @@ class PreparedDataset:
         self.index = json.loads(raw)
         self._fingerprint = hashlib.sha256(raw).hexdigest()
         self.shards = self.index["shardlist"]
-        self.samples = [s for j in range(len(self.shards)) for s in json.loads(store.get(sidecar_name(j)))["samples"]]
+        self.samples = [s for meta in self.shards for s in json.loads(store.get(sidecar_name(meta["url"])))["samples"]]
+        # prepare.encode=true: {store folder: {"settings", "files": {name: sha256}}} (EncodedCache reads them)
+        self.encoded = json.loads(store.get(ENCODED))["stores"] if store.exists(ENCODED) else {}
         self.starts = list(np.cumsum([0] + [s["nsamples"] for s in self.shards])[:-1])
         self.rows = list(range(len(self.samples)))
         self.column_names = [image_column, caption_column]
@@ -79,20 +85,45 @@ class PreparedDataset:
         return ScanResult(keep=list(range(len(self))), total=len(self),
                           sizes=[[self.samples[r]["width"], self.samples[r]["height"]] for r in self.rows])
 
-    def _shard_file(self, j: int) -> Path:
-        meta = self.shards[j]
-        path = self.local / f"{meta['sha256']}.tar"
+    def _fetch(self, name: str, sha256: str, path: Path) -> Path:
+        """``name`` from the store into ``path`` (once; checked against ``sha256``, written whole)."""
         if not path.is_file():
             if self._store is None:
                 self._store = open_store(self.url, self.endpoint_url)
-            data = self._store.get(meta["url"])
-            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                raise BadShard(f"{self.url}/{meta['url']}: its bytes do not match the SHA-256 in {INDEX} "
-                               f"({meta['sha256'][:12]}…): the shard changed or was damaged; prepare the set again")
-            self.local.mkdir(parents=True, exist_ok=True)
+            data = self._store.get(name)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise BadShard(f"{self.url}/{name}: its bytes do not match the SHA-256 in {INDEX} "
+                               f"({sha256[:12]}…): the file changed or was damaged; prepare the set again")
+            path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_open(path) as f:
                 f.write(data)
         return path
+
+    def _shard_file(self, j: int) -> Path:
+        meta = self.shards[j]
+        return self._fetch(meta["url"], meta["sha256"], self.local / f"{meta['sha256']}.tar")
+
+    def fetch_encoded(self, name: str, settings: dict[str, Any], dest: Path) -> bool:
+        """The prepared rows of encoded store ``name`` into ``dest`` (an ``ArrayStore`` folder; arrays
+        first, key lists last, so a reader never sees a half). False when the set carries none of this
+        kind; ``EncodedMismatch`` when it carries some made otherwise (naming what differs)."""
+        entry = self.encoded.get(name)
+        if entry is None:
+            same = [e["settings"] for e in self.encoded.values()
+                    if all(e["settings"].get(k) == settings.get(k) for k in ("kind", "field"))]
+            if not same:
+                return False
+            closest = min(same, key=lambda s: sum(s.get(k) != v for k, v in settings.items()))
+            diff = "; ".join(f"{k}: {closest.get(k)} (prepared) ≠ {v} (this run)" for k, v in sorted(settings.items())
+                             if closest.get(k) != v)
+            raise EncodedMismatch(
+                f"{self.url} carries {settings['kind']} rows encoded otherwise than this run needs ({diff}): the "
+                "fingerprints hash each encoder's config and weights. Prepare again with this run's model and data "
+                "settings (task=prepare prepare.encode=true), or encode here: "
+                "callbacks.encoded_cache.from_prepared=false")
+        for file in sorted(entry["files"], key=lambda f: (f.endswith(".keys.json"), f)):
+            self._fetch(f"encoded/{name}/{file}", entry["files"][file], dest / file)
+        return True
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import wids

@@ -25,6 +25,7 @@ from typing import Any
 INDEX = "index.json"
 PLAN = "prepare_plan.json"
 REPORT = "prepare_report.json"
+ENCODED = "encoded.json"   # prepare.encode=true: the frozen encoders' rows, per store (``encoded/<store>/``)
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,14 @@ class Sample:
     meta: dict[str, Any]
 
 
-def shard_name(j: int) -> str:
-    return f"shard-{j:06d}.tar"
+def shard_name(j: int, part: str = "") -> str:
+    """Shard ``j`` of a sub-stream (``part``: ``part-<rank>/`` of a prepare spread over processes)."""
+    return f"{part}shard-{j:06d}.tar"
 
 
-def sidecar_name(j: int) -> str:
+def sidecar_name(shard: str) -> str:
     """Published after its shard: a shard counts as done when this exists."""
-    return f"shard-{j:06d}.json"
+    return shard.removesuffix(".tar") + ".json"
 
 
 def tar_bytes(samples: list[Sample]) -> bytes:
@@ -58,8 +60,8 @@ def tar_bytes(samples: list[Sample]) -> bytes:
     return buf.getvalue()
 
 
-def sidecar(j: int, samples: list[Sample], data: bytes) -> dict[str, Any]:
-    return {"url": shard_name(j), "nsamples": len(samples), "filesize": len(data),
+def sidecar(name: str, samples: list[Sample], data: bytes) -> dict[str, Any]:
+    return {"url": name, "nsamples": len(samples), "filesize": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}
 
 

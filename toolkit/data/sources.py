@@ -11,6 +11,7 @@ import hashlib
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import datasets
 
@@ -178,3 +179,11 @@ def held_out(path: str, split: str, validation_split: str | None, val_fraction: 
     _, val = split_train_val(path, split, validation_split, val_fraction, seed, image_column, caption_column,
                              revision, local)
     return val if val is not None else []
+
+
+def image_bytes(item: Any) -> bytes:
+    if isinstance(item, dict):
+        return item.get("bytes") or Path(item["path"]).read_bytes()
+    if isinstance(item, str | Path):
+        return Path(item).read_bytes()
+    return item.tobytes()   # an already-decoded PIL image (some hub datasets)

@@ -49,7 +49,7 @@ class LocalStore:
         self.url = str(self.root)
 
     def put(self, name: str, data: bytes) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / name).parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(self.root / name) as f:   # temp file + rename: whole or absent
             f.write(data)
 

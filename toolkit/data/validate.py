@@ -219,8 +219,9 @@ class ScanResult:
 
 
 def scan(n: int, get: Callable[[int], tuple[Any, Any, str | None]], policy: DataPolicy, min_side: int,
-         desc: str = "scanning data") -> ScanResult:
-    """Check items ``0..n-1``; ``get(i)`` returns (image item, caption, caption problem)."""
+         desc: str = "scanning data", rows: range | None = None) -> ScanResult:
+    """Check items ``0..n-1`` (or ``rows`` of them); ``get(i)`` returns (image item, caption, caption problem)."""
+    rows = range(n) if rows is None else rows
 
     def one(i: int) -> tuple[int, BadItem | None, list[str], str, list[int]]:
         image, caption, problem = get(i)
@@ -234,9 +235,9 @@ def scan(n: int, get: Callable[[int], tuple[Any, Any, str | None]], policy: Data
                 raise BadItem(bad.reason, f"{name} ({bad.detail})" if bad.detail else name) from None
             return i, bad, [], name, []
 
-    result = ScanResult(keep=[], total=n)
+    result = ScanResult(keep=[], total=len(rows))
     with ThreadPoolExecutor(max(1, policy.scan_workers)) as pool:
-        for i, bad, notes, name, size in progress(pool.map(one, range(n)), desc, total=n, unit="items"):
+        for i, bad, notes, name, size in progress(pool.map(one, rows), desc, total=len(rows), unit="items"):
             if bad is None:
                 result.keep.append(i)
                 result.sizes.append(size)

@@ -30,6 +30,15 @@ def external_launcher(env: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
+def process_rank(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(rank, world size) of this process in a job started by torchrun or srun; (0, 1) on its own."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return 0, 1
+
+
 def job_run_id(env: Mapping[str, str] = os.environ) -> str | None:
     """The id every process of this job shares (None: the launcher gave none)."""
     launcher = external_launcher(env)

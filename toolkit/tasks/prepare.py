@@ -13,6 +13,20 @@ written first; each shard is published whole (a local rename, one S3 PUT), then 
 its count and SHA-256; a shard counts as done when its sidecar is there. Run the same command
 again after a kill: the done shards are skipped, the rest written, the index last. An output
 holding another dataset's or other settings' shards is refused, never overwritten.
+
+Spread over processes (``torchrun --nproc-per-node N run.py task=prepare …``, or N srun tasks):
+rank ``r`` of ``W`` scans the ``r``-th contiguous block of the source rows and writes its own
+sub-stream ``part-<r>/``; rank zero merges the parts, in rank order, into the one index. The
+kept items come out in the same order as from one process (only the shard boundaries differ);
+the processes meet through files in the output (no process group), so they may run on any
+machines that reach it. A killed prepare is continued with the same number of processes.
+
+``prepare.encode=true`` also stores the frozen encoders' rows (``toolkit.callbacks.encoded_cache``:
+VAE posterior parameters per flip variant, micro-conditioning, text embeddings per caption and
+field) under ``encoded/<store>/`` with ``encoded.json`` naming each store's settings (encoder
+fingerprints, preprocessing) and files' SHA-256; each process encodes its block. Training from the
+set fetches them instead of encoding (and refuses rows made with other encoders, naming both
+fingerprints). Several models' rows can be added to one set, one ``task=prepare`` each.
 """
 
 from __future__ import annotations
@@ -21,18 +35,33 @@ import hashlib
 import io
 import json
 import logging
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from toolkit.callbacks.encoded_cache import image_bytes
 from toolkit.data.datamodule import CaptionedImages
-from toolkit.data.shards import INDEX, PLAN, REPORT, Sample, index, shard_name, sidecar, sidecar_name, tar_bytes
-from toolkit.data.sources import fingerprint_listing, load_captioned
+from toolkit.data.shards import (
+    ENCODED,
+    INDEX,
+    PLAN,
+    REPORT,
+    Sample,
+    index,
+    shard_name,
+    sidecar,
+    sidecar_name,
+    tar_bytes,
+)
+from toolkit.data.sources import fingerprint_listing, image_bytes, load_captioned
 from toolkit.data.storage import StorageError, open_store
-from toolkit.data.validate import DataPolicy, check_caption, item_name, require_items, save_scan, scan
+from toolkit.data.validate import DataPolicy, ScanResult, check_caption, item_name, require_items, save_scan, scan
+from toolkit.run.launch import process_rank
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +73,7 @@ def image_ext(data: bytes) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     d, p = cfg.data, cfg.prepare
+    rank, world = process_rank()
     policy = DataPolicy(**OmegaConf.to_container(d.policy, resolve=True))
     min_side = policy.min_side or d.resolution
     if not min_side:
@@ -57,50 +87,175 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               "fingerprint": fingerprint_listing(local) if local.is_dir() else ds._fingerprint}
     plan = {"source": source, "policy": repr(policy), "min_side": int(min_side),
             "samples_per_shard": int(p.samples_per_shard), "format": "webdataset tar + wids index v1"}
+    if world > 1:   # a one-process prepare's plan (and layout) stays as it was
+        plan["processes"] = world
     if store.exists(PLAN):
         before = json.loads(store.get(PLAN))
         if before != plan:
-            changed = sorted(k for k in plan if before.get(k) != plan[k])
+            changed = sorted(k for k in plan.keys() | before.keys() if before.get(k) != plan.get(k))
+            hint = (f" (it was started with {before.get('processes', 1)} processes: continue it with as many)"
+                    if changed == ["processes"] else "")
             raise StorageError(f"{store.url} holds a prepare of another dataset or other settings (differs in: "
-                               f"{', '.join(changed)}); it is never overwritten: choose another prepare.output")
-        if store.exists(INDEX):
-            log.info("%s is already prepared (%s): nothing to do", store.url, INDEX)
-            return json.loads(store.get(REPORT))["counts"]
-    else:
+                               f"{', '.join(changed)}){hint}; it is never overwritten: choose another prepare.output")
+    elif rank == 0:
         store.put(PLAN, json.dumps(plan, indent=1, sort_keys=True).encode())
+    if store.exists(INDEX):
+        log.info("%s is already prepared (%s)", store.url, INDEX)
+        counts = json.loads(store.get(REPORT))["counts"]
+    else:
+        write_part(cfg, store, ds, policy, int(min_side), rank, world)
+        counts = merge_parts(cfg, store, source, plan, world) if rank == 0 else {}
+    if p.encode:
+        wait_for(store, [INDEX], "the index (rank 0 merges the parts)", p.wait_s)
+        counts = {**counts, **encode(cfg, store, rank, world)}
+    return counts
 
-    wrap = CaptionedImages(ds, d.image_column, d.caption_column, int(min_side), True, False, policy)
-    result = scan(len(ds), wrap.raw, policy, int(min_side), desc="checking data")
-    require_items(result, str(d.path))
-    size = int(p.samples_per_shard)
+
+def part_name(rank: int, world: int) -> str:
+    return f"parts/{rank:03d}-of-{world:03d}.json"
+
+
+def write_part(cfg: DictConfig, store: Any, ds: Any, policy: DataPolicy, min_side: int, rank: int,
+               world: int) -> None:
+    """This process's sub-stream: scan its block of source rows, shard the kept ones, publish."""
+    d, size = cfg.data, int(cfg.prepare.samples_per_shard)
+    if store.exists(part_name(rank, world)):
+        return
+    lo, hi = len(ds) * rank // world, len(ds) * (rank + 1) // world
+    wrap = CaptionedImages(ds, d.image_column, d.caption_column, min_side, True, False, policy)
+    result = scan(len(ds), wrap.raw, policy, min_side, desc="checking data", rows=range(lo, hi))
+    prefix = f"part-{rank:03d}/" if world > 1 else ""
     shards, written = [], 0
     for j, start in enumerate(range(0, len(result.keep), size)):
-        rows = list(zip(result.keep[start: start + size], result.sizes[start: start + size]))
-        if store.exists(sidecar_name(j)):   # published by an earlier attempt
-            shards.append({k: v for k, v in json.loads(store.get(sidecar_name(j))).items() if k != "samples"})
+        name = shard_name(j, prefix)
+        if store.exists(sidecar_name(name)):   # published by an earlier attempt
+            shards.append({k: v for k, v in json.loads(store.get(sidecar_name(name))).items() if k != "samples"})
             continue
         samples = []
-        for n, (row, (w, h)) in enumerate(rows, start):
+        for row, (w, h) in zip(result.keep[start: start + size], result.sizes[start: start + size], strict=True):
             image, caption, problem = wrap.raw(row)
             data = image_bytes(image)
-            samples.append(Sample(f"{n:09d}", data, image_ext(data), check_caption(caption, problem, policy),
+            samples.append(Sample(f"{row:09d}", data, image_ext(data), check_caption(caption, problem, policy),
                                   {"width": w, "height": h, "source": item_name(image, row),
                                    "sha256": hashlib.sha256(data).hexdigest()}))
         blob = tar_bytes(samples)
-        store.put(shard_name(j), blob)
-        meta = sidecar(j, samples, blob)
+        store.put(name, blob)
+        meta = sidecar(name, samples, blob)
         rows_meta = [{"caption": x.caption, **x.meta} for x in samples]   # what training reads at start-up
-        store.put(sidecar_name(j), json.dumps({**meta, "samples": rows_meta}).encode())   # after the shard: "done"
+        store.put(sidecar_name(name), json.dumps({**meta, "samples": rows_meta}).encode())   # after the shard
         shards.append(meta)
         written += 1
+    store.put(part_name(rank, world), json.dumps({"shards": shards, "written_now": written,
+                                                  "scan": asdict(result)}).encode())
+    log.info("prepare rank %d/%d: source rows [%d, %d): %s; %d shards (%d written now)", rank, world, lo, hi,
+             result.summary(), len(shards), written)
+
+
+def wait_for(store: Any, names: list[str], what: str, timeout_s: float) -> None:
+    """Until every name exists in the store (the processes of a prepare meet through its files)."""
+    t0 = last = time.monotonic()
+    while missing := [n for n in names if not store.exists(n)]:
+        now = time.monotonic()
+        if now - t0 > timeout_s:
+            raise TimeoutError(f"{store.url}: after {timeout_s:.0f} s still no {', '.join(missing)} ({what}): did a "
+                               "process of this prepare fail? Run the same command again to continue it")
+        if now - last > 60:
+            log.info("waiting for %d of %d: %s", len(missing), len(names), what)
+            last = now
+        time.sleep(1.0)
+
+
+def merge_parts(cfg: DictConfig, store: Any, source: dict[str, Any], plan: dict[str, Any], world: int
+                ) -> dict[str, Any]:
+    """Rank zero: the parts, in rank order, into one report and one index (published last)."""
+    d = cfg.data
+    wait_for(store, [part_name(r, world) for r in range(world)], "the other processes' parts", cfg.prepare.wait_s)
+    parts = [json.loads(store.get(part_name(r, world))) for r in range(world)]
+    result = ScanResult(keep=[], total=0)
+    for part in parts:
+        scanned = ScanResult(**part["scan"])
+        result.keep += scanned.keep
+        result.sizes += scanned.sizes
+        result.total += scanned.total
+        result.rejected += scanned.rejected
+        result.converted += scanned.converted
+    require_items(result, str(d.path))
+    shards = [s for part in parts for s in part["shards"]]
     report = {"source": source, "counts": {"total": result.total, "kept": len(result.keep),
                                            "rejected": len(result.rejected), "shards": len(shards),
-                                           "shards_written_now": written},
+                                           "shards_written_now": sum(part["written_now"] for part in parts),
+                                           "processes": world},
               "rejected": result.rejected, "converted": result.converted, "summary": result.summary()}
     store.put(REPORT, json.dumps(report, indent=1).encode())
     save_scan(result, Path(cfg.paths.output_dir) / "data_report.json")
     (Path(cfg.paths.output_dir) / REPORT).write_text(json.dumps(report, indent=1))
     store.put(INDEX, json.dumps(index(shards, Path(str(d.path)).name, plan), indent=1).encode())   # last
-    (log.warning if result.rejected else log.info)("prepare %s -> %s: %s; %d shards (%d written now)",
-                                                   d.path, store.url, result.summary(), len(shards), written)
+    (log.warning if result.rejected else log.info)("prepare %s -> %s: %s; %d shards in %d parts", d.path,
+                                                   store.url, result.summary(), len(shards), world)
     return report["counts"]
+
+
+def encode(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]:
+    """The frozen encoders' rows of this process's block of prepared rows, into ``encoded/``; rank
+    zero adds the stores to ``encoded.json`` once every process has published its part."""
+    settings = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+                "pretrained": OmegaConf.to_container(cfg.module.pretrained, resolve=True),
+                "data": {k: OmegaConf.to_container(cfg.data, resolve=True).get(k) for k in (
+                    "resolution", "center_crop", "random_flip", "buckets", "policy", "masks", "tags")},
+                "cache": {k: v for k, v in OmegaConf.to_container(cfg.callbacks.encoded_cache, resolve=True).items()
+                          if k not in ("dirpath", "from_prepared")}}
+    job = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    done = json.loads(store.get(ENCODED)) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
+    if job in done["jobs"]:
+        log.info("%s already carries these encoders' rows (%s)", store.url, ENCODED)
+        return done["jobs"][job]["counts"]
+    part = f"encoded/parts/{job}-{rank:03d}-of-{world:03d}.json"
+    if not store.exists(part):
+        store.put(part, json.dumps(encode_block(cfg, store, rank, world)).encode())
+    if rank != 0:
+        return {}
+    names = [f"encoded/parts/{job}-{r:03d}-of-{world:03d}.json" for r in range(world)]
+    wait_for(store, names, "the other processes' encoded rows", cfg.prepare.wait_s)
+    stores: dict[str, Any] = {}
+    for name in names:
+        for folder, entry in json.loads(store.get(name)).items():
+            stores.setdefault(folder, {"settings": entry["settings"], "files": {}})["files"].update(entry["files"])
+    counts = {"encoded_stores": len(stores), "encoded_files": sum(len(e["files"]) for e in stores.values())}
+    done = json.loads(store.get(ENCODED)) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
+    for folder, entry in stores.items():
+        done["stores"].setdefault(folder, {"settings": entry["settings"], "files": {}})["files"].update(entry["files"])
+    done["jobs"][job] = {"settings": settings, "counts": counts, "processes": world}
+    store.put(ENCODED, json.dumps(done, indent=1, sort_keys=True, default=str).encode())
+    log.info("prepare: encoded rows of %s in %s (%s)", cfg.model.name_or_path, store.url, counts)
+    return counts
+
+
+def encode_block(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]:
+    """Encode rows ``[lo, hi)`` of the prepared set (this process's share) with the module training
+    builds (same weights, dtypes and speed settings: same fingerprints), through the training cache's
+    own code; upload each store's files. Returns {store folder: {"settings", "files"}}."""
+    staging = Path(cfg.paths.output_dir) / f"encoded-staging-{rank:03d}"
+    data = OmegaConf.to_container(cfg.data, resolve=True)   # the training data's settings, on the prepared rows
+    data.update(path=store.url, remote=None, val_fraction=0.0, validation_split=None, report_dir=None,
+                scan_cache_dir=None, local=data.get("local") or f"{cfg.paths.cache_dir}/prepared")
+    dm = instantiate(data)
+    dm.setup("fit")
+    s = dm.train_set
+    lo, hi = len(s) * rank // world, len(s) * (rank + 1) // world
+    s.indices = s.indices[lo:hi]
+    s.sizes = s.sizes[lo:hi] if s.sizes is not None else None
+    device = cfg.prepare.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    module = instantiate(cfg.module).to(device)
+    cache = instantiate(cfg.callbacks.encoded_cache, dirpath=str(staging), from_prepared=False)
+    used = cache.encode(module, dm, {"rank": 0, "world_size": 1}, f"prepare rank {rank}")
+    out = {}
+    for folder, settings in used.items():
+        files = {}
+        for f in sorted((staging / folder).iterdir(), key=lambda f: (f.name.endswith(".keys.json"), f.name)):
+            blob = f.read_bytes()
+            store.put(f"encoded/{folder}/{f.name}", blob)
+            files[f.name] = hashlib.sha256(blob).hexdigest()
+        out[folder] = {"settings": settings, "files": files}
+    log.info("prepare rank %d/%d: encoded prepared rows [%d, %d) into %d stores", rank, world, lo, hi, len(out))
+    return out
