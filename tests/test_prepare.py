@@ -409,3 +409,21 @@ def s3_object(bucket: str, key: str) -> bytes:
     import boto3
 
     return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_eval_reads_a_prepared_reference_set_as_the_folder(tiny_model, tiny_clip, imagefolder_data, tmp_path, s3):
+    """eval.dataset=s3://… (a task=prepare output): the same reference images, so the same scores."""
+    from tests.test_eval import eval_overrides
+    from toolkit.tasks import eval as eval_task
+
+    prepare.run(prepare_cfg(imagefolder_data, "s3://datasets/ref", tmp_path / "p"))
+    scores = {}
+    for name, ref in (("folder", str(imagefolder_data)), ("prepared", "s3://datasets/ref")):
+        out = tmp_path / name
+        m = eval_task.run(compose_cfg([*eval_overrides(tiny_model, tiny_clip, ref, tmp_path / f"m-{name}", out),
+                                       f"paths.cache_dir={tmp_path / f'c-{name}'}"], out))
+        scores[name] = {k: m[k] for k in ("n_real", "fid", "kid", "clip_score")}
+        row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+        assert SECRET not in json.dumps(row)
+    assert scores["folder"]["n_real"] == 16 and scores["prepared"] == scores["folder"]
+    assert any((tmp_path / "c-prepared" / "prepared").glob("*.tar"))   # fetched to the node-local cache

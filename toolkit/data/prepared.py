@@ -125,9 +125,16 @@ class PreparedDataset:
             self._fetch(f"encoded/{name}/{file}", entry["files"][file], dest / file)
         return True
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def select(self, rows: Any) -> PreparedDataset:   # as ``datasets.Dataset.select``
+        return self.view(list(rows))
+
+    def __getitem__(self, i: int | str) -> Any:
         import wids
 
+        if isinstance(i, str):   # a column, as ``datasets.Dataset`` gives it: the captions, from the sidecars
+            if i != self.caption_column:
+                raise KeyError(f"{self.url}: only the caption column {self.caption_column!r} is read whole")
+            return [self.samples[r]["caption"] for r in self.rows]
         row = self.rows[i]
         self._shard_file(bisect_right(self.starts, row) - 1)   # fetched and verified before wids opens it
         if self._wids is None:

@@ -129,7 +129,7 @@ def reference_set(cfg: DictConfig) -> tuple[Any, dict[str, Any], str, str]:
         ref, ident = reference.load_held_out(cfg.data, ev.num_ref)
         return ref, ident, cfg.data.image_column, cfg.data.caption_column
     ref, ident = reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split, ev.num_ref,
-                                          ev.revision)
+                                          ev.revision, f"{cfg.paths.cache_dir}/prepared")   # as data.local
     return ref, ident, ev.image_column, ev.caption_column
 
 

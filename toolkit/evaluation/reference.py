@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from toolkit.atomic import atomic_open
+from toolkit.data.prepared import PreparedDataset
 from toolkit.data.sources import detect_format, fingerprint_files, held_out, load_captioned
 from toolkit.data.transforms import crop_box, resize_to_cover
 from toolkit.data.validate import BadItem, DataPolicy, decode_image, item_name
@@ -28,17 +29,21 @@ log = logging.getLogger(__name__)
 
 
 def dataset_fingerprint(path: str, ds: Any, revision: str | None = None) -> str:
+    if isinstance(ds, PreparedDataset):   # task=prepare's shards: its index names every shard's SHA-256
+        return f"prepared:{ds._fingerprint}"
     if detect_format(path) == "hub":
         return f"hub:{path}@{revision or 'main'}:{ds._fingerprint}"
     return f"files:{fingerprint_files(path)}"
 
 
 def load_reference(path: str, image_column: str, caption_column: str, split: str,
-                   num: int | None, revision: str | None = None) -> tuple[Any, dict[str, Any]]:
+                   num: int | None, revision: str | None = None, local: str | None = None
+                   ) -> tuple[Any, dict[str, Any]]:
     """The first ``num`` rows (all when None) of the reference set and its identity: the dataset
-    fingerprint, split, columns and size, everything the reference features depend on."""
+    fingerprint, split, columns and size, everything the reference features depend on. ``path``
+    may be a prepared set (``task=prepare``; a folder or ``s3://``): its shards are fetched into ``local``."""
     ds = load_captioned(path, split=split, image_column=image_column, caption_column=caption_column,
-                        revision=revision)
+                        revision=revision, local=local)
     ident = {"data": dataset_fingerprint(path, ds, revision), "split": split}
     return _first(ds, num, path, ident, image_column, caption_column)
 
