@@ -88,23 +88,35 @@ def main() -> None:
         prep[name] = run(["task=prepare", f"data.path={work / 'folder'}", "data.resolution=32",
                           f"prepare.output={output}"], s3, work / f"prepare-{name}")
         print("prepare", name, prep[name], flush=True)
+    # the frozen encoders' rows added to the S3 set (the shards are there: this is the encoding alone)
+    prep["s3, encode=true (rows added)"] = run(["task=prepare", f"data.path={work / 'folder'}", "data.resolution=32",
+                                                "prepare.output=s3://bench/data", "prepare.encode=true"], s3,
+                                               work / "prepare-encode")
+    print("prepare encode", prep["s3, encode=true (rows added)"], flush=True)
     common = ["task=train", "logger=csv", "data.resolution=32", "data.val_fraction=0", "trainer.limit_val_batches=0",
               "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
               "callbacks.sample_grid.every_n_steps=1000000", "callbacks.model_checkpoint.every_n_train_steps=1000000",
-              "callbacks.encoded_cache.latents=false", "callbacks.encoded_cache.text=false",
               f"paths.cache_dir={work / 'cache'}"]
-    cases = {"folder, scan cold": [f"data.path={work / 'folder'}"],
-             "folder, scan cached": [f"data.path={work / 'folder'}"],
-             "shards, local disk": [f"data.path={work / 'shards'}", f"data.local={work / 'scratch-local'}"],
-             "shards, S3 (moto), first run": ["data=streaming", "data.remote=s3://bench/data",
-                                              f"data.local={work / 'scratch-s3'}"],
-             "shards, S3, shards already in data.local": ["data=streaming", "data.remote=s3://bench/data",
-                                                          f"data.local={work / 'scratch-s3'}"]}
+    off = ["callbacks.encoded_cache.latents=false", "callbacks.encoded_cache.text=false"]
+    s3_set = ["data=streaming", "data.remote=s3://bench/data", f"data.local={work / 'scratch-s3'}"]
+    cases = {"folder, scan cold": [*off, f"data.path={work / 'folder'}"],
+             "folder, scan cached": [*off, f"data.path={work / 'folder'}"],
+             "shards, local disk": [*off, f"data.path={work / 'shards'}", f"data.local={work / 'scratch-local'}"],
+             "shards, S3 (moto), first run": [*off, *s3_set, "callbacks.encoded_cache.from_prepared=false"],
+             "shards, S3, shards already in data.local": [*off, *s3_set],
+             # the caches on (the default), each start with an empty cache dir: encoding at start-up...
+             "shards, S3, encoded at start-up (cache cold)": [*s3_set, "callbacks.encoded_cache.from_prepared=false"],
+             # ...against fetching the rows task=prepare stored (the step runs the UNet alone in both)
+             "shards with encoded rows, S3 (fetched)": s3_set}
     table = {}
     for i, (name, extra) in enumerate(cases.items()):
+        if "encoded" in name:   # an empty cache dir for each of these runs
+            extra = [*extra, f"paths.cache_dir={work / f'cache-{i}-start'}"]
         start = run([*common, *extra, "trainer.max_steps=1"], s3, work / f"start-{i}")
         table[name] = {"start_to_step1_wall_s": start["wall_s"]}
-        if i != 1 and i != 4:   # the throughput of a second start is the first's
+        if "encoded" in name:
+            extra = [*extra[:-1], f"paths.cache_dir={work / f'cache-{i}-speed'}"]
+        if i not in (1, 4):   # the throughput of a second start is the first's
             speed = run([*common, *extra, f"trainer.max_steps={a.steps}"], s3, work / f"speed-{i}")
             table[name].update(img_per_s=speed["img_per_s"], peak_rss_mb=speed["peak_rss_mb"])
         print(name, table[name], flush=True)
