@@ -203,7 +203,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                 "seed": int(ev.seed), "prompts": str(ev.prompts or "dataset captions"),
                 "prompts_sha256": prompts_sha256, "inception_sha256": inception.sha256,
                 "clip_model": m.clip_model if clip else None, "clip_sha256": clip.sha256 if clip else None,
-                "metrics": {**{k: m[k] for k in ("level", "interval_groups", "prdc", "fid_infinity", "channels_last")},
+                "metrics": {**{k: m[k] for k in ("level", "interval_groups", "prdc", "vendi", "fid_infinity",
+                                                   "channels_last")},
                             "reference_size": ref_size}}
     if record:
         settings["train"] = record["settings"]
@@ -266,7 +267,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     ref_file = reference.cache_path(m.cache_dir, ckey) if m.cache_reference else \
         reference.save_cached(out, "reference_features", real)
     scores = compute_scores(reference.statistics(ref_file), fake, clip_scores, m.interval_groups, m.level,
-                            seed=int(ev.seed), with_fid_infinity=m.fid_infinity, with_prdc=m.prdc)
+                            seed=int(ev.seed), with_fid_infinity=m.fid_infinity, with_prdc=m.prdc,
+                            with_vendi=m.vendi)
     methods = {k: scores.pop(k) for k in list(scores) if k.endswith("_ci_method")}
     fid_inf_fit = {k: scores.pop(k) for k in ("fid_inf_sizes", "fid_inf_fids") if k in scores}
     ref_stats = reference.statistics(ref_file)

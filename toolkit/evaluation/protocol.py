@@ -15,7 +15,9 @@ METRIC_IMPL = {"fid": "Fréchet distance, Tr((Σ₁Σ₂)^½) from a symmetric e
                "kid": "unbiased MMD², kernel (xᵀy/d+1)³, over all real × generated pairs",
                "ci": "grouped jackknife over generated images, reference fixed (FID, KID); Student t over "
                      "images (CLIP); toolkit/metrics/intervals.py",
-               "prdc": "precision/recall (k=3, Kynkäänniemi 2019), density/coverage (k=5, Naeem 2020)"}
+               "prdc": "precision/recall (k=3, Kynkäänniemi 2019), density/coverage (k=5, Naeem 2020)",
+               "vendi": "Vendi score (Friedman & Dieng 2023): exp entropy of the eigenvalues of XXᵀ/n, linear kernel "
+                        "on L2-normalised generated Inception features (the vendi-score package's score_X)"}
 
 
 def versions() -> dict[str, str]:

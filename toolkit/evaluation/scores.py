@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.metrics.diversity import compare_vendi, vendi_interval
 from toolkit.metrics.fidelity import prdc
 from toolkit.metrics.intervals import (
     Reference,
@@ -28,7 +29,7 @@ from toolkit.metrics.intervals import (
 
 def compute_scores(ref: Reference, fake: np.ndarray, clip: np.ndarray | None, groups: int = 20,
                    level: float = 0.95, seed: int = 0, with_fid_infinity: bool = False,
-                   with_prdc: bool = True) -> dict[str, float]:
+                   with_prdc: bool = True, with_vendi: bool = True) -> dict[str, float]:
     """Args:
         ref: the reference features (``Reference.from_features``).
         fake: Inception features (n × 2048) of the generated images.
@@ -37,6 +38,7 @@ def compute_scores(ref: Reference, fake: np.ndarray, clip: np.ndarray | None, gr
         seed: seed of the jackknife grouping and of FID∞'s subsets.
         with_fid_infinity: add FID∞ (Chong & Forsyth 2020) and its fit.
         with_prdc: add precision/recall (k=3) and density/coverage (k=5) on the same features.
+        with_vendi: add the Vendi score of the generated features (diversity; jackknife interval).
     """
     out: dict[str, Any] = {"n_real": len(ref.feats), "n_fake": len(fake)}
     out.update(fid_interval(ref, fake, groups, level, seed).to_dict("fid"))
@@ -47,6 +49,8 @@ def compute_scores(ref: Reference, fake: np.ndarray, clip: np.ndarray | None, gr
         out.update(fid_infinity(ref, fake, seed=seed).to_dict())
     if with_prdc:
         out.update(prdc(ref.feats, fake))
+    if with_vendi:
+        out.update(vendi_interval(fake, groups, level, seed).to_dict("vendi"))
     return out
 
 
@@ -66,7 +70,7 @@ def per_prompt(prompts: Sequence[str], clip: np.ndarray, groups: Sequence[str] |
 
 def paired_deltas(ref: Reference, a: dict[str, np.ndarray], b: dict[str, np.ndarray], groups: int = 20,
                   level: float = 0.95, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Δ = B − A of FID, KID and CLIP for two cells evaluated on the same prompts and seeds.
+    """Δ = B − A of FID, KID, CLIP and Vendi for two cells evaluated on the same prompts and seeds.
 
     ``a`` / ``b``: the cells' per-image arrays (``features``, ``clip``, ``seeds``); the seeds must
     match row by row, which is what makes the comparison paired."""
@@ -76,4 +80,5 @@ def paired_deltas(ref: Reference, a: dict[str, np.ndarray], b: dict[str, np.ndar
     if clip_a is not None and (np.isnan(clip_a).any() or np.isnan(clip_b).any()):
         clip_a = clip_b = None
     comps = compare_paired(ref, a["features"], b["features"], clip_a, clip_b, groups, level, seed)
+    comps["vendi"] = compare_vendi(a["features"], b["features"], groups, level, seed)
     return {m: c.to_dict() | {"verdict": c.verdict(names=("A", "B"))} for m, c in comps.items()}

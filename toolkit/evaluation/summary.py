@@ -23,8 +23,8 @@ from toolkit.evaluation.pairing import pair
 from toolkit.metrics.intervals import compare_seeds, mean_interval, pareto_front
 
 log = logging.getLogger(__name__)
-METRICS = ("fid", "kid", "clip_score", "precision", "recall", "density", "coverage", "fid_inf")
-DELTA_METRICS = ("fid", "kid", "clip_score")
+METRICS = ("fid", "kid", "clip_score", "precision", "recall", "density", "coverage", "vendi", "fid_inf")
+DELTA_METRICS = ("fid", "kid", "clip_score", "vendi")
 BASE_LABEL = "base (no adapter)"   # the adapter column of rows without one (the report's label)
 TRAINED_LABEL = "fine-tuned (trained in the run)"   # ... of rows whose adapter the run trained
 

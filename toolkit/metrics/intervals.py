@@ -269,6 +269,27 @@ def kid_interval(ref: Reference, fake: np.ndarray, groups: int = 20, level: floa
     return Interval(est, est - half, est + half, level, _method(parts, len(fake)))
 
 
+def groups(n: int, groups: int = 20, seed: int = 0) -> list[np.ndarray]:
+    """The jackknife's random groups of ``n`` generated images (as every interval here uses)."""
+    return _groups(n, groups, seed)
+
+
+def jackknife_interval(estimate: float, replicates: np.ndarray, parts: list[np.ndarray], n: int,
+                       level: float = 0.95) -> Interval:
+    """Estimate ± t_{G-1}·se from leave-one-group-out replicates (any statistic of the generated set)."""
+    half = _t_quantile(level, len(parts) - 1) * _jackknife_se(np.asarray(replicates, np.float64))
+    return Interval(estimate, estimate - half, estimate + half, level, _method(parts, n))
+
+
+def jackknife_comparison(metric: str, a: tuple[float, np.ndarray], b: tuple[float, np.ndarray],
+                         parts: list[np.ndarray], n: int, level: float = 0.95,
+                         lower_is_better: bool | None = None) -> Comparison:
+    """Paired Δ = B - A from (estimate, replicates) of each model over the *same* groups of pairs."""
+    se = _jackknife_se(np.asarray(b[1], np.float64) - np.asarray(a[1], np.float64))
+    return _comparison(metric, a[0], b[0], se, len(parts) - 1, level, _method(parts, n, paired=True),
+                       lower_is_better)
+
+
 def mean_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Interval:
     """Student-t interval for the mean of per-image values (CLIP score): mean over images ± t_{n-1}·s/√n."""
     v = np.asarray(values, dtype=np.float64)
@@ -304,7 +325,8 @@ class Comparison:
         return asdict(self)
 
 
-HIGHER_IS_BETTER = frozenset({"clip_score", "precision", "recall", "density", "coverage"})
+HIGHER_IS_BETTER = frozenset({"clip_score", "precision", "recall", "density", "coverage", "vendi",
+                              "style_similarity"})
 
 
 def _comparison(metric: str, a: float, b: float, se: float, df: int, level: float, method: str,
