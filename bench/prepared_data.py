@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--skip-folder", action="store_true", help="train from the shards only (the folder cases' "
+                    "figures do not depend on the shard reader)")
     a = ap.parse_args()
     import boto3
     from moto.server import ThreadedMotoServer
@@ -90,7 +92,8 @@ def main() -> None:
         print("prepare", name, prep[name], flush=True)
     # the frozen encoders' rows added to the S3 set (the shards are there: this is the encoding alone)
     prep["s3, encode=true (rows added)"] = run(["task=prepare", f"data.path={work / 'folder'}", "data.resolution=32",
-                                                "prepare.output=s3://bench/data", "prepare.encode=true"], s3,
+                                                "prepare.output=s3://bench/data", "prepare.encode=true",
+                                                f"paths.cache_dir={work / 'cache-prepare'}"], s3,
                                                work / "prepare-encode")
     print("prepare encode", prep["s3, encode=true (rows added)"], flush=True)
     common = ["task=train", "logger=csv", "data.resolution=32", "data.val_fraction=0", "trainer.limit_val_batches=0",
@@ -110,6 +113,8 @@ def main() -> None:
              "shards with encoded rows, S3 (fetched)": s3_set}
     table = {}
     for i, (name, extra) in enumerate(cases.items()):
+        if a.skip_folder and name.startswith("folder"):
+            continue
         if "encoded" in name:   # an empty cache dir for each of these runs
             extra = [*extra, f"paths.cache_dir={work / f'cache-{i}-start'}"]
         start = run([*common, *extra, "trainer.max_steps=1"], s3, work / f"start-{i}")

@@ -60,6 +60,13 @@ def tar_bytes(samples: list[Sample]) -> bytes:
     return buf.getvalue()
 
 
+def member_spans(blob: bytes) -> dict[str, tuple[int, int]]:
+    """(byte offset, size) of each member's data in a tar, as ``tarfile`` reads it back: what lets a
+    reader take one sample with one ``pread``, whatever the number of shards."""
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+
+
 def sidecar(name: str, samples: list[Sample], data: bytes) -> dict[str, Any]:
     return {"url": name, "nsamples": len(samples), "filesize": len(data),
             "sha256": hashlib.sha256(data).hexdigest()}

@@ -53,6 +53,7 @@ from toolkit.data.shards import (
     REPORT,
     Sample,
     index,
+    member_spans,
     shard_name,
     sidecar,
     sidecar_name,
@@ -140,8 +141,9 @@ def write_part(cfg: DictConfig, store: Any, ds: Any, policy: DataPolicy, min_sid
                                    "sha256": hashlib.sha256(data).hexdigest()}))
         blob = tar_bytes(samples)
         store.put(name, blob)
-        meta = sidecar(name, samples, blob)
-        rows_meta = [{"caption": x.caption, **x.meta} for x in samples]   # what training reads at start-up
+        meta, spans = sidecar(name, samples, blob), member_spans(blob)
+        # what training reads at start-up: captions, sizes, and where each image's bytes lie
+        rows_meta = [{"caption": x.caption, **x.meta, "span": spans[f"{x.key}.{x.ext}"]} for x in samples]
         store.put(sidecar_name(name), json.dumps({**meta, "samples": rows_meta}).encode())   # after the shard
         shards.append(meta)
         written += 1
