@@ -85,14 +85,15 @@ class PreparedDataset:
         return ScanResult(keep=list(range(len(self))), total=len(self),
                           sizes=[[self.samples[r]["width"], self.samples[r]["height"]] for r in self.rows])
 
-    def _fetch(self, name: str, sha256: str, path: Path) -> Path:
-        """``name`` from the store into ``path`` (once; checked against ``sha256``, written whole)."""
+    def _fetch(self, name: str, sha256: str, path: Path, listed_in: str = INDEX) -> Path:
+        """``name`` from the store into ``path`` (once; checked against the ``sha256`` that
+        ``listed_in`` records, written whole)."""
         if not path.is_file():
             if self._store is None:
                 self._store = open_store(self.url, self.endpoint_url)
             data = self._store.get(name)
             if hashlib.sha256(data).hexdigest() != sha256:
-                raise BadShard(f"{self.url}/{name}: its bytes do not match the SHA-256 in {INDEX} "
+                raise BadShard(f"{self.url}/{name}: its bytes do not match the SHA-256 in {listed_in} "
                                f"({sha256[:12]}…): the file changed or was damaged; prepare the set again")
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_open(path) as f:
@@ -122,7 +123,7 @@ class PreparedDataset:
                 "settings (task=prepare prepare.encode=true), or encode here: "
                 "callbacks.encoded_cache.from_prepared=false")
         for file in sorted(entry["files"], key=lambda f: (f.endswith(".keys.json"), f)):
-            self._fetch(f"encoded/{name}/{file}", entry["files"][file], dest / file)
+            self._fetch(f"encoded/{name}/{file}", entry["files"][file], dest / file, ENCODED)
         return True
 
     def select(self, rows: Any) -> PreparedDataset:   # as ``datasets.Dataset.select``
