@@ -19,8 +19,8 @@ def test_default_job_fast(tmp_path):
     assert len(rows) == 2 and [len(r["settings"]["adapters"]) for r in rows] == [0, 1]
     assert all(r["metrics"]["n_fake"] == 16 and r["metrics"]["n_real"] == 32 for r in rows)
     summary = (out / "summary.md").read_text()
-    assert "FID ratio fine-tuned / base" in summary and "| fine-tuned |" in summary
-    assert "| fine-tuned − base (paired) |" in summary
+    assert "FID ratio fine-tuned / base" in summary and "| metric | base [95% CI] | fine-tuned [95% CI] |" in summary
+    assert all(f"| {k} |" in summary for k in ("fid", "cmmd", "clip_score", "vendi"))
     assert (out / "base_vs_finetuned.png").is_file() and (out / "report.html").is_file()
     for r in rows:   # every interval contains its estimate
         m = r["metrics"]

@@ -64,7 +64,8 @@ def test_eval_cache_protocol_and_sharding(tiny_model, tiny_clip, eval_data, tmp_
     assert row["protocol"]["reference_size"] == list(gen.size) != [32, 32]   # eval_data images are 32 px
     for k in ("model", "adapters", "steps", "guidance_scale", "scheduler", "dataset", "seed", "num_images"):
         assert k in row["settings"]
-    assert len(list(cache.glob("*.npy"))) == 1
+    assert len(list(cache.glob("*.npy"))) == 2   # Inception and CLIP (CMMD) reference features
+    assert set(row["protocol"]["reference_caches"]) == {"inception", "clip"} and m1["cmmd"] >= 0
 
     # second run: reference features come from the cache (and equal a recomputation)
     out2 = tmp_path / "e2"
@@ -89,13 +90,14 @@ def test_eval_cache_protocol_and_sharding(tiny_model, tiny_clip, eval_data, tmp_
     assert m3["fid"] == pytest.approx(m1["fid"], rel=1e-3)
     assert m3["kid"] == pytest.approx(m1["kid"], rel=1e-3)
     assert m3["clip_score"] == pytest.approx(m1["clip_score"], rel=1e-5, abs=1e-6)
+    assert m3["cmmd"] == pytest.approx(m1["cmmd"], rel=1e-3, abs=1e-6)
 
     # a changed dataset file invalidates the reference cache
     img = Image.open(eval_data / "00000.png")
     img.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(eval_data / "00000.png")
     out4 = tmp_path / "e4"
     eval_task.run(compose_cfg(eval_overrides(tiny_model, tiny_clip, eval_data, cache, out4), out4))
-    assert len(list(cache.glob("*.npy"))) == 2
+    assert len(list(cache.glob("*.npy"))) == 4
 
 
 def test_clip_off_is_skipped_and_a_missing_clip_model_fails(tiny_model, eval_data, tmp_path):

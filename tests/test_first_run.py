@@ -285,7 +285,7 @@ def test_a_ddp_train_and_evaluate_sweep_evaluates_each_cell_once_on_its_processe
                      "callbacks.model_checkpoint.every_n_train_steps=2",
                      "callbacks.sample_grid.every_n_steps=0", "metrics.clip_model=null", f"eval.dataset={evaldata}",
                      "eval.num_images=8", "eval.steps=2", "eval.batch_size=4", "metrics.interval_groups=4",
-                     "metrics.prdc=false", f"hydra.sweep.dir={sweep}", "module.lora.r=2,4", "trainer=ddp",
+                     "metrics.compute=[fid,kid,vendi]", f"hydra.sweep.dir={sweep}", "module.lora.r=2,4", "trainer=ddp",
                      "trainer.devices=2"], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = read_rows(sweep / "results.jsonl")

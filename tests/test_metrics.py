@@ -78,17 +78,28 @@ def test_channels_last_inception_is_the_same_features_and_says_so():
 
 
 def test_clip_score_equals_formula_by_hand(tiny_clip):
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
     scorer = CLIPScorer(tiny_clip)
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(5)]
+    images = [Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 52 - 3 * i, 3), dtype=np.uint8)) for i in range(5)]
     texts = ["a red circle", "a blue square", "a", "striped", "a large green cross at the top"]
     got = scorer.scores(images, texts, progress=False)
-    # by hand: CLIPModel.forward's normalised embeddings, same pixels
+    # by hand: CLIPModel.forward's normalised embeddings; pixels: each image's centred square (numpy
+    # slicing), then transformers' processor resizing it to the model's size
     model, tok = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPTokenizer.from_pretrained(tiny_clip)
+    size = model.config.vision_config.image_size
+    proc = CLIPImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False)
+
+    def square(im):
+        a = np.asarray(im)
+        s = min(a.shape[:2])
+        t, lft = (a.shape[0] - s) // 2, (a.shape[1] - s) // 2
+        return Image.fromarray(a[t: t + s, lft: lft + s])
+
+    pixels = torch.from_numpy(np.concatenate([proc(square(im), return_tensors="np")["pixel_values"] for im in images]))
     with torch.no_grad():
-        out = model(**tok(texts, padding=True, return_tensors="pt"), pixel_values=scorer._pixels(images))
+        out = model(**tok(texts, padding=True, return_tensors="pt"), pixel_values=pixels)
     cos = (out.image_embeds * out.text_embeds).sum(-1).numpy()
     np.testing.assert_allclose(got, 100 * np.maximum(cos, 0), rtol=1e-5, atol=1e-5)
     assert got.shape == (5,) and (got >= 0).all()

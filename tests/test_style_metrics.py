@@ -151,17 +151,19 @@ def test_paired_deltas_under_the_null_cover_zero():
 
 
 def test_an_evaluation_cell_reports_vendi_with_its_interval_and_paired_delta():
-    from toolkit.evaluation.scores import compute_scores, paired_deltas
+    from toolkit.evaluation.scores import compute_scores, paired_deltas, parse_metrics
     from toolkit.metrics.intervals import Reference
 
     rng = np.random.default_rng(8)
     ref = Reference.from_features(embeddings(rng, 120))
     a, b = embeddings(rng, 60, shift=0.5), embeddings(rng, 60, shift=0.5)
     b[:30] = b[0]   # B collapsed: half its images one image
-    scores = compute_scores(ref, a, None, with_prdc=False)
+    wanted = parse_metrics(["fid", "vendi"])
+    scores = compute_scores({"inception": ref}, {"inception": a}, None, wanted)
     assert scores["vendi"] == pytest.approx(diversity.vendi(a))
     assert scores["vendi_ci_low"] < scores["vendi"] < scores["vendi_ci_high"]
     seeds = np.arange(60)
-    d = paired_deltas(ref, {"features": a, "seeds": seeds}, {"features": b, "seeds": seeds})["vendi"]
+    d = paired_deltas({"inception": ref}, {"features": a, "seeds": seeds}, {"features": b, "seeds": seeds},
+                      wanted)["vendi"]
     assert d["delta"] == pytest.approx(diversity.vendi(b) - diversity.vendi(a)) and d["high"] < 0
     assert d["verdict"].startswith("A better")   # higher Vendi is more diverse

@@ -31,11 +31,21 @@ from toolkit.atomic import atomic_open
 from toolkit.evaluation import reference
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
-from toolkit.evaluation.scores import compute_scores, per_prompt
+from toolkit.evaluation.scores import (
+    Metric,
+    compute_scores,
+    parse_metrics,
+    per_image_key,
+    per_image_scores,
+    per_prompt,
+    spaces_needed,
+)
 from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
-from toolkit.metrics.clip import load_clip
+from toolkit.metrics.clip import CLIPScorer, load_clip
+from toolkit.metrics.features import FeatureModel
 from toolkit.metrics.inception import InceptionFeatures
+from toolkit.metrics.intervals import mean_interval
 from toolkit.metrics.moments import Moments, fid_from_moments
 from toolkit.models.pretrained import unet_config, vae_factor
 from toolkit.results import append_new_row, append_row, find_row, resolved, stored_path
@@ -144,19 +154,25 @@ def shard_file(shard_dir: Path, start: int, stop: int) -> Path:
     return shard_dir / f"{start:08d}-{stop:08d}.npz"
 
 
-def write_shard(path: Path, index: np.ndarray, feats: np.ndarray, clips: np.ndarray) -> None:
-    """One shard's per-image features and CLIP scores, written whole or not at all. Features are
-    the Inception network's float32 outputs, stored as float32 where that loses nothing."""
-    exact = np.array_equal(feats.astype(np.float32).astype(feats.dtype), feats)
+def write_shard(path: Path, index: np.ndarray, feats: dict[str, np.ndarray], clips: np.ndarray) -> None:
+    """One shard's per-image features (per space, ``per_image_key``) and CLIP scores, written whole or
+    not at all. Features are float32 network outputs, stored as float32 where that loses nothing."""
+    arrays = {}
+    for space, f in feats.items():
+        exact = np.array_equal(f.astype(np.float32).astype(f.dtype), f)
+        arrays[per_image_key(space)] = f.astype(np.float32) if exact else f
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as fh:
-        np.savez(fh, index=index, features=feats.astype(np.float32) if exact else feats, clip=clips)
+        np.savez(fh, index=index, clip=clips, **arrays)
 
 
-def read_shards(shard_dir: Path, plan: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, Moments]:
-    """All shards in index order: features (float64), CLIP scores, and the float64 moments of the
-    features combined shard by shard. Every image must be there exactly once."""
-    feats, clips, total = [], [], None
+def read_shards(shard_dir: Path, plan: list[tuple[int, int]], spaces: list[str], first: int | None = None
+                ) -> tuple[dict[str, np.ndarray], np.ndarray, Moments | None]:
+    """All shards in index order: each space's features (float64), CLIP scores, and the float64
+    moments of the Inception features of images below ``first`` (all: None) combined shard by
+    shard (None without Inception). Every image must be there exactly once."""
+    feats: dict[str, list[np.ndarray]] = {s: [] for s in spaces}
+    clips, total = [], None
     for start, stop in plan:
         path = shard_file(shard_dir, start, stop)
         if not path.is_file():
@@ -165,11 +181,14 @@ def read_shards(shard_dir: Path, plan: list[tuple[int, int]]) -> tuple[np.ndarra
         with np.load(path) as z:
             if not np.array_equal(z["index"], np.arange(start, stop)):
                 raise RuntimeError(f"evaluation shard {path} holds other images than {start}-{stop}")
-            f = z["features"].astype(np.float64)
-            feats.append(f)
+            for s in spaces:
+                f = z[per_image_key(s)].astype(np.float64)
+                feats[s].append(f)
+                part = f[: max(0, min(stop, first) - start)] if first is not None else f
+                if s == "inception" and len(part):   # one d×d scatter held
+                    total = Moments.of(part) if total is None else total + Moments.of(part)
             clips.append(z["clip"])
-            total = Moments.of(f) if total is None else total + Moments.of(f)   # one d×d scatter held
-    return np.concatenate(feats), np.concatenate(clips), total
+    return {s: np.concatenate(v) for s, v in feats.items()}, np.concatenate(clips), total
 
 
 def check_moments(fid: float, fid_moments: float) -> None:
@@ -178,6 +197,70 @@ def check_moments(fid: float, fid_moments: float) -> None:
     if abs(fid - fid_moments) > 1e-6 * max(abs(fid), 1.0):
         raise RuntimeError(f"FID from the assembled features ({fid!r}) and from the shards' combined moments "
                            f"({fid_moments!r}) differ: the evaluation shards are inconsistent")
+
+
+def feature_models(m: DictConfig, metrics: list[Metric], clip: CLIPScorer | None, device: Any
+                   ) -> dict[str, Any]:
+    """The extractor of every feature space ``metrics`` use. ``features.clip=same`` is the CLIP
+    score's model (absent, with its metrics, when ``metrics.clip_model=null``); any other space
+    named null while a metric needs it is an error saying which key to set."""
+    out: dict[str, Any] = {}
+    for space in spaces_needed(metrics):
+        name = m.features.get(space)
+        if space == "inception":
+            out[space] = InceptionFeatures(name, device, m.feature_batch_size, m.channels_last)
+        elif space == "clip" and name == "same":
+            if clip is not None:
+                out[space] = FeatureModel("clip", clip.name, device, m.feature_batch_size, model=clip.model)
+        elif not name:
+            users = [x.name for x in metrics if x.space == space]
+            raise ValueError(f"metrics.compute has {users}, computed on metrics.features.{space}, which is null: "
+                             f"name the model (hub id or local folder; README, Evaluation) or drop them from "
+                             "metrics.compute")
+        else:
+            out[space] = FeatureModel(space, name, device, m.feature_batch_size)
+    return out
+
+
+def protocol_of(space: str, extractor: Any, ref_size: tuple[int, int] | None) -> dict[str, Any]:
+    """A space's preprocessing and weights: in the row and in its reference cache key (Inception's
+    as before feature spaces existed, so its cached reference features stay valid)."""
+    return {**extractor.protocol, "reference_size": ref_size}
+
+
+def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, ref_size: tuple[int, int] | None,
+                       ref_identity: dict[str, Any], extractors: dict[str, Any]) -> tuple[dict[str, np.ndarray],
+                                                                                         dict[str, str]]:
+    """Each space's reference features, from the cache where there (rank zero decides: a node-local
+    cache may differ per node), else computed sharded over the processes from one decoding of the
+    images; and each space's cache key."""
+    rank, world = fabric.global_rank, fabric.world_size
+    keys = {s: reference.cache_key(ref_identity, protocol_of(s, e, ref_size)) for s, e in extractors.items()}
+    found = {s: reference.load_cached(m.cache_dir, k) for s, k in keys.items()} if m.cache_reference and rank == 0 \
+        else {}
+    missing = fabric.broadcast([s for s in extractors if found.get(s) is None], 0)
+    real = {s: v for s, v in found.items() if v is not None}
+    if missing:
+        idx = shard(len(ref), rank, world, m.feature_batch_size)
+        images = [reference.reference_image(ref[i][image_column], ref_size) for i in idx]
+        for s in missing:
+            feats = extractors[s](images, desc=f"reference features ({s})")
+            real[s] = np.stack(gather_by_index(idx, list(feats), world))
+            if rank == 0 and m.cache_reference:
+                reference.save_cached(m.cache_dir, keys[s], real[s])
+    return real, keys
+
+
+def image_prompts(prompts: list[str], groups: list[str] | None, held: list[str] | None, n: int, n_held: int
+                  ) -> tuple[list[str], list[str] | None]:
+    """The prompt (and group) of each image: i < n cycles through the prompts, the n_held after
+    them through the held-out prompts (group ``held-out``; the others ``in-distribution`` unless
+    tagged)."""
+    first = [prompts[i % len(prompts)] for i in range(n)]
+    if not held:
+        return first, groups and [groups[i % len(groups)] for i in range(n)]
+    tags = [groups[i % len(groups)] for i in range(n)] if groups else ["in-distribution"] * n
+    return first + [held[i % len(held)] for i in range(n_held)], tags + ["held-out"] * n_held
 
 
 def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -191,21 +274,35 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     table = results_path(cfg)
 
     ref, ref_identity, image_column, caption_column = reference_set(cfg)
-    inception = InceptionFeatures(m.inception_weights, fabric.device, m.feature_batch_size, m.channels_last)
-    clip = load_clip(m.clip_model)
+    wanted = parse_metrics(m.compute)
+    clip = load_clip(m.clip_model) if any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same")
+                                          for x in wanted) else None
+    extractors = feature_models(m, wanted, clip, fabric.device)
+    metrics = [x for x in wanted if (x.space in extractors if x.space else clip is not None)]
+    skipped = [x.name for x in wanted if x not in metrics]   # CLIP off: said in the row's protocol
+    spaces = list(extractors)
     prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[caption_column]]
     prompts_sha256 = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     prompts, groups = prompt_groups(prompts)
-    n = int(ev.num_images)
+    held = read_prompts(ev.held_out_prompts, "eval.held_out_prompts") if ev.get("held_out_prompts") else None
+    n, n_held = int(ev.num_images), int(ev.num_held_out) if held else 0
+    total = n + n_held
+    all_prompts, all_groups = image_prompts(prompts, groups, held, n, n_held)
     ref_size = reference_size(cfg)
+    inception = extractors.get("inception")
     # Everything the row's numbers depend on: a change to any of these recomputes the cell.
     settings = {**generation_record(cfg, ev), "dataset": ref_identity, "num_ref": len(ref), "num_images": n,
                 "seed": int(ev.seed), "prompts": str(ev.prompts or "dataset captions"),
-                "prompts_sha256": prompts_sha256, "inception_sha256": inception.sha256,
+                "prompts_sha256": prompts_sha256, "inception_sha256": inception.sha256 if inception else None,
                 "clip_model": m.clip_model if clip else None, "clip_sha256": clip.sha256 if clip else None,
-                "metrics": {**{k: m[k] for k in ("level", "interval_groups", "prdc", "vendi", "fid_infinity",
-                                                   "channels_last")},
+                "features": {s: {"model": e.name, "sha256": e.sha256} for s, e in extractors.items()
+                             if s != "inception"},
+                "metrics": {"compute": sorted(x.name for x in metrics),
+                            **{k: m[k] for k in ("level", "interval_groups", "channels_last")},
                             "reference_size": ref_size}}
+    if held:
+        settings["held_out"] = {"prompts_sha256": hashlib.sha256(json.dumps(held).encode()).hexdigest(),
+                                "num_images": n_held}
     if record:
         settings["train"] = record["settings"]
     key = settings_key(settings)
@@ -216,83 +313,102 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         return done if rank == 0 else {}
 
     t0 = time.time()
-    protocol = {**inception.protocol, "reference_size": ref_size}
-    ckey = reference.cache_key(ref_identity, protocol)
-    # Rank zero decides whether the cached reference is there (a node-local cache may differ per node).
-    real = reference.load_cached(m.cache_dir, ckey) if m.cache_reference and rank == 0 else None
-    if not fabric.broadcast(real is not None, 0):
-        idx = shard(len(ref), rank, world, m.feature_batch_size)
-        feats = inception([reference.reference_image(ref[i][image_column], ref_size) for i in idx],
-                          desc="reference features")
-        real = np.stack(gather_by_index(idx, list(feats), world))
-        if rank == 0 and m.cache_reference:
-            reference.save_cached(m.cache_dir, ckey, real)
+    real, ckeys = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors)
     t_ref = time.time() - t0
 
     grid = out / "grid.png"
-    plan, shard_dir = shard_plan(n, int(ev.shard_size), int(ev.batch_size)), out / "eval_shards" / key
+    plan, shard_dir = shard_plan(total, int(ev.shard_size), int(ev.batch_size)), out / "eval_shards" / key
     mine = plan[rank::world]
     todo = [(a, b) for a, b in mine if not shard_file(shard_dir, a, b).is_file()]   # others: an earlier attempt's
     made, reused = 0, len(mine) - len(todo)
     pipe = pipeline_from_cfg(cfg, ev, fabric.device) if todo else None
+    timing = dict.fromkeys(["generate", "clip", *spaces], 0.0)
     t1 = time.time()
     for start, stop in todo:
         path = shard_file(shard_dir, start, stop)
         idx = list(range(start, stop))
-        my_prompts = [prompts[i % len(prompts)] for i in idx]
+        my_prompts = [all_prompts[i] for i in idx]
+        tg = time.time()
         images = generate(pipe, my_prompts, [int(ev.seed) * 10**6 + i for i in idx], ev.steps, ev.guidance_scale,
                           ev.negative_prompt, ev.height, ev.width, ev.batch_size,
                           desc=f"generate {start}-{stop} (rank {rank})")
+        timing["generate"] += time.time() - tg
         if ev.save_images:
             (out / "samples").mkdir(parents=True, exist_ok=True)
             for i, img in zip(idx, images):
                 img.save(out / "samples" / f"{i:05d}.png")
         if start == 0:
             make_grid(images[:64], cols=8).save(grid)
-        feats = inception(images, desc="generated features")
-        clips = np.array(clip.scores(images, my_prompts) if clip else [np.nan] * len(images), np.float64)
-        write_shard(path, np.array(idx), feats, clips)
+        feats = {}
+        tc = time.time()
+        if clip is not None:   # scores and the unit image embeddings (CMMD's with features.clip=same)
+            clips, embeddings = clip.scores_and_embeddings(images, my_prompts)
+            if "clip" in extractors and m.features.clip == "same":
+                feats["clip"] = embeddings
+        else:
+            clips = np.full(len(images), np.nan)
+        timing["clip"] += time.time() - tc
+        for s in spaces:
+            if s not in feats:
+                ts = time.time()
+                feats[s] = extractors[s](images, desc=f"generated features ({s})")
+                timing[s] += time.time() - ts
+        write_shard(path, np.array(idx), feats, np.asarray(clips, np.float64))
         made += len(idx)
     t_gen = time.time() - t1
-    counts = gather_by_index([rank], [(made, reused)], world)
+    counts = gather_by_index([rank], [(made, reused, timing)], world)
     fabric.barrier()
     if rank != 0:
         return {}
     made, reused = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    timing = {k: sum(c[2][k] for c in counts) for k in timing}   # process-seconds of each part
     if reused:
         log.info("eval %s: %d of %d shards from an earlier attempt (%s), %d images generated now",
                  key, reused, len(plan), shard_dir, made)
-    fake, clip_all, moments = read_shards(shard_dir, plan)
+    fake, clip_all, moments = read_shards(shard_dir, plan, spaces, first=n)
     clip_scores = clip_all if clip else None
-    ref_file = reference.cache_path(m.cache_dir, ckey) if m.cache_reference else \
-        reference.save_cached(out, "reference_features", real)
-    scores = compute_scores(reference.statistics(ref_file), fake, clip_scores, m.interval_groups, m.level,
-                            seed=int(ev.seed), with_fid_infinity=m.fid_infinity, with_prdc=m.prdc,
-                            with_vendi=m.vendi)
+    ref_files = {s: reference.cache_path(m.cache_dir, ckeys[s]) if m.cache_reference else
+                 reference.save_cached(out, f"reference_features_{s}", real[s]) for s in spaces}
+    refs = {s: reference.statistics(f) for s, f in ref_files.items()}
+    t2 = time.time()
+    scores = compute_scores(refs, {s: f[:n] for s, f in fake.items()}, None if clip_scores is None else
+                            clip_scores[:n], metrics, m.interval_groups, m.level, seed=int(ev.seed))
+    per_img = per_image_scores(refs, fake, clip_scores, metrics)
+    for k, v in per_img.items():
+        if n_held:   # the per-image metrics on the held-out prompts
+            scores.update(mean_interval(v[n:], m.level).to_dict(f"{k}_held_out"))
+    t_score = time.time() - t2
     methods = {k: scores.pop(k) for k in list(scores) if k.endswith("_ci_method")}
-    fid_inf_fit = {k: scores.pop(k) for k in ("fid_inf_sizes", "fid_inf_fids") if k in scores}
-    ref_stats = reference.statistics(ref_file)
-    check_moments(scores["fid"], fid_from_moments(ref_stats.mu, ref_stats.sigma, moments, ref_stats.sigma_sqrt))
-    metrics = {**scores, "seconds_reference": t_ref, "seconds_generate": t_gen,
-               "images_per_second": made / max(t_gen, 1e-9)}
+    fits = {k: scores.pop(k) for k in list(scores) if isinstance(scores[k], list)}   # FD∞'s subset fits
+    if "fid" in scores:
+        ref_stats = refs["inception"]
+        check_moments(scores["fid"], fid_from_moments(ref_stats.mu, ref_stats.sigma, moments, ref_stats.sigma_sqrt))
+    metrics_out = {**scores, "seconds_reference": t_ref, "seconds_generate": t_gen,
+                   "images_per_second": made / max(t_gen, 1e-9), "seconds_scores": t_score,
+                   **{f"seconds_{k}": v for k, v in timing.items()}}
     # Per-image features and scores: what a paired comparison with another cell (same prompts and
     # seeds) needs, without generating anything again.
-    all_seeds = np.array([int(ev.seed) * 10**6 + i for i in range(n)])
+    all_seeds = np.array([int(ev.seed) * 10**6 + i for i in range(total)])
     per_image = out / "per_image.npz"
     with atomic_open(per_image) as fh:
-        np.savez(fh, features=fake.astype(np.float32), seeds=all_seeds,
-                 clip=clip_scores if clip_scores is not None else np.full(n, np.nan))
-    row = {"key": key, "settings": settings, "metrics": metrics, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "per_prompt": per_prompt([prompts[i % len(prompts)] for i in range(n)], clip_scores,
-                                    groups and [groups[i % len(groups)] for i in range(n)])
-           if clip_scores is not None else {},
+        np.savez(fh, seeds=all_seeds, clip=clip_scores if clip_scores is not None else np.full(total, np.nan),
+                 **{per_image_key(s): f.astype(np.float32) for s, f in fake.items()})
+    files = {"per_image": per_image, "grid": grid,
+             **{"reference_features" + ("" if s == "inception" else f"_{s}"): f for s, f in ref_files.items()}}
+    row = {"key": key, "settings": settings, "metrics": metrics_out, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "per_prompt": per_prompt(all_prompts, per_img, all_groups, m.level),
            # relative to the table's folder where under it: a moved sweep keeps its files (and pairs)
-           "files": {k: stored_path(v, table.parent) for k, v in
-                     (("per_image", per_image), ("reference_features", ref_file), ("grid", grid))},
-           "protocol": {**protocol, **(clip.protocol if clip else {"clip": "skipped"}),
+           "files": {k: stored_path(v, table.parent) for k, v in files.items()},
+           "protocol": {**(protocol_of("inception", inception, ref_size) if inception else {}),
+                        "reference_size": ref_size,
+                        "features": {s: e.protocol for s, e in extractors.items() if s != "inception"},
+                        **(clip.protocol if clip else {"clip": "skipped"}),
+                        "skipped": {x: "metrics.clip_model=null" for x in skipped},
                         "metric_impl": METRIC_IMPL, "intervals": methods, "level": m.level,
-                        "fid_infinity": fid_inf_fit or "off", "versions": versions(), "world_size": world,
-                        "seed_rule": "seed_i = eval.seed*1e6 + i", "reference_cache": ckey,
+                        "fid_infinity": fits or "off", "versions": versions(), "world_size": world,
+                        "seed_rule": "seed_i = eval.seed*1e6 + i",
+                        "images": {"in_distribution": n, "held_out": n_held},
+                        "reference_cache": ckeys.get("inception"), "reference_caches": ckeys,
                         "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused}},
            "run_dir": str(out), **({"train": record} if record else {})}
     if ev.force:
@@ -300,6 +416,6 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     elif not append_new_row(table, row):   # a concurrent job evaluated the same cell first
         log.warning("cell %s: a row was written to %s by another job meanwhile; kept that one", key, table)
     shutil.rmtree(shard_dir, ignore_errors=True)   # per_image.npz holds what they held
-    log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics.items()})
+    log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics_out.items()})
     log_to_loggers(cfg, row, grid)
     return resolved(row, table.parent)

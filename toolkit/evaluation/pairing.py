@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 
 from toolkit.evaluation import reference
-from toolkit.evaluation.scores import paired_deltas
+from toolkit.evaluation.scores import SPACES, paired_deltas, parse_metrics
 
 # settings that must be equal for image i of one row to be comparable with image i of the other
 SAME = (("prompts_sha256", "prompts"), ("dataset", "reference set"), ("num_ref", "number of reference images"),
         ("num_images", "number of images"), ("inception_sha256", "Inception weights"),
-        ("clip_sha256", "CLIP weights"), ("seed", "evaluation seed"))
+        ("clip_sha256", "CLIP weights"), ("features", "feature models"), ("held_out", "held-out prompts"),
+        ("seed", "evaluation seed"))
 SAME_METRICS = (("reference_size", "reference size"), ("interval_groups", "interval groups"),
                 ("level", "interval level"), ("channels_last", "Inception layout"))
 
@@ -77,10 +78,23 @@ def pair(a: dict[str, Any], b: dict[str, Any]) -> Pairing:
                                   "is missing")
     if not np.array_equal(a_img["seeds"], b_img["seeds"]):
         return Pairing(reason="seeds differ image by image")
-    ref = row_file(a, "reference_features")
-    if ref is None or not ref.is_file():
-        return Pairing(reason=f"reference features {ref} are missing (cache cleared?): evaluate either row again "
-                              "(eval.force=true) to recompute them")
+    refs = {}
+    for space in SPACES:
+        name = "reference_features" + ("" if space == "inception" else f"_{space}")
+        f = row_file(a, name)
+        if f is None:
+            continue
+        if not f.is_file():
+            return Pairing(reason=f"reference features {f} are missing (cache cleared?): evaluate either row again "
+                                  "(eval.force=true) to recompute them")
+        refs[space] = reference.statistics(f)
     m, seed = a["settings"]["metrics"], int(a["settings"]["seed"])
-    deltas = paired_deltas(reference.statistics(ref), a_img, b_img, int(m["interval_groups"]), float(m["level"]), seed)
+    both = [x for x in parse_metrics(compute(a)) if x.name in set(compute(b))]
+    deltas = paired_deltas(refs, a_img, b_img, both, int(m["interval_groups"]), float(m["level"]), seed,
+                           n_in=int(a["settings"]["num_images"]))
     return Pairing(deltas=deltas)
+
+
+def compute(row: dict[str, Any]) -> list[str]:
+    """The metrics a row computed (rows from before ``metrics.compute``: FID, KID, CLIP, Vendi)."""
+    return list((row["settings"].get("metrics") or {}).get("compute") or ["fid", "kid", "clip_score", "vendi"])

@@ -12,14 +12,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from toolkit.evaluation.summary import DELTA_METRICS, METRICS, mark
+from toolkit.evaluation.summary import delta_columns, mark, metric_columns, metric_names
+from toolkit.metrics.intervals import higher_is_better
 
 
 def markdown(table: list[dict[str, Any]], varying: list[str]) -> list[str]:
     """A sweep's table as Markdown lines (the note under it says how to read it)."""
     cols = varying + ["n_seeds", "n_images"]
-    metric_cols = [m for m in METRICS if any(m in e for e in table)]
-    deltas = [m for m in DELTA_METRICS if any(f"delta_{m}" in e for e in table)]
+    metric_cols, deltas = metric_columns(table), delta_columns(table)
     head = cols + [f"{m} [95% CI]" for m in metric_cols] + [f"Δ{m} [95% CI] p" for m in deltas] + ["Pareto"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
@@ -42,10 +42,12 @@ def markdown(table: list[dict[str, Any]], varying: list[str]) -> list[str]:
         cells.append("✓" if e.get("pareto") else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    x, y = (table[0].get("pareto_axes") or ["fid", "clip_score"]) if table else ["fid", "clip_score"]
+    word = lambda m: "higher" if higher_is_better(m) else "lower"
     lines.append("KID ×1000. Intervals: Student t across seeds for settings with ≥ 2 seeds, else over images "
                  "(grouped jackknife, reference fixed). Δ = setting − baseline, paired by prompts and seeds; "
                  "* p<0.05, ** p<0.01, *** p<0.001; no mark: no significant difference. ✓: Pareto-optimal "
-                 "(no other setting has both lower FID and higher CLIP score).")
+                 f"(no other setting has both {word(x)} {x} and {word(y)} {y}).")
     return lines
 
 
@@ -59,7 +61,8 @@ def write_csv(table: list[dict[str, Any]], varying: list[str], path: Path) -> No
 
 
 def plot(table: list[dict[str, Any]], varying: list[str], path: Path) -> None:
-    """FID vs CLIP score per setting with 95% intervals; the Pareto front in red."""
+    """The two Pareto metrics per setting (``pareto_axes``: FID vs CLIP score by default) with 95%
+    intervals; the Pareto front in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,20 +71,22 @@ def plot(table: list[dict[str, Any]], varying: list[str], path: Path) -> None:
     def err(e: dict[str, Any], m: str) -> list[list[float]]:
         return [[e[m] - e.get(f"{m}_ci_low", e[m])], [e.get(f"{m}_ci_high", e[m]) - e[m]]]
 
+    ym, xm = (table[0].get("pareto_axes") or ["fid", "clip_score"]) if table else ["fid", "clip_score"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for e in table:
-        if "clip_score" not in e:
+        if xm not in e or ym not in e:
             continue
-        ax.errorbar(e["clip_score"], e["fid"], xerr=err(e, "clip_score"), yerr=err(e, "fid"), fmt="o", capsize=3,
+        ax.errorbar(e[xm], e[ym], xerr=err(e, xm), yerr=err(e, ym), fmt="o", capsize=3,
                     color="tab:red" if e.get("pareto") else "tab:blue")
-        ax.annotate(", ".join(f"{k.split('.')[-1]}={e[k]}" for k in varying)[:60], (e["clip_score"], e["fid"]),
+        ax.annotate(", ".join(f"{k.split('.')[-1]}={e[k]}" for k in varying)[:60], (e[xm], e[ym]),
                     fontsize=6, xytext=(3, 3), textcoords="offset points")
-    front = sorted((e for e in table if e.get("pareto") and "clip_score" in e), key=lambda e: e["fid"])
+    front = sorted((e for e in table if e.get("pareto") and xm in e and ym in e), key=lambda e: e[xm])
     if len(front) > 1:
-        ax.plot([e["clip_score"] for e in front], [e["fid"] for e in front], "--", color="tab:red", lw=1)
-    ax.set_xlabel("CLIP score (higher is better)")
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title("FID vs CLIP score per setting (95% CI; red: Pareto front)")
+        ax.plot([e[xm] for e in front], [e[ym] for e in front], "--", color="tab:red", lw=1)
+    word = lambda m: "higher" if higher_is_better(m) else "lower"
+    ax.set_xlabel(f"{xm} ({word(xm)} is better)")
+    ax.set_ylabel(f"{ym} ({word(ym)} is better)")
+    ax.set_title(f"{ym} vs {xm} per setting (95% CI; red: Pareto front)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -97,26 +102,25 @@ def fmt(m: dict[str, Any], k: str, scale: float = 1, digits: int = 1) -> str:
 
 def finetune_markdown(base: dict[str, Any], tuned: dict[str, Any], deltas: dict[str, dict[str, Any]],
                      cfg: DictConfig, grid: Path | None, not_paired: str | None = None) -> str:
-    rows = ["| model | FID [95% CI] | KID ×1000 [95% CI] | CLIP score [95% CI] | precision | recall |",
-            "|---|---|---|---|---|---|"]
-    for name, m in (("base", base), ("fine-tuned", tuned)):
-        rows.append(f"| {name} | {fmt(m, 'fid')} | {fmt(m, 'kid', 1000)} | {fmt(m, 'clip_score', 1, 2)} | "
-                    f"{fmt(m, 'precision', 1, 3)} | {fmt(m, 'recall', 1, 3)} |")
-    if deltas:
-        cells = []
-        for k, scale, digits in (("fid", 1, 1), ("kid", 1000, 1), ("clip_score", 1, 2)):
-            d = deltas.get(k)
-            cells.append("—" if d is None else f"{scale * d['delta']:+.{digits}f} [{scale * d['low']:+.{digits}f}, "
-                         f"{scale * d['high']:+.{digits}f}], p={d['p_value']:.2g}")
-        rows.append(f"| fine-tuned − base (paired) | {' | '.join(cells)} | | |")
-    elif not_paired:
-        rows.append(f"| fine-tuned − base | not paired: {not_paired} | | | | |")
+    names = metric_names([{"metrics": base}, {"metrics": tuned}])
+    rows = ["| metric | base [95% CI] | fine-tuned [95% CI] | fine-tuned − base (paired) [95% CI], p |",
+            "|---|---|---|---|"]
+    for k in names:
+        scale, digits = (1000, 2) if k == "kid" else (1, 4 if abs(tuned.get(k, base.get(k, 0)) or 0) < 10 else 2)
+        d = deltas.get(k)
+        delta = "—" if d is None else (f"{scale * d['delta']:+.{digits}f} [{scale * d['low']:+.{digits}f}, "
+                                       f"{scale * d['high']:+.{digits}f}], p={d['p_value']:.2g}{mark(d['p_value'])}")
+        rows.append(f"| {k}{' ×1000' if k == 'kid' else ''} | {fmt(base, k, scale, digits)} | "
+                    f"{fmt(tuned, k, scale, digits)} | {delta} |")
+    if not deltas and not_paired:
+        rows.append(f"| fine-tuned − base | not paired: {not_paired} | | |")
     lines = [f"# Fine-tune + evaluate: {cfg.model.name_or_path}", "",
              f"Reference: `{cfg.eval.dataset}` ({base['n_real']} images); generated: {base['n_fake']} per model "
              f"(prompts = reference captions, seeds {cfg.eval.seed}·10⁶+i, {cfg.eval.steps} {cfg.eval.scheduler} "
              f"steps, guidance {cfg.eval.guidance_scale}).", "", *rows, "",
-             "Intervals: over generated images, reference fixed (grouped jackknife; CLIP: t over images). "
-             "The paired row compares the two models image by image (same prompts and seeds)."]
+             "Intervals: over generated images, reference fixed (grouped jackknife; per-image means such as "
+             "CLIP score: t over images). The paired column compares the two models image by image (same "
+             "prompts and seeds); * p<0.05, ** p<0.01, *** p<0.001."]
     for k, d in deltas.items():
         verdict = d["verdict"].replace("A better", "base better").replace("B better", "fine-tuned better")
         lines.append(f"- {k}: {verdict}")

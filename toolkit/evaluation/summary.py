@@ -20,11 +20,15 @@ from typing import Any
 import numpy as np
 
 from toolkit.evaluation.pairing import pair
-from toolkit.metrics.intervals import compare_seeds, mean_interval, pareto_front
+from toolkit.metrics.intervals import compare_seeds, higher_is_better, mean_interval, pareto_front
 
 log = logging.getLogger(__name__)
-METRICS = ("fid", "kid", "clip_score", "precision", "recall", "density", "coverage", "vendi", "fid_inf")
-DELTA_METRICS = ("fid", "kid", "clip_score", "vendi")
+# the order of the columns; any other metric a row has (fd_dinov2, vendi_clip, clip_score_held_out, ...) follows
+ORDER = ("fid", "kid", "cmmd", "clip_score", "style_similarity", "precision", "recall", "density", "coverage",
+         "vendi", "fid_inf")
+BOOKKEEPING = ("seconds_", "images_per_second", "n_")   # row metrics that are not metrics
+NO_DELTA = ("precision", "recall", "density", "coverage", "fid_inf", "fd_inf")   # no paired form
+PARETO = ("fid", "clip_score")   # the default trade-off of the Pareto column and plot
 BASE_LABEL = "base (no adapter)"   # the adapter column of rows without one (the report's label)
 TRAINED_LABEL = "fine-tuned (trained in the run)"   # ... of rows whose adapter the run trained
 
@@ -108,6 +112,26 @@ def find_baseline(entries: list[dict[str, Any]], varying: list[str], members: li
     return hits[0]
 
 
+def metric_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The metrics the rows hold, in column order."""
+    seen = {k for r in rows for k, v in r["metrics"].items() if isinstance(v, int | float) and not isinstance(v, bool)
+            and not k.startswith(BOOKKEEPING) and not k.endswith(("_ci_low", "_ci_high", "_slope"))}
+    return [m for m in ORDER if m in seen] + sorted(seen - set(ORDER))
+
+
+def has_delta(metric: str) -> bool:
+    return not metric.startswith(NO_DELTA)
+
+
+def metric_columns(table: list[dict[str, Any]]) -> list[str]:
+    """The metric columns of a summary table (``summarize_rows``' entries)."""
+    return [m for m in table[0].get("metric_order", []) if any(m in e for e in table)] if table else []
+
+
+def delta_columns(table: list[dict[str, Any]]) -> list[str]:
+    return [m for m in metric_columns(table) if any(f"delta_{m}" in e for e in table)]
+
+
 def replicate(row: dict[str, Any]) -> tuple[str, str]:
     s = flat(row["settings"])
     return s.get("train.seed", ""), s.get("seed", "")
@@ -140,7 +164,7 @@ def delta_entry(members: list[dict[str, Any]], base_rows: list[dict[str, Any]]) 
     else:
         level = float((base_rows[0]["settings"].get("metrics") or {}).get("level", 0.95))   # the rows' own level
         comps = {}
-        for m in DELTA_METRICS:
+        for m in (m for m in metric_names(base_rows) if has_delta(m)):
             if all(m in b["metrics"] and m in r["metrics"] for b, r in pairs):
                 c = compare_seeds([b["metrics"][m] for b, _ in pairs], [r["metrics"][m] for _, r in pairs], m, level)
                 comps[m] = c.to_dict() | {"verdict": c.verdict(names=("baseline", "setting"))}
@@ -153,11 +177,16 @@ def delta_entry(members: list[dict[str, Any]], base_rows: list[dict[str, Any]]) 
     return out
 
 
-def summarize_rows(rows: list[dict[str, Any]], baseline: str | None = None
+def summarize_rows(rows: list[dict[str, Any]], baseline: str | None = None, pareto: tuple[str, str] = PARETO
                    ) -> tuple[list[str], list[dict[str, Any]]]:
     """Group rows by their settings minus the seeds; return (varying setting names, table rows).
-    A cell evaluated again (``eval.force=true``) appends a row with the same key: the last counts."""
+    A cell evaluated again (``eval.force=true``) appends a row with the same key: the last counts.
+    ``pareto``: the two metrics of the ``pareto`` flag (each in its own direction: FID lower,
+    CLIP / style similarity higher)."""
     rows = list({r.get("key") or id(r): r for r in rows}.values())
+    order = metric_names(rows)
+    if len(pareto) != 2 or any(p not in order for p in pareto):
+        raise ValueError(f"pareto={list(pareto)}: expected two of the rows' metrics ({', '.join(order)})")
     idents = [identity(r) for r in rows]
     varying = varying_keys(idents)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -168,7 +197,8 @@ def summarize_rows(rows: list[dict[str, Any]], baseline: str | None = None
         entry: dict[str, Any] = dict(zip(varying, gkey))
         entry["n_seeds"] = len({replicate(r) for r in group})
         entry["n_images"] = group[0]["metrics"].get("n_fake")
-        for m in METRICS:
+        entry["metric_order"], entry["pareto_axes"] = order, list(pareto)
+        for m in order:
             vals = [r["metrics"][m] for r in group if m in r["metrics"]]
             if not vals:
                 continue
@@ -190,11 +220,13 @@ def summarize_rows(rows: list[dict[str, Any]], baseline: str | None = None
         entry["baseline"] = i == base
         if base is not None and i != base:
             entry.update(delta_entry(members[i], members[base]))
-            if not any(f"delta_{m}" in entry for m in DELTA_METRICS):   # no paired Δ: the plain difference, said so
-                entry.update({f"delta_{m}": entry[m] - table[base][m] for m in DELTA_METRICS
-                              if m in entry and m in table[base]})
+            if not any(f"delta_{m}" in entry for m in order):   # no paired Δ: the plain difference, said so
+                entry.update({f"delta_{m}": entry[m] - table[base][m] for m in order
+                              if has_delta(m) and m in entry and m in table[base]})
                 entry.setdefault("delta_method", "not paired: no matching baseline row")
-    front = set(pareto_front([e.get("fid", np.nan) for e in table], [e.get("clip_score", np.nan) for e in table]))
+    sign = [1.0 if higher_is_better(pareto[0]) is False else -1.0, 1.0 if higher_is_better(pareto[1]) else -1.0]
+    front = set(pareto_front([sign[0] * e.get(pareto[0], np.nan) for e in table],
+                             [sign[1] * e.get(pareto[1], np.nan) for e in table]))
     for i, e in enumerate(table):
         e["pareto"] = i in front
     return varying, table

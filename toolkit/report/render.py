@@ -20,9 +20,9 @@ from markupsafe import Markup
 from PIL import Image
 
 from toolkit.atomic import atomic_open
-from toolkit.evaluation.summary import flat
+from toolkit.evaluation.summary import PARETO, flat
 from toolkit.report.collect import KIND_TITLES, Collected, TrainRun, collect
-from toolkit.report.figures import curve_figures, fid_clip_figure
+from toolkit.report.figures import curve_figures, pareto_figure
 from toolkit.report.table import members, setting_label, summary_entries, table_columns
 
 MAX_SIDE = 1024          # px: larger grids are downscaled (a 4096² SD grid would be ~20 MB as PNG)
@@ -73,16 +73,17 @@ def shared_settings(rows: list[dict[str, Any]]) -> dict[str, str]:
     return {k: v for k, v in flats[0].items() if all(f.get(k) == v for f in flats[1:])} if flats else {}
 
 
-def context(c: Collected, baseline: str | None = None, title: str | None = None) -> dict[str, Any]:
+def context(c: Collected, baseline: str | None = None, title: str | None = None, pareto: tuple[str, str] = PARETO
+            ) -> dict[str, Any]:
     ctx: dict[str, Any] = {"title": title or f"{KIND_TITLES[c.kind]}: {Path(*c.root.parts[-2:])}",
                            "kind": c.kind, "kind_title": KIND_TITLES[c.kind], "root": str(c.root),
                            "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "n_rows": len(c.rows),
                            "table": None, "scatter": None, "eval_grids": [], "protocols": [], "shared": ""}
     if c.rows:
-        varying, entries = summary_entries(c.rows, baseline)
+        varying, entries = summary_entries(c.rows, baseline, pareto)
         columns, records = table_columns(entries, varying)
         ctx["table"] = {"columns": columns, "records": records}
-        ctx["scatter"] = fid_clip_figure(entries, varying)
+        ctx["scatter"] = pareto_figure(entries, varying)
         for e in sorted(entries, key=lambda e: not e.get("baseline")):
             grid = next((c.eval_grids[r["key"]] for r in members(e, c.rows, varying) if r["key"] in c.eval_grids),
                         None)
@@ -109,7 +110,7 @@ def render(ctx: dict[str, Any]) -> str:
 
 
 def write_report(d: str | Path, baseline: str | None = None, title: str | None = None,
-                 out: str | Path | None = None) -> Path:
+                 out: str | Path | None = None, pareto: tuple[str, str] = PARETO) -> Path:
     """Write ``<d>/report.html`` (or ``out``) for a training run, default job, eval sweep or sweep of
     training runs, and return its path.
 
@@ -119,10 +120,11 @@ def write_report(d: str | Path, baseline: str | None = None, title: str | None =
             ``lora_scale=[0]``); None: the no-adapter or LoRA-scale-0 setting, if there is one.
         title: the report's title (default: the kind of dir and its name).
         out: where to write (default ``<d>/report.html``).
+        pareto: the two metrics of the Pareto figure and column (``summarize_rows``).
     """
     c = collect(d)
     path = Path(out) if out else c.root / "report.html"
-    html = render(context(c, baseline, title))
+    html = render(context(c, baseline, title, pareto))
     with atomic_open(path, "wb") as fh:
         fh.write(html.encode("utf-8"))
     return path

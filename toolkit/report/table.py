@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from toolkit.evaluation.summary import identity, is_base, mark, setting_label, summarize_rows
+from toolkit.evaluation.summary import PARETO, identity, is_base, mark, setting_label, summarize_rows
 from toolkit.metrics import intervals
 
 STAT_SUFFIXES = ("_ci_low", "_ci_high", "_half", "_p", "_ci", "_std")
 COUNT_LABELS = {"n_images": ("N", "generated images per seed"), "n_seeds": ("seeds", "seeds (rows) per setting")}
-LOWER_IS_BETTER = ("fid", "kid")   # direction of the Pareto front and of the Δ colouring
 
 
 def number(v: Any) -> float | None:
@@ -107,12 +106,13 @@ def table_columns(entries: list[dict[str, Any]], varying: list[str]) -> tuple[li
     return cols, records
 
 
-def summary_entries(rows: list[dict[str, Any]], baseline: str | None = None) -> tuple[list[str], list[dict]]:
+def summary_entries(rows: list[dict[str, Any]], baseline: str | None = None, pareto: tuple[str, str] = PARETO
+                    ) -> tuple[list[str], list[dict]]:
     """``summarize_rows`` with a baseline: the one given, else the rows without an adapter (or
     with LoRA scale 0) when the sweep has them. Δ columns are then paired (see summarize)."""
     base_settings = {tuple(sorted(identity(r).items())) for r in rows if is_base(r)}
     spec = baseline or ("base" if len(base_settings) == 1 and not all(is_base(r) for r in rows) else None)
-    return summarize_rows(rows, spec)
+    return summarize_rows(rows, spec, pareto)
 
 
 def members(entry: dict[str, Any], rows: list[dict[str, Any]], varying: list[str]) -> list[dict[str, Any]]:

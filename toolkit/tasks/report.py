@@ -13,13 +13,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from toolkit.evaluation.summary import PARETO
 from toolkit.report import collect, write_report
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    path = write_report(cfg.report.dir, baseline=cfg.report.baseline, title=cfg.report.title)
+    path = write_report(cfg.report.dir, baseline=cfg.report.baseline, title=cfg.report.title,
+                        pareto=tuple(cfg.report.get("pareto") or PARETO))
     c = collect(cfg.report.dir)
     print(path)
     log.info("report of %s (%s, %d result rows) written to %s", c.root, c.kind, len(c.rows), path)
