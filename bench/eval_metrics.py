@@ -70,7 +70,7 @@ def main() -> None:
     print(f"  {'metric':16s} {'score':>8s} {'paired':>8s}")
     for name in ("fid", "kid", "prdc", "vendi", "clip_score", "cmmd", "fd_dinov2", "kd_dinov2", "vendi_dinov2"):
         m = parse_metrics([name])
-        t_s = best(lambda m=m: compute_scores(refs, fake, clip_scores, m, args.groups))
+        t_s = best(lambda m=m: compute_scores(refs, fake, {"clip_score": clip_scores}, m, args.groups))
         t_p = best(lambda m=m: paired_deltas(refs, pi(fake), pi(fake_b), m, args.groups)) \
             if name not in ("prdc",) else float("nan")
         print(f"  {name:16s} {t_s:8.3f} {t_p:8.3f}")

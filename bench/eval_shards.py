@@ -38,7 +38,8 @@ def main() -> None:
     for a, b in plan:   # what the ranks write, one shard at a time
         feats = np.maximum(rng.standard_normal((b - a, args.dim)).astype(np.float32) @ mix, 0).astype(np.float64)
         t0 = time.perf_counter()
-        write_shard(work / f"{a:08d}-{b:08d}.npz", np.arange(a, b), {"inception": feats}, rng.random(b - a))
+        write_shard(work / f"{a:08d}-{b:08d}.npz", np.arange(a, b), {"inception": feats},
+                    {"clip_score": rng.random(b - a)})
         t_write += time.perf_counter() - t0
     disk = sum(f.stat().st_size for f in work.glob("*.npz"))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

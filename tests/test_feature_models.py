@@ -119,6 +119,22 @@ def test_feature_models_load_by_path_and_compute_what_their_papers_define(vision
     assert clip.sha256 == same.sha256 and clip.protocol["class"] == "CLIPVisionModelWithProjection"
 
 
+def test_preference_score_is_pickscores_logit(tiny_clip):
+    """PickScore ranks images by CLIPModel's logits_per_image: exp(logit_scale)·cos(image, text)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from toolkit.metrics.clip import CLIPScorer
+
+    images, texts = odd_images(2)[:4], ["a red circle", "stripes", "a dog", "a large blue square at night"]
+    got = CLIPScorer(tiny_clip, kind="preference").scores(images, texts, progress=False)
+    model, tok = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPTokenizer.from_pretrained(tiny_clip)
+    pixels = F.clip_square(images, model.config.vision_config.image_size)
+    with torch.no_grad():
+        out = model(**tok(texts, padding=True, return_tensors="pt"), pixel_values=pixels)
+    np.testing.assert_allclose(got, out.logits_per_image.diagonal().double().numpy(), rtol=1e-5, atol=1e-5)
+    assert (got < 0).any() or got.max() > 100 or not np.allclose(got, np.clip(got, 0, 100))   # not the CLIP score's
+
+
 def test_a_checkpoint_that_does_not_load_whole_is_refused(vision_models, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -192,7 +208,8 @@ def test_eval_with_every_feature_space_held_out_prompts_and_paired_deltas(tiny_m
     data = generate(tmp_path / "data", n=8, seed=5, striped=True, size=32)
     results = tmp_path / "results.jsonl"
     extra = [f"metrics.features.dinov2={vision_models['dinov2']}", f"metrics.features.style={vision_models['style']}",
-             "metrics.compute=[fid,cmmd,fd_dinov2,kd_dinov2,vendi_dinov2,style_similarity,clip_score]",
+             "metrics.compute=[fid,cmmd,fd_dinov2,kd_dinov2,vendi_dinov2,style_similarity,clip_score,preference]",
+             f"metrics.preference_model={tiny_clip}",
              "eval.held_out_prompts=[a castle at night,a bowl of fruit]", "eval.num_held_out=4",
              f"eval.results_file={results}"]
     rows = []
@@ -203,7 +220,7 @@ def test_eval_with_every_feature_space_held_out_prompts_and_paired_deltas(tiny_m
     assert len(rows) == 2
     row, m = rows[0], rows[0]["metrics"]
     for k in ("fid", "cmmd", "fd_dinov2", "kd_dinov2", "vendi_dinov2", "style_similarity", "clip_score",
-              "clip_score_held_out", "style_similarity_held_out"):
+              "preference", "clip_score_held_out", "style_similarity_held_out", "preference_held_out"):
         assert m[f"{k}_ci_low"] <= m[k] <= m[f"{k}_ci_high"], k
     assert m["n_fake"] == 8 and "kid" not in m and "precision" not in m   # only what was asked
     assert set(row["settings"]["features"]) == {"clip", "dinov2", "style"}
@@ -226,11 +243,13 @@ def test_eval_with_every_feature_space_held_out_prompts_and_paired_deltas(tiny_m
     real_s = np.load(row["files"]["reference_features_style"])
     assert m["style_similarity"] == pytest.approx(style_similarity(per["features_style"][:8], real_s), rel=1e-5)
     assert m["clip_score_held_out"] == pytest.approx(per["clip"][8:].mean())
+    assert m["preference"] == pytest.approx(per["preference"][:8].mean())
 
     # paired Δ per metric; a summary whose Pareto front is style similarity vs CLIP score
     varying, table = summarize_rows(rows, baseline="guidance_scale=1.0", pareto=("style_similarity", "clip_score"))
     tuned = next(e for e in table if not e["baseline"])
-    for k in ("fid", "cmmd", "fd_dinov2", "vendi_dinov2", "style_similarity", "clip_score", "clip_score_held_out"):
+    for k in ("fid", "cmmd", "fd_dinov2", "vendi_dinov2", "style_similarity", "clip_score", "clip_score_held_out",
+              "preference"):
         assert tuned[f"delta_{k}_ci_low"] <= tuned[f"delta_{k}"] <= tuned[f"delta_{k}_ci_high"], k
         assert tuned[f"delta_{k}"] == pytest.approx(rows[1]["metrics"][k] - rows[0]["metrics"][k], rel=1e-6, abs=1e-9)
     assert tuned["delta_method"] == "paired jackknife over images" and "delta_precision" not in tuned

@@ -159,7 +159,7 @@ def test_an_evaluation_cell_reports_vendi_with_its_interval_and_paired_delta():
     a, b = embeddings(rng, 60, shift=0.5), embeddings(rng, 60, shift=0.5)
     b[:30] = b[0]   # B collapsed: half its images one image
     wanted = parse_metrics(["fid", "vendi"])
-    scores = compute_scores({"inception": ref}, {"inception": a}, None, wanted)
+    scores = compute_scores({"inception": ref}, {"inception": a}, {}, wanted)
     assert scores["vendi"] == pytest.approx(diversity.vendi(a))
     assert scores["vendi_ci_low"] < scores["vendi"] < scores["vendi_ci_high"]
     seeds = np.arange(60)

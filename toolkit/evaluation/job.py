@@ -32,6 +32,7 @@ from toolkit.evaluation import reference
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
 from toolkit.evaluation.scores import (
+    PER_IMAGE_TEXT,
     Metric,
     compute_scores,
     parse_metrics,
@@ -42,7 +43,7 @@ from toolkit.evaluation.scores import (
 )
 from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
-from toolkit.metrics.clip import CLIPScorer, load_clip
+from toolkit.metrics.clip import CLIPScorer, load_clip, load_preference
 from toolkit.metrics.features import FeatureModel
 from toolkit.metrics.inception import InceptionFeatures
 from toolkit.metrics.intervals import mean_interval
@@ -154,25 +155,28 @@ def shard_file(shard_dir: Path, start: int, stop: int) -> Path:
     return shard_dir / f"{start:08d}-{stop:08d}.npz"
 
 
-def write_shard(path: Path, index: np.ndarray, feats: dict[str, np.ndarray], clips: np.ndarray) -> None:
-    """One shard's per-image features (per space, ``per_image_key``) and CLIP scores, written whole or
-    not at all. Features are float32 network outputs, stored as float32 where that loses nothing."""
+def write_shard(path: Path, index: np.ndarray, feats: dict[str, np.ndarray], texts: dict[str, np.ndarray]) -> None:
+    """One shard's per-image features (per space, ``per_image_key``) and text–image scores (``clip``,
+    ``preference``), written whole or not at all. Features are float32 network outputs, stored as
+    float32 where that loses nothing."""
     arrays = {}
     for space, f in feats.items():
         exact = np.array_equal(f.astype(np.float32).astype(f.dtype), f)
         arrays[per_image_key(space)] = f.astype(np.float32) if exact else f
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as fh:
-        np.savez(fh, index=index, clip=clips, **arrays)
+        np.savez(fh, index=index, **{PER_IMAGE_TEXT[k]: v for k, v in texts.items()}, **arrays)
 
 
-def read_shards(shard_dir: Path, plan: list[tuple[int, int]], spaces: list[str], first: int | None = None
-                ) -> tuple[dict[str, np.ndarray], np.ndarray, Moments | None]:
-    """All shards in index order: each space's features (float64), CLIP scores, and the float64
+def read_shards(shard_dir: Path, plan: list[tuple[int, int]], spaces: list[str], first: int | None = None,
+                texts: tuple[str, ...] = ("clip_score",)
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Moments | None]:
+    """All shards in index order: each space's features (float64), the ``texts`` scores, and the float64
     moments of the Inception features of images below ``first`` (all: None) combined shard by
     shard (None without Inception). Every image must be there exactly once."""
     feats: dict[str, list[np.ndarray]] = {s: [] for s in spaces}
-    clips, total = [], None
+    scores: dict[str, list[np.ndarray]] = {t: [] for t in texts}
+    total = None
     for start, stop in plan:
         path = shard_file(shard_dir, start, stop)
         if not path.is_file():
@@ -187,8 +191,10 @@ def read_shards(shard_dir: Path, plan: list[tuple[int, int]], spaces: list[str],
                 part = f[: max(0, min(stop, first) - start)] if first is not None else f
                 if s == "inception" and len(part):   # one d×d scatter held
                     total = Moments.of(part) if total is None else total + Moments.of(part)
-            clips.append(z["clip"])
-    return {s: np.concatenate(v) for s, v in feats.items()}, np.concatenate(clips), total
+            for t in texts:
+                scores[t].append(z[PER_IMAGE_TEXT[t]])
+    return ({s: np.concatenate(v) for s, v in feats.items()}, {t: np.concatenate(v) for t, v in scores.items()},
+            total)
 
 
 def check_moments(fid: float, fid_moments: float) -> None:
@@ -277,8 +283,11 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     wanted = parse_metrics(m.compute)
     clip = load_clip(m.clip_model) if any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same")
                                           for x in wanted) else None
+    preference = load_preference(m.get("preference_model"), fabric.device) if any(
+        x.name == "preference" for x in wanted) else None
     extractors = feature_models(m, wanted, clip, fabric.device)
-    metrics = [x for x in wanted if (x.space in extractors if x.space else clip is not None)]
+    scorers = {k: v for k, v in (("clip_score", clip), ("preference", preference)) if v is not None}
+    metrics = [x for x in wanted if (x.space in extractors if x.space else x.name in scorers)]
     skipped = [x.name for x in wanted if x not in metrics]   # CLIP off: said in the row's protocol
     spaces = list(extractors)
     prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[caption_column]]
@@ -295,6 +304,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                 "seed": int(ev.seed), "prompts": str(ev.prompts or "dataset captions"),
                 "prompts_sha256": prompts_sha256, "inception_sha256": inception.sha256 if inception else None,
                 "clip_model": m.clip_model if clip else None, "clip_sha256": clip.sha256 if clip else None,
+                **({"preference_model": preference.name, "preference_sha256": preference.sha256} if preference
+                   else {}),
                 "features": {s: {"model": e.name, "sha256": e.sha256} for s, e in extractors.items()
                              if s != "inception"},
                 "metrics": {"compute": sorted(x.name for x in metrics),
@@ -322,7 +333,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     todo = [(a, b) for a, b in mine if not shard_file(shard_dir, a, b).is_file()]   # others: an earlier attempt's
     made, reused = 0, len(mine) - len(todo)
     pipe = pipeline_from_cfg(cfg, ev, fabric.device) if todo else None
-    timing = dict.fromkeys(["generate", "clip", *spaces], 0.0)
+    timing = dict.fromkeys(["generate", *scorers, *spaces], 0.0)
     t1 = time.time()
     for start, stop in todo:
         path = shard_file(shard_dir, start, stop)
@@ -339,21 +350,19 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                 img.save(out / "samples" / f"{i:05d}.png")
         if start == 0:
             make_grid(images[:64], cols=8).save(grid)
-        feats = {}
-        tc = time.time()
-        if clip is not None:   # scores and the unit image embeddings (CMMD's with features.clip=same)
-            clips, embeddings = clip.scores_and_embeddings(images, my_prompts)
-            if "clip" in extractors and m.features.clip == "same":
+        feats, texts = {}, {}
+        for name, scorer in scorers.items():   # the CLIP score's unit image embeddings are CMMD's (clip=same)
+            tc = time.time()
+            texts[name], embeddings = scorer.scores_and_embeddings(images, my_prompts)
+            if name == "clip_score" and "clip" in extractors and m.features.clip == "same":
                 feats["clip"] = embeddings
-        else:
-            clips = np.full(len(images), np.nan)
-        timing["clip"] += time.time() - tc
+            timing[name] += time.time() - tc
         for s in spaces:
             if s not in feats:
                 ts = time.time()
                 feats[s] = extractors[s](images, desc=f"generated features ({s})")
                 timing[s] += time.time() - ts
-        write_shard(path, np.array(idx), feats, np.asarray(clips, np.float64))
+        write_shard(path, np.array(idx), feats, {k: np.asarray(v, np.float64) for k, v in texts.items()})
         made += len(idx)
     t_gen = time.time() - t1
     counts = gather_by_index([rank], [(made, reused, timing)], world)
@@ -365,15 +374,14 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     if reused:
         log.info("eval %s: %d of %d shards from an earlier attempt (%s), %d images generated now",
                  key, reused, len(plan), shard_dir, made)
-    fake, clip_all, moments = read_shards(shard_dir, plan, spaces, first=n)
-    clip_scores = clip_all if clip else None
+    fake, text_scores, moments = read_shards(shard_dir, plan, spaces, first=n, texts=tuple(scorers))
     ref_files = {s: reference.cache_path(m.cache_dir, ckeys[s]) if m.cache_reference else
                  reference.save_cached(out, f"reference_features_{s}", real[s]) for s in spaces}
     refs = {s: reference.statistics(f) for s, f in ref_files.items()}
     t2 = time.time()
-    scores = compute_scores(refs, {s: f[:n] for s, f in fake.items()}, None if clip_scores is None else
-                            clip_scores[:n], metrics, m.interval_groups, m.level, seed=int(ev.seed))
-    per_img = per_image_scores(refs, fake, clip_scores, metrics)
+    scores = compute_scores(refs, {s: f[:n] for s, f in fake.items()}, {k: v[:n] for k, v in text_scores.items()},
+                            metrics, m.interval_groups, m.level, seed=int(ev.seed))
+    per_img = per_image_scores(refs, fake, text_scores, metrics)
     for k, v in per_img.items():
         if n_held:   # the per-image metrics on the held-out prompts
             scores.update(mean_interval(v[n:], m.level).to_dict(f"{k}_held_out"))
@@ -391,7 +399,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     all_seeds = np.array([int(ev.seed) * 10**6 + i for i in range(total)])
     per_image = out / "per_image.npz"
     with atomic_open(per_image) as fh:
-        np.savez(fh, seeds=all_seeds, clip=clip_scores if clip_scores is not None else np.full(total, np.nan),
+        np.savez(fh, seeds=all_seeds, clip=text_scores.get("clip_score", np.full(total, np.nan)),
+                 **({"preference": text_scores["preference"]} if "preference" in text_scores else {}),
                  **{per_image_key(s): f.astype(np.float32) for s, f in fake.items()})
     files = {"per_image": per_image, "grid": grid,
              **{"reference_features" + ("" if s == "inception" else f"_{s}"): f for s, f in ref_files.items()}}
@@ -403,6 +412,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "reference_size": ref_size,
                         "features": {s: e.protocol for s, e in extractors.items() if s != "inception"},
                         **(clip.protocol if clip else {"clip": "skipped"}),
+                        **(preference.protocol if preference else {}),
                         "skipped": {x: "metrics.clip_model=null" for x in skipped},
                         "metric_impl": METRIC_IMPL, "intervals": methods, "level": m.level,
                         "fid_infinity": fits or "off", "versions": versions(), "world_size": world,

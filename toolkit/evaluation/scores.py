@@ -14,6 +14,7 @@ vendi / vendi_<space>     Vendi score             vendi / vendi_<space>
 cmmd / cmmd_<space>       CMMD (RBF σ=10, ×1000)  cmmd (space clip) / cmmd_<space>
 style_similarity          CSD mean·mean           style_similarity (space style)
 clip_score                CLIP text–image score   clip_score (``metrics.clip_model``)
+preference                PickScore's logit       preference (``metrics.preference_model``)
 ========================  ======================  =========================================================
 
 What each interval means (``toolkit.metrics.intervals``): set metrics (FD, KD, CMMD, Vendi) have
@@ -54,8 +55,11 @@ FAMILIES = ("fd", "kd", "fd_infinity", "prdc", "vendi", "cmmd")   # usable in an
 # the published names: metric name -> (family, space)
 NAMED = {"fid": ("fd", "inception"), "kid": ("kd", "inception"), "fid_infinity": ("fd_infinity", "inception"),
          "prdc": ("prdc", "inception"), "vendi": ("vendi", "inception"), "cmmd": ("cmmd", "clip"),
-         "style_similarity": ("style_similarity", "style"), "clip_score": ("clip_score", None)}
-PAIRED = ("fd", "kd", "vendi", "cmmd", "style_similarity", "clip_score")   # families with a paired Δ
+         "style_similarity": ("style_similarity", "style"), "clip_score": ("clip_score", None),
+         "preference": ("preference", None)}
+PAIRED = ("fd", "kd", "vendi", "cmmd", "style_similarity", "clip_score", "preference")   # families with a paired Δ
+PER_IMAGE = ("clip_score", "preference", "style_similarity")   # means of per-image values
+TEXT = ("clip_score", "preference")   # text–image scores, computed with the images' prompts
 
 
 @dataclass(frozen=True)
@@ -99,18 +103,19 @@ def _suffixed(d: dict[str, Any], old: str, new: str) -> dict[str, Any]:
     return {new + k[len(old):] if k.startswith(old) else k: v for k, v in d.items()}
 
 
-def compute_scores(refs: dict[str, Reference], fakes: dict[str, np.ndarray], clip: np.ndarray | None,
+def compute_scores(refs: dict[str, Reference], fakes: dict[str, np.ndarray], texts: dict[str, np.ndarray],
                    metrics: Sequence[Metric], groups: int = 20, level: float = 0.95, seed: int = 0
                    ) -> dict[str, Any]:
     """Args:
         refs: per feature space, the reference features (``Reference.from_features``).
         fakes: per feature space, the generated images' features (n × d), rows in image order.
-        clip: per-generated-image CLIP scores, or None when CLIP is off (``clip_score`` is then skipped).
+        texts: per text–image metric (``clip_score``, ``preference``), the per-image scores; one
+            missing (CLIP off) is skipped.
         metrics: what to compute (``parse_metrics``).
         groups, level: jackknife groups and the intervals' coverage.
         seed: seed of the jackknife grouping and of FD∞'s subsets.
     """
-    first = next(iter(fakes.values()), None) if fakes else clip
+    first = next(iter({**fakes, **texts}.values()), None)
     out: dict[str, Any] = {"n_real": len(next(iter(refs.values())).feats) if refs else 0,
                            "n_fake": len(first) if first is not None else 0}
     for m in metrics:
@@ -130,19 +135,19 @@ def compute_scores(refs: dict[str, Reference], fakes: dict[str, np.ndarray], cli
             out.update(cmmd_interval(ref.feats, fake, groups, level, seed).to_dict(m.key))
         elif m.family == "style_similarity":
             out.update(style.style_interval(fake, ref.feats, level).to_dict(m.key))
-        elif m.family == "clip_score" and clip is not None:
-            out.update(mean_interval(clip, level).to_dict(m.key))
+        elif m.family in TEXT and m.name in texts:
+            out.update(mean_interval(texts[m.name], level).to_dict(m.key))
     return out
 
 
-def per_image_scores(refs: dict[str, Reference], fakes: dict[str, np.ndarray], clip: np.ndarray | None,
+def per_image_scores(refs: dict[str, Reference], fakes: dict[str, np.ndarray], texts: dict[str, np.ndarray],
                      metrics: Sequence[Metric]) -> dict[str, np.ndarray]:
-    """The per-image forms of the per-image metrics (CLIP score, style similarity): what prompt
-    groups and paired Δs are computed from."""
+    """The per-image forms of the per-image metrics (CLIP score, preference, style similarity): what
+    prompt groups and paired Δs are computed from."""
     out = {}
     for m in metrics:
-        if m.family == "clip_score" and clip is not None:
-            out[m.key] = np.asarray(clip, np.float64)
+        if m.family in TEXT and m.name in texts:
+            out[m.key] = np.asarray(texts[m.name], np.float64)
         elif m.family == "style_similarity":
             out[m.key] = style.per_image(fakes[m.space], refs[m.space].feats)
     return out
@@ -175,6 +180,9 @@ def per_prompt(prompts: Sequence[str], scores: dict[str, np.ndarray], groups: Se
     return out
 
 
+PER_IMAGE_TEXT = {"clip_score": "clip", "preference": "preference"}   # their keys in per_image.npz
+
+
 def per_image_key(space: str) -> str:
     """Where a space's generated features lie in ``per_image.npz`` (Inception's under ``features``)."""
     return "features" if space == "inception" else f"features_{space}"
@@ -194,7 +202,7 @@ def paired_deltas(refs: dict[str, Reference], a: dict[str, np.ndarray], b: dict[
         raise ValueError("paired comparison needs the same images (prompts and seeds, in order) in both cells")
     n_in = len(a["seeds"]) if n_in is None else n_in
     if n_in < len(a["seeds"]):
-        per_image = [m for m in metrics if m.family in ("clip_score", "style_similarity")]
+        per_image = [m for m in metrics if m.family in PER_IMAGE]
         held = paired_deltas(refs, {k: v[n_in:] for k, v in a.items()}, {k: v[n_in:] for k, v in b.items()},
                              per_image, groups, level, seed)
         out = paired_deltas(refs, {k: v[:n_in] for k, v in a.items()}, {k: v[:n_in] for k, v in b.items()},
@@ -205,8 +213,8 @@ def paired_deltas(refs: dict[str, Reference], a: dict[str, np.ndarray], b: dict[
     for m in metrics:
         if m.family not in PAIRED:
             continue
-        if m.family == "clip_score":
-            ca, cb = a.get("clip"), b.get("clip")
+        if m.family in TEXT:
+            ca, cb = a.get(PER_IMAGE_TEXT[m.name]), b.get(PER_IMAGE_TEXT[m.name])
             if ca is not None and cb is not None and not (np.isnan(ca).any() or np.isnan(cb).any()):
                 comps[m.key] = compare_means(m.key, ca, cb, level)
             continue

@@ -1,4 +1,7 @@
-"""CLIP score: 100 · max(cos(image, text), 0) per image, with any transformers ``CLIPModel``.
+"""Text–image scores per image with any transformers ``CLIPModel``: the CLIP score
+100 · max(cos(image, text), 0) (Hessel et al. 2021), and the preference score of PickScore
+(Kirstain et al. 2023: a CLIP-H fine-tuned on human preferences, ``yuvalkirstain/PickScore_v1``),
+exp(logit_scale) · cos(image, text), the logit its authors rank images by.
 
 Computed here rather than with torchmetrics' ``CLIPScore``, which breaks with transformers 5
 (``get_image_features`` returns an output object there). Embeddings are taken as
@@ -33,6 +36,15 @@ def load_clip(name_or_path: str | None) -> CLIPScorer | None:
     return CLIPScorer(name_or_path)
 
 
+def load_preference(name_or_path: str | None, device: str | torch.device = "cpu") -> CLIPScorer:
+    """The preference scorer ``metrics.compute=[..., preference]`` needs: ``metrics.preference_model``."""
+    if not name_or_path:
+        raise ValueError("metrics.compute has preference, but metrics.preference_model is null: name a CLIPModel "
+                         "fine-tuned on preferences (yuvalkirstain/PickScore_v1, or its local folder)")
+    check_local_or_hub(str(name_or_path), "metrics.preference_model", "model")
+    return CLIPScorer(name_or_path, device, kind="preference")
+
+
 class CLIPScorer:
     """Args:
         name_or_path: hub id or local dir of a ``CLIPModel`` (with its tokenizer).
@@ -40,8 +52,11 @@ class CLIPScorer:
         batch_size: images per forward pass.
     """
 
-    def __init__(self, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
-        self.name = str(name_or_path)
+    def __init__(self, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 64,
+                 kind: str = "clip_score") -> None:
+        if kind not in ("clip_score", "preference"):
+            raise ValueError(f"kind={kind!r}: expected clip_score or preference")
+        self.name, self.kind = str(name_or_path), kind
         self.model = CLIPModel.from_pretrained(self.name).eval().to(device)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.name, model_max_length=77)
         self.size = self.model.config.vision_config.image_size
@@ -51,9 +66,18 @@ class CLIPScorer:
 
     @property
     def protocol(self) -> dict[str, str]:
+        if self.kind == "preference":
+            return {"preference_model": self.name, "preference_sha256": self.sha256,
+                    "preference_resize": f"centre crop square, PIL bicubic {self.size}x{self.size}",
+                    "preference": "exp(logit_scale)*cos (PickScore)"}
         return {"clip_model": self.name, "clip_sha256": self.sha256,
                 "clip_resize": f"centre crop square, PIL bicubic {self.size}x{self.size}",
                 "clip_score": "100*max(cos,0)"}
+
+    @torch.no_grad()
+    def _score(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        cos = (img * txt).sum(-1)
+        return self.model.logit_scale.exp() * cos if self.kind == "preference" else 100 * cos.clamp(min=0)
 
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -70,7 +94,7 @@ class CLIPScorer:
         return torch.nn.functional.normalize(self.model.text_projection(pooled), dim=-1)
 
     def scores(self, images: list[Image.Image], texts: list[str], progress: bool = True) -> np.ndarray:
-        """Per-image CLIP score 100·max(cos, 0)."""
+        """Per-image CLIP score 100·max(cos, 0) (or the preference score, ``kind="preference"``)."""
         return self.scores_and_embeddings(images, texts, progress)[0]
 
     def scores_and_embeddings(self, images: list[Image.Image], texts: list[str], progress: bool = True
@@ -81,7 +105,7 @@ class CLIPScorer:
         for i in range(0, len(images), self.batch_size):
             img = self.embed_images(images[i : i + self.batch_size])
             txt = self.embed_texts(texts[i : i + self.batch_size])
-            out.append((100 * (img * txt).sum(-1).clamp(min=0)).double().cpu().numpy())
+            out.append(self._score(img, txt).double().cpu().numpy())
             embs.append(img.double().cpu().numpy())
             bar.update(len(img))
         bar.close()
