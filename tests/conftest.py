@@ -136,3 +136,15 @@ def run_entry(args: list[str], timeout: int = 600, env: dict | None = None):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# Variants whose path another default-suite variant already takes (each interrupt kind is tested with
+# and without EMA once): in the slow suite only, to keep the default suite within its time.
+SLOW_VARIANTS = ("test_accumulation.py::test_interrupt_mid_window_resumes_bit_identical[plain-SIGTERM]",
+                 "test_accumulation.py::test_interrupt_mid_window_resumes_bit_identical[ema-SIGKILL]")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.endswith(SLOW_VARIANTS):
+            item.add_marker(pytest.mark.slow)

@@ -116,6 +116,15 @@ def test_renamed_keys_still_mean_the_same(old, new, tmp_path):
     assert OmegaConf.to_container(a.module) == OmegaConf.to_container(b.module)
 
 
+def test_metric_switches_that_moved_into_metrics_compute_are_refused_saying_where(tmp_path):
+    from toolkit.config import renamed_overrides
+
+    with pytest.raises(ValueError, match=r"metrics.prdc is gone: .*metrics.compute"):
+        renamed_overrides(["metrics.prdc=false"])
+    got, notes = renamed_overrides(["metrics.inception_weights=/w.pt"])
+    assert got == ["metrics.features.inception=/w.pt"] and "metrics.features.inception" in notes[0]
+
+
 def test_an_override_the_task_would_ignore_is_refused():
     from toolkit.config import check_overrides
 

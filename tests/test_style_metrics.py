@@ -5,7 +5,8 @@ FID/KID). Figures as last measured (95% intervals, jackknife G = 20, fixed refer
     CMMD  d=32 N=150   96.7% (300 trials, E[CMMD_N] from 1000 draws)
     Vendi d=32 N=150   96.3% (300 trials, E[Vendi_N] from 1000 draws)
     paired Δ under the null, N=150 (pairs sharing half their variation): ΔCMMD 98.5%, ΔVendi 95.5% (200)
-    style similarity: the t-interval of a mean, as CLIP's (tests/test_statistics.py: 94.9%)
+    style similarity d=32 N=150: 95.3% (1000 trials, outside the suite: the t-interval of a mean of
+    i.i.d. per-image values, as CLIP's 94.9% in tests/test_statistics.py)
 """
 
 from __future__ import annotations

@@ -71,7 +71,10 @@ def end_processes(launch_env: dict[str, str | None]) -> None:
 
 def entry() -> None:
     """The console script ``toolkit`` (and ``python -m toolkit``, ``python run.py``)."""
-    args, notes = renamed_overrides(sys.argv[1:])
+    try:
+        args, notes = renamed_overrides(sys.argv[1:])
+    except ValueError as err:   # a key whose meaning moved (REPLACED)
+        sys.exit(f"config error: {err}")
     for note in notes:
         print(f"renamed: {note}", file=sys.stderr)
     if problem := check_overrides(args):   # names the nearest valid key; Hydra does not

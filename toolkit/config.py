@@ -190,6 +190,13 @@ RENAMED: dict[str, str] = {
     "module.compile": "module.speed.compile",
     "module.val_timesteps": "module.validation.timesteps",
     "module.val_seed": "module.validation.seed",
+    "metrics.inception_weights": "metrics.features.inception",
+}
+# Keys whose meaning moved into a list: refused, saying what to write instead.
+REPLACED: dict[str, str] = {
+    f"metrics.{k}": f"metrics.{k} is gone: a cell computes what metrics.compute lists (default "
+                    f"[fid,kid,clip_score,prdc,vendi,cmmd]); add or drop {name} there"
+    for k, name in (("prdc", "prdc"), ("vendi", "vendi"), ("fid_infinity", "fid_infinity"))
 }
 
 
@@ -208,6 +215,8 @@ def renamed_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     out, notes = [], []
     for a in args:
         key, eq, value = a.partition("=")
+        if key.lstrip("+~") in REPLACED:
+            raise ValueError(REPLACED[key.lstrip("+~")])
         new = renamed_key(key) if eq and not a.startswith("-") else None
         if new is None:
             out.append(a)

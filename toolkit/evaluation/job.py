@@ -1,11 +1,14 @@
-"""One evaluation: generate images for a reference set's captions, score FID/KID/CLIP with
+"""One evaluation: generate images for a reference set's captions, score what ``metrics.compute``
+lists (FID, KID, CLIP score, CMMD, FD in DINOv2 space, style similarity, ...: ``scores.py``) with
 intervals, append one row to the results table (the body of ``task=eval`` and of both halves of
 ``task=finetune_eval``'s evaluation).
 
-Image i uses caption i of the reference set (cycled) and seed ``eval.seed·10⁶ + i``; ranks take
-disjoint indices, so N processes give the same images and metrics as one. A row is keyed by the
-hash of its settings (prompts, reference identity, model, adapters, metric weights); a cell whose
-key is in the table is skipped.
+Image i uses caption i of the reference set (cycled) and seed ``eval.seed·10⁶ + i``; the
+``eval.num_held_out`` images after them cycle through ``eval.held_out_prompts``. Ranks take
+disjoint indices, so N processes give the same images and metrics as one. Each feature space's
+reference features are cached under a key of its own protocol. A row is keyed by the hash of its
+settings (prompts, reference identity, model, adapters, metric and feature-model weights); a cell
+whose key is in the table is skipped.
 """
 
 from __future__ import annotations
