@@ -336,7 +336,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     todo = [(a, b) for a, b in mine if not shard_file(shard_dir, a, b).is_file()]   # others: an earlier attempt's
     made, reused = 0, len(mine) - len(todo)
     pipe = pipeline_from_cfg(cfg, ev, fabric.device) if todo else None
-    timing = dict.fromkeys(["generate", *scorers, *spaces], 0.0)
+    from_scorer = {"clip"} if "clip" in extractors and m.features.clip == "same" and clip is not None else set()
+    timing = dict.fromkeys(["generate", *scorers, *(s for s in spaces if s not in from_scorer)], 0.0)
     t1 = time.time()
     for start, stop in todo:
         path = shard_file(shard_dir, start, stop)
@@ -357,7 +358,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         for name, scorer in scorers.items():   # the CLIP score's unit image embeddings are CMMD's (clip=same)
             tc = time.time()
             texts[name], embeddings = scorer.scores_and_embeddings(images, my_prompts)
-            if name == "clip_score" and "clip" in extractors and m.features.clip == "same":
+            if name == "clip_score" and from_scorer:
                 feats["clip"] = embeddings
             timing[name] += time.time() - tc
         for s in spaces:
@@ -394,7 +395,9 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     if "fid" in scores:
         ref_stats = refs["inception"]
         check_moments(scores["fid"], fid_from_moments(ref_stats.mu, ref_stats.sigma, moments, ref_stats.sigma_sqrt))
-    metrics_out = {**scores, "seconds_reference": t_ref, "seconds_generate": t_gen,
+    # seconds: the reference features, the loop over shards (generation + features + text scores:
+    # images_per_second counts it), each of its parts (process-seconds), and the metrics' maths
+    metrics_out = {**scores, "seconds_reference": t_ref, "seconds_loop": t_gen,
                    "images_per_second": made / max(t_gen, 1e-9), "seconds_scores": t_score,
                    **{f"seconds_{k}": v for k, v in timing.items()}}
     # Per-image features and scores: what a paired comparison with another cell (same prompts and
