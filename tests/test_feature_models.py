@@ -255,6 +255,8 @@ def test_eval_with_every_feature_space_held_out_prompts_and_paired_deltas(tiny_m
     assert tuned["delta_method"] == "paired jackknife over images" and "delta_precision" not in tuned
     assert all(e["pareto_axes"] == ["style_similarity", "clip_score"] for e in table)
     json.dumps(table)   # the summary files are JSON
+    with pytest.raises(ValueError, match=r"pareto=\['lpips', 'fid'\]: expected two of the rows' metrics"):
+        summarize_rows(rows, pareto=("lpips", "fid"))
 
 
 def test_a_metric_on_a_feature_model_not_named_fails_saying_which_key(tiny_model, tiny_clip, tmp_path):

@@ -185,7 +185,7 @@ def summarize_rows(rows: list[dict[str, Any]], baseline: str | None = None, pare
     CLIP / style similarity higher)."""
     rows = list({r.get("key") or id(r): r for r in rows}.values())
     order = metric_names(rows)
-    if len(pareto) != 2 or any(p not in order for p in pareto):
+    if len(pareto) != 2 or (tuple(pareto) != PARETO and any(p not in order for p in pareto)):
         raise ValueError(f"pareto={list(pareto)}: expected two of the rows' metrics ({', '.join(order)})")
     idents = [identity(r) for r in rows]
     varying = varying_keys(idents)
