@@ -42,6 +42,7 @@ from toolkit.evaluation.scores import (
     per_image_key,
     per_image_scores,
     per_prompt,
+    reference_file_key,
     spaces_needed,
 )
 from toolkit.hashing import settings_key
@@ -220,7 +221,8 @@ def feature_models(m: DictConfig, metrics: list[Metric], clip: CLIPScorer | None
             out[space] = InceptionFeatures(name, device, m.feature_batch_size, m.channels_last)
         elif space == "clip" and name == "same":
             if clip is not None:
-                out[space] = FeatureModel("clip", clip.name, device, m.feature_batch_size, model=clip.model)
+                out[space] = FeatureModel("clip", clip.name, device, m.feature_batch_size, model=clip.model,
+                                          sha256=clip.sha256)
         elif not name:
             users = [x.name for x in metrics if x.space == space]
             raise ValueError(f"metrics.compute has {users}, computed on metrics.features.{space}, which is null: "
@@ -284,8 +286,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
 
     ref, ref_identity, image_column, caption_column = reference_set(cfg)
     wanted = parse_metrics(m.compute)
-    clip = load_clip(m.clip_model) if any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same")
-                                          for x in wanted) else None
+    needs_clip = any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same") for x in wanted)
+    clip = load_clip(m.clip_model, fabric.device) if needs_clip else None
     preference = load_preference(m.get("preference_model"), fabric.device) if any(
         x.name == "preference" for x in wanted) else None
     extractors = feature_models(m, wanted, clip, fabric.device)
@@ -405,11 +407,10 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     all_seeds = np.array([int(ev.seed) * 10**6 + i for i in range(total)])
     per_image = out / "per_image.npz"
     with atomic_open(per_image) as fh:
-        np.savez(fh, seeds=all_seeds, clip=text_scores.get("clip_score", np.full(total, np.nan)),
-                 **({"preference": text_scores["preference"]} if "preference" in text_scores else {}),
-                 **{per_image_key(s): f.astype(np.float32) for s, f in fake.items()})
+        texts = {"clip": np.full(total, np.nan)} | {PER_IMAGE_TEXT[k]: v for k, v in text_scores.items()}   # NaN: off
+        np.savez(fh, seeds=all_seeds, **texts, **{per_image_key(s): f.astype(np.float32) for s, f in fake.items()})
     files = {"per_image": per_image, "grid": grid,
-             **{"reference_features" + ("" if s == "inception" else f"_{s}"): f for s, f in ref_files.items()}}
+             **{reference_file_key(s): f for s, f in ref_files.items()}}
     row = {"key": key, "settings": settings, "metrics": metrics_out, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "per_prompt": per_prompt(all_prompts, per_img, all_groups, m.level),
            # relative to the table's folder where under it: a moved sweep keeps its files (and pairs)

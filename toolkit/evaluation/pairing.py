@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.evaluation import reference
-from toolkit.evaluation.scores import SPACES, paired_deltas, parse_metrics
+from toolkit.evaluation.scores import SPACES, paired_deltas, parse_metrics, reference_file_key
 
 # settings that must be equal for image i of one row to be comparable with image i of the other
 SAME = (("prompts_sha256", "prompts"), ("dataset", "reference set"), ("num_ref", "number of reference images"),
@@ -80,8 +80,7 @@ def pair(a: dict[str, Any], b: dict[str, Any]) -> Pairing:
         return Pairing(reason="seeds differ image by image")
     refs = {}
     for space in SPACES:
-        name = "reference_features" + ("" if space == "inception" else f"_{space}")
-        f = row_file(a, name)
+        f = row_file(a, reference_file_key(space))
         if f is None:
             continue
         if not f.is_file():

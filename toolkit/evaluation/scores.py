@@ -183,6 +183,11 @@ def per_prompt(prompts: Sequence[str], scores: dict[str, np.ndarray], groups: Se
 PER_IMAGE_TEXT = {"clip_score": "clip", "preference": "preference"}   # their keys in per_image.npz
 
 
+def reference_file_key(space: str) -> str:
+    """A space's reference features among a row's ``files`` (Inception's under ``reference_features``)."""
+    return "reference_features" if space == "inception" else f"reference_features_{space}"
+
+
 def per_image_key(space: str) -> str:
     """Where a space's generated features lie in ``per_image.npz`` (Inception's under ``features``)."""
     return "features" if space == "inception" else f"features_{space}"

@@ -26,14 +26,14 @@ from toolkit.metrics.features import OPENAI_MEAN, OPENAI_STD, clip_square, mean_
 log = logging.getLogger(__name__)
 
 
-def load_clip(name_or_path: str | None) -> CLIPScorer | None:
+def load_clip(name_or_path: str | None, device: str | torch.device = "cpu") -> CLIPScorer | None:
     """A scorer, or None when ``metrics.clip_model`` is null (the metric is skipped, and the row says
     so). A model that was named but cannot be found is an error, not a silently missing column."""
     if not name_or_path:
         log.warning("CLIP score skipped: metrics.clip_model is null")
         return None
     check_local_or_hub(str(name_or_path), "metrics.clip_model", "model")
-    return CLIPScorer(name_or_path)
+    return CLIPScorer(name_or_path, device)
 
 
 def load_preference(name_or_path: str | None, device: str | torch.device = "cpu") -> CLIPScorer:

@@ -163,11 +163,11 @@ class FeatureModel:
         name_or_path: hub id or local folder of the model.
         device, batch_size: where and how many images per forward pass.
         model: an already loaded module to use instead (``features.clip=same``: the CLIP score's
-            ``CLIPModel``, whose image tower is used).
+            ``CLIPModel``, whose image tower is used), and ``sha256`` its fingerprint when known.
     """
 
     def __init__(self, space: str, name_or_path: str, device: str | torch.device = "cpu", batch_size: int = 50,
-                 model: torch.nn.Module | None = None) -> None:
+                 model: torch.nn.Module | None = None, sha256: str | None = None) -> None:
         if space not in RECIPES:
             raise ValueError(f"metrics.features.{space}: unknown feature space "
                              f"(known: inception, {', '.join(RECIPES)})")
@@ -180,7 +180,7 @@ class FeatureModel:
         self.size = self.r.fixed_size or int(vision.image_size)
         self.mean, self.std = mean_std(self.name, self.r.mean, self.r.std)
         self.device, self.batch_size = torch.device(device), batch_size
-        self.sha256 = module_fingerprint(self.model)
+        self.sha256 = sha256 or module_fingerprint(self.model)
 
     def loader(self) -> str:
         """The class to load: the recipe's, or ``CLIPModel`` for a whole CLIP checkpoint (its image

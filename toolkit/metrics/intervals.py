@@ -84,7 +84,7 @@ class Interval:
     method: str
 
     def to_dict(self, name: str) -> dict[str, float | str]:
-        return {name: self.estimate, f"{name}_ci_low": self.low, f"{name}_ci_high": self.high,
+        return {name: float(self.estimate), f"{name}_ci_low": float(self.low), f"{name}_ci_high": float(self.high),
                 f"{name}_ci_method": self.method}
 
 
