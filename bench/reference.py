@@ -104,8 +104,9 @@ def default_job(python: str, work: Path, env: dict) -> dict:
     wall = time.time() - t0
     if res.returncode:
         sys.exit(f"default job failed:\n{res.stderr[-4000:]}")
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
-    return {"wall_s": round(wall, 1), "fid": {r.get("label", str(i)): r.get("fid") for i, r in enumerate(rows)}}
+    base, tuned = (json.loads(line)["metrics"] for line in (out / "results.jsonl").read_text().splitlines())
+    return {"wall_s": round(wall, 1), "fid_base": base["fid"], "fid_finetuned": tuned["fid"],
+            "fid_ratio": tuned["fid"] / base["fid"]}
 
 
 def main() -> None:
