@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_entry, tiny_overrides
+from tests.conftest import ROOT, compose_cfg, run_entry, tiny_overrides
 from toolkit.training.speed import Speed, compile_namespace
 
 
@@ -25,6 +27,22 @@ def test_auto_compiles_only_runs_long_enough_for_the_device():
     assert Speed(compile=True).compiles("cpu", 1) and not Speed(compile=False).compiles("cuda", 10 ** 6)
     with pytest.raises(ValueError, match="true, false or auto"):
         Speed(compile="yes")
+
+
+@pytest.mark.parametrize("min_steps, compiled", [(2, True), (3, False)])
+def test_auto_reads_the_runs_length_and_device_at_fit(tiny_model, imagefolder_data, tmp_path, monkeypatch,
+                                                      min_steps, compiled):
+    calls = []
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)   # restored after the test
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(type(self).__name__))
+    cfg = compose_cfg(tiny_overrides(tiny_model, imagefolder_data, tmp_path) + [
+        "trainer.max_steps=2", "module.speed.compile=auto", f"module.speed.compile_min_steps={{cpu: {min_steps}}}",
+        f"module.speed.compile_cache={tmp_path}/cache"], tmp_path)
+    dm, module = instantiate(cfg.data), instantiate(cfg.module)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[], limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    assert module.compiled is compiled and calls == (["UNet2DConditionModel"] if compiled else [])
+    assert (os.environ.get("TORCHINDUCTOR_CACHE_DIR") == str(tmp_path / "cache" / compile_namespace())) is compiled
 
 
 PROBE = """
