@@ -95,13 +95,14 @@ def losses(run_dir) -> list[float]:
 
 
 @pytest.mark.slow   # ~150 s: Inductor compiles the tiny UNet's forward and backward from cold
-def test_compiled_training_equals_eager_to_rounding(tiny_model, imagefolder_data, tmp_path):
-    """The real loop, compiled and eager, from the same seed. The first step's loss is the same
-    forward (LoRA B starts at zero). After it the two differ by the rounding of reordered kernels
-    as AdamW amplifies it: its first steps move each weight by about ±lr whatever the gradient's
-    size, so where a gradient is near zero its rounding decides the sign. Measured over these 6
-    steps at lr 1e-3: losses within 3.4e-4 relative, the whole adapter within 0.23 % (relative
-    Frobenius norm), while the B factors alone (all ±lr-sized steps so far) differ by 64 %."""
+def test_compiled_training_stays_close_to_eager(tiny_model, imagefolder_data, tmp_path):
+    """The real loop, compiled and eager, from the same seed: the first step's loss is the same
+    forward (LoRA B starts at zero), and compiled runs repeat bit for bit. Not established: that
+    the rest is rounding. Measured here, 6 steps at lr 1e-3: losses 3.3e-4 apart (relative), the
+    adapter 0.23 % (relative Frobenius), the B factors alone 77 %; an eager run on 1 thread instead
+    of 2 (a rounding-size perturbation) moves them by 2e-7 / 1.7e-8 / 1.1e-6. On the miniature
+    (module=lora_miniature, in one process) compiled and eager stay within 7e-8 over 6 steps. So
+    ``module.speed.compile`` stays off by default; these bounds catch a compiled loop drifting further."""
     runs = {}
     for flag in ("false", "true"):
         out = tmp_path / flag
