@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="the first warms the caches and is reported apart")
     ap.add_argument("--cached-overrides", nargs="*", default=[], help="extra overrides of the cached side")
-    ap.add_argument("--default-job", action="store_true", help="also time `python run.py` from empty caches")
+    ap.add_argument("--default-job", action="store_true",
+                    help="also time `python run.py` from empty caches (with --python, like both sides)")
     ap.add_argument("--json", help="write the figures here too")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("argv", nargs="*", help=argparse.SUPPRESS)

@@ -71,8 +71,8 @@ print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": coun
 
 def probe(cache, width: int) -> dict:
     res = subprocess.run([sys.executable, "-c", PROBE, str(cache), str(width)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
-                                                      "HOME": str(cache)})
+                         text=True, timeout=300, env={**{k: v for k, v in os.environ.items()
+                                                         if k != "TORCHINDUCTOR_CACHE_DIR"}, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -87,9 +87,8 @@ class Speed:
         """Compile ``unet`` in place if :meth:`compiles` says so (lazily: the first call compiles)."""
         on = self.compiles(device_type, steps)
         if self.compile == "auto":
-            need = self.compile_min_steps.get(device_type)
             log.info("module.speed.compile=auto: %s (trainer.max_steps=%s; compile_min_steps.%s=%s)",
-                     "on" if on else "off", steps, device_type, need)
+                     "on" if on else "off", steps, device_type, self.compile_min_steps.get(device_type))
         if not on:
             return False
         if self.compile_cache:
