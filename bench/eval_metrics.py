@@ -9,6 +9,9 @@ job's shapes: Inception 2048-d, the CLIP image embeddings (the miniature's CLIP:
 ``features.clip=same`` reuses the CLIP score's embeddings, so a generated image costs nothing
 more), and 1024-d features for a DINOv2 ViT-L-sized space. The "generated" features are the
 reference features of other images with noise added: a metric's cost depends on the shapes only.
+(3) LPIPS diversity per generated image (its trunk forward and the within-prompt pairs, ``--per-prompt``
+images a prompt) for AlexNet and VGG-16 at 64, 256 and 512 px, on a randomly initialised trunk
+(the cost depends on the shapes only; no weights ship offline).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from toolkit.config import ROOT
 from toolkit.evaluation import reference
 from toolkit.evaluation.scores import compute_scores, paired_deltas, parse_metrics
+from toolkit.metrics import perceptual
 from toolkit.metrics.clip import CLIPScorer
 from toolkit.metrics.features import FeatureModel
 from toolkit.metrics.inception import InceptionFeatures
@@ -43,6 +47,7 @@ def main() -> None:
     ap.add_argument("--ref", type=int, default=500)
     ap.add_argument("--fake", type=int, default=250)
     ap.add_argument("--groups", type=int, default=20)
+    ap.add_argument("--per-prompt", type=int, default=4)
     args = ap.parse_args()
 
     ref_rows, _ = reference.load_reference(args.data, "image", "text", "train", args.ref)
@@ -74,6 +79,15 @@ def main() -> None:
         t_p = best(lambda m=m: paired_deltas(refs, pi(fake), pi(fake_b), m, args.groups)) \
             if name not in ("prdc",) else float("nan")
         print(f"  {name:16s} {t_s:8.3f} {t_p:8.3f}")
+
+    k = args.per_prompt
+    print(f"\nLPIPS diversity, seconds per generated image ({k} images a prompt, trunk + pairs):")
+    for net in ("alex", "vgg"):
+        model = perceptual.LPIPS(net).eval()
+        for side in (64, 256, 512):
+            ims = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(k)]
+            t = best(lambda m=model, x=ims: perceptual.pairwise(m, x, batch_size=k), 2)
+            print(f"  {net:5s} {side:4d} px {t / k:8.4f}")
 
 
 if __name__ == "__main__":

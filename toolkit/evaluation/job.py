@@ -47,6 +47,7 @@ from toolkit.evaluation.scores import (
 )
 from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
+from toolkit.metrics import perceptual
 from toolkit.metrics.clip import CLIPScorer, load_clip, load_preference
 from toolkit.metrics.features import FeatureModel
 from toolkit.metrics.inception import InceptionFeatures
@@ -102,16 +103,21 @@ def prompt_groups(prompts: list[str]) -> tuple[list[str], list[str] | None]:
     return [t.group(2) for t in tagged], [t.group(1) for t in tagged]
 
 
+def generated_size(cfg: DictConfig) -> tuple[int, int]:
+    """(width, height) of the generated images: the eval settings, else the UNet/VAE configs'."""
+    name, rev, conf = cfg.model.name_or_path, cfg.model.revision, cfg.model.get("config")
+    native = unet_config(name, rev, conf)["sample_size"] * vae_factor(name, rev, conf)
+    return int(cfg.eval.width or native), int(cfg.eval.height or native)
+
+
 def reference_size(cfg: DictConfig) -> tuple[int, int] | None:
     """(width, height) reference images are brought to: the generated size (``metrics.reference_size
-    = generated``, read from the eval settings or the UNet/VAE configs), or None (``native``)."""
+    = generated``), or None (``native``)."""
     if cfg.metrics.reference_size == "native":
         return None
     if cfg.metrics.reference_size != "generated":
         raise ValueError(f"metrics.reference_size={cfg.metrics.reference_size!r}: expected generated or native")
-    name, rev, conf = cfg.model.name_or_path, cfg.model.revision, cfg.model.get("config")
-    native = unet_config(name, rev, conf)["sample_size"] * vae_factor(name, rev, conf)
-    return int(cfg.eval.width or native), int(cfg.eval.height or native)
+    return generated_size(cfg)
 
 
 def build_fabric(cfg: DictConfig) -> Any:
@@ -274,6 +280,54 @@ def image_prompts(prompts: list[str], groups: list[str] | None, held: list[str] 
     return first + [held[i % len(held)] for i in range(n_held)], tags + ["held-out"] * n_held
 
 
+def prompt_ids(prompts: list[str], n: int) -> np.ndarray:
+    """Each image's prompt as an integer: images from the same prompt text in the same part (the
+    first n in-distribution, the rest held-out) share one."""
+    ids: dict[tuple[bool, str], int] = {}
+    return np.array([ids.setdefault((i >= n, p), len(ids)) for i, p in enumerate(prompts)], dtype=np.int64)
+
+
+def lpips_plan(prompt_index: np.ndarray, n: int, size: tuple[int, int], smallest: int, net: str) -> dict[str, int]:
+    """How many prompts of each part have two images or more (scored) or one (left out, counted);
+    an in-distribution part with none scored, or images too small for the trunk, fail before
+    anything is generated."""
+    if min(size) < smallest:
+        raise ValueError(f"lpips_diversity with metrics.lpips.net={net} needs images of at least {smallest} px a side, "
+                         f"but the eval generates {size[0]}x{size[1]}: set eval.width and eval.height to "
+                         f"{smallest} or more, or metrics.lpips.net=vgg (16 px)")
+    out = {}
+    for part, ids in (("in_distribution", prompt_index[:n]), ("held_out", prompt_index[n:])):
+        counts = np.unique(ids, return_counts=True)[1]
+        out[f"{part}_prompts_scored"], out[f"{part}_prompts_with_one_image"] = int((counts > 1).sum()), \
+            int((counts == 1).sum())
+    if not out["in_distribution_prompts_scored"]:
+        raise ValueError(f"lpips_diversity compares images of the same prompt, but eval.num_images={n} gives each of "
+                         f"its {out['in_distribution_prompts_with_one_image']} prompts one image: raise "
+                         "eval.num_images to a multiple of the prompts (or give eval.prompts fewer)")
+    for part in ("in_distribution", "held_out"):
+        if out[f"{part}_prompts_with_one_image"]:
+            log.warning("lpips_diversity: %d %s prompt(s) have one image and are left out of it (%d scored)",
+                        out[f"{part}_prompts_with_one_image"], part.replace("_", "-"), out[f"{part}_prompts_scored"])
+    return out
+
+
+def image_file(shard_dir: Path, i: int) -> Path:
+    return shard_dir / "images" / f"{i:08d}.npy"
+
+
+def lpips_by_prompt(model: perceptual.LPIPS, shard_dir: Path, prompt_index: np.ndarray, rank: int, world: int,
+                    batch_size: int, device: Any) -> tuple[list[int], list[float]]:
+    """rᵢ (``perceptual.per_image``; NaN alone in its prompt) of every image of the prompts p with
+    p ≡ rank (mod world), from the images the shards saved: a prompt's images lie in several shards."""
+    index, values = [], []
+    for p in np.unique(prompt_index)[rank::world]:
+        idx = np.flatnonzero(prompt_index == p)
+        d = perceptual.pairwise(model, [np.load(image_file(shard_dir, i)) for i in idx], batch_size, device)
+        index += idx.tolist()
+        values += perceptual.per_image(d).tolist()
+    return index, values
+
+
 def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """One evaluation cell; returns its results row ({} on ranks other than zero). ``record`` (the
     training run behind the adapter) joins the row and its key, so a train-and-evaluate sweep
@@ -291,8 +345,12 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     preference = load_preference(m.get("preference_model"), fabric.device) if any(
         x.name == "preference" for x in wanted) else None
     extractors = feature_models(m, wanted, clip, fabric.device)
+    lp, lp_protocol = perceptual.load(m.lpips.net, m.lpips.backbone, m.lpips.heads) if any(
+        x.name == "lpips_diversity" for x in wanted) else (None, {})
+    lp = lp.to(fabric.device) if lp is not None else None
     scorers = {k: v for k, v in (("clip_score", clip), ("preference", preference)) if v is not None}
-    metrics = [x for x in wanted if (x.space in extractors if x.space else x.name in scorers)]
+    metrics = [x for x in wanted
+               if (x.space in extractors if x.space else x.name in scorers or x.name == "lpips_diversity")]
     skipped = [x.name for x in wanted if x not in metrics]   # CLIP off: said in the row's protocol
     spaces = list(extractors)
     prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[caption_column]]
@@ -302,6 +360,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     n, n_held = int(ev.num_images), int(ev.num_held_out) if held else 0
     total = n + n_held
     all_prompts, all_groups = image_prompts(prompts, groups, held, n, n_held)
+    prompt_index = prompt_ids(all_prompts, n)
+    lp_counts = lpips_plan(prompt_index, n, generated_size(cfg), lp.smallest_input(), lp.net) if lp is not None else {}
     ref_size = reference_size(cfg)
     inception = extractors.get("inception")
     # Everything the row's numbers depend on: a change to any of these recomputes the cell.
@@ -313,6 +373,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                    else {}),
                 "features": {s: {"model": e.name, "sha256": e.sha256} for s, e in extractors.items()
                              if s != "inception"},
+                **({"lpips": {k: lp_protocol[k] for k in ("net", "backbone_sha256", "heads_sha256")}} if lp else {}),
                 "metrics": {"compute": sorted(x.name for x in metrics),
                             **{k: m[k] for k in ("level", "interval_groups", "channels_last")},
                             "reference_size": ref_size}}
@@ -339,7 +400,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     made, reused = 0, len(mine) - len(todo)
     pipe = pipeline_from_cfg(cfg, ev, fabric.device) if todo else None
     from_scorer = {"clip"} if "clip" in extractors and m.features.clip == "same" and clip is not None else set()
-    timing = dict.fromkeys(["generate", *scorers, *(s for s in spaces if s not in from_scorer)], 0.0)
+    timing = dict.fromkeys(["generate", *scorers, *(s for s in spaces if s not in from_scorer),
+                            *(["lpips"] if lp else [])], 0.0)
     t1 = time.time()
     for start, stop in todo:
         path = shard_file(shard_dir, start, stop)
@@ -356,6 +418,11 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                 img.save(out / "samples" / f"{i:05d}.png")
         if start == 0:
             make_grid(images[:64], cols=8).save(grid)
+        if lp is not None:   # LPIPS pairs a prompt's images, which lie in several shards
+            (shard_dir / "images").mkdir(parents=True, exist_ok=True)
+            for i, img in zip(idx, images):
+                with atomic_open(image_file(shard_dir, i)) as fh:
+                    np.save(fh, np.asarray(img.convert("RGB")))
         feats, texts = {}, {}
         for name, scorer in scorers.items():   # the CLIP score's unit image embeddings are CMMD's (clip=same)
             tc = time.time()
@@ -371,6 +438,12 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         write_shard(path, np.array(idx), feats, {k: np.asarray(v, np.float64) for k, v in texts.items()})
         made += len(idx)
     t_gen = time.time() - t1
+    if lp is not None:   # every shard's images written, each rank scores its share of the prompts
+        fabric.barrier()
+        tl = time.time()
+        lp_values = gather_by_index(*lpips_by_prompt(lp, shard_dir, prompt_index, rank, world,
+                                                     int(m.feature_batch_size), fabric.device), world)
+        timing["lpips"] = time.time() - tl
     counts = gather_by_index([rank], [(made, reused, timing)], world)
     fabric.barrier()
     if rank != 0:
@@ -381,15 +454,20 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         log.info("eval %s: %d of %d shards from an earlier attempt (%s), %d images generated now",
                  key, reused, len(plan), shard_dir, made)
     fake, text_scores, moments = read_shards(shard_dir, plan, spaces, first=n, texts=tuple(scorers))
+    if lp is not None:
+        text_scores["lpips_diversity"] = np.asarray(lp_values, np.float64)
     ref_files = {s: reference.cache_path(m.cache_dir, ckeys[s]) if m.cache_reference else
                  reference.save_cached(out, f"reference_features_{s}", real[s]) for s in spaces}
     refs = {s: reference.statistics(f) for s, f in ref_files.items()}
     t2 = time.time()
     scores = compute_scores(refs, {s: f[:n] for s, f in fake.items()}, {k: v[:n] for k, v in text_scores.items()},
-                            metrics, m.interval_groups, m.level, seed=int(ev.seed))
+                            metrics, m.interval_groups, m.level, seed=int(ev.seed), prompt_index=prompt_index[:n])
     per_img = per_image_scores(refs, fake, text_scores, metrics)
     for k, v in per_img.items():
-        if n_held:   # the per-image metrics on the held-out prompts
+        if n_held and k == "lpips_diversity":   # the per-image metrics on the held-out prompts
+            if lp_counts["held_out_prompts_scored"]:
+                scores.update(perceptual.diversity_interval(v[n:], prompt_index[n:], m.level).to_dict(f"{k}_held_out"))
+        elif n_held:
             scores.update(mean_interval(v[n:], m.level).to_dict(f"{k}_held_out"))
     t_score = time.time() - t2
     methods = {k: scores.pop(k) for k in list(scores) if k.endswith("_ci_method")}
@@ -408,11 +486,12 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     per_image = out / "per_image.npz"
     with atomic_open(per_image) as fh:
         texts = {"clip": np.full(total, np.nan)} | {PER_IMAGE_TEXT[k]: v for k, v in text_scores.items()}   # NaN: off
-        np.savez(fh, seeds=all_seeds, **texts, **{per_image_key(s): f.astype(np.float32) for s, f in fake.items()})
+        np.savez(fh, seeds=all_seeds, prompt_index=prompt_index, **texts,
+                 **{per_image_key(s): f.astype(np.float32) for s, f in fake.items()})
     files = {"per_image": per_image, "grid": grid,
              **{reference_file_key(s): f for s, f in ref_files.items()}}
     row = {"key": key, "settings": settings, "metrics": metrics_out, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "per_prompt": per_prompt(all_prompts, per_img, all_groups, m.level),
+           "per_prompt": per_prompt(all_prompts, per_img, all_groups, m.level, prompt_index),
            # relative to the table's folder where under it: a moved sweep keeps its files (and pairs)
            "files": {k: stored_path(v, table.parent) for k, v in files.items()},
            "protocol": {**(protocol_of("inception", inception, ref_size) if inception else {}),
@@ -420,6 +499,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "features": {s: e.protocol for s, e in extractors.items() if s != "inception"},
                         **(clip.protocol if clip else {"clip": "skipped"}),
                         **(preference.protocol if preference else {}),
+                        **({"lpips": lp_protocol | lp_counts} if lp else {}),
                         "skipped": {x: "metrics.clip_model=null" for x in skipped},
                         "metric_impl": METRIC_IMPL, "intervals": methods, "level": m.level,
                         "fid_infinity": fits or "off", "versions": versions(), "world_size": world,

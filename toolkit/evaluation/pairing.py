@@ -88,7 +88,8 @@ def pair(a: dict[str, Any], b: dict[str, Any]) -> Pairing:
                                   "(eval.force=true) to recompute them")
         refs[space] = reference.statistics(f)
     m, seed = a["settings"]["metrics"], int(a["settings"]["seed"])
-    both = [x for x in parse_metrics(compute(a)) if x.name in set(compute(b))]
+    both = [x for x in parse_metrics(compute(a)) if x.name in set(compute(b))
+            and (x.name != "lpips_diversity" or a["settings"].get("lpips") == b["settings"].get("lpips"))]
     deltas = paired_deltas(refs, a_img, b_img, both, int(m["interval_groups"]), float(m["level"]), seed,
                            n_in=int(a["settings"]["num_images"]))
     return Pairing(deltas=deltas)

@@ -15,13 +15,15 @@ cmmd / cmmd_<space>       CMMD (RBF σ=10, ×1000)  cmmd (space clip) / cmmd_<sp
 style_similarity          CSD mean·mean           style_similarity (space style)
 clip_score                CLIP text–image score   clip_score (``metrics.clip_model``)
 preference                PickScore's logit       preference (``metrics.preference_model``)
+lpips_diversity           within-prompt LPIPS     lpips_diversity (``metrics.lpips``: trunk and heads files)
 ========================  ======================  =========================================================
 
 What each interval means (``toolkit.metrics.intervals``): set metrics (FD, KD, CMMD, Vendi) have
 the grouped jackknife over the generated images, the reference set held fixed (estimate ± t·se;
 the FD interval is for E[FD_N] at the N evaluated); per-image means (CLIP score, style
-similarity) the Student-t interval over images. Paired Δ: the same jackknife with pairs kept
-together, or the paired t on per-image differences.
+similarity) the Student-t interval over images; LPIPS diversity the Student t over prompts (the
+mean pairwise distance within each prompt is one value). Paired Δ: the same jackknife with pairs
+kept together, or the paired t on per-image (per-prompt) differences.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.metrics import style
+from toolkit.metrics import perceptual, style
 from toolkit.metrics.cmmd import cmmd_interval, compare_cmmd
 from toolkit.metrics.diversity import compare_vendi, vendi_interval
 from toolkit.metrics.fidelity import prdc
@@ -56,10 +58,12 @@ FAMILIES = ("fd", "kd", "fd_infinity", "prdc", "vendi", "cmmd")   # usable in an
 NAMED = {"fid": ("fd", "inception"), "kid": ("kd", "inception"), "fid_infinity": ("fd_infinity", "inception"),
          "prdc": ("prdc", "inception"), "vendi": ("vendi", "inception"), "cmmd": ("cmmd", "clip"),
          "style_similarity": ("style_similarity", "style"), "clip_score": ("clip_score", None),
-         "preference": ("preference", None)}
-PAIRED = ("fd", "kd", "vendi", "cmmd", "style_similarity", "clip_score", "preference")   # families with a paired Δ
-PER_IMAGE = ("clip_score", "preference", "style_similarity")   # means of per-image values
+         "preference": ("preference", None), "lpips_diversity": ("lpips_diversity", None)}
+PAIRED = ("fd", "kd", "vendi", "cmmd", "style_similarity", "clip_score", "preference",
+          "lpips_diversity")   # families with a paired Δ
+PER_IMAGE = ("clip_score", "preference", "style_similarity", "lpips_diversity")   # means of per-image values
 TEXT = ("clip_score", "preference")   # text–image scores, computed with the images' prompts
+BY_PROMPT = ("lpips_diversity",)   # per-image values whose independent units are prompts (intervals over prompts)
 
 
 @dataclass(frozen=True)
@@ -104,13 +108,14 @@ def _suffixed(d: dict[str, Any], old: str, new: str) -> dict[str, Any]:
 
 
 def compute_scores(refs: dict[str, Reference], fakes: dict[str, np.ndarray], texts: dict[str, np.ndarray],
-                   metrics: Sequence[Metric], groups: int = 20, level: float = 0.95, seed: int = 0
-                   ) -> dict[str, Any]:
+                   metrics: Sequence[Metric], groups: int = 20, level: float = 0.95, seed: int = 0,
+                   prompt_index: np.ndarray | None = None) -> dict[str, Any]:
     """Args:
         refs: per feature space, the reference features (``Reference.from_features``).
         fakes: per feature space, the generated images' features (n × d), rows in image order.
-        texts: per text–image metric (``clip_score``, ``preference``), the per-image scores; one
-            missing (CLIP off) is skipped.
+        texts: per metric computed from the images themselves (``clip_score``, ``preference``,
+            ``lpips_diversity``'s rᵢ), the per-image scores; one missing (CLIP off) is skipped.
+        prompt_index: each image's prompt (``lpips_diversity``'s unit).
         metrics: what to compute (``parse_metrics``).
         groups, level: jackknife groups and the intervals' coverage.
         seed: seed of the jackknife grouping and of FD∞'s subsets.
@@ -137,16 +142,18 @@ def compute_scores(refs: dict[str, Reference], fakes: dict[str, np.ndarray], tex
             out.update(style.style_interval(fake, ref.feats, level).to_dict(m.key))
         elif m.family in TEXT and m.name in texts:
             out.update(mean_interval(texts[m.name], level).to_dict(m.key))
+        elif m.family in BY_PROMPT and m.name in texts:
+            out.update(perceptual.diversity_interval(texts[m.name], prompt_index, level).to_dict(m.key))
     return out
 
 
 def per_image_scores(refs: dict[str, Reference], fakes: dict[str, np.ndarray], texts: dict[str, np.ndarray],
                      metrics: Sequence[Metric]) -> dict[str, np.ndarray]:
-    """The per-image forms of the per-image metrics (CLIP score, preference, style similarity): what
-    prompt groups and paired Δs are computed from."""
+    """The per-image forms of the per-image metrics (CLIP score, preference, style similarity, LPIPS
+    diversity): what prompt groups and paired Δs are computed from."""
     out = {}
     for m in metrics:
-        if m.family in TEXT and m.name in texts:
+        if (m.family in TEXT or m.family in BY_PROMPT) and m.name in texts:
             out[m.key] = np.asarray(texts[m.name], np.float64)
         elif m.family == "style_similarity":
             out[m.key] = style.per_image(fakes[m.space], refs[m.space].feats)
@@ -154,8 +161,9 @@ def per_image_scores(refs: dict[str, Reference], fakes: dict[str, np.ndarray], t
 
 
 def per_prompt(prompts: Sequence[str], scores: dict[str, np.ndarray], groups: Sequence[str] | None = None,
-               level: float = 0.95) -> dict[str, dict[str, Any]]:
-    """Mean per-image scores per prompt, and per prompt group with their t intervals; the number of images."""
+               level: float = 0.95, prompt_index: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """Mean per-image scores per prompt, and per prompt group with their t intervals (over the group's
+    prompts for ``BY_PROMPT`` metrics, given ``prompt_index``); the number of images."""
     out: dict[str, dict[str, Any]] = {}
     if not scores:
         return out
@@ -170,8 +178,11 @@ def per_prompt(prompts: Sequence[str], scores: dict[str, np.ndarray], groups: Se
             entry: dict[str, Any] = {"n": len(idx)}
             for metric, values in scores.items():
                 v = values[idx]
+                if np.isnan(v).all():   # LPIPS of a prompt with one image
+                    continue
                 if name == "group":
-                    iv = mean_interval(v, level)
+                    iv = perceptual.diversity_interval(v, prompt_index[idx], level) if metric in BY_PROMPT \
+                        else mean_interval(v, level)
                     entry.update({metric: iv.estimate, f"{metric}_ci_low": iv.low, f"{metric}_ci_high": iv.high})
                 else:
                     entry[metric] = float(np.mean(v))
@@ -180,7 +191,8 @@ def per_prompt(prompts: Sequence[str], scores: dict[str, np.ndarray], groups: Se
     return out
 
 
-PER_IMAGE_TEXT = {"clip_score": "clip", "preference": "preference"}   # their keys in per_image.npz
+PER_IMAGE_TEXT = {"clip_score": "clip", "preference": "preference",
+                  "lpips_diversity": "lpips"}   # their keys in per_image.npz (with ``prompt_index``)
 
 
 def reference_file_key(space: str) -> str:
@@ -222,6 +234,13 @@ def paired_deltas(refs: dict[str, Reference], a: dict[str, np.ndarray], b: dict[
             ca, cb = a.get(PER_IMAGE_TEXT[m.name]), b.get(PER_IMAGE_TEXT[m.name])
             if ca is not None and cb is not None and not (np.isnan(ca).any() or np.isnan(cb).any()):
                 comps[m.key] = compare_means(m.key, ca, cb, level)
+            continue
+        if m.family in BY_PROMPT:
+            ca, cb, pa = a.get(PER_IMAGE_TEXT[m.name]), b.get(PER_IMAGE_TEXT[m.name]), a.get("prompt_index")
+            if ca is not None and cb is not None and pa is not None and (~np.isnan(ca)).any():
+                if not np.array_equal(pa, b.get("prompt_index")) or not np.array_equal(np.isnan(ca), np.isnan(cb)):
+                    raise ValueError(f"{m.key}: the cells' images belong to different prompts")
+                comps[m.key] = perceptual.compare_diversity(m.key, ca, cb, pa, level)
             continue
         key = per_image_key(m.space)
         if key not in a or key not in b or m.space not in refs:

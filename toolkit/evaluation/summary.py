@@ -25,7 +25,7 @@ from toolkit.metrics.intervals import compare_seeds, higher_is_better, mean_inte
 log = logging.getLogger(__name__)
 # the order of the columns; any other metric a row has (fd_dinov2, vendi_clip, clip_score_held_out, ...) follows
 ORDER = ("fid", "kid", "cmmd", "clip_score", "style_similarity", "precision", "recall", "density", "coverage",
-         "vendi", "fid_inf")
+         "vendi", "lpips_diversity", "fid_inf")
 BOOKKEEPING = ("seconds_", "images_per_second", "n_")   # row metrics that are not metrics
 NO_DELTA = ("precision", "recall", "density", "coverage", "fid_inf", "fd_inf")   # no paired form
 PARETO = ("fid", "clip_score")   # the default trade-off of the Pareto column and plot

@@ -326,7 +326,7 @@ class Comparison:
 
 
 HIGHER_IS_BETTER = frozenset({"clip_score", "precision", "recall", "density", "coverage", "vendi",
-                              "style_similarity", "preference"})
+                              "style_similarity", "preference", "lpips_diversity"})
 
 
 def higher_is_better(metric: str) -> bool:
