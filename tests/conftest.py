@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +31,29 @@ from toolkit.config import CONFIG_DIR, ROOT, register_resolvers, renamed_overrid
 from toolkit.model_defaults import model_overrides  # noqa: E402
 
 register_resolvers()
+
+
+ORACLES = ["lpips==0.1.4", "torch-fidelity==0.4.0", "torchvision==0.28.0"]   # torchvision 0.28 pairs with torch 2.13
+
+
+@pytest.fixture(scope="session")
+def oracles(tmp_path_factory) -> Path:
+    """The independent packages ``tests/oracles.py`` runs, installed with --no-deps into a folder of
+    their own (into the environment, torchvision's wheel would break transformers' image processors)."""
+    target = tmp_path_factory.mktemp("oracles")
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                          *ORACLES], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"installing the oracles {ORACLES} from the package registry failed:\n" \
+                                f"{res.stderr[-3000:]}"
+    return target
+
+
+def run_oracle(oracles: Path, *args) -> None:
+    """``python tests/oracles.py ARGS`` with the oracle packages on the path."""
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("oracles.py")), *map(str, args)],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(oracles)})
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from scipy import linalg
 from scipy import stats as sstats
 from scipy.spatial.distance import cdist
 
+from tests.conftest import run_oracle
 from toolkit.metrics import distances
 from toolkit.metrics.fidelity import density_coverage, prdc, precision_recall
 from toolkit.metrics.intervals import (
@@ -153,6 +155,23 @@ def test_fid_equals_sqrtm_formula(d, n):
     covmean = linalg.sqrtm(s1 @ s2).real  # the pytorch-fid formula this replaces
     old = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
     assert distances.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(old, rel=1e-6)
+
+
+@pytest.mark.parametrize(("d", "n"), [(64, 300), (256, 400)])
+def test_fid_and_kid_equal_torch_fidelity(d, n, oracles, tmp_path):
+    """The oracle that stays when SciPy drops sqrtm: torch-fidelity's pure functions (FID through
+    eigenvalues of Σ₁Σ₂, KID as one subset of the whole sets) against the numbers a cell reports."""
+    rng = np.random.default_rng(d)
+    real = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)
+    fake = rng.normal(0.3, 1.2, size=(n, d)) ** 2   # skewed, non-negative like pool3 features
+    np.save(tmp_path / "a.npy", real)
+    np.save(tmp_path / "b.npy", fake)
+    run_oracle(oracles, "fidelity", tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "out.json")
+    oracle = json.loads((tmp_path / "out.json").read_text())
+    ref = Reference.from_features(real)
+    assert fid_interval(ref, fake, groups=5).estimate == pytest.approx(oracle["fid"], rel=1e-6)
+    assert kid_interval(ref, fake, groups=5).estimate == pytest.approx(oracle["kid"], rel=1e-6)
+    assert oracle["fid"] > 1 and oracle["kid"] > 1e-3
 
 
 def test_fid_needs_no_sqrtm(monkeypatch):
