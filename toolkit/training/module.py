@@ -128,7 +128,7 @@ class LoRADiffusion(L.LightningModule):
             self.text_lora_params = [] if text_encoder_lora is None else [   # every text encoder of the family
                 p for enc in self.text_encoders for p in add_lora(enc, copy.deepcopy(text_encoder_lora))]
         speed.after_adapters(self.unet, self.text_encoders if self.text_lora_params else [])
-        self.speed, self.compiled = speed, False
+        self.speed, self.compiled, self.compile_checked = speed, False, False
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
         validation = {"timesteps": (100, 300, 500, 700, 900), "seed": 0, **(validation or {})}
         self.val_timesteps, self.val_seed = tuple(validation["timesteps"]), validation["seed"]
@@ -235,8 +235,12 @@ class LoRADiffusion(L.LightningModule):
         cond = self.encode_text(batch["captions"])
         noised = self.objective.noised(self.noise_scheduler, latents, batch, self.training, timesteps, generator)
         dtype = self.unet_dtype
-        pred = self.unet(noised.noisy.to(dtype), noised.timesteps,
-                         **self.family.unet_inputs(cond, self.micro(batch), dtype)).sample
+        args = (noised.noisy.to(dtype), noised.timesteps)
+        kwargs = self.family.unet_inputs(cond, self.micro(batch), dtype)
+        if self.compiled and self.training and not self.compile_checked:   # once, before the first update
+            self.speed.check_compiled(self.unet, args, kwargs)
+            self.compile_checked = True
+        pred = self.unet(*args, **kwargs).sample
         return self.objective.loss(pred, noised)
 
     def setup(self, stage: str) -> None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -46,6 +47,12 @@ class Speed:
             (``/tmp/torchinductor_<user>``, lost with /tmp).
         compile_min_steps: ``auto``'s threshold per device type (``cpu``, ``cuda``, …); a device
             type not listed is never compiled by ``auto``.
+        compile_check: the largest relative difference (per trained tensor, ‖g_compiled − g_eager‖
+            / ‖g_eager‖) allowed between the compiled and the eager UNet's gradients on the first
+            training batch, checked once before the first update; None: not checked. Inductor
+            miscompiles some UNets (bench/compile_gradients.py: 0.5–1.0 there; a right compile is
+            ~1e-6 in fp32, and bf16 rounding stays far below 5e-2): a run fails rather than train
+            on wrong gradients.
     """
 
     gradient_checkpointing: bool = False
@@ -54,6 +61,7 @@ class Speed:
     compile: bool | str = False
     compile_cache: str | None = None
     compile_min_steps: Mapping[str, int] = field(default_factory=dict)
+    compile_check: float | None = 5e-2
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "default"):
@@ -97,3 +105,36 @@ class Speed:
             log.info("torch.compile cache: %s", where)
         unet.compile()
         return True
+
+    def check_compiled(self, unet: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        """Gradients of the trained parameters through the compiled ``unet`` (in-place compiled:
+        ``unet(...)``) against eager ``unet.forward(...)`` on the same inputs (detached: the check
+        touches neither ``.grad`` nor the global RNG); fails above ``compile_check``."""
+        if self.compile_check is None:
+            return
+        dropout = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training]
+        if dropout:   # eager and compiled draw different masks: their gradients cannot be compared
+            log.warning("module.speed.compile_check: not run, the UNet has active dropout (%s, …)", dropout[0])
+            return
+        names, params = zip(*[(n, p) for n, p in unet.named_parameters() if p.requires_grad])
+        detach = lambda v: v.detach() if torch.is_tensor(v) else {k: detach(x) for k, x in v.items()} \
+            if isinstance(v, Mapping) else v
+        args, kwargs = tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}
+        grads = []
+        for call in (unet.forward, unet):
+            out = call(*args, **kwargs).sample
+            weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out)
+            grads.append(torch.autograd.grad((out.float() * weight.float()).sum(), params, allow_unused=True))
+        worst = sorted(((float((c - e).norm() / e.norm()), n) for n, e, c in zip(names, *grads)
+                        if e is not None and c is not None and float(e.norm()) > 0), reverse=True)
+        if not worst:
+            return
+        log.info("module.speed.compile_check: compiled vs eager gradients, worst relative difference %.1e (%s)",
+                 *worst[0])
+        if worst[0][0] > self.compile_check:
+            raise RuntimeError(
+                "module.speed.compile: the compiled UNet's gradients differ from the eager UNet's on the first "
+                f"batch (relative, per tensor: {', '.join(f'{n} {d:.2g}' for d, n in worst[:3])}; allowed "
+                f"{self.compile_check:g}): torch.compile {torch.__version__} miscompiles this model here. Nothing "
+                "was trained. Set module.speed.compile=false (bench/compile_gradients.py reproduces it without "
+                "the toolkit).")
