@@ -88,6 +88,7 @@ def bare(out: Path, steps: int, cached: bool, extra: list[str]) -> None:
     from hydra.utils import instantiate
 
     from tests.conftest import compose_cfg
+    from tests.helpers import one_process_trainer
     from toolkit.callbacks.encoded_cache import EncodedCache
 
     cfg = compose_cfg(overrides(out, steps, cached, extra), out)
@@ -95,10 +96,8 @@ def bare(out: Path, steps: int, cached: bool, extra: list[str]) -> None:
     dm.setup("fit")
     module = instantiate(cfg.module)
     if cached:   # the same warm cache task=train reads (the toolkit runs first)
-        trainer = type("T", (), {"datamodule": dm, "global_rank": 0, "world_size": 1,
-                                 "strategy": type("S", (), {"barrier": staticmethod(lambda: None)})()})()
         EncodedCache(cfg.callbacks.encoded_cache.dirpath, dtype=cfg.callbacks.encoded_cache.dtype).on_fit_start(
-            trainer, module)
+            one_process_trainer(dm), module)
     module.train()
     module.vae.eval()
     for enc in module.text_encoders:

@@ -9,6 +9,7 @@ TOOLKIT_VERBOSE=1 shows the library messages that are filtered out as harmless (
 """
 
 
+import gc
 import importlib
 import logging
 import os
@@ -39,6 +40,7 @@ def main(cfg: DictConfig) -> dict:
     record_attempt(cfg)                        # <run>/run_history.jsonl
     task = importlib.import_module(cfg.get("task_module") or f"toolkit.tasks.{cfg.task_name}")
     route_library_logs()
+    imports_done()
     if rank_zero():
         for line in chosen_lines(cfg):   # what was chosen for the user, from the model
             log.info("chosen %s", line)
@@ -69,8 +71,33 @@ def end_processes(launch_env: dict[str, str | None]) -> None:
             os.environ[k] = v
 
 
+def imports_done() -> None:
+    """End of start-up (see ``entry``): what is alive now (the imported modules, the config)
+    moves to the permanent generation, which later collections skip, and the collector runs
+    again for what the task creates. Nothing when it was on already (a later multirun cell)."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def entry() -> None:
-    """The console script ``toolkit`` (and ``python -m toolkit``, ``python run.py``)."""
+    """The console script ``toolkit`` (and ``python -m toolkit``, ``python run.py``).
+
+    Python's cyclic collector walks every tracked object on each full collection. Importing
+    torch, diffusers, transformers, peft and Lightning creates ~600 k of them, and the collections
+    this triggers cost ~1.2 s of a ~6 s start-up, plus ~1.5 s more for the one at interpreter exit
+    (py-spy, bench/README.md §11). So the collector is off until the task's imports are done
+    (``imports_done``, the pattern of the ``gc.freeze`` docs); reference counting frees as usual."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _entry()
+    finally:   # a refusal before the task (or a test calling this in its own process)
+        if was_enabled and not gc.isenabled():
+            gc.enable()
+
+
+def _entry() -> None:
     try:
         args, notes = renamed_overrides(sys.argv[1:])
     except ValueError as err:   # a key whose meaning moved (REPLACED)

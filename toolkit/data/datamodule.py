@@ -125,7 +125,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         except BadItem as bad:   # changed since the scan (or no scan): skip it, loudly
             log.warning("skipping %s: %s", item_name(image, i), bad)
             return None
-        mask_rng = copy.deepcopy(rng)   # the mask gets the same crop and flip draws as its image
+        # the mask gets the same crop and flip draws as its image (a copy costs ~0.1 ms: only with a mask)
+        mask_rng = copy.deepcopy(rng) if mask is not None else None
         pixels, micro = train_transform(img, self.target_size(i), self.center_crop, self.random_flip, rng)
         item = {"pixel_values": pixels, "micro": torch.tensor(micro, dtype=torch.float32), "caption": text}
         if mask is not None:
