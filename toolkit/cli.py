@@ -92,9 +92,9 @@ def entry() -> None:
     gc.disable()
     try:
         _entry()
-    finally:   # a refusal before the task (or a test calling this in its own process)
-        if was_enabled and not gc.isenabled():
-            gc.enable()
+    finally:   # the caller's setting back (a refusal before the task; a test calling this in its process)
+        if gc.isenabled() != was_enabled:
+            (gc.enable if was_enabled else gc.disable)()
 
 
 def _entry() -> None:
