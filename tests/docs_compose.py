@@ -16,9 +16,30 @@ import sys
 import traceback
 
 
+def sweep_cells(parsed: list) -> list[list[str]]:
+    """The cells that tell a multirun's compositions apart: every combination of the swept config
+    groups (``experiment=a,b``: each a different tree), and each swept value once with the other
+    values at their first (``x=1,2 y=3,4``: their product composes the same keys with the same types)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    from toolkit.config import CONFIG_DIR
+
+    names = {d.name for d in CONFIG_DIR.iterdir() if d.is_dir()}
+    group = [not o.is_sweep_override() or "/" in o.key_or_group or o.key_or_group.lstrip("+~") in names
+             for o in parsed]
+    groups = [o for o, g in zip(parsed, group) if g]
+    values = [o for o, g in zip(parsed, group) if not g]
+    base = BasicSweeper.split_arguments(groups, None)[0]
+    firsts = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in values]
+    cells = [[*cell, *firsts] for cell in base]
+    for k, o in enumerate(values):
+        for v in list(o.sweep_string_iterator())[1:]:
+            cells.append([*base[0], *firsts[:k], f"{o.get_key_element()}={v}", *firsts[k + 1:]])
+    return cells
+
+
 def compose_cells(args: list[str]) -> list[dict]:
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -29,8 +50,7 @@ def compose_cells(args: list[str]) -> list[dict]:
 
     overrides = [a for a in args if not a.startswith("-")]
     multirun = any(a in ("-m", "--multirun") for a in args)
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    cells = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
+    cells = sweep_cells(OverridesParser.create().parse_overrides(overrides)) if multirun else [overrides]
     out = []
     for cell in cells:
         GlobalHydra.instance().clear()

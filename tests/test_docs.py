@@ -171,7 +171,7 @@ def fixtures(tmp_path_factory, tiny_model) -> Fixtures:
     single.write_bytes(b"")
     # a finished run on the embedded model: what <run dir> stands for (resume, sample, inspect, merge, report)
     run = tmp / "run"
-    res = run_entry(["task=train", "debug=fast", "logger=csv", f"hydra.run.dir={run}"])
+    res = run_entry(["task=train", "debug=fast", f"data.path={data}", f"hydra.run.dir={run}"])
     assert res.returncode == 0, res.stderr[-3000:]
     fx = Fixtures(tmp, {"data": data, "data400": data400, "single_file": single, "sd_local": tiny_model,
                         "run": run})
