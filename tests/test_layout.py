@@ -23,7 +23,7 @@ RANKS = {
     "inference": 3,
     "evaluation": 4, "training": 4,
     "callbacks": 5, "report": 5,
-    "tasks": 6, "model_defaults": 6,
+    "tasks": 6, "model_defaults": 6, "plan": 6,
     "cli": 7, "__main__": 8,
 }
 

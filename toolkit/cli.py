@@ -39,11 +39,17 @@ def main(cfg: DictConfig) -> dict:
     cfg = restore(cfg, cfg.paths.output_dir)   # a resume: the run's saved settings
     record_attempt(cfg)                        # <run>/run_history.jsonl
     task = importlib.import_module(cfg.get("task_module") or f"toolkit.tasks.{cfg.task_name}")
+    plan = importlib.import_module("toolkit.plan")   # with the task's imports: the collector is off until they end
     route_library_logs()
     imports_done()
     if rank_zero():
         for line in chosen_lines(cfg):   # what was chosen for the user, from the model
             log.info("chosen %s", line)
+    try:
+        if plan.at_start(cfg):   # memory.plan=only (--plan): the plan is all this run does
+            return {"memory_plan": "printed"}
+    except plan.PlanError as err:
+        sys.exit(f"memory plan: {err}")
     launch_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
         return task.run(cfg)
@@ -106,6 +112,7 @@ def prepare_args(argv: list[str], notes: list[str] | None = None) -> list[str]:
     refused, the job's run dir (torchrun / srun), a restart or a resume's saved overrides, and the
     values left open filled from the model. Everything the entry does before Hydra composes, in one
     place (``tests/test_docs.py`` runs every documented command through it)."""
+    argv = ["memory.plan=only" if a == "--plan" else a for a in argv]   # --plan: print the memory plan, stop
     try:
         args, renames = renamed_overrides(argv)
     except ValueError as err:   # a key whose meaning moved (REPLACED)

@@ -32,6 +32,7 @@ from PIL import Image
 
 from toolkit.atomic import atomic_open
 from toolkit.evaluation import reference
+from toolkit.evaluation.budget import eval_budget
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
 from toolkit.evaluation.scores import (
@@ -215,27 +216,28 @@ def check_moments(fid: float, fid_moments: float) -> None:
                            f"({fid_moments!r}) differ: the evaluation shards are inconsistent")
 
 
-def feature_models(m: DictConfig, metrics: list[Metric], clip: CLIPScorer | None, device: Any
-                   ) -> dict[str, Any]:
+def feature_models(m: DictConfig, metrics: list[Metric], clip: CLIPScorer | None, device: Any,
+                   batch_size: int | None = None) -> dict[str, Any]:
     """The extractor of every feature space ``metrics`` use. ``features.clip=same`` is the CLIP
     score's model (absent, with its metrics, when ``metrics.clip_model=null``); any other space
-    named null while a metric needs it is an error saying which key to set."""
+    named null while a metric needs it is an error saying which key to set. ``batch_size``: the
+    budget's (``evaluation.budget``), else ``metrics.feature_batch_size``."""
     out: dict[str, Any] = {}
+    batch = batch_size or m.feature_batch_size
     for space in spaces_needed(metrics):
         name = m.features.get(space)
         if space == "inception":
-            out[space] = InceptionFeatures(name, device, m.feature_batch_size, m.channels_last)
+            out[space] = InceptionFeatures(name, device, batch, m.channels_last)
         elif space == "clip" and name == "same":
             if clip is not None:
-                out[space] = FeatureModel("clip", clip.name, device, m.feature_batch_size, model=clip.model,
-                                          sha256=clip.sha256)
+                out[space] = FeatureModel("clip", clip.name, device, batch, model=clip.model, sha256=clip.sha256)
         elif not name:
             users = [x.name for x in metrics if x.space == space]
             raise ValueError(f"metrics.compute has {users}, computed on metrics.features.{space}, which is null: "
                              f"name the model (hub id or local folder; README, Evaluation) or drop them from "
                              "metrics.compute")
         else:
-            out[space] = FeatureModel(space, name, device, m.feature_batch_size)
+            out[space] = FeatureModel(space, name, device, batch)
     return out
 
 
@@ -246,8 +248,8 @@ def protocol_of(space: str, extractor: Any, ref_size: tuple[int, int] | None) ->
 
 
 def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, ref_size: tuple[int, int] | None,
-                       ref_identity: dict[str, Any], extractors: dict[str, Any]) -> tuple[dict[str, np.ndarray],
-                                                                                         dict[str, str]]:
+                       ref_identity: dict[str, Any], extractors: dict[str, Any], batch_size: int | None = None
+                       ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Each space's reference features, from the cache where there (rank zero decides: a node-local
     cache may differ per node), else computed sharded over the processes from one decoding of the
     images; and each space's cache key."""
@@ -258,7 +260,7 @@ def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, 
     missing = fabric.broadcast([s for s in extractors if found.get(s) is None], 0)
     real = {s: v for s, v in found.items() if v is not None}
     if missing:
-        idx = shard(len(ref), rank, world, m.feature_batch_size)
+        idx = shard(len(ref), rank, world, batch_size or m.feature_batch_size)   # the extractors' batches
         images = [reference.reference_image(ref[i][image_column], ref_size) for i in idx]
         for s in missing:
             feats = extractors[s](images, desc=f"reference features ({s})")
@@ -340,11 +342,14 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
 
     ref, ref_identity, image_column, caption_column = reference_set(cfg)
     wanted = parse_metrics(m.compute)
+    # batches from memory.budget_gib and the configs alone: the same on every process (whole-batch shards)
+    mem = instantiate(cfg.memory)
+    budget = eval_budget(cfg, ev, mem)
     needs_clip = any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same") for x in wanted)
-    clip = load_clip(m.clip_model, fabric.device) if needs_clip else None
-    preference = load_preference(m.get("preference_model"), fabric.device) if any(
+    clip = load_clip(m.clip_model, fabric.device, budget.feature_batch) if needs_clip else None
+    preference = load_preference(m.get("preference_model"), fabric.device, budget.feature_batch) if any(
         x.name == "preference" for x in wanted) else None
-    extractors = feature_models(m, wanted, clip, fabric.device)
+    extractors = feature_models(m, wanted, clip, fabric.device, budget.feature_batch)
     lp, lp_protocol = perceptual.load(m.lpips.net, m.lpips.backbone, m.lpips.heads) if any(
         x.name == "lpips_diversity" for x in wanted) else (None, {})
     lp = lp.to(fabric.device) if lp is not None else None
@@ -390,11 +395,12 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         return done if rank == 0 else {}
 
     t0 = time.time()
-    real, ckeys = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors)
+    real, ckeys = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors,
+                                     budget.feature_batch)
     t_ref = time.time() - t0
 
     grid = out / "grid.png"
-    plan, shard_dir = shard_plan(total, int(ev.shard_size), int(ev.batch_size)), out / "eval_shards" / key
+    plan, shard_dir = shard_plan(total, int(ev.shard_size), budget.generation_batch), out / "eval_shards" / key
     mine = plan[rank::world]
     todo = [(a, b) for a, b in mine if not shard_file(shard_dir, a, b).is_file()]   # others: an earlier attempt's
     made, reused = 0, len(mine) - len(todo)
@@ -409,7 +415,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         my_prompts = [all_prompts[i] for i in idx]
         tg = time.time()
         images = generate(pipe, my_prompts, [int(ev.seed) * 10**6 + i for i in idx], ev.steps, ev.guidance_scale,
-                          ev.negative_prompt, ev.height, ev.width, ev.batch_size,
+                          ev.negative_prompt, ev.height, ev.width, budget.generation_batch,
                           desc=f"generate {start}-{stop} (rank {rank})")
         timing["generate"] += time.time() - tg
         if ev.save_images:
@@ -506,7 +512,9 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "seed_rule": "seed_i = eval.seed*1e6 + i",
                         "images": {"in_distribution": n, "held_out": n_held},
                         "reference_cache": ckeys.get("inception"), "reference_caches": ckeys,
-                        "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused}},
+                        "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused},
+                        "memory": {"budget_gib": mem.budget_gib, "generation_batch": budget.generation_batch,
+                                   "feature_batch": budget.feature_batch}},
            "run_dir": str(out), **({"train": record} if record else {})}
     if ev.force:
         append_row(table, row)

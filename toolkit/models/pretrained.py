@@ -25,6 +25,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
 from toolkit.locate import check_local_or_hub
+from toolkit.models import quantize as quantization
 from toolkit.models.families import ModelFamily, family_of
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,11 @@ def pipeline_from_single_file(family: type[ModelFamily], path: str, config: str,
 
 
 def load_pipeline_components(name_or_path: str, revision: str | None, variant: str | None, torch_dtype: torch.dtype,
-                             trust_remote_code: bool, allow_pickle: bool, config: str | None) -> dict[str, Any]:
-    """The family's pipeline components (a dict by pipeline name), from a folder/hub id or a single file."""
+                             trust_remote_code: bool, allow_pickle: bool, config: str | None,
+                             quantize: str | None = None, quantize_text_encoders: bool = False) -> dict[str, Any]:
+    """The family's pipeline components (a dict by pipeline name), from a folder/hub id or a single file;
+    ``quantize`` (``toolkit.models.quantize``): the UNet's (and the text encoders') Linear weights
+    quantized as they are read."""
     family = model_family(name_or_path, revision, config)
     if is_single_file(name_or_path):
         pipe = pipeline_from_single_file(family, name_or_path, config, torch_dtype)
@@ -194,14 +198,23 @@ def load_pipeline_components(name_or_path: str, revision: str | None, variant: s
     out: dict[str, Any] = {}
     for tok in family.tokenizers:
         out[tok] = getattr(transformers, index[tok][1]).from_pretrained(name_or_path, subfolder=tok, revision=revision)
+    text_q = {"quantization_config": quantization.transformers_config(quantize, torch_dtype)} \
+        if quantize and quantize_text_encoders else {}
     for comp in family.text_encoders:
         out[comp] = getattr(transformers, index[comp][1]).from_pretrained(
             name_or_path, subfolder=comp, variant=variant, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            **kw)
+            **kw, **text_q)
     out["vae"] = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, dtype=torch_dtype, **kw)
-    out["unet"] = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant,
-                                                       dtype=torch_dtype, **kw)
+    out["unet"] = load_unet(name_or_path, revision, variant, torch_dtype, allow_pickle, quantize)
     return out
+
+
+def load_unet(name_or_path: str, revision: str | None, variant: str | None, torch_dtype: torch.dtype,
+              allow_pickle: bool, quantize: str | None = None) -> UNet2DConditionModel:
+    """The UNet of a folder / hub id, its Linear weights quantized while read when ``quantize`` is set."""
+    q = {"quantization_config": quantization.diffusers_config(quantize, torch_dtype)} if quantize else {}
+    return UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, revision=revision,
+                                                dtype=torch_dtype, use_safetensors=not allow_pickle, **q)
 
 
 def load_components(
@@ -213,6 +226,8 @@ def load_components(
     allow_pickle: bool = False,
     config: str | None = None,
     vae: str | None = None,
+    quantize: str | None = None,
+    quantize_text_encoders: bool = False,
 ) -> Components:
     """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler, all frozen.
 
@@ -226,11 +241,15 @@ def load_components(
             so loading a model can never execute code hidden in a pickle.
         config: for a single-file checkpoint, a diffusers folder or hub id with its component configs.
         vae: a replacement VAE (folder or hub id), e.g. ``madebyollin/sdxl-vae-fp16-fix``.
+        quantize: ``null | int8 | fp8 | nf4``: the UNet's Linear weights quantized while loading
+            (``toolkit.models.quantize``); adapters stay in float32 on top.
+        quantize_text_encoders: the text encoders' too (when they are trained, hence run every step).
     """
     check_model_path(name_or_path, config, allow_pickle)
+    quantization.check(quantize, None, is_single_file(name_or_path))
     torch_dtype = resolve_dtype(dtype)
     parts = load_pipeline_components(name_or_path, revision, variant, torch_dtype, trust_remote_code, allow_pickle,
-                                     config)
+                                     config, quantize, quantize_text_encoders)
     family = family_of(parts["unet"].config)
     if vae:
         parts["vae"] = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)

@@ -204,8 +204,10 @@ def encode(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]
                 "pretrained": OmegaConf.to_container(cfg.module.pretrained, resolve=True),
                 "data": {k: OmegaConf.to_container(cfg.data, resolve=True).get(k) for k in (
                     "resolution", "center_crop", "random_flip", "buckets", "policy", "masks", "tags")},
-                "cache": {k: v for k, v in OmegaConf.to_container(cfg.callbacks.encoded_cache, resolve=True).items()
-                          if k not in ("dirpath", "from_prepared")}}
+                # the encoding batch follows memory.budget_gib; where traces are kept, what leaves the GPU: no
+                "cache": {**{k: v for k, v in OmegaConf.to_container(cfg.callbacks.encoded_cache, resolve=True).items()
+                             if k not in ("dirpath", "from_prepared", "memory", "offload")},
+                          "budget_gib": cfg.memory.budget_gib}}
     job = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     done = json.loads(store.get(ENCODED)) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
     if job in done["jobs"]:

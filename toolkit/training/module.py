@@ -105,7 +105,8 @@ class LoRADiffusion(L.LightningModule):
         self.pretrained = dict(pretrained)
         self.objective = objective or Objective()
         speed = speed or Speed()
-        c = load_components(**self.pretrained)
+        # a trained text encoder runs every step (no text cache), so model.quantize covers it too
+        c = load_components(**self.pretrained, quantize_text_encoders=text_encoder_lora is not None)
         self.family, self.noise_scheduler = c.family, self.objective.schedule(c.noise_scheduler)
         self.vae, self.unet = c.vae, c.unet
         for name, tok in c.tokenizers.items():
