@@ -2,7 +2,7 @@
 
     python bench/memory.py                                  # the CPU table (a fresh process per cell)
     python bench/memory.py --cells sd15_mid:encode:fp32:512:4 --json out.json
-    python bench/memory.py --gpu                            # on a GPU: peak allocated vs the plan's gpu mode
+    python bench/memory.py --write-configs sdxl /tmp/sdxl    # configs only; run.py model.name_or_path=/tmp/sdxl --plan
 
 Each cell builds the components a phase runs from their configs (random weights at the layout's
 real shapes: memory depends on shapes, not values), then runs the phase once and reads the
@@ -96,6 +96,9 @@ def real(skel: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         for t in (*m.parameters(), *m.buffers()):
             if t.is_floating_point():
                 t.normal_(0, 0.02)
+        for name, buf in skel.named_buffers():   # real buffers of the skeleton (CLIP's position ids) kept
+            if not buf.is_meta:
+                m.get_buffer(name).copy_(buf)
     return m.eval()
 
 
@@ -242,14 +245,26 @@ def main() -> None:
     ap.add_argument("--cells", nargs="*", help="layout:phase:precision:resolution:batch[:ckpt] (default: the table)")
     ap.add_argument("--json", help="write the rows here ('-': stdout, one line)")
     ap.add_argument("--traces", default=None, help="keep traced footprints in this folder")
+    ap.add_argument("--write-configs", nargs=2, metavar=("LAYOUT", "DIR"),
+                    help="write LAYOUT's configs (no weights) as a pipeline folder, for --plan")
     args = ap.parse_args()
+    if args.write_configs:
+        print(write_configs(args.write_configs[0], Path(args.write_configs[1])))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    if args.cells and args.json == "-":   # a child: measure in this process
+    if args.cells and args.json == "-":   # a child: measure in this process, with the entry's allocator policy
+        from toolkit.allocator import fix_mmap_threshold
+
+        fix_mmap_threshold()
         print(json.dumps([cell(c, args.traces) for c in args.cells]))
         return
     rows = []
     for name in args.cells or TABLE:
-        r = fresh(name, args.traces)
+        try:
+            r = fresh(name, args.traces)
+        except RuntimeError as err:   # one cell's failure (e.g. out of RAM) is reported, the table goes on
+            print(f"{name:<34} FAILED: {str(err)[-400:]}", flush=True)
+            continue
         rows.append(r)
         print(f"{name:<34} weights {r['weights_estimated'] / GiB:6.2f} est / {r['weights_measured'] / GiB:6.2f} GiB"
               f" · phase {r['phase_estimated'] / GiB:6.2f} / {r['phase_measured'] / GiB:6.2f} GiB"
@@ -257,6 +272,36 @@ def main() -> None:
               flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+
+def write_configs(layout: str, out: Path) -> Path:
+    """A pipeline folder holding only the configs of ``layout`` (no weights, no tokenizer files):
+    what the plan reads, so ``python run.py ... model.name_or_path=<out> --plan`` plans SD-1.5 or
+    SDXL without their weights."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig
+
+    from toolkit.models.families import SDXL
+
+    spec, sk = LAYOUTS[layout], skeletons(layout)
+    sk["unet"].save_config(out / "unet")
+    sk["vae"].save_config(out / "vae")
+    xl = spec["family"] is SDXL
+    sched = (EulerDiscreteScheduler if xl else DDPMScheduler)(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                              beta_end=0.012, num_train_timesteps=1000)
+    sched.save_config(out / "scheduler")
+    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+             "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", type(sched).__name__]}
+    names = ["text_encoder", "text_encoder_2"][: len(spec["text"])]
+    for name, text in zip(names, spec["text"]):
+        cls = "CLIPTextModelWithProjection" if "projection_dim" in text else "CLIPTextModel"
+        CLIPTextConfig(**text, architectures=[cls]).save_pretrained(out / name)
+        index[name] = ["transformers", cls]
+        index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -246,7 +246,8 @@ def load_components(
         quantize_text_encoders: the text encoders' too (when they are trained, hence run every step).
     """
     check_model_path(name_or_path, config, allow_pickle)
-    quantization.check(quantize, None, is_single_file(name_or_path))
+    # the weights are quantized where they are read: on the GPU when there is one (diffusers' choice)
+    quantization.check(quantize, "cuda" if torch.cuda.is_available() else "cpu", is_single_file(name_or_path))
     torch_dtype = resolve_dtype(dtype)
     parts = load_pipeline_components(name_or_path, revision, variant, torch_dtype, trust_remote_code, allow_pickle,
                                      config, quantize, quantize_text_encoders)

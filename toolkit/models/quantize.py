@@ -7,8 +7,8 @@ stay in the training precision on top (peft's torchao / bitsandbytes LoRA layers
     int8   torchao Int8WeightOnlyConfig: int8 weights, one scale per output row; CPU and GPU
     fp8    torchao Float8WeightOnlyConfig: float8 e4m3 weights, one scale per row; GPUs with fp8
            tensor cores (compute capability ≥ 8.9: L4, RTX 4090, H100, ...)
-    nf4    bitsandbytes 4-bit NormalFloat, one absmax per 64 weights; CUDA, and the CPU where the
-           installed bitsandbytes runs 4-bit there (0.50.2 does; tried once, refused otherwise)
+    nf4    bitsandbytes 4-bit NormalFloat, one absmax per 64 weights; CUDA only: bitsandbytes 0.50.2
+           runs 4-bit layers on the CPU, but diffusers' loader refuses to quantize without a GPU
 
 Which library: both are what diffusers and peft integrate (diffusers' ``TorchAoConfig`` /
 ``BitsAndBytesConfig`` quantize each Linear as its weight is read; peft puts a float LoRA layer
@@ -25,7 +25,6 @@ tensor by tensor against the file (``single_file``), which a quantized copy cann
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 from typing import Any
 
@@ -60,24 +59,12 @@ def check(method: str | None, device_type: str | None, single_file: bool = False
             raise ValueError(f"model.quantize=fp8 needs a GPU with fp8 tensor cores (compute capability ≥ 8.9: L4, "
                              f"RTX 4090, H100, ...); this run is on {device_type}. Use model.quantize=int8 (CPU and "
                              "any GPU) or nf4.")
-    if method == "nf4" and device_type != "cuda" and not nf4_runs_on_cpu():
-        raise ValueError(f"model.quantize=nf4 on {device_type}: bitsandbytes {version} could not quantize a 4-bit "
-                         "layer on the CPU here (older releases run 4-bit on CUDA only); upgrade bitsandbytes, run "
-                         "on a GPU, or use model.quantize=int8")
-
-
-@functools.cache
-def nf4_runs_on_cpu() -> bool:
-    """Whether the installed bitsandbytes quantizes and runs a 4-bit layer on the CPU (tried once)."""
-    try:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear4bit(64, 8, compute_dtype=torch.float32, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(torch.ones(8, 64), requires_grad=False, quant_type="nf4")
-        out = layer.to("cpu")(torch.ones(1, 64))
-        return layer.weight.dtype == torch.uint8 and bool(torch.isfinite(out).all())
-    except Exception:   # noqa: BLE001 - any failure means "not here"; the caller says what to do
-        return False
+    if method == "nf4" and device_type != "cuda":
+        # bitsandbytes itself runs 4-bit layers on the CPU (0.50.2 does: tests/test_quantize.py), but the
+        # diffusers loader that quantizes while reading refuses without a GPU ("No GPU found")
+        raise ValueError(f"model.quantize=nf4 needs a CUDA GPU: diffusers' bitsandbytes loader (diffusers "
+                         f"{importlib.metadata.version('diffusers')}) quantizes only on a GPU, although bitsandbytes "
+                         f"{version} runs 4-bit layers on the CPU. Use model.quantize=int8 on {device_type}.")
 
 
 def diffusers_config(method: str, compute_dtype: torch.dtype) -> Any:
@@ -113,8 +100,10 @@ def linear_weight_bytes(out_features: int, in_features: int, method: str | None,
     n = out_features * in_features
     if method is None:
         return n * dtype.itemsize
-    if method in ("int8", "fp8"):   # one byte a weight + one scale per output row (in the compute dtype)
-        return n + out_features * dtype.itemsize
+    if method == "int8":   # torchao Int8Tensor: int8 data, a scale (compute dtype) and an int8 zero point per row
+        return n + out_features * (dtype.itemsize + 1)
+    if method == "fp8":    # torchao Float8Tensor: float8 data and a float32 scale per row
+        return n + out_features * 4
     return n // 2 + -(-n // NF4_BLOCK) * 4   # nf4: two weights a byte + a float32 absmax per block
 
 
@@ -133,3 +122,14 @@ def quantized_bytes(module: torch.nn.Module, method: str | None, dtype: torch.dt
         else:
             total += t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
     return total
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """The bytes a tensor holds, through tensor subclasses (torchao's quantized weights are
+    wrappers around their data, scales and zero points)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    quant_state = getattr(t, "quant_state", None)   # bitsandbytes Params4bit: packed data + its absmax
+    extra = tensor_bytes(quant_state.absmax) if quant_state is not None else 0
+    return t.numel() * t.element_size() + extra
