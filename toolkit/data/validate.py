@@ -33,11 +33,13 @@ from toolkit.logs import progress
 log = logging.getLogger(__name__)
 
 
-# Source problems no caption policy can fix: which caption belongs to which image is unknown.
-NEVER_GUESSED = ("duplicate name",)
-# What a source may say about a caption ("<reason>" or "<reason> (<detail>)"); the reason is the
-# report's key, exactly one of these.
-CAPTION_REASONS = ("missing caption", "empty caption", "caption not UTF-8", "duplicate name", "no metadata row")
+# Source problems no caption policy can fix: which caption belongs to which image is unknown, or
+# the row names a file outside the dataset (never read).
+NEVER_GUESSED = ("duplicate name", "path outside the dataset")
+# What a source may say about a row before its image is read ("<reason>" or "<reason> (<detail>)");
+# the reason is the report's key, exactly one of these.
+CAPTION_REASONS = ("missing caption", "empty caption", "caption not UTF-8", "duplicate name", "no metadata row",
+                   "path outside the dataset")
 
 
 class BadItem(ValueError):
