@@ -69,8 +69,8 @@ class PreparedDataset:
         self.samples = [s for meta in self.shards for s in check_sidecar(
             read_json(store, sidecar_name(meta["url"])), meta, f"{url}/{sidecar_name(meta['url'])}")]
         # prepare.encode=true: {store folder: {"settings", "files": {name: sha256}, "sizes": {name: bytes}}}
-        self.encoded = check_encoded(read_json(store, ENCODED).get("stores"), f"{url}/{ENCODED}") \
-            if store.exists(ENCODED) else {}
+        encoded = read_json(store, ENCODED) if store.exists(ENCODED) else {"stores": {}}
+        self.encoded = check_encoded(encoded.get("stores") if isinstance(encoded, dict) else None, f"{url}/{ENCODED}")
         self.starts = list(np.cumsum([0] + [s["nsamples"] for s in self.shards])[:-1])
         self.rows = list(range(len(self.samples)))
         self.column_names = [image_column, caption_column]

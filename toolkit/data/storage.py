@@ -127,6 +127,8 @@ class S3Store:
         # Parts of multipart_mb (boto3's default, 8 MB, when None): S3 takes at most 10,000 parts,
         # so 64 MB parts carry an object of up to 640 GB; upload_file reads each part from the file
         # as it is sent (memory stays flat whatever the shard's size).
+        if multipart_mb is not None and multipart_mb < 5:
+            raise StorageError(f"prepare.multipart_mb={multipart_mb}: S3 refuses parts under 5 MB; use at least 5")
         part = int(multipart_mb * 2**20) if multipart_mb else None
         self.transfer = TransferConfig(**({"multipart_threshold": part, "multipart_chunksize": part} if part else {}))
         # Seconds, not minutes: an unreachable endpoint or a wrong setting fails fast.
