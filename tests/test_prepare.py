@@ -552,9 +552,11 @@ def large_datasets_commands() -> list[str]:
 
     for page in (ROOT / "docs" / "data.md", ROOT / "README.md"):
         text = page.read_text() if page.is_file() else ""
-        m = re.search(r"^#+ Large datasets.*?\n(.*?)(?=^#+ )", text, re.S | re.M)
-        if m:
-            blocks = re.findall(r"```bash\n(.*?)```", m.group(1), re.S)
+        m = re.search(r"^(#+) Large datasets.*?\n", text, re.M)
+        if m:   # up to the next heading of its level or above
+            end = re.search(rf"^#{{1,{len(m.group(1))}}} ", text[m.end():], re.M)
+            section = text[m.end(): m.end() + end.start() if end else len(text)]
+            blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
             lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
             return [" ".join(line.split("#")[0].split()) for line in lines if line.strip()]
     raise AssertionError("no 'Large datasets' section in docs/data.md or README.md")
