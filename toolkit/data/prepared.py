@@ -199,11 +199,11 @@ def kept_by(policy: DataPolicy | dict[str, Any] | str | None, min_side: int | No
     ``small_images``, ``captions`` and ``max_image_pixels``, and the smallest side (which counts
     only where small images are skipped: upscaled ones are kept whatever it is)."""
     if isinstance(policy, DataPolicy):
-        policy = {k: getattr(policy, k) for k in ("small_images", "captions", "max_image_pixels")}
+        policy = policy.deciding()
     elif isinstance(policy, str):   # sets prepared before the plan recorded these fields: its repr
         found = {m.group(1): m.group(2) for m in re.finditer(r"(\w+)=('[^']*'|None|\d+)", policy)}
         policy = {k: None if v == "None" else int(v) if v.isdigit() else v.strip("'") for k, v in found.items()}
-    fields = {k: (policy or {}).get(k) for k in ("small_images", "captions", "max_image_pixels")}
+    fields = {k: (policy if isinstance(policy, dict) else {}).get(k) for k in DataPolicy().deciding()}
     return {**fields, "min_side": min_side}
 
 

@@ -120,7 +120,8 @@ def imagefolder_dataset(root: Path, split: str, image_column: str, caption_colum
     row names (``datasets`` drops those without a word): caption None, ``caption_problem`` "no
     metadata row"; and a row for every metadata row naming a file outside the dataset's folder
     (``datasets`` would stop on the first): ``caption_problem`` "path outside the dataset", its
-    image never read (no path to it is kept: the name as written, and empty bytes)."""
+    image never read (the row keeps the name as written, for the report, and empty bytes, which
+    every reader takes before a path; the scan rejects it before decoding)."""
     builder = datasets.load_dataset_builder("imagefolder", data_dir=str(root))
     files = next((v for k, v in (builder.config.data_files or {}).items() if str(k) == split), [])
     outside = outside_rows([Path(f) for f in map(str, files) if Path(f).name in METADATA_FILES])
@@ -175,7 +176,8 @@ def outside_rows(metadata: list[Path]) -> list[tuple[Path, str, str, int]]:
                         row = json.loads(text)
                     except ValueError:
                         continue   # datasets reports a malformed line itself
-                    found += [(meta, k, v, line) for k, v in row.items() if is_file_column(k) and outside_dataset(v)]
+                    found += [(meta, k, v, line) for k, v in (row.items() if isinstance(row, dict) else ())
+                              if is_file_column(k) and outside_dataset(v)]
         else:
             for chunk in pd.read_csv(meta, dtype=str, chunksize=100_000, usecols=is_file_column):
                 for col in chunk.columns:

@@ -93,6 +93,11 @@ class DataPolicy:
             raise ValueError(f"data.policy.max_image_pixels={self.max_image_pixels} is above {hard}, the size Pillow "
                              "refuses to open (2 × PIL.Image.MAX_IMAGE_PIXELS); use at most that")
 
+    def deciding(self) -> dict[str, Any]:
+        """The fields that decide which items a scan keeps, and with which captions, besides the
+        smallest side (a prepared set records them; training compares them)."""
+        return {k: getattr(self, k) for k in ("small_images", "captions", "max_image_pixels")}
+
     def pixel_limit(self) -> tuple[int | None, str]:
         """The limit in force and where it comes from."""
         if self.max_image_pixels:

@@ -95,8 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = {"path": str(d.path), "split": d.split, "revision": d.revision, "rows": len(ds),
               "fingerprint": fingerprint_listing(local) if local.is_dir() else ds._fingerprint}
     # the policy's fields that decide which items are kept (training compares them: PreparedDataset.check_plan)
-    kept = {k: getattr(policy, k) for k in ("small_images", "captions", "max_image_pixels")}
-    plan = {"source": source, "policy": kept, "min_side": int(min_side),
+    plan = {"source": source, "policy": policy.deciding(), "min_side": int(min_side),
             "samples_per_shard": int(p.samples_per_shard), "format": "webdataset tar + wids index v1"}
     if world > 1:   # a one-process prepare's plan (and layout) stays as it was
         plan["processes"] = world
