@@ -169,7 +169,8 @@ def fixtures(tmp_path_factory, tiny_model) -> Fixtures:
     single = tmp / "models" / "my_finetune.safetensors"   # composing reads model.config's configs, not this file
     single.parent.mkdir(parents=True)
     single.write_bytes(b"")
-    # a finished run on the embedded model (on 24 images): what <run dir> stands for (resume, sample, inspect, merge, report)
+    # a finished run on the embedded model (24 images): what <run dir> stands for
+    # (resume, sample, inspect, merge, report)
     run = tmp / "run"
     res = run_entry(["task=train", "debug=fast", f"data.path={data}", f"hydra.run.dir={run}"])
     assert res.returncode == 0, res.stderr[-3000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_cfg, run_entry
+from tests.conftest import compose_cfg, run_entry, tiny_overrides
 from tests.helpers import free_port
 from tests.test_hostile_data import REJECTED, make_hostile
 from toolkit.data.shards import INDEX
@@ -366,7 +366,7 @@ def test_prepared_encoder_rows_train_the_unet_alone_and_equal_encoding_here(tiny
     refused, naming both fingerprints; adding that model's rows to the set makes it usable too."""
     from tests.conftest import tiny_overrides
     from tests.test_fault_tolerance import ADAPTER, same_tensors
-    from toolkit.data.prepared import EncodedMismatch
+    from toolkit.data.prepared import EncodedMismatch, PreparedDataset
     from toolkit.tasks import train
 
     model = [f"model.name_or_path={tiny_model}", "module=lora_miniature", "data.random_flip=true",
@@ -387,8 +387,12 @@ def test_prepared_encoder_rows_train_the_unet_alone_and_equal_encoding_here(tiny
         train.run(compose_cfg(train_args(out, source), out))
         runs[name] = out
     stored = json.loads(s3_object("datasets", "encoded/encoded.json"))["stores"]
-    # the prepared run's cache holds exactly the fetched files: nothing was encoded at training
-    fetched = encoded_files(Path(f"{runs['prepared']}-cache") / "encoded")
+    # the prepared run's cache holds exactly the fetched files, in the set's own folder (runs on other
+    # data never read it): nothing was encoded at training
+    cache = Path(f"{runs['prepared']}-cache") / "encoded"
+    identity = PreparedDataset(url, "image", "text", tmp_path / "scratch").identity
+    assert [d.name for d in cache.iterdir()] == [f"prepared-{identity[:20]}"]
+    fetched = encoded_files(next(cache.iterdir()))
     assert fetched == {k: set(v["files"]) for k, v in stored.items()}
     assert encoded_files(Path(f"{runs['here']}-cache") / "encoded").keys() == stored.keys()   # same stores, same keys
     assert same_tensors(runs["prepared"] / ADAPTER, runs["here"] / ADAPTER)
@@ -590,3 +594,96 @@ def test_the_large_datasets_commands_run_as_written(tiny_model, imagefolder_data
     assert plan["min_side"] == 32   # data.resolution from the (default, embedded) model
     assert (tmp_path / "run2" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((tmp_path / "scratch").glob("*.tar"))) == 1   # 16 images: one shard, fetched from the bucket
+
+
+def test_a_prepare_made_by_the_previous_version_is_continued_and_extended(imagefolder_data, tmp_path):
+    """The previous version recorded the policy as its repr, this one as the fields that decide what
+    is kept: plans are compared by meaning, so an old finished set is prepared again as "already
+    prepared" (the path ``prepare.encode=true`` takes to add rows) and trains, a killed old prepare
+    continues where it stopped, and another policy is still refused."""
+    from toolkit.data.prepared import PreparedDataset
+    from toolkit.data.shards import PLAN
+    from toolkit.data.validate import DataPolicy
+
+    out = tmp_path / "shards"
+    prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p1"))
+    old = repr(DataPolicy())   # what the previous version wrote, e.g. "DataPolicy(on_error='skip', ...)"
+    assert old.startswith("DataPolicy(on_error='skip', small_images='upscale'")
+    for name, at in ((PLAN, lambda d: d), (INDEX, lambda d: d["toolkit"])):
+        doc = json.loads((out / name).read_text())
+        at(doc)["policy"] = old
+        (out / name).write_text(json.dumps(doc))
+    tars = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p2"))["kept"] == 16   # finished: as is
+    PreparedDataset(str(out), "image", "text", tmp_path / "scratch").check_plan(16, DataPolicy())   # trains
+    for name in (INDEX, "parts/000-of-001.json", "shard-000003.json"):   # "killed" while writing the last shard
+        (out / name).unlink()
+    assert prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p3"))["shards_written_now"] == 1
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == tars
+    with pytest.raises(StorageError, match=r"another dataset or other settings \(differs in: policy\)"):
+        prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p4", "data.policy.captions=empty"))
+
+
+def test_s3_without_credentials_or_endpoint_fails_fast_in_training_and_evaluation(tiny_model, imagefolder_data,
+                                                                                  tmp_path, monkeypatch):
+    """Training (``task=train data=streaming``) and evaluation's reference loader reach S3 when
+    they open a prepared set (one reader, ``PreparedDataset``): missing credentials and an
+    unreachable endpoint are the same ``StorageError`` as in task=prepare, naming the URL and what
+    to set, within seconds (each shown on one of the two entry points)."""
+    from toolkit.evaluation.reference import load_reference
+    from toolkit.tasks import train
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(var, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")   # no instance role to find here
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")   # nothing listens there
+    out = tmp_path / "run"
+    base = [a for a in tiny_overrides(tiny_model, imagefolder_data, out) if not a.startswith("data.path=")]
+    cfg = compose_cfg([*base, "data=streaming", "data.remote=s3://datasets/x", f"data.local={tmp_path / 'scratch'}"],
+                      out)
+    t0 = time.time()
+    where = re.escape("s3://datasets/x (endpoint http://127.0.0.1:9)")
+    with pytest.raises(StorageError, match=rf"{where}: no credentials found; set AWS_ACCESS_KEY_ID"):
+        train.run(cfg)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTING")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    with pytest.raises(StorageError, match=rf"{where}: cannot connect to the endpoint; set AWS_ENDPOINT_URL"):
+        load_reference("s3://datasets/x", "image", "text", "train", None, local=str(tmp_path / "scratch"))
+    assert time.time() - t0 < 30
+
+
+def test_secrets_holding_slashes_or_arriving_through_the_environment_are_refused_before_anything_is_written(
+        hostile, tmp_path, monkeypatch):
+    """AWS secret keys hold ``/``: a URL's user info runs to its ``@`` whatever it holds (urlparse
+    would end it at the first ``/``), and legitimate ``@``s in paths pass. A secret reaching a value
+    through ``${oc.env:…}`` is refused as resolved: where the config is composed (before the run dir
+    exists) and, for a sweep's values (first resolved in the cell), at the task's start before the
+    run's history is written: the marker is in no file and no output."""
+    from toolkit.config import check_overrides, has_credentials, redact_url
+
+    marker = "M4RKER-s3cret"
+    slashed = {"prepare.output": f"s3://AKIAEXAMPLE:{marker}/abc@bucket/p",
+               "prepare.endpoint_url": f"http://user:{marker}/x@127.0.0.1:1"}
+    for key, value in slashed.items():
+        assert has_credentials(value) and marker not in redact_url(value)
+        problem = check_overrides(["task=prepare", f"{key}={value}"])
+        assert f"{key}=" in problem and "credentials in a URL" in problem and marker not in problem
+    for value in ("https://host:8080/@user", "s3://bucket/run:1@v2", "git+https://github.com/org/repo@v1",
+                  "http://minio:9000", "s3://bucket/a@b/c"):
+        assert not has_credentials(value), value
+    endpoint = f"http://u:{marker}@127.0.0.1:1"
+    monkeypatch.setenv("EP", endpoint)
+    problem = check_overrides(["task=prepare", "prepare.output=s3://bucket/p", "prepare.endpoint_url=${oc.env:EP}"])
+    assert "prepare.endpoint_url=http://<redacted>@127.0.0.1:1: credentials" in problem and marker not in problem
+    sweep = tmp_path / "sweep"
+    res = run_entry(["-m", "task=prepare", f"data.path={hostile}", "data.resolution=16", "prepare.output=s3://bucket/p",
+                     "prepare.endpoint_url=${oc.env:EP},${oc.env:EP}", f"hydra.sweep.dir={sweep}"],
+                    env={"EP": endpoint})
+    assert res.returncode != 0 and "prepare.endpoint_url=http://<redacted>@127.0.0.1:1: credentials" in res.stderr, \
+        res.stderr[-2000:]
+    assert marker not in res.stdout + res.stderr
+    assert not [f for f in sweep.rglob("*") if f.is_file() and marker.encode() in f.read_bytes()]

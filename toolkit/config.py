@@ -142,20 +142,43 @@ def check_overrides(args: list[str]) -> str | None:
             "(python run.py --cfg job prints every valid key; prefix a new key with '+' to add it)")
 
 
-# A URL's user info (``scheme://user:secret@host``) or a query naming a secret (presigned URLs).
-_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]*@")
+# A URL's start, and a query naming a secret (presigned URLs).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SECRET_QUERY = re.compile(r"[?&][A-Za-z0-9_-]*(signature|credential|token|secret|password)=", re.IGNORECASE)
+_HOST_PORT = re.compile(r"[^:]*:\d+")
+
+
+def _userinfo(value: str) -> list[tuple[int, int]]:
+    """The spans of ``value`` holding a URL's user info (``scheme://<span>@host``). Not ``urlparse``:
+    it ends the authority at the first ``/`` (RFC 3986), so an unescaped secret holding one, as
+    AWS secret keys do (``s3://AKIA…:abc/def@bucket``), would look like a host and a path. Here the
+    user info runs to the URL's last ``@`` (before any query or fragment), and counts when it has
+    no ``/`` (``user@host``, ``key:secret@host``) or its part before the first ``/`` holds a ``:``
+    and is not a ``host:port`` (``user:abc/def@host``); so ``https://host:8080/@user``,
+    ``s3://bucket/run:1@v2`` and ``git+https://host/repo@v1`` pass. (A secret whose part before
+    its first ``/`` is all digits reads as a port: the one form not caught.)"""
+    spans = []
+    for m in _SCHEME.finditer(value):
+        rest = re.match(r"[^\s?#]*", value[m.end():]).group(0)
+        if "@" not in rest:
+            continue
+        info = rest[: rest.rindex("@")]
+        first = info.split("/")[0]
+        if "/" not in info or ":" in first and not _HOST_PORT.fullmatch(first):
+            spans.append((m.end(), m.end() + len(info)))
+    return spans
 
 
 def has_credentials(value: str) -> bool:
     """Whether a config value holds a URL carrying credentials (``s3://key:secret@bucket``,
     ``http://user:pass@endpoint``, a presigned query): they would be saved with the run."""
-    return bool(_URL_USERINFO.search(value) or _SECRET_QUERY.search(value))
+    return bool(_userinfo(value) or _SECRET_QUERY.search(value))
 
 
 def redact_url(value: str) -> str:
     """``value`` with every URL's user info and query replaced by ``<redacted>``."""
-    value = _URL_USERINFO.sub(lambda m: m.group(0).split("://")[0] + "://<redacted>@", value)
+    for start, end in reversed(_userinfo(value)):
+        value = f"{value[:start]}<redacted>{value[end:]}"
     return re.sub(r"\?[^\s,\]]*", "?<redacted>", value) if _SECRET_QUERY.search(value) else value
 
 
@@ -171,12 +194,31 @@ def _strings(node: Any, key: str = "") -> Any:
         yield key, node
 
 
+def _resolved_strings(node: DictConfig | ListConfig, key: str = "") -> Any:
+    """(dotted key, resolved value) of every string leaf that resolves here; one that cannot yet
+    (``${hydra:…}`` before Hydra runs, a missing ``???``) is left out: it is checked where it can."""
+    is_dict = isinstance(node, DictConfig)
+    for k in node.keys() if is_dict else range(len(node)):
+        name = (f"{key}.{k}" if key else str(k)) if is_dict else f"{key}[{k}]"
+        try:
+            value = node[k]
+        except Exception:  # noqa: BLE001 - any resolver's error: not resolvable at this point
+            continue
+        if isinstance(value, DictConfig | ListConfig):
+            yield from _resolved_strings(value, name)
+        elif isinstance(value, str):
+            yield name, value
+
+
 def credentials_in(args: list[str], cfg: DictConfig | None = None) -> str | None:
-    """A message if an override (or, composed, a config file's value) is a URL carrying
-    credentials, naming the key with the secret redacted; checked before Hydra saves the config."""
+    """A message if an override (or, composed, a config file's value, as written or resolved: a
+    secret can arrive through ``${oc.env:…}``) is a URL carrying credentials, naming the key with
+    the secret redacted; checked before Hydra saves the config, and again at the task's start
+    before anything is recorded (``toolkit.cli.main``)."""
     found = [(a.partition("=")[0].lstrip("+~"), a.partition("=")[2]) for a in args if "=" in a]
     if cfg is not None:
         found += list(_strings(OmegaConf.to_container(cfg, resolve=False)))
+        found += list(_resolved_strings(cfg))
     bad = next(((k, v) for k, v in found if has_credentials(v)), None)
     if bad is None:
         return None

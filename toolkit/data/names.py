@@ -15,8 +15,10 @@ Each goes through ``check_name`` (a relative name made of plain components: no a
 no ``..`` / ``.`` / empty component, no URL, no NUL, line break or backslash, letters, digits
 and ``. _ -`` only) or ``check_sha256`` (64 lowercase hex digits), and a local store joins names
 with ``inside`` (the resolved path, symlinks followed, must stay under the resolved root). Every
-JSON file of a set is read whole only below ``MAX_JSON_BYTES``. A violation raises ``UnsafeName``
-naming the file and the offending value, before anything is fetched or written.
+JSON file of a set is read whole only below ``MAX_JSON_BYTES``, and its structure checked against
+a schema (``check_schema``: objects, lists, strings and integers where the reader expects them)
+before any field is used. A violation raises ``UnsafeName`` naming the file and the offending
+value, before anything is fetched or written.
 
 A source dataset's ``metadata.jsonl`` / ``metadata.csv`` ``file_name`` goes through
 ``outside_dataset``: a row naming a file outside the dataset's folder (absolute, or ``..`` out of
@@ -101,6 +103,47 @@ def check_count(value: Any, listed_in: str, what: str, low: int = 0, high: int |
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise UnsafeName(f"{listed_in}: {what} {shown(value)} is not an integer {bound}; refused: the set may have "
                          "been tampered with")
+    return value
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def check_schema(value: Any, schema: Any, where: str) -> Any:
+    """``value`` (parsed JSON) if it has the shape ``schema`` describes, else ``UnsafeName`` naming
+    ``where`` and the path to the first misfit. A schema is a type or tuple of types (``bool`` is
+    no ``int``), ``[item]`` (a list of such items), ``{key: schema}`` (an object with these keys; a
+    key ending in ``?`` may be absent; other keys are left alone) or ``{str: schema}`` (an object
+    whose every value fits). Hand-written (a few lines) rather than jsonschema: that would be one
+    more dependency (here it is only a transitive one) for a handful of small shapes, and its
+    messages name schema paths, not the file and field a user can look at."""
+    def fits(value: Any, schema: Any, path: str) -> None:
+        if isinstance(schema, list):
+            fits(value, list, path)
+            for i, item in enumerate(value):
+                fits(item, schema[0], f"{path}[{i}]")
+        elif isinstance(schema, dict):
+            fits(value, dict, path)
+            if str in schema:
+                for k, v in value.items():
+                    fits(v, schema[str], f"{path}.{k}")
+                return
+            for key, sub in schema.items():
+                name = key.removesuffix("?")
+                if name in value:
+                    fits(value[name], sub, f"{path}.{name}")
+                elif not key.endswith("?"):
+                    raise UnsafeName(f"{where}: {path} has no {name!r}; refused: not what task=prepare writes (the "
+                                     "set may have been damaged or tampered with)")
+        else:
+            types = schema if isinstance(schema, tuple) else (schema,)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                want = " or ".join(_JSON_TYPES.get(t, t.__name__) for t in types)
+                got = _JSON_TYPES.get(type(value), type(value).__name__)
+                raise UnsafeName(f"{where}: {path} is {got}, not {want}; refused: not what task=prepare "
+                                 "writes (the set may have been damaged or tampered with)")
+    fits(value, schema, "the document")
     return value
 
 

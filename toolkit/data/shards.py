@@ -32,12 +32,30 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from toolkit.data.names import UnsafeName, check_count, check_name, check_sha256
+from toolkit.data.names import MAX_JSON_BYTES, UnsafeName, check_count, check_name, check_schema, check_sha256
 
 INDEX = "index.json"
 PLAN = "prepare_plan.json"
 REPORT = "prepare_report.json"
 ENCODED = "encoded.json"   # prepare.encode=true: the frozen encoders' rows, per store (``encoded/<store>/``)
+
+# The shape of every JSON file of a set, as task=prepare writes it (``toolkit.data.names.check_schema``):
+# read_json checks it before any field is used, so a misfit is a refusal naming the file and field,
+# never an AttributeError / TypeError deep in a reader. What the values mean (names, SHA-256s,
+# counts, spans) is checked by the functions below.
+_SHARD = {"url": str, "nsamples": int, "filesize": int, "sha256": str}
+_POLICY = (dict, str, type(None))   # a dict since 0.1.0 (DataPolicy.deciding()); before, the policy's repr
+PLAN_SCHEMA = {"source": dict, "policy": _POLICY, "min_side": int, "samples_per_shard": int, "format": str,
+               "processes?": int}
+INDEX_SCHEMA = {"shardlist": [_SHARD], "toolkit?": {"policy?": _POLICY, "min_side?": (int, type(None))}}
+SIDECAR_SCHEMA = {**_SHARD, "samples": [{"span": [int], "sha256": str, "width": int, "height": int, "caption": str,
+                                         "source": str}]}
+PART_SCHEMA = {"shards": [_SHARD], "written_now": int,
+               "scan": {"keep": [int], "total": int, "rejected": [dict], "converted": [dict], "sizes": [[int]]}}
+REPORT_SCHEMA = {"counts": {str: int}}
+STORES_SCHEMA = {str: {"settings": dict, "files": {str: str}, "sizes?": {str: int}}}
+ENCODED_SCHEMA = {"stores": STORES_SCHEMA, "jobs": {str: {"counts": {str: int}}}}
+KEYS_SCHEMA = [str]   # an encoded store's ``<shard>.keys.json``: the key of each row of ``<shard>.npy``
 
 
 @dataclass(frozen=True)
@@ -94,8 +112,7 @@ def sidecar(name: str, nsamples: int, f: IO[bytes]) -> dict[str, Any]:
 def check_shard(meta: Any, listed_in: str) -> dict[str, Any]:
     """A shard entry (index, sidecar or part record): its name inside the set, its SHA-256, its
     count and size as integers. Raises ``UnsafeName`` naming ``listed_in`` and the value."""
-    if not isinstance(meta, dict):
-        raise UnsafeName(f"{listed_in}: a shard entry is {type(meta).__name__}, not an object")
+    check_schema(meta, _SHARD, listed_in)
     check_name(meta.get("url"), f"{listed_in} url")
     check_name(sidecar_name(meta["url"]), f"{listed_in} url (its sidecar)")
     check_sha256(meta.get("sha256"), f"{listed_in} ({meta['url']})")
@@ -107,9 +124,7 @@ def check_shard(meta: Any, listed_in: str) -> dict[str, Any]:
 def check_sidecar(side: Any, meta: dict[str, Any], listed_in: str) -> list[dict[str, Any]]:
     """A shard's sidecar against its (checked) index entry: the same shard, as many samples as the
     index counts, each with a SHA-256 and a byte span inside the shard. Returns the samples."""
-    samples = side.get("samples") if isinstance(side, dict) else None
-    if not isinstance(samples, list):
-        raise UnsafeName(f"{listed_in}: no list of samples")
+    samples = check_schema(side, SIDECAR_SCHEMA, listed_in)["samples"]
     for key in ("url", "nsamples", "filesize", "sha256"):
         if side.get(key) != meta[key]:
             raise UnsafeName(f"{listed_in}: {key} {side.get(key)!r} differs from the index's {meta[key]!r}; refused: "
@@ -118,38 +133,33 @@ def check_sidecar(side: Any, meta: dict[str, Any], listed_in: str) -> list[dict[
         raise UnsafeName(f"{listed_in}: lists {len(samples)} samples, the index counts {meta['nsamples']}; refused")
     for i, s in enumerate(samples):
         where = f"{listed_in} sample {i}"
-        if not isinstance(s, dict) or not isinstance(s.get("span"), list) or len(s["span"]) != 2:
+        if len(s["span"]) != 2:
             raise UnsafeName(f"{where}: no byte span [offset, size]")
         offset, size = check_count(s["span"][0], where, "span offset"), check_count(s["span"][1], where, "span size", 1)
         if offset + size > meta["filesize"]:
             raise UnsafeName(f"{where}: byte span [{offset}, {size}] ends at {offset + size}, past the shard's end "
                              f"({meta['filesize']} bytes, as the index records); refused: the set may have been "
                              "tampered with")
-        check_sha256(s.get("sha256"), where)
+        check_sha256(s["sha256"], where)
         for key in ("width", "height"):
-            check_count(s.get(key), where, key, 1)
-        for key in ("caption", "source"):
-            if not isinstance(s.get(key), str):
-                raise UnsafeName(f"{where}: {key} is not a string")
+            check_count(s[key], where, key, 1)
     return samples
 
 
 def check_encoded(stores: Any, listed_in: str) -> dict[str, Any]:
     """The stores of ``encoded.json`` (or of a part of it): each store's folder and file names
-    single names inside the set, each file's SHA-256 hex and its size (when recorded) an integer."""
-    if not isinstance(stores, dict):
-        raise UnsafeName(f"{listed_in}: no object of stores")
+    single names inside the set, each file's SHA-256 hex and its size (when recorded) a
+    non-negative integer, a key list's below ``MAX_JSON_BYTES`` (it is read whole)."""
+    check_schema(stores, STORES_SCHEMA, listed_in)
     for folder, entry in stores.items():
         check_name(folder, f"{listed_in} store", single=True)
-        if not isinstance(entry, dict) or not isinstance(entry.get("settings"), dict) \
-                or not isinstance(entry.get("files"), dict):
-            raise UnsafeName(f"{listed_in} store {folder}: no settings and files")
         sizes = entry.get("sizes", {})
         for file, sha in entry["files"].items():
             check_name(file, f"{listed_in} store {folder} file", single=True)
             check_sha256(sha, f"{listed_in} store {folder} file {file}")
             if file in sizes:
-                check_count(sizes[file], f"{listed_in} store {folder} file {file}", "size")
+                high = MAX_JSON_BYTES if file.endswith(".keys.json") else None
+                check_count(sizes[file], f"{listed_in} store {folder} file {file}", "size", high=high)
     return stores
 
 

@@ -11,7 +11,9 @@ a config value, so they cannot reach a saved config, a log or a report. Files ar
 boto3's managed transfer (``upload_file``: multipart above ``multipart_mb``, so a shard of any
 size uploads, past S3's 5 GB limit on one PUT); an upload, whole or multipart, is atomic on S3:
 a reader sees a whole shard or none. A local store reads only under its root, after resolving
-symbolic links (``toolkit.data.names.inside``).
+symbolic links (``toolkit.data.names.inside``), and only regular files (a FIFO would block the
+reader forever, a folder is no file). Every S3 error a reader or writer meets (no credentials, an
+unreachable endpoint, a refusal) is one ``StorageError`` naming the URL and what to set.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +30,7 @@ from urllib.parse import urlparse
 
 from toolkit.atomic import atomic_open
 from toolkit.config import has_credentials, redact_url
-from toolkit.data.names import MAX_JSON_BYTES, inside
+from toolkit.data.names import MAX_JSON_BYTES, check_schema, inside
 
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")   # boto3's own order
 
@@ -61,18 +64,38 @@ def too_large(url: str, name: str, limit: int) -> StorageError:
                         "tampered with")
 
 
-def read_json(store: LocalStore | S3Store, name: str) -> Any:
-    """A JSON file of a store, read whole only below ``MAX_JSON_BYTES``; refused, naming it, when
-    larger or not JSON."""
-    return parse_json(store.get(name), f"{store.url}/{name}")
+def read_json(store: LocalStore | S3Store, name: str, schema: Any) -> Any:
+    """A JSON file of a store, read whole only below ``MAX_JSON_BYTES`` and checked against
+    ``schema`` (``toolkit.data.names.check_schema``); refused, naming it, when larger, not JSON or
+    of another shape."""
+    return parse_json(store.get(name), f"{store.url}/{name}", schema)
 
 
-def parse_json(data: bytes, where: str) -> Any:
+def parse_json(data: bytes, where: str, schema: Any) -> Any:
+    """``data`` as JSON of the shape ``schema``, or a refusal naming ``where`` (a document nested
+    deeper than Python's recursion limit is one too, not a ``RecursionError``)."""
     try:
-        return json.loads(data)
+        doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:
         raise StorageError(f"{where} is not JSON ({err}); refused: the set may have been damaged or tampered "
                            "with") from None
+    except RecursionError:
+        raise StorageError(f"{where} is nested too deeply to be read (no file task=prepare writes is); refused: the "
+                           "set may have been damaged or tampered with") from None
+    return check_schema(doc, schema, where)
+
+
+def regular_file(path: Path, where: str) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file (checked on the open file, so it cannot
+    change in between; opened non-blocking, so a FIFO does not hang the open), else a refusal."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise StorageError(f"{where} is {what}, not a file; refused: the set may have been damaged or tampered with")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 class LocalStore:
@@ -95,18 +118,22 @@ class LocalStore:
             yield f
 
     def get(self, name: str, limit: int = MAX_JSON_BYTES) -> bytes:
-        path = self.path(name)
-        if path.stat().st_size > limit:
+        with regular_file(self.path(name), f"{self.url}/{name}") as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise too_large(self.url, name, limit)
+            data = f.read(limit + 1)   # never past the cap, even if the file grew since
+        if len(data) > limit:
             raise too_large(self.url, name, limit)
-        return path.read_bytes()
+        return data
 
     @contextlib.contextmanager
     def open_read(self, name: str) -> Iterator[IO[bytes]]:
-        with open(self.path(name), "rb") as f:
+        with regular_file(self.path(name), f"{self.url}/{name}") as f:
             yield f
 
     def exists(self, name: str) -> bool:
-        return self.path(name).is_file()
+        """Whether something is there by that name (a reader then refuses it if it is no file)."""
+        return self.path(name).exists()
 
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -117,6 +144,7 @@ class S3Store:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
 
         parsed = urlparse(url)
         self.url, self.bucket, self.prefix = url.rstrip("/"), parsed.netloc, parsed.path.strip("/")
@@ -135,7 +163,10 @@ class S3Store:
         config = Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 2, "mode": "standard"})
         # A session of its own: credentials are read now, from the environment as it is, not cached
         # in boto3's process-wide default session from an earlier store.
-        self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=config)
+        try:
+            self.client = boto3.session.Session().client("s3", endpoint_url=self.endpoint, config=config)
+        except (BotoCoreError, ValueError) as err:   # botocore: ValueError("Invalid endpoint: ...")
+            raise self._fail(err, "cannot open") from None
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -220,7 +251,7 @@ class S3Store:
             raise self._fail(err, f"cannot read {name} from") from None
 
     def exists(self, name: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(name))
@@ -228,4 +259,6 @@ class S3Store:
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
+            raise self._fail(err, "cannot read from") from None
+        except BotoCoreError as err:   # no credentials, an unreachable endpoint: the first request a reader makes
             raise self._fail(err, "cannot read from") from None

@@ -1,7 +1,8 @@
 """Reference (real-image) features, cached on disk.
 
 The cache key is a hash of the reference set's identity (the dataset fingerprint: file contents
-for local data, the ``datasets`` fingerprint + revision for hub data; the split or the held-out
+for local data, the ``datasets`` fingerprint + revision for hub data, the index and every sidecar
+for a prepared set (``PreparedDataset.identity``); the split or the held-out
 definition; the columns; the number of images), the feature extractor's weights hash and the
 preprocessing protocol (``reference_size`` included); a change to any of them gives a new key.
 """
@@ -29,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def dataset_fingerprint(path: str, ds: Any, revision: str | None = None) -> str:
-    if isinstance(ds, PreparedDataset):   # task=prepare's shards: its index names every shard's SHA-256
-        return f"prepared:{ds._fingerprint}"
+    if isinstance(ds, PreparedDataset):   # task=prepare's shards: its index (every shard's SHA-256) and sidecars
+        return f"prepared:{ds.identity}"
     if detect_format(path) == "hub":
         return f"hub:{path}@{revision or 'main'}:{ds._fingerprint}"
     return f"files:{fingerprint_files(path)}"

@@ -51,11 +51,18 @@ from PIL import Image
 
 from toolkit.data.datamodule import CaptionedImages
 from toolkit.data.names import UnsafeName
+from toolkit.data.prepared import deciding
 from toolkit.data.shards import (
     ENCODED,
+    ENCODED_SCHEMA,
     INDEX,
+    PART_SCHEMA,
     PLAN,
+    PLAN_SCHEMA,
     REPORT,
+    REPORT_SCHEMA,
+    SIDECAR_SCHEMA,
+    STORES_SCHEMA,
     Sample,
     check_encoded,
     check_shard,
@@ -100,9 +107,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if world > 1:   # a one-process prepare's plan (and layout) stays as it was
         plan["processes"] = world
     if store.exists(PLAN):
-        before = read_json(store, PLAN)
-        if before != plan:
-            changed = sorted(k for k in plan.keys() | before.keys() if before.get(k) != plan.get(k))
+        # compared by meaning: prepares made before the plan recorded the policy's deciding fields
+        # recorded its repr (they are continued and extended as they were)
+        before, now = (as_meant(x) for x in (read_json(store, PLAN, PLAN_SCHEMA), plan))
+        if before != now:
+            changed = sorted(k for k in now.keys() | before.keys() if before.get(k) != now.get(k))
             hint = (f" (it was started with {before.get('processes', 1)} processes: continue it with as many)"
                     if changed == ["processes"] else "")
             raise StorageError(f"{store.url} holds a prepare of another dataset or other settings (differs in: "
@@ -111,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         store.put(PLAN, json.dumps(plan, indent=1, sort_keys=True).encode())
     if store.exists(INDEX):
         log.info("%s is already prepared (%s)", store.url, INDEX)
-        counts = read_json(store, REPORT)["counts"]
+        counts = read_json(store, REPORT, REPORT_SCHEMA)["counts"]
     else:
         write_part(cfg, store, ds, policy, int(min_side), rank, world)
         counts = merge_parts(cfg, store, source, plan, world) if rank == 0 else {}
@@ -119,6 +128,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         wait_for(store, [INDEX], "the index (rank 0 merges the parts)", p.wait_s)
         counts = {**counts, **encode(cfg, store, rank, world)}
     return counts
+
+
+def as_meant(plan: dict[str, Any]) -> dict[str, Any]:
+    """A plan with its policy as the fields that decide what is kept (``toolkit.data.prepared.deciding``)."""
+    return {**plan, "policy": deciding(plan["policy"])}
 
 
 def part_name(rank: int, world: int) -> str:
@@ -140,7 +154,8 @@ def write_part(cfg: DictConfig, store: Any, ds: Any, policy: DataPolicy, min_sid
         name = shard_name(j, prefix)
         if store.exists(sidecar_name(name)):   # published by an earlier attempt
             where = f"{store.url}/{sidecar_name(name)}"
-            meta = check_shard({k: v for k, v in read_json(store, sidecar_name(name)).items() if k != "samples"}, where)
+            side = read_json(store, sidecar_name(name), SIDECAR_SCHEMA)
+            meta = check_shard({k: v for k, v in side.items() if k != "samples"}, where)
             if meta["url"] != name:
                 raise UnsafeName(f"{where}: names shard {meta['url']!r}, not {name!r}; refused")
             shards.append(meta)
@@ -191,10 +206,10 @@ def merge_parts(cfg: DictConfig, store: Any, source: dict[str, Any], plan: dict[
     """Rank zero: the parts, in rank order, into one report and one index (published last)."""
     d = cfg.data
     wait_for(store, [part_name(r, world) for r in range(world)], "the other processes' parts", cfg.prepare.wait_s)
-    parts = [read_json(store, part_name(r, world)) for r in range(world)]
+    parts = [read_json(store, part_name(r, world), PART_SCHEMA) for r in range(world)]
     result = ScanResult(keep=[], total=0)
     for part in parts:
-        scanned = ScanResult(**part["scan"])
+        scanned = ScanResult(**{k: part["scan"][k] for k in ("keep", "total", "rejected", "converted", "sizes")})
         result.keep += scanned.keep
         result.sizes += scanned.sizes
         result.total += scanned.total
@@ -227,7 +242,7 @@ def encode(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]
                 "cache": {k: v for k, v in OmegaConf.to_container(cfg.callbacks.encoded_cache, resolve=True).items()
                           if k not in ("dirpath", "from_prepared")}}
     job = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    done = read_json(store, ENCODED) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
+    done = read_json(store, ENCODED, ENCODED_SCHEMA) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
     if job in done["jobs"]:
         log.info("%s already carries these encoders' rows (%s)", store.url, ENCODED)
         return done["jobs"][job]["counts"]
@@ -240,10 +255,10 @@ def encode(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]
     wait_for(store, names, "the other processes' encoded rows", cfg.prepare.wait_s)
     stores: dict[str, Any] = {}
     for name in names:
-        for folder, entry in check_encoded(read_json(store, name), f"{store.url}/{name}").items():
+        for folder, entry in check_encoded(read_json(store, name, STORES_SCHEMA), f"{store.url}/{name}").items():
             merge_store(stores, folder, entry)
     counts = {"encoded_stores": len(stores), "encoded_files": sum(len(e["files"]) for e in stores.values())}
-    done = read_json(store, ENCODED) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
+    done = read_json(store, ENCODED, ENCODED_SCHEMA) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
     check_encoded(done["stores"], f"{store.url}/{ENCODED}")
     for folder, entry in stores.items():
         merge_store(done["stores"], folder, entry)
