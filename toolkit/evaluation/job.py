@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from toolkit.atomic import atomic_open
-from toolkit.evaluation import reference
+from toolkit.evaluation import reference, shipped
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
 from toolkit.evaluation.scores import (
@@ -246,17 +246,28 @@ def protocol_of(space: str, extractor: Any, ref_size: tuple[int, int] | None) ->
 
 
 def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, ref_size: tuple[int, int] | None,
-                       ref_identity: dict[str, Any], extractors: dict[str, Any]) -> tuple[dict[str, np.ndarray],
-                                                                                         dict[str, str]]:
-    """Each space's reference features, from the cache where there (rank zero decides: a node-local
-    cache may differ per node), else computed sharded over the processes from one decoding of the
-    images; and each space's cache key."""
+                       ref_identity: dict[str, Any], extractors: dict[str, Any]
+                       ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """Each space's reference features, from the cache where there, else shipped with the reference
+    set under the same key (``metrics.shipped_reference``; rank zero decides: a node-local cache may
+    differ per node), else computed sharded over the processes from one decoding of the images;
+    each space's cache key; and where each came from (cache, shipped, computed)."""
     rank, world = fabric.global_rank, fabric.world_size
-    keys = {s: reference.cache_key(ref_identity, protocol_of(s, e, ref_size)) for s, e in extractors.items()}
+    protocols = {s: protocol_of(s, e, ref_size) for s, e in extractors.items()}
+    keys = {s: reference.cache_key(ref_identity, p) for s, p in protocols.items()}
     found = {s: reference.load_cached(m.cache_dir, k) for s, k in keys.items()} if m.cache_reference and rank == 0 \
         else {}
+    source = {s: "cache" for s, v in found.items() if v is not None}
+    if rank == 0:
+        folder = reference.shipped_folder(m.get("shipped_reference"))
+        for s in [s for s in extractors if found.get(s) is None]:
+            if (v := shipped.lookup(folder, keys[s], s, ref_identity, protocols[s])) is not None:
+                found[s], source[s] = v, "shipped"
+                if m.cache_reference:   # where the row's reference file points, as if computed
+                    reference.save_cached(m.cache_dir, keys[s], v)
     missing = fabric.broadcast([s for s in extractors if found.get(s) is None], 0)
     real = {s: v for s, v in found.items() if v is not None}
+    source.update(dict.fromkeys(missing, "computed"))
     if missing:
         idx = shard(len(ref), rank, world, m.feature_batch_size)
         images = [reference.reference_image(ref[i][image_column], ref_size) for i in idx]
@@ -265,7 +276,7 @@ def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, 
             real[s] = np.stack(gather_by_index(idx, list(feats), world))
             if rank == 0 and m.cache_reference:
                 reference.save_cached(m.cache_dir, keys[s], real[s])
-    return real, keys
+    return real, keys, source
 
 
 def image_prompts(prompts: list[str], groups: list[str] | None, held: list[str] | None, n: int, n_held: int
@@ -390,7 +401,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         return done if rank == 0 else {}
 
     t0 = time.time()
-    real, ckeys = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors)
+    real, ckeys, ref_source = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors)
     t_ref = time.time() - t0
 
     grid = out / "grid.png"
@@ -506,6 +517,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "seed_rule": "seed_i = eval.seed*1e6 + i",
                         "images": {"in_distribution": n, "held_out": n_held},
                         "reference_cache": ckeys.get("inception"), "reference_caches": ckeys,
+                        "reference_source": ref_source,
                         "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused}},
            "run_dir": str(out), **({"train": record} if record else {})}
     if ev.force:
