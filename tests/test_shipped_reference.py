@@ -117,12 +117,14 @@ def test_a_key_that_does_not_match_is_computed_saying_which_setting_differs(tmp_
     shipped.write(tmp_path, key, "inception", ident, protocol, feats)
     assert np.array_equal(shipped.lookup(tmp_path, key, "inception", ident, protocol), feats)
 
-    other = {**protocol, "memory_format": "contiguous", "reference_size": [64, 64]}
+    entry = shipped.read_index(tmp_path)[key]
+    assert shipped.differences(entry, ident, {**protocol, "reference_size": (32, 32)}) == []   # a tuple is a list
+    other = {**protocol, "memory_format": "contiguous", "reference_size": (64, 64)}
     caplog.clear()
     assert shipped.lookup(tmp_path, reference.cache_key(ident, other), "inception", ident, other) is None
     [why] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "protocol.memory_format: shipped \"channels_last\", this job \"contiguous\"" in why
-    assert "protocol.reference_size" in why and "computed" in why
+    assert "protocol.reference_size: shipped [32, 32], this job [64, 64]" in why and "computed" in why
 
     caplog.clear()   # other images: nothing to say but that none were shipped for them
     other_set = {**ident, "data": "files:9999"}

@@ -50,7 +50,8 @@ def _short(v: Any) -> str:
 
 def differences(entry: dict[str, Any], identity: dict[str, Any], protocol: dict[str, Any]) -> list[str]:
     """``key: shipped X, this job Y`` for every field of the key that differs (locations left out, as in the key)."""
-    ours = _flat({"reference": identity, "protocol": {k: v for k, v in protocol.items() if k not in LOCATION_KEYS}})
+    ours = _flat(json.loads(json.dumps(   # as the key and the index hold them (tuples as lists)
+        {"reference": identity, "protocol": {k: v for k, v in protocol.items() if k not in LOCATION_KEYS}})))
     theirs = _flat({"reference": entry.get("reference", {}),
                     "protocol": {k: v for k, v in entry.get("protocol", {}).items() if k not in LOCATION_KEYS}})
     return [f"{k}: shipped {_short(theirs.get(k, '(absent)'))}, this job {_short(ours.get(k, '(absent)'))}"
@@ -117,8 +118,8 @@ def lookup(folder: str | Path | None, key: str, space: str, identity: dict[str, 
         return None
     k, e = min(same, key=lambda ke: len(differences(ke[1], identity, protocol)))
     why = "; ".join(differences(e, identity, protocol)) or "the key's definition changed"
-    log.warning("reference features (%s): the shipped ones for these images (key %s) do not match this job's key "
-                "%s, so they are computed (about a minute on 2 CPU cores for 500 images): %s", space, k, key, why)
+    log.warning("reference features (%s): the shipped ones for these images (key %s, %s) do not match this job's "
+                "key %s, so its %s are computed: %s", space, k, folder, key, identity.get("n"), why)
     return None
 
 
