@@ -55,6 +55,7 @@ from toolkit.metrics.intervals import mean_interval
 from toolkit.metrics.moments import Moments, fid_from_moments
 from toolkit.models.pretrained import unet_config, vae_factor
 from toolkit.results import append_new_row, append_row, find_row, resolved, stored_path
+from toolkit.tracking import MLflowLogger
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,22 @@ def results_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir) / "results.jsonl"
 
 
-def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> None:
+def loggers_of(cfg: DictConfig) -> list[Any]:
+    """The configured dashboards, made at the start of an evaluation: a tracker that cannot be
+    reached fails before anything is computed (wandb and TensorBoard start their runs lazily)."""
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+
+
+def log_to_loggers(loggers: list[Any], row: dict[str, Any], grid_path: Path) -> None:
     """The eval row on the dashboards: metrics, the settings as config, the row as a table with the
-    cell's sample grid (wandb) or as a text table (TensorBoard)."""
+    cell's sample grid (wandb), as a text table (TensorBoard), or as a run of its own (MLflow)."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     name = "eval_" + ("finetuned" if row["settings"].get("adapters") else "base")
-    for lg_cfg in (cfg.get("logger") or {}).values():
-        lg = instantiate(lg_cfg)
+    for lg in loggers:
+        if isinstance(lg, MLflowLogger):   # one run per row, logged once: a sweep compares in the MLflow UI
+            lg.log_row(row, [grid_path])
+            continue
         lg.log_metrics({f"{name}/{k}": v for k, v in row["metrics"].items()})
         if isinstance(lg, WandbLogger):
             import wandb
@@ -92,6 +101,14 @@ def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> Non
             lg.experiment.add_image(f"{name}/grid", np.asarray(Image.open(grid_path).convert("RGB")), 0,
                                     dataformats="HWC")
         lg.finalize("success")
+
+
+def attach_to_loggers(cfg: DictConfig, row_key: str, files: list[Path]) -> None:
+    """Files written after the evaluation (the job's report, summary and comparison grid) to the
+    trackers that keep files per run (MLflow: the row's run and the training's)."""
+    for lg in loggers_of(cfg):
+        if isinstance(lg, MLflowLogger):
+            lg.attach(row_key, files)
 
 
 def prompt_groups(prompts: list[str]) -> tuple[list[str], list[str] | None]:
@@ -349,6 +366,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     out = Path(cfg.paths.output_dir)
     table = results_path(cfg)
 
+    loggers = loggers_of(cfg) if rank == 0 else []
     ref, ref_identity, image_column, caption_column = reference_set(cfg)
     wanted = parse_metrics(m.compute)
     needs_clip = any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same") for x in wanted)
@@ -398,6 +416,9 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     if done is not None and not ev.force:
         if rank == 0:
             log.info("cell %s already in %s: skipped (eval.force=true recomputes)", key, table)
+            for lg in loggers:   # a tracker added later gets the row once (MLflow: never twice)
+                if isinstance(lg, MLflowLogger):
+                    lg.log_row(done, [Path(done["files"]["grid"])])
         return done if rank == 0 else {}
 
     t0 = time.time()
@@ -526,5 +547,5 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         log.warning("cell %s: a row was written to %s by another job meanwhile; kept that one", key, table)
     shutil.rmtree(shard_dir, ignore_errors=True)   # per_image.npz holds what they held
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics_out.items()})
-    log_to_loggers(cfg, row, grid)
+    log_to_loggers(loggers, row, grid)
     return resolved(row, table.parent)
