@@ -61,16 +61,17 @@ def sweep_group(task: str) -> str | None:
 def swept_keys(sweep_dir: str | Path) -> set[str]:
     """The keys a multirun varies: its command line's sweeps (``module.lora.r=4,8``) and
     ``hydra.sweeper.params``, read from the ``multirun.yaml`` Hydra's sweeper writes before the first
-    cell (empty where there is none)."""
+    cell (empty where it cannot be read: the name then shows every override)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     f = Path(sweep_dir) / "multirun.yaml"
-    if not f.is_file():
+    try:
+        hydra_node = OmegaConf.load(f).get("hydra") or {}
+        task = list(OmegaConf.select(hydra_node, "overrides.task", default=[]) or [])
+        params = OmegaConf.select(hydra_node, "sweeper.params", default=None) or {}
+        swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+    except Exception:   # a display name only: unreadable, every override is shown, as before
         return set()
-    hydra_node = OmegaConf.load(f).get("hydra") or {}
-    task = list(OmegaConf.select(hydra_node, "overrides.task", default=[]) or [])
-    params = OmegaConf.select(hydra_node, "sweeper.params", default=None) or {}
-    swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
     return swept | {str(k) for k in params}
 
 

@@ -17,9 +17,10 @@ most labs run where results may not go to wandb's cloud.
   the cells of a train-and-evaluate sweep) is not logged twice.
 - The tracking URI is ``logger.mlflow.tracking_uri`` or else ``MLFLOW_TRACKING_URI``; an http(s)
   server is checked reachable when the logger is made (at the start of a task: a wrong URI fails
-  within seconds, naming it). Credentials never go in the config: a URI with ``user:pass@`` or a
-  token in its query is refused there, and shown redacted wherever it is printed; MLflow's client
-  reads them from ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``.
+  within seconds, naming it). Credentials never go in a URI: one with ``user:pass@`` or a token in
+  its query is refused (config or environment: the config is saved with the run, and MLflow prints
+  run links made from the URI); MLflow's client reads them from ``MLFLOW_TRACKING_USERNAME`` /
+  ``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``.
 """
 
 from __future__ import annotations
@@ -68,18 +69,20 @@ def redact(uri: str) -> str:
 
 
 def resolve_uri(configured: str | None) -> str:
-    """The URI to log to: the config's (refused if it holds a credential), else ``MLFLOW_TRACKING_URI``."""
-    if configured:
-        if found := secrets_in(configured):
-            raise TrackingError(
-                f"logger.mlflow.tracking_uri holds a credential ({', '.join(found)}): the config is saved with the "
-                "run and logged to the dashboards. Give the URI without it and put the credential in the environment "
-                "(MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)")
-        return configured
-    if env := os.environ.get("MLFLOW_TRACKING_URI"):
-        return env
-    raise TrackingError("logger=mlflow needs a tracking server: set MLFLOW_TRACKING_URI=http://<host>:5000 (or "
-                        "logger.mlflow.tracking_uri=...; a local store: sqlite:///<folder>/mlflow.db)")
+    """The URI to log to: the config's, else ``MLFLOW_TRACKING_URI``; refused if it holds a credential
+    (the config is saved with the run and logged to the dashboards, and MLflow prints run links
+    made from the URI)."""
+    uri, where = (configured, "logger.mlflow.tracking_uri") if configured else \
+        (os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+    if not uri:
+        raise TrackingError("logger=mlflow needs a tracking server: set MLFLOW_TRACKING_URI=http://<host>:5000 (or "
+                            "logger.mlflow.tracking_uri=...; a local store: sqlite:///<folder>/mlflow.db)")
+    if found := secrets_in(uri):
+        raise TrackingError(
+            f"{where}={redact(uri)} holds a credential ({', '.join(found)}), which would reach the run's saved config, "
+            "its logs or the dashboards: give the URI without it and the credential in the environment "
+            "(MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)")
+    return uri
 
 
 def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
@@ -221,9 +224,19 @@ class MLflowLogger(MLFlowLogger):
             return "base (no adapter)" if not row["settings"].get("adapters") else "evaluation"
         return self.cell
 
-    def log_row(self, row: dict[str, Any], artifacts: list[Path]) -> str:
+    def log_row(self, row: dict[str, Any], artifacts: list[Path], lock: str | Path | None = None) -> str:
         """The evaluation ``row`` as a run of its own in the experiment, with ``artifacts``; returns its
-        id. A row whose key is already in the experiment is not logged again (its run's id is returned)."""
+        id. A row whose key is already in the experiment is not logged again (its run's id is returned).
+        ``lock``: a lock file held from the look-up to the new run (the results table's: cells of a
+        sweep that finish together, or share the base model's row, make one run per key)."""
+        import contextlib
+
+        from filelock import FileLock
+
+        with FileLock(str(lock), timeout=600) if lock else contextlib.nullcontext():
+            return self._log_row(row, artifacts)
+
+    def _log_row(self, row: dict[str, Any], artifacts: list[Path]) -> str:
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
 
@@ -254,7 +267,8 @@ class MLflowLogger(MLFlowLogger):
             client.set_terminated(run_id, "FAILED")
             raise
         client.set_terminated(run_id, "FINISHED")
-        log.info("mlflow: row %s logged as run %s (experiment %s)", row["key"], run_id, self._experiment_name)
+        log.info("mlflow: row %s logged as run %s/#/experiments/%s/runs/%s", row["key"], self._tracking_uri, exp_id,
+                 run_id)
         return run_id
 
     def attach(self, row_key: str, files: list[Path]) -> None:

@@ -75,7 +75,7 @@ def loggers_of(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in (cfg.get("logger") or {}).values()]
 
 
-def log_to_loggers(loggers: list[Any], row: dict[str, Any], grid_path: Path) -> None:
+def log_to_loggers(loggers: list[Any], row: dict[str, Any], grid_path: Path, table: Path) -> None:
     """The eval row on the dashboards: metrics, the settings as config, the row as a table with the
     cell's sample grid (wandb), as a text table (TensorBoard), or as a run of its own (MLflow)."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -83,7 +83,7 @@ def log_to_loggers(loggers: list[Any], row: dict[str, Any], grid_path: Path) -> 
     name = "eval_" + ("finetuned" if row["settings"].get("adapters") else "base")
     for lg in loggers:
         if isinstance(lg, MLflowLogger):   # one run per row, logged once: a sweep compares in the MLflow UI
-            lg.log_row(row, [grid_path])
+            lg.log_row(row, [grid_path], lock=f"{table}.lock")
             continue
         lg.log_metrics({f"{name}/{k}": v for k, v in row["metrics"].items()})
         if isinstance(lg, WandbLogger):
@@ -418,7 +418,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
             log.info("cell %s already in %s: skipped (eval.force=true recomputes)", key, table)
             for lg in loggers:   # a tracker added later gets the row once (MLflow: never twice)
                 if isinstance(lg, MLflowLogger):
-                    lg.log_row(done, [Path(done["files"]["grid"])])
+                    lg.log_row(done, [Path(done["files"]["grid"])], lock=f"{table}.lock")
         return done if rank == 0 else {}
 
     t0 = time.time()
@@ -547,5 +547,5 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         log.warning("cell %s: a row was written to %s by another job meanwhile; kept that one", key, table)
     shutil.rmtree(shard_dir, ignore_errors=True)   # per_image.npz holds what they held
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics_out.items()})
-    log_to_loggers(loggers, row, grid)
+    log_to_loggers(loggers, row, grid, table)
     return resolved(row, table.parent)
