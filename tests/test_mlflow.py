@@ -217,6 +217,12 @@ def test_a_resumed_run_continues_its_mlflow_run(mlflow_server, tiny_model, image
     same = c.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.runName` = '{run.info.run_name}'")
     assert len(same) == 1
 
+    from toolkit.tracking import MLflowLogger, TrackingError
+
+    (out / "mlflow_run.json").write_text(json.dumps({"run_id": "0" * 32}))   # a run this server does not hold
+    with pytest.raises(TrackingError, match="does not hold"):
+        MLflowLogger(tracking_uri=mlflow_server, run_dir=str(out), resume="last")
+
 
 def refusal(node) -> str:
     """The tracker's refusal when the logger is made (at the start of a task), as the user reads it."""

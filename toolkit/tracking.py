@@ -107,6 +107,22 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             raise TrackingError(f"the MLflow store {uri} lies in {folder}, which does not exist: create it first")
 
 
+def check_run(uri: str, run_id: str, record: Path) -> None:
+    """A resume continues the MLflow run its run dir records: that run must be on this server."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException as err:
+        raise TrackingError(f"{record} records MLflow run {run_id}, which {redact(uri)} does not hold "
+                            f"({err.error_code}): point MLFLOW_TRACKING_URI at the server the run was logged to, or "
+                            "remove the file to continue in a new MLflow run") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingError(f"{record} records MLflow run {run_id}, which was deleted on {redact(uri)}: restore it "
+                            "(mlflow runs restore), or remove the file to continue in a new MLflow run")
+
+
 def flat(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict) and node:
         out: dict[str, Any] = {}
@@ -159,6 +175,8 @@ class MLflowLogger(MLFlowLogger):
         self.cell, self.task = run_name, task
         self.extra_tags = dict(tags or {})
         recorded = self.recorded_run() if resume else None
+        if recorded is not None:
+            check_run(uri, recorded, self.run_dir / RUN_FILE)
         super().__init__(experiment_name=experiment_name or DEFAULT_EXPERIMENT, run_name=run_name,
                          tracking_uri=uri, tags={**self.extra_tags, "toolkit.kind": "train"}, save_dir=None,
                          log_model=False, run_id=recorded)
@@ -199,13 +217,15 @@ class MLflowLogger(MLFlowLogger):
     def log_hyperparams(self, params: Any) -> None:
         """Each config key once per run: a continued run logs only new keys, and tags a changed
         value ``resumed.<key>`` (MLflow refuses a new value for a param)."""
-        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+        from argparse import Namespace
+
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
         from mlflow.entities import Param, RunTag
 
         if rank_zero_only.rank != 0:
             return
-        new = {param_key(k): str(v)[:6000] for k, v in _flatten_dict(_convert_params(params), ".").items()}
+        params = vars(params) if isinstance(params, Namespace) else dict(params)
+        new = {param_key(k): str(v)[:6000] for k, v in flat(params).items()}
         client = self.experiment
         have = client.get_run(self.run_id).data.params if self._continued else {}
         fresh = [Param(k, v) for k, v in new.items() if k not in have]
