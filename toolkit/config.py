@@ -58,13 +58,32 @@ def sweep_group(task: str) -> str | None:
     return f"{task}/{Path(hc.sweep.dir).name}" if hc is not None else None
 
 
+def swept_keys(sweep_dir: str | Path) -> set[str]:
+    """The keys a multirun varies: its command line's sweeps (``module.lora.r=4,8``) and
+    ``hydra.sweeper.params``, read from the ``multirun.yaml`` Hydra's sweeper writes before the first
+    cell (empty where it cannot be read: the name then shows every override)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    f = Path(sweep_dir) / "multirun.yaml"
+    try:
+        hydra_node = OmegaConf.load(f).get("hydra") or {}
+        task = list(OmegaConf.select(hydra_node, "overrides.task", default=[]) or [])
+        params = OmegaConf.select(hydra_node, "sweeper.params", default=None) or {}
+        swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+    except Exception:   # a display name only: unreadable, every override is shown, as before
+        return set()
+    return swept | {str(k) for k in params}
+
+
 def cell_name() -> str | None:
-    """A multirun cell's dashboard name: its number and its overrides, paths left out
-    (``3: eval.guidance_scale=5,eval.seed=1``)."""
+    """A multirun cell's dashboard name: its number and the overrides the sweep varies, else all its
+    overrides, paths left out (``3: eval.guidance_scale=5,eval.seed=1``)."""
     hc = _multirun()
     if hc is None:
         return None
     parts = [p for p in hc.job.override_dirname.split(",") if "/" not in p.partition("=")[2]]
+    swept = swept_keys(hc.sweep.dir)
+    parts = [p for p in parts if p.partition("=")[0].lstrip("+~") in swept] or parts
     return f"{hc.job.num}: {','.join(parts)}"[:120]
 
 

@@ -5,6 +5,8 @@ for local data, the ``datasets`` fingerprint + revision for hub data, the index 
 for a prepared set (``PreparedDataset.identity``); the split or the held-out
 definition; the columns; the number of images), the feature extractor's weights hash and the
 preprocessing protocol (``reference_size`` included); a change to any of them gives a new key.
+Where the feature model was found (its hub id or folder) is not part of the key: its weights hash
+is. Features shipped with a reference set are found by the same key (``shipped.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from toolkit.atomic import atomic_open
+from toolkit.config import data_dir
 from toolkit.data.prepared import PreparedDataset
 from toolkit.data.sources import PATH_OUTSIDE, detect_format, fingerprint_files, held_out, load_captioned
 from toolkit.data.transforms import crop_box, resize_to_cover
@@ -91,10 +94,30 @@ def reference_image(item: Any, size: tuple[int, int] | None = None, problem: str
     return img.crop(crop_box(*img.size, size, True, np.random.default_rng(0)))
 
 
+# Protocol fields that say where a feature model was found, not what it computes (its weights' SHA-256
+# is in the protocol): left out of the key, so a moved checkout, or a hub id and its local copy, keep
+# their features, and the miniature's shipped features match in any checkout.
+LOCATION_KEYS = ("model",)
+SHIPPED = "miniature/reference_features"   # the miniature's shipped reference features, under its data dir
+
+
 def cache_key(identity: dict[str, Any], protocol: dict[str, Any]) -> str:
-    """The reference features' key: the set's identity (``load_reference``) and the extractor's protocol."""
-    blob = json.dumps({"reference": identity, "protocol": protocol}, sort_keys=True)
+    """The reference features' key: the set's identity (``load_reference``) and the extractor's
+    protocol, less ``LOCATION_KEYS``."""
+    what = {k: v for k, v in protocol.items() if k not in LOCATION_KEYS}
+    blob = json.dumps({"reference": identity, "protocol": what}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def shipped_folder(setting: str | None) -> Path | None:
+    """``metrics.shipped_reference``: a folder of shipped features, none (null), or ``auto``: the embedded
+    miniature's (``SHIPPED`` under ``toolkit.config.data_dir``) where the miniature is installed."""
+    if setting != "auto":
+        return Path(setting) if setting else None
+    try:
+        return Path(data_dir()) / SHIPPED
+    except FileNotFoundError:   # an installed package without the miniature: nothing shipped
+        return None
 
 
 def cache_path(cache_dir: str | Path, key: str) -> Path:
