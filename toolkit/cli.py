@@ -23,7 +23,7 @@ quiet()   # before any library is imported: some speak at import time
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from toolkit.config import check_overrides, register_resolvers, renamed_overrides  # noqa: E402
+from toolkit.config import check_overrides, credentials_in, register_resolvers, renamed_overrides  # noqa: E402
 from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
 from toolkit.model_defaults import chosen_lines, model_overrides  # noqa: E402
 from toolkit.run.history import record_attempt  # noqa: E402
@@ -38,6 +38,11 @@ log = logging.getLogger("toolkit")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     cfg = restore(cfg, cfg.paths.output_dir)   # a resume: the run's saved settings
+    # Values as resolved now (a secret arriving through ${oc.env:...}, a resume's saved config),
+    # before the first thing that writes them: Hydra saved the config unresolved, but the run's
+    # history, the CSV/TensorBoard hparams and the dashboards get resolved values.
+    if secret := credentials_in([], cfg):
+        sys.exit(f"config error: {secret}")
     record_attempt(cfg)                        # <run>/run_history.jsonl
     task = importlib.import_module(cfg.get("task_module") or f"toolkit.tasks.{cfg.task_name}")
     plan = importlib.import_module("toolkit.plan")   # with the task's imports: the collector is off until they end

@@ -113,6 +113,8 @@ def quiet() -> None:
     if verbose():
         return
     os.environ.setdefault("WANDB_SILENT", "true")   # wandb's banner, sync hints and tips
+    # MLflow's "View run <name> at: <url>" lines, printed at every run's end: toolkit/tracking.py logs each link once
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name, patterns in HARMLESS.items():
         lg = logging.getLogger(name)
         if not any(isinstance(f, HarmlessFilter) for f in lg.filters):

@@ -123,12 +123,25 @@ class EncodedCache(L.Callback):
         if self.offload and cached["vae"]:
             offload(module, ["vae", *(module.family.text_encoders if cached["text"] else ())])
 
-    def prepared(self, dm: Any, name: str, settings: dict[str, Any]) -> None:
+    def root(self, dm: Any) -> Path:
+        """Where this run's stores live: the shared cache, or, when the training set is a prepared
+        set carrying encoded rows (taken: ``from_prepared``), a folder of that set's own,
+        ``prepared-<its identity>``, that only runs training from that set read. A set is data from
+        someone else: its rows in the shared folder (first key wins) could stand in for rows other
+        runs encode themselves, such as the empty caption every run's caption dropout uses or a
+        public image's latents. ``fetch_encoded`` also refuses keys other than the set's own
+        captions and images, so in its folder it cannot pre-empt other sources' rows (a prior set)."""
+        ds = getattr(dm.train_set, "ds", None)
+        if self.from_prepared and isinstance(ds, PreparedDataset) and ds.encoded:
+            return self.dirpath / f"prepared-{ds.identity[:20]}"
+        return self.dirpath
+
+    def prepared(self, dm: Any, name: str, settings: dict[str, Any], dest: Path) -> None:
         """Rows a ``task=prepare`` with ``prepare.encode=true`` stored for this store: fetched into
-        it (verified), so nothing is encoded here; refused when they were made otherwise."""
+        ``dest`` (verified), so nothing is encoded here; refused when they were made otherwise."""
         ds = getattr(dm.train_set, "ds", None)
         if self.from_prepared and isinstance(ds, PreparedDataset):
-            ds.fetch_encoded(name, settings, self.dirpath / name)
+            ds.fetch_encoded(name, settings, dest)
 
     @torch.no_grad()
     def encode(self, module: Any, dm: Any, shard: dict[str, Any], who: str = "rank 0") -> dict[str, dict[str, Any]]:
@@ -136,11 +149,12 @@ class EncodedCache(L.Callback):
         preprocessing) need; ``shard`` splits the work (``fill``). Returns {store folder: settings}."""
         sets = [s for s in (dm.train_set, dm.val_set, dm.train_set.prior) if s is not None]
         used: dict[str, dict[str, Any]] = {}
+        root = self.root(dm)
 
         def open_store(name: str, settings: dict[str, Any]) -> ArrayStore:
-            self.prepared(dm, name, settings)
+            self.prepared(dm, name, settings, root / name)
             used[name] = settings
-            return ArrayStore(self.dirpath / name)
+            return ArrayStore(root / name)
 
         if self.text and module.text_lora_params:
             log.info("text-embedding cache off: the text encoder is being trained")

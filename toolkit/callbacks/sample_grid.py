@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from toolkit.inference.pipeline import generate, make_grid
 from toolkit.inference.schedule import sampling_scheduler, training_schedule
@@ -101,6 +101,8 @@ class SampleGrid(L.Callback):
                 lg.log_image("samples", [grid], step=step, caption=[f"step {step}: rows=prompts, cols=seeds"])
             elif isinstance(lg, TensorBoardLogger):
                 lg.experiment.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+            elif isinstance(lg, MLFlowLogger):   # the run's artifacts: samples/step=N.png
+                lg.experiment.log_artifact(lg.run_id, str(path), "samples")
         return path
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:

@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 
 from toolkit.atomic import atomic_open
+from toolkit.data.names import UnsafeName
+from toolkit.data.shards import KEYS_SCHEMA
+from toolkit.data.storage import LocalStore, StorageError, read_json
 from toolkit.logs import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ class ArrayStore:
     def refresh(self) -> None:
         for keys_file in sorted(self.root.glob("*.keys.json")):
             shard = keys_file.name[: -len(".keys.json")] + ".npy"
-            for row, key in enumerate(json.loads(keys_file.read_text())):
+            for row, key in enumerate(read_keys(keys_file)):
                 self.index.setdefault(key, (shard, row))
 
     def __contains__(self, key: str) -> bool:
@@ -69,6 +72,16 @@ class ArrayStore:
 
     def __getstate__(self) -> dict[str, Any]:   # DataLoader workers re-open their own memmaps
         return {**self.__dict__, "_maps": {}}
+
+
+def read_keys(path: Path) -> list[str]:
+    """A shard's key list, read as every JSON file a set brings is (a regular file, below
+    ``MAX_JSON_BYTES``, a list of strings): a damaged or foreign one is a refusal naming it."""
+    try:
+        return read_json(LocalStore(path.parent), path.name, KEYS_SCHEMA)
+    except (StorageError, UnsafeName) as err:
+        raise StorageError(f"{err} (an encoded-cache file: delete it and {path.name.removesuffix('.keys.json')}.npy "
+                           "beside it to encode those rows again)") from None
 
 
 def fill(store: ArrayStore, keys: Sequence[str], inputs: Sequence[Any], encode: Callable[[list[Any]], np.ndarray],

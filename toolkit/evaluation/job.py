@@ -31,7 +31,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from toolkit.atomic import atomic_open
-from toolkit.evaluation import reference
+from toolkit.data.sources import CAPTION_PROBLEM
+from toolkit.evaluation import reference, shipped
 from toolkit.evaluation.budget import eval_budget
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
@@ -56,6 +57,7 @@ from toolkit.metrics.intervals import mean_interval
 from toolkit.metrics.moments import Moments, fid_from_moments
 from toolkit.models.pretrained import unet_config, vae_factor
 from toolkit.results import append_new_row, append_row, find_row, resolved, stored_path
+from toolkit.tracking import MLflowLogger
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +71,22 @@ def results_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir) / "results.jsonl"
 
 
-def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> None:
+def loggers_of(cfg: DictConfig) -> list[Any]:
+    """The configured dashboards, made at the start of an evaluation: a tracker that cannot be
+    reached fails before anything is computed (wandb and TensorBoard start their runs lazily)."""
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+
+
+def log_to_loggers(loggers: list[Any], row: dict[str, Any], grid_path: Path, table: Path) -> None:
     """The eval row on the dashboards: metrics, the settings as config, the row as a table with the
-    cell's sample grid (wandb) or as a text table (TensorBoard)."""
+    cell's sample grid (wandb), as a text table (TensorBoard), or as a run of its own (MLflow)."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     name = "eval_" + ("finetuned" if row["settings"].get("adapters") else "base")
-    for lg_cfg in (cfg.get("logger") or {}).values():
-        lg = instantiate(lg_cfg)
+    for lg in loggers:
+        if isinstance(lg, MLflowLogger):   # one run per row, logged once: a sweep compares in the MLflow UI
+            lg.log_row(row, [grid_path], lock=f"{table}.lock")
+            continue
         lg.log_metrics({f"{name}/{k}": v for k, v in row["metrics"].items()})
         if isinstance(lg, WandbLogger):
             import wandb
@@ -93,6 +103,14 @@ def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> Non
             lg.experiment.add_image(f"{name}/grid", np.asarray(Image.open(grid_path).convert("RGB")), 0,
                                     dataformats="HWC")
         lg.finalize("success")
+
+
+def attach_to_loggers(cfg: DictConfig, row_key: str, files: list[Path]) -> None:
+    """Files written after the evaluation (the job's report, summary and comparison grid) to the
+    trackers that keep files per run (MLflow: the row's run and the training's)."""
+    for lg in loggers_of(cfg):
+        if isinstance(lg, MLflowLogger):
+            lg.attach(row_key, files)
 
 
 def prompt_groups(prompts: list[str]) -> tuple[list[str], list[str] | None]:
@@ -249,25 +267,37 @@ def protocol_of(space: str, extractor: Any, ref_size: tuple[int, int] | None) ->
 
 def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, ref_size: tuple[int, int] | None,
                        ref_identity: dict[str, Any], extractors: dict[str, Any], batch_size: int | None = None
-                       ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Each space's reference features, from the cache where there (rank zero decides: a node-local
-    cache may differ per node), else computed sharded over the processes from one decoding of the
-    images; and each space's cache key."""
+                       ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """Each space's reference features, from the cache where there, else shipped with the reference
+    set under the same key (``metrics.shipped_reference``; rank zero decides: a node-local cache may
+    differ per node), else computed sharded over the processes from one decoding of the images;
+    each space's cache key; and where each came from (cache, shipped, computed)."""
     rank, world = fabric.global_rank, fabric.world_size
-    keys = {s: reference.cache_key(ref_identity, protocol_of(s, e, ref_size)) for s, e in extractors.items()}
+    protocols = {s: protocol_of(s, e, ref_size) for s, e in extractors.items()}
+    keys = {s: reference.cache_key(ref_identity, p) for s, p in protocols.items()}
     found = {s: reference.load_cached(m.cache_dir, k) for s, k in keys.items()} if m.cache_reference and rank == 0 \
         else {}
+    source = {s: "cache" for s, v in found.items() if v is not None}
+    if rank == 0:
+        folder = reference.shipped_folder(m.get("shipped_reference"))
+        for s in [s for s in extractors if found.get(s) is None]:
+            if (v := shipped.lookup(folder, keys[s], s, ref_identity, protocols[s])) is not None:
+                found[s], source[s] = v, "shipped"
+                if m.cache_reference:   # where the row's reference file points, as if computed
+                    reference.save_cached(m.cache_dir, keys[s], v)
     missing = fabric.broadcast([s for s in extractors if found.get(s) is None], 0)
     real = {s: v for s, v in found.items() if v is not None}
+    source.update(dict.fromkeys(missing, "computed"))
     if missing:
         idx = shard(len(ref), rank, world, batch_size or m.feature_batch_size)   # the extractors' batches
-        images = [reference.reference_image(ref[i][image_column], ref_size) for i in idx]
+        rows = (ref[i] for i in idx)
+        images = [reference.reference_image(r[image_column], ref_size, r.get(CAPTION_PROBLEM)) for r in rows]
         for s in missing:
             feats = extractors[s](images, desc=f"reference features ({s})")
             real[s] = np.stack(gather_by_index(idx, list(feats), world))
             if rank == 0 and m.cache_reference:
                 reference.save_cached(m.cache_dir, keys[s], real[s])
-    return real, keys
+    return real, keys, source
 
 
 def image_prompts(prompts: list[str], groups: list[str] | None, held: list[str] | None, n: int, n_held: int
@@ -340,6 +370,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     out = Path(cfg.paths.output_dir)
     table = results_path(cfg)
 
+    loggers = loggers_of(cfg) if rank == 0 else []
     ref, ref_identity, image_column, caption_column = reference_set(cfg)
     wanted = parse_metrics(m.compute)
     # batches from memory.budget_gib and the configs alone: the same on every process (whole-batch shards)
@@ -392,11 +423,14 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     if done is not None and not ev.force:
         if rank == 0:
             log.info("cell %s already in %s: skipped (eval.force=true recomputes)", key, table)
+            for lg in loggers:   # a tracker added later gets the row once (MLflow: never twice)
+                if isinstance(lg, MLflowLogger):
+                    lg.log_row(done, [Path(done["files"]["grid"])], lock=f"{table}.lock")
         return done if rank == 0 else {}
 
     t0 = time.time()
-    real, ckeys = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors,
-                                     budget.feature_batch)
+    real, ckeys, ref_source = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors,
+                                                 budget.feature_batch)
     t_ref = time.time() - t0
 
     grid = out / "grid.png"
@@ -512,6 +546,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "seed_rule": "seed_i = eval.seed*1e6 + i",
                         "images": {"in_distribution": n, "held_out": n_held},
                         "reference_cache": ckeys.get("inception"), "reference_caches": ckeys,
+                        "reference_source": ref_source,
                         "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused},
                         "memory": {"budget_gib": mem.budget_gib, "generation_batch": budget.generation_batch,
                                    "feature_batch": budget.feature_batch}},
@@ -522,5 +557,5 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         log.warning("cell %s: a row was written to %s by another job meanwhile; kept that one", key, table)
     shutil.rmtree(shard_dir, ignore_errors=True)   # per_image.npz holds what they held
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics_out.items()})
-    log_to_loggers(cfg, row, grid)
+    log_to_loggers(loggers, row, grid, table)
     return resolved(row, table.parent)

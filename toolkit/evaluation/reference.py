@@ -1,9 +1,12 @@
 """Reference (real-image) features, cached on disk.
 
 The cache key is a hash of the reference set's identity (the dataset fingerprint: file contents
-for local data, the ``datasets`` fingerprint + revision for hub data; the split or the held-out
+for local data, the ``datasets`` fingerprint + revision for hub data, the index and every sidecar
+for a prepared set (``PreparedDataset.identity``); the split or the held-out
 definition; the columns; the number of images), the feature extractor's weights hash and the
 preprocessing protocol (``reference_size`` included); a change to any of them gives a new key.
+Where the feature model was found (its hub id or folder) is not part of the key: its weights hash
+is. Features shipped with a reference set are found by the same key (``shipped.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import numpy as np
 from PIL import Image
 
 from toolkit.atomic import atomic_open
+from toolkit.config import data_dir
 from toolkit.data.prepared import PreparedDataset
-from toolkit.data.sources import detect_format, fingerprint_files, held_out, load_captioned
+from toolkit.data.sources import PATH_OUTSIDE, detect_format, fingerprint_files, held_out, load_captioned
 from toolkit.data.transforms import crop_box, resize_to_cover
 from toolkit.data.validate import BadItem, DataPolicy, decode_image, item_name
 from toolkit.metrics.intervals import Reference
@@ -29,8 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def dataset_fingerprint(path: str, ds: Any, revision: str | None = None) -> str:
-    if isinstance(ds, PreparedDataset):   # task=prepare's shards: its index names every shard's SHA-256
-        return f"prepared:{ds._fingerprint}"
+    if isinstance(ds, PreparedDataset):   # task=prepare's shards: its index (every shard's SHA-256) and sidecars
+        return f"prepared:{ds.identity}"
     if detect_format(path) == "hub":
         return f"hub:{path}@{revision or 'main'}:{ds._fingerprint}"
     return f"files:{fingerprint_files(path)}"
@@ -71,12 +75,15 @@ def _first(ds: Any, num: int | None, what: str, ident: dict[str, Any], image_col
     return ds, {**ident, "image_column": image_column, "caption_column": caption_column, "n": len(ds)}
 
 
-def reference_image(item: Any, size: tuple[int, int] | None = None) -> Image.Image:
+def reference_image(item: Any, size: tuple[int, int] | None = None, problem: str | None = None) -> Image.Image:
     """A reference image as 8-bit RGB (the loader hands out undecoded path/bytes items), brought
     to the generated images' ``size`` (width, height) the way training data is (bicubic resize
     to cover, centre crop): real and generated images then reach Inception through the same
     upscaling, as in the ADM evaluation protocol. A bad reference file stops the evaluation
-    naming it: silently dropping one would change N."""
+    naming it: silently dropping one would change N; so does a metadata row naming a file outside
+    the dataset (``problem``: the source's verdict on the row; that file is never read)."""
+    if problem and problem.startswith(PATH_OUTSIDE):
+        raise ValueError(f"reference image {item_name(item, -1)}: {problem}; fix or remove its metadata row")
     try:
         img = decode_image(item, DataPolicy(), min_side=1)[0]
     except BadItem as bad:
@@ -87,10 +94,30 @@ def reference_image(item: Any, size: tuple[int, int] | None = None) -> Image.Ima
     return img.crop(crop_box(*img.size, size, True, np.random.default_rng(0)))
 
 
+# Protocol fields that say where a feature model was found, not what it computes (its weights' SHA-256
+# is in the protocol): left out of the key, so a moved checkout, or a hub id and its local copy, keep
+# their features, and the miniature's shipped features match in any checkout.
+LOCATION_KEYS = ("model",)
+SHIPPED = "miniature/reference_features"   # the miniature's shipped reference features, under its data dir
+
+
 def cache_key(identity: dict[str, Any], protocol: dict[str, Any]) -> str:
-    """The reference features' key: the set's identity (``load_reference``) and the extractor's protocol."""
-    blob = json.dumps({"reference": identity, "protocol": protocol}, sort_keys=True)
+    """The reference features' key: the set's identity (``load_reference``) and the extractor's
+    protocol, less ``LOCATION_KEYS``."""
+    what = {k: v for k, v in protocol.items() if k not in LOCATION_KEYS}
+    blob = json.dumps({"reference": identity, "protocol": what}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def shipped_folder(setting: str | None) -> Path | None:
+    """``metrics.shipped_reference``: a folder of shipped features, none (null), or ``auto``: the embedded
+    miniature's (``SHIPPED`` under ``toolkit.config.data_dir``) where the miniature is installed."""
+    if setting != "auto":
+        return Path(setting) if setting else None
+    try:
+        return Path(data_dir()) / SHIPPED
+    except FileNotFoundError:   # an installed package without the miniature: nothing shipped
+        return None
 
 
 def cache_path(cache_dir: str | Path, key: str) -> Path:

@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from toolkit.evaluation.job import evaluate, results_path
+from toolkit.evaluation.job import attach_to_loggers, evaluate, results_path
 from toolkit.evaluation.pairing import pair
 from toolkit.evaluation.render import finetune_markdown
 from toolkit.hashing import settings_key
@@ -105,5 +105,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = {"train": train_metrics, "base": results["base"], "finetuned": results["finetuned"],
                "paired": deltas, "fid_ratio": results["finetuned"]["fid"] / results["base"]["fid"]}
     metrics["report"] = str(write_report(out))
+    attach_to_loggers(cfg, tuned_row["key"], [Path(metrics["report"]), out / "summary.md", *([grid] if grid else [])])
     print(f"report: {metrics['report']}")
     return metrics
