@@ -59,9 +59,12 @@ def test_cpu_estimates_are_within_15_percent_of_fresh_processes(tmp_path):
         assert p.returncode == 0, err[-3000:]
         rows[c] = json.loads(out.strip().splitlines()[-1])[0]
     for c, r in rows.items():
-        assert abs(r["total_error"]) <= 0.15, (c, r)
-        if not c.startswith("tiny"):   # the phase alone, where it is large enough to measure (not allocator noise)
+        assert abs(r["total_error"]) <= 0.15, (c, r)   # what the plan prints: the process's peak
+        # the phase alone, where it is large enough to measure: below ~256 MiB the libraries' own
+        # scratch (oneDNN, autograd's engine: ~45 MiB in the checkpointed step) is the difference
+        if r["phase_measured"] >= 256 * 2**20:
             assert abs(r["phase_error"]) <= 0.15, (c, r)
+    assert rows["sd15_mid:encode:fp32:512:2"]["phase_measured"] >= 256 * 2**20   # one cell checks a phase alone
 
 
 @pytest.mark.slow
@@ -153,12 +156,14 @@ def test_grids_and_features_do_not_depend_on_the_batch(tiny_module, tiny_clip):
 def test_the_plan_prints_before_loading_and_refuses_what_will_not_fit(tiny_model, imagefolder_data, tmp_path):
     args = tiny_overrides(tiny_model, imagefolder_data, tmp_path / "plan")
     res = run_entry([*args, "--plan"], timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr   # the log goes to the console (stdout) and the run's cli.log
+    assert res.returncode == 0, out[-3000:]
     for phase in ("load", "encoding: latent cache", "encoding: text cache", "training step", "validation loss",
                   "sample grid (16 images)"):
-        assert f"  {phase} " in res.stderr, phase
-    assert "memory plan (cpu mode" in res.stderr and "data scan" not in res.stderr   # nothing else ran
+        assert f"  {phase} " in out, phase
+    assert "memory plan (cpu mode" in out and "data scan" not in out   # nothing else ran
     res = run_entry([*args, "memory.device_gib=0.05"], timeout=600)
-    assert res.returncode != 0 and "the memory plan refuses this run before loading anything" in res.stderr
-    assert "training step needs" in res.stderr and "module.speed.gradient_checkpointing=true" in res.stderr
-    assert "data scan" not in res.stderr and not (tmp_path / "plan" / "checkpoints").exists()
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "the memory plan refuses this run before loading anything" in out
+    assert "training step needs" in out and "module.speed.gradient_checkpointing=true" in out
+    assert "data scan" not in out and not (tmp_path / "plan" / "checkpoints").exists()
