@@ -167,3 +167,10 @@ def test_the_plan_prints_before_loading_and_refuses_what_will_not_fit(tiny_model
     assert res.returncode != 0 and "the memory plan refuses this run before loading anything" in out
     assert "training step needs" in out and "module.speed.gradient_checkpointing=true" in out
     assert "data scan" not in out and not (tmp_path / "plan" / "checkpoints").exists()
+    # a budget above the card: the budgeted phase is refused naming the budget the card allows (in
+    # process: the entry's path is the one above; the traces are cached by now)
+    from toolkit.plan import build
+
+    cfg = compose_cfg(args + ["memory.mode=gpu", "memory.device_gib=0.012", "memory.budget_gib=1"], tmp_path / "gpu")
+    problems = "\n".join(build(cfg).problems)
+    assert "encoding: latent cache needs" in problems and "set memory.budget_gib to at most 0.01 " in problems

@@ -58,6 +58,7 @@ class Row:
     where: str = "device"  # device | host
     note: str = ""
     knob: str = FROZEN_KNOBS
+    budgeted: bool = False  # its batch comes from memory.budget_gib: over the device means the budget is
 
 
 @dataclass
@@ -151,7 +152,7 @@ def training_rows(cfg: DictConfig, p: model_parts.Parts, mem: Memory, mode: str,
 
     def budgeted(name: str, cost: Any, cap: int, resident: int, note: str = "") -> Row:
         n = mem.batch(cost, resident, cap, name, f"Fix: {FROZEN_KNOBS}.")
-        return Row(name, n, resident, resident + cost.at(n), note=note)
+        return Row(name, n, resident, resident + cost.at(n), note=note, budgeted=True)
 
     if cfg.callbacks.prior.class_prompt:
         cost = model_parts.generation_cost(p, res, res, float(cb.prior.guidance_scale), t)
@@ -214,19 +215,24 @@ def build(cfg: DictConfig) -> Plan:
                                      "fusing would re-quantize W + ΔW; set generation.fuse_adapters=false")
             b = eval_budget(cfg, cfg.eval, mem)
             plan.rows.append(Row("evaluation generation", b.generation_batch, b.resident, b.generation_peak,
-                                 note=f"eval.batch_size={cfg.eval.batch_size} at most", knob=EVAL_KNOBS))
+                                 note=f"eval.batch_size={cfg.eval.batch_size} at most", knob=EVAL_KNOBS,
+                                 budgeted=True))
             plan.rows.append(Row(f"evaluation features ({', '.join(b.extractors) or 'none'})", b.feature_batch,
-                                 b.resident, b.feature_peak, knob=EVAL_KNOBS))
+                                 b.resident, b.feature_peak, knob=EVAL_KNOBS, budgeted=True))
         if task == "sample":
             n, resident, peak = generation_budget(cfg, cfg.sample, mem)
-            plan.rows.append(Row("generation", n, resident, peak, knob=EVAL_KNOBS))
+            plan.rows.append(Row("generation", n, resident, peak, knob=EVAL_KNOBS, budgeted=True))
     except OutOfBudget as err:
         plan.problems.append(str(err))
     if device is not None:
         for row in plan.rows:
             if row.where == "device" and plan.total(row) > device:
+                room = device - (plan.total(row) - row.peak)   # what the budget may be: the process's own left out
+                knob = (f"set memory.budget_gib to at most {room / GiB:.2f} (the device's memory less what the "
+                        "process holds besides; the phase then takes a smaller batch)"
+                        if row.budgeted and room > 0 else row.knob)
                 plan.problems.append(f"{row.phase} needs {fmt(plan.total(row))} (batch {row.batch}), more than the "
-                                     f"device's {fmt(device)} ({how}): {row.knob}")
+                                     f"device's {fmt(device)} ({how}): {knob}")
     return plan
 
 
