@@ -7,8 +7,9 @@ Image i uses caption i of the reference set (cycled) and seed ``eval.seed·10⁶
 ``eval.num_held_out`` images after them cycle through ``eval.held_out_prompts``. Ranks take
 disjoint indices, so N processes give the same images and metrics as one. Each feature space's
 reference features are cached under a key of its own protocol. A row is keyed by the hash of its
-settings (prompts, reference identity, model, adapters, metric and feature-model weights); a cell
-whose key is in the table is skipped.
+identity (``toolkit.run.identity``, view ``evaluation``: the whole config but what cannot change a
+number and what only training reads) and of its settings by content (prompts, reference set,
+model, adapters, metric and feature-model weights); a cell whose key is in the table is skipped.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from toolkit.metrics.inception import InceptionFeatures
 from toolkit.metrics.intervals import mean_interval
 from toolkit.metrics.moments import Moments, fid_from_moments
 from toolkit.models.pretrained import unet_config, vae_factor
-from toolkit.results import append_new_row, append_row, find_row, resolved, stored_path
+from toolkit.results import append_new_row, append_row, find_row, read_rows, resolved, stored_path, without_identity
+from toolkit.run.identity import identity
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +384,11 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                                 "num_images": n_held}
     if record:
         settings["train"] = record["settings"]
-    key = settings_key(settings)
+    ident = identity(cfg, "evaluation")
+    key = settings_key({**settings, "identity": ident.digest})
+    if rank == 0 and (old := without_identity(read_rows(table))):
+        log.info("%s: %d rows were made before identities were recorded: never reused as this cell's", table,
+                 len(old))
     done = fabric.broadcast(find_row(table, key) if rank == 0 else None, 0)
     if done is not None and not ev.force:
         if rank == 0:
@@ -490,7 +496,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                  **{per_image_key(s): f.astype(np.float32) for s, f in fake.items()})
     files = {"per_image": per_image, "grid": grid,
              **{reference_file_key(s): f for s, f in ref_files.items()}}
-    row = {"key": key, "settings": settings, "metrics": metrics_out, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    row = {"key": key, "identity": ident.digest, "settings": settings, "metrics": metrics_out,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "per_prompt": per_prompt(all_prompts, per_img, all_groups, m.level, prompt_index),
            # relative to the table's folder where under it: a moved sweep keeps its files (and pairs)
            "files": {k: stored_path(v, table.parent) for k, v in files.items()},

@@ -62,6 +62,7 @@ from toolkit.data.shards import (
 from toolkit.data.sources import fingerprint_listing, image_bytes, load_captioned
 from toolkit.data.storage import StorageError, open_store
 from toolkit.data.validate import DataPolicy, ScanResult, check_caption, item_name, require_items, save_scan, scan
+from toolkit.run.identity import identity
 from toolkit.run.launch import process_rank
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     local = Path(str(d.path)).expanduser()
     source = {"path": str(d.path), "split": d.split, "revision": d.revision, "rows": len(ds),
               "fingerprint": fingerprint_listing(local) if local.is_dir() else ds._fingerprint}
-    plan = {"source": source, "policy": repr(policy), "min_side": int(min_side),
-            "samples_per_shard": int(p.samples_per_shard), "format": "webdataset tar + wids index v1"}
+    # the shards' identity: data + prepare settings but what cannot change them (toolkit.run.identity,
+    # view plan), the source's content included
+    plan = {"identity": identity(cfg, "plan").keys, "rows": len(ds), "min_side": int(min_side),
+            "format": "webdataset tar + wids index v1"}
     if world > 1:   # a one-process prepare's plan (and layout) stays as it was
         plan["processes"] = world
     if store.exists(PLAN):
         before = json.loads(store.get(PLAN))
         if before != plan:
             changed = sorted(k for k in plan.keys() | before.keys() if before.get(k) != plan.get(k))
+            if "identity" in changed and isinstance(before.get("identity"), dict):   # name the keys
+                was, now = before["identity"], plan["identity"]
+                changed = [*(k for k in changed if k != "identity"),
+                           *sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))]
             hint = (f" (it was started with {before.get('processes', 1)} processes: continue it with as many)"
                     if changed == ["processes"] else "")
             raise StorageError(f"{store.url} holds a prepare of another dataset or other settings (differs in: "
@@ -205,7 +212,9 @@ def encode(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]
                 "data": {k: OmegaConf.to_container(cfg.data, resolve=True).get(k) for k in (
                     "resolution", "center_crop", "random_flip", "buckets", "policy", "masks", "tags")},
                 "cache": {k: v for k, v in OmegaConf.to_container(cfg.callbacks.encoded_cache, resolve=True).items()
-                          if k not in ("dirpath", "from_prepared")}}
+                          if k not in ("dirpath", "from_prepared")},
+                # the model by content: new weights at the same path (or a moved hub revision) are another job
+                "content": {k: v for k, v in identity(cfg, "run").keys.items() if k.startswith("content.model")}}
     job = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     done = json.loads(store.get(ENCODED)) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
     if job in done["jobs"]:
