@@ -62,11 +62,33 @@ def test_preset_follows_the_family(which, preset, size, tiny_model, tiny_sdxl):
     assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8"]) == {}
 
 
-def test_a_sweep_over_models_must_set_what_follows_the_model(tiny_model, tiny_sdxl):
-    with pytest.raises(ModelDefaultsError, match="data.resolution, module"):
-        model_overrides(["-m", "task=train", f"model.name_or_path={tiny_model},{tiny_sdxl}"])
-    assert chosen(["-m", "task=train", f"model.name_or_path={tiny_model},{tiny_sdxl}", "module=lora",
-                   "data.resolution=16"]) == {}
+def test_a_sweep_over_experiments_chooses_what_follows_each_cells_model(other_size_model, tiny_sdxl, imagefolder_data,
+                                                                        tmp_path):
+    """Two experiments of the user's own (their config folder on Hydra's search path), each naming a
+    model of another family and native size: each cell trains at its own model's size with its own
+    family's preset, chosen after the experiment applies, and saved with the cell (a resume replays it)."""
+    conf = tmp_path / "my_conf"
+    (conf / "experiment").mkdir(parents=True)
+    for name, model in (("mine_sd", other_size_model), ("mine_xl", tiny_sdxl)):
+        (conf / "experiment" / f"{name}.yaml").write_text(f"# @package _global_\nmodel:\n  name_or_path: {model}\n")
+    sweep = tmp_path / "sweep"
+    res = run_entry(["-m", "task=train", f"hydra.searchpath=[file://{conf}]", "experiment=mine_sd,mine_xl",
+                     f"data.path={imagefolder_data}", "data.global_batch_size=4", "data.val_fraction=0.25",
+                     "logger=none", "trainer.max_steps=1", "trainer.limit_val_batches=0",
+                     "trainer.enable_progress_bar=false", "~callbacks.sample_grid", f"hydra.sweep.dir={sweep}"],
+                    env={"TOOLKIT_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    for cell, size, preset, targets in (("0", 24, "lora", ["to_q", "to_k", "to_v", "to_out.0"]),
+                                        ("1", 16, "lora_sdxl", None)):
+        saved = yaml.safe_load((sweep / cell / ".hydra" / "config.yaml").read_text())
+        assert saved["data"]["resolution"] == size and saved["chosen"]["module"].startswith(f"{preset}:")
+        assert f"module={preset}" in yaml.safe_load((sweep / cell / ".hydra" / "overrides.yaml").read_text())
+        if targets:
+            assert saved["module"]["lora"]["target_modules"] == targets   # the SD preset, not the miniature's
+        assert json.loads((sweep / cell / "train_metrics.json").read_text())["global_step"] == 1
+    assert "chosen data.resolution=24" in log and "chosen data.resolution=16" in log
+    assert "chosen module=lora_sdxl: the preset for the SDXL family" in log
 
 
 def test_default_job_on_another_model_never_uses_the_miniatures_test_set_or_clip(tiny_model, imagefolder_data,

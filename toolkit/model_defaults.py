@@ -18,11 +18,15 @@ which the task logs once at start:
   model needs a real CLIP named (or ``metrics.clip_model=null``: no CLIP score, said in the row).
 
 Everything here reads configs only (no weights), so a refusal comes before anything is loaded.
-A sweep over ``model.name_or_path`` needs these set explicitly: they would differ per cell.
+In a sweep (``-m``) they are chosen per cell, from the cell's own composed config (after its
+experiment applies), by the sweeper (``hydra_plugins/toolkit_sweeper``) before any cell starts:
+a sweep over experiments or models naming different models trains each at its own size with its
+own preset, and a cell that cannot be chosen for stops the sweep before anything runs.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +77,15 @@ def native_resolution(name_or_path: str, revision: str | None = None, config: st
 
 
 def held_out_count(data: DictConfig) -> int:
+    return _held_out_count(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
+                           data.image_column, data.caption_column, data.revision, data.get("local"))
+
+
+@functools.lru_cache(maxsize=64)
+def _held_out_count(*args: Any) -> int:   # the cells of a sweep share their data: counted once
     from toolkit.data.sources import held_out
 
-    return len(held_out(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
-                        data.image_column, data.caption_column, data.revision, data.get("local")))
+    return len(held_out(*args))
 
 
 def _compose(args: list[str]) -> DictConfig:
@@ -143,31 +152,44 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
     return out
 
 
-def model_overrides(args: list[str]) -> list[str]:
-    """``args`` plus an override for every setting left to the model, each with its reason under
-    ``chosen.<key>``. Raises ``ModelDefaultsError`` before any weight is read."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
+def as_overrides(chosen: dict[str, tuple[Any, str]]) -> list[str]:
+    """The choices as command-line overrides: ``key=value`` and ``+chosen.key="value: why"``."""
     from toolkit.run.resume import hydra_quote
 
-    if any(a.startswith("chosen.") or a.startswith("+chosen.") for a in args):
-        return args   # already chosen: a resume's saved overrides, or a DDP child's command line
-    lines = [a for a in args if "=" in a and not a.startswith("-")]
-    parsed = OverridesParser.create().parse_overrides(lines)
-    given = {o.key_or_group for o in parsed}
-    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    cfg = _compose([o.input_line for o in parsed if not o.is_sweep_override()])
-    chosen = choose(cfg, given)
-    if chosen and swept & {"model", "model.name_or_path", "model.config", "data", "data.path", "task"}:
-        raise ModelDefaultsError(
-            f"this sweep varies {sorted(swept & {'model', 'model.name_or_path', 'model.config', 'data', 'data.path'})}"
-            f", so the settings that follow the model would differ per cell: set {', '.join(sorted(chosen))} "
-            "explicitly for the sweep.")
     extra = []
     for key, (value, why) in chosen.items():
         extra.append(f"{key}={hydra_quote(str(value))}")
         extra.append(f"+chosen.{key}={_quote(f'{value}: {why}')}")
-    return [*args, *extra]
+    return extra
+
+
+def already_chosen(args: list[str]) -> bool:
+    """A resume's saved overrides, a DDP child's command line or a sweep cell carry their choices."""
+    return any(a.startswith(("chosen.", "+chosen.")) for a in args)
+
+
+def cell_overrides(cfg: DictConfig, cell: list[str]) -> list[str]:
+    """The choices for one sweep cell (``cell``: its overrides; ``cfg``: its composed config)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if already_chosen(cell):
+        return []
+    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(cell)}
+    return as_overrides(choose(cfg, given))
+
+
+def model_overrides(args: list[str]) -> list[str]:
+    """``args`` plus an override for every setting left to the model, each with its reason under
+    ``chosen.<key>``. Raises ``ModelDefaultsError`` before any weight is read. A sweep (``-m``) is
+    left as it is: its cells are chosen for one by one (``cell_overrides``, by the sweeper)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if already_chosen(args) or any(a in ("-m", "--multirun") for a in args):
+        return args
+    lines = [a for a in args if "=" in a and not a.startswith("-")]
+    parsed = OverridesParser.create().parse_overrides(lines)
+    cfg = _compose([o.input_line for o in parsed])
+    return [*args, *as_overrides(choose(cfg, {o.key_or_group for o in parsed}))]
 
 
 def chosen_lines(cfg: DictConfig) -> list[str]:

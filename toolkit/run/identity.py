@@ -101,7 +101,7 @@ VIEW_IGNORES: dict[str, dict[str, str]] = {
         "task_name": "train and finetune_eval train alike",
         "eval": "the evaluation's settings", "metrics": "the evaluation's metrics",
         "fabric": "the evaluation's processes",
-        "adapter": "the adapter a task evaluates or samples", "adapter_variant": "the same",
+        "adapter": "the adapter a task evaluates or samples", "adapter_variant": "which weights of that adapter",
         "generation": "read by training only through callbacks.prior.* and sample_grid.*, which hold its values",
     },
     "evaluation": {   # an evaluation row; a fine-tuned row also carries its training run's identity
@@ -113,7 +113,7 @@ VIEW_IGNORES: dict[str, dict[str, str]] = {
     "plan": {   # task=prepare's shards: scope data + prepare
         "data.global_batch_size": "how training batches the stored rows",
         "data.center_crop": "a training transform", "data.random_flip": "a training transform",
-        "data.val_fraction": "training's held-out split", "data.validation_split": "the same",
+        "data.val_fraction": "training's held-out split", "data.validation_split": "training's held-out split",
         "data.seed": "training's split and order", "data.tags": "training's caption handling",
         "data.masks": "training's loss masks", "data.buckets": "training's batching by shape",
         "data.remote": "the same value as data.path (data=streaming)",
