@@ -140,6 +140,27 @@ class CaptionedImages(torch.utils.data.Dataset):
         return item
 
 
+def scan_split(ds: CaptionedImages, path: str, where: list[Any], cache_dir: str | None, name: str) -> ScanResult:
+    """The data policy over every row of ``ds`` (``toolkit.data.validate.scan``), cached under a key of
+    the rows' source and their place in it (``where``: revision, split, held-out definition, part
+    name), the columns, the resolution, the policy and the source's file listing or fingerprint. The
+    training run's scan of its held-out part and an evaluation of that part against it share it."""
+    if isinstance(ds.ds, PreparedDataset):   # the policy ran when it was prepared (its report lists why)
+        return ds.ds.scan_result()
+    local = Path(str(path)).expanduser()
+    settings = [str(path), *where, len(ds), ds.image_column, ds.caption_column, ds.resolution, repr(ds.policy),
+                fingerprint_listing(local) if local.is_dir() else ds.ds._fingerprint]
+    key = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"{key}.json" if cache_dir else None
+    if cache is not None and (hit := load_scan(cache)) is not None:
+        log.debug("data scan (%s): cached %s", name, cache)
+        return hit
+    result = scan(len(ds), ds.raw, ds.policy, ds.policy.min_side or ds.resolution or 1, desc=f"scanning {name} data")
+    if cache is not None:
+        save_scan(result, cache)
+    return result
+
+
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     items = [it for it in items if it is not None]
     if not items:
@@ -220,22 +241,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
                                masks=self.masks if train else None)
 
     def _scan(self, ds: CaptionedImages, name: str) -> ScanResult:
-        if isinstance(ds.ds, PreparedDataset):   # the policy ran when it was prepared (its report lists why)
-            return ds.ds.scan_result()
-        settings = [self.path, self.revision, self.split, self.validation_split, self.val_fraction, self.seed,
-                    name, len(ds), self.image_column, self.caption_column, self.resolution, repr(self.policy)]
-        local = Path(self.path).expanduser()
-        settings.append(fingerprint_listing(local) if local.is_dir() else ds.ds._fingerprint)
-        key = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:16]
-        cache = Path(self.scan_cache_dir) / f"{key}.json" if self.scan_cache_dir else None
-        if cache is not None and (hit := load_scan(cache)) is not None:
-            log.debug("data scan (%s): cached %s", name, cache)
-            return hit
-        result = scan(len(ds), ds.raw, self.policy, self.policy.min_side or self.resolution,
-                      desc=f"scanning {name} data")
-        if cache is not None:
-            save_scan(result, cache)
-        return result
+        return scan_split(ds, self.path, [self.revision, self.split, self.validation_split, self.val_fraction,
+                                          self.seed, name], self.scan_cache_dir, name)
 
     def _scan_once(self) -> dict[str, ScanResult]:
         """The scans of the train and val sets, run once per job: processes that already share a

@@ -28,10 +28,11 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from toolkit.atomic import atomic_open
+from toolkit.data.validate import DataPolicy
 from toolkit.evaluation import reference
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
@@ -142,18 +143,18 @@ def build_fabric(cfg: DictConfig) -> Any:
     return fabric
 
 
-def reference_set(cfg: DictConfig) -> tuple[Any, dict[str, Any], str, str]:
-    """The reference rows, their identity and their image / caption columns."""
+def reference_set(cfg: DictConfig) -> reference.ReferenceSet:
+    """The usable reference rows (through ``data.policy``), their identity, image column and captions."""
     ev = cfg.eval
     if ev.dataset in (None, "auto"):
         raise ValueError(f"eval.dataset={ev.dataset!r}: run.py chooses it from the model "
                          "(toolkit.model_defaults); composed by hand, name a reference set")
     if ev.dataset == "held_out":
-        ref, ident = reference.load_held_out(cfg.data, ev.num_ref)
-        return ref, ident, cfg.data.image_column, cfg.data.caption_column
-    ref, ident = reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split, ev.num_ref,
-                                          ev.revision, f"{cfg.paths.cache_dir}/prepared")   # as data.local
-    return ref, ident, ev.image_column, ev.caption_column
+        return reference.load_held_out(cfg.data, ev.num_ref)
+    policy = DataPolicy(**OmegaConf.to_container(cfg.data.policy, resolve=True))
+    return reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split, ev.num_ref,
+                                    ev.revision, f"{cfg.paths.cache_dir}/prepared",   # as data.local
+                                    policy, cfg.data.get("resolution"), cfg.data.get("scan_cache_dir"))
 
 
 def shard_plan(n: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:
@@ -340,7 +341,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     out = Path(cfg.paths.output_dir)
     table = results_path(cfg)
 
-    ref, ref_identity, image_column, caption_column = reference_set(cfg)
+    refset = reference_set(cfg)
+    ref, ref_identity, image_column = refset.rows, refset.identity, refset.image_column
     wanted = parse_metrics(m.compute)
     needs_clip = any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same") for x in wanted)
     clip = load_clip(m.clip_model, fabric.device) if needs_clip else None
@@ -355,7 +357,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                if (x.space in extractors if x.space else x.name in scorers or x.name == "lpips_diversity")]
     skipped = [x.name for x in wanted if x not in metrics]   # CLIP off: said in the row's protocol
     spaces = list(extractors)
-    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[caption_column]]
+    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else refset.captions
     prompts_sha256 = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     prompts, groups = prompt_groups(prompts)
     held = read_prompts(ev.held_out_prompts, "eval.held_out_prompts") if ev.get("held_out_prompts") else None
@@ -513,6 +515,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "seed_rule": "seed_i = eval.seed*1e6 + i",
                         "images": {"in_distribution": n, "held_out": n_held},
                         "reference_cache": ckeys.get("inception"), "reference_caches": ckeys,
+                        "reference_scan": refset.scan,   # the data policy's rejections (data.policy)
                         "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused}},
            "run_dir": str(out), **({"train": record} if record else {})}
     if ev.force:

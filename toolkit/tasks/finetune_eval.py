@@ -30,7 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from toolkit.evaluation.job import evaluate, results_path
+from toolkit.evaluation.job import evaluate, reference_set, results_path
 from toolkit.evaluation.pairing import pair
 from toolkit.evaluation.render import finetune_markdown
 from toolkit.inference.pipeline import make_grid
@@ -72,6 +72,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if finished is not None:
         log.info("train-and-evaluate cell %s already in %s: skipped", cell, table)
         return {"finetuned": finished["metrics"], "skipped": True}
+    reference_set(cfg)   # the reference set through the data policy now: a bad reference fails before training
     train_metrics = train_or_resume(cfg, out, trained)
     lifecycle.barrier()   # rank zero wrote the adapter: every rank reads it next
     record = {"settings": trained.nested(), "identity": trained.digest, "metrics": train_metrics,
