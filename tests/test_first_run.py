@@ -44,6 +44,9 @@ def test_train_on_a_user_model_gets_its_native_size_and_family_preset(other_size
     log = res.stdout + res.stderr
     assert "chosen data.resolution=24: the model's native size (UNet sample_size 12 x VAE factor 2)" in log
     assert "chosen module=lora: the preset for the SD family" in log
+    # the in-training grid shows the run's own captions, not the miniature's shapes
+    assert "chosen callbacks.sample_grid.prompts=validation" in log
+    assert "sample grid: 4 captions of the run's held-out images × 4 seeds" in log
     saved = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())
     assert saved["data"]["resolution"] == 24
     assert saved["module"]["lora"]["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]   # not the miniature's
@@ -59,7 +62,10 @@ def test_preset_follows_the_family(which, preset, size, tiny_model, tiny_sdxl):
     model = {"embedded": str(Path(data_dir()) / EMBEDDED_MODEL), "sdxl": tiny_sdxl, "sd": tiny_model}[which]
     got = chosen(["task=train", f"model.name_or_path={model}"])
     assert got["module"] == preset and got["data.resolution"] == size
-    assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8"]) == {}
+    assert got["callbacks.sample_grid.prompts"] == ("validation" if which != "embedded" else
+                                                    str(Path(data_dir()) / "miniature/grid_prompts.txt"))
+    assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8",
+                   "callbacks.sample_grid.prompts=[a cat]"]) == {}
 
 
 def test_a_sweep_over_experiments_chooses_what_follows_each_cells_model(other_size_model, tiny_sdxl, imagefolder_data,
@@ -314,3 +320,18 @@ def test_a_ddp_train_and_evaluate_sweep_evaluates_each_cell_once_on_its_processe
     assert [len(r["settings"]["adapters"]) for r in rows] == [0, 1, 1]   # the base once, one row per cell
     assert all(r["protocol"]["world_size"] == 2 for r in rows)
     assert all((sweep / c / "summary.md").is_file() for c in ("0", "1"))
+
+
+def test_the_sample_grid_shows_the_runs_own_captions(tiny_model, imagefolder_data, tmp_path):
+    from hydra.utils import instantiate
+
+    from toolkit.callbacks.sample_grid import SampleGrid
+
+    cfg = compose_cfg(tiny_overrides(tiny_model, imagefolder_data, tmp_path), tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    grid = instantiate(cfg.callbacks.sample_grid)
+    grid.setup(type("T", (), {"datamodule": dm})(), None, "fit")
+    assert grid.prompts == list(dict.fromkeys(dm.val_set.captions()))[:4] and len(grid.seeds) == 4
+    listed = SampleGrid(str(Path(data_dir()) / "miniature/grid_prompts.txt"), [0], 0, str(tmp_path))
+    assert len(listed.prompts) == 4 and "striped" in listed.prompts[0]

@@ -15,7 +15,9 @@ which the task logs once at start:
   datamodule keeps out of training) when it has at least ``MIN_REFERENCE`` images, else an error
   asking for one;
 - ``metrics.clip_model`` (``auto``): the miniature's CLIP for the embedded model only; any other
-  model needs a real CLIP named (or ``metrics.clip_model=null``: no CLIP score, said in the row).
+  model needs a real CLIP named (or ``metrics.clip_model=null``: no CLIP score, said in the row);
+- ``callbacks.sample_grid.prompts`` (``auto``): the miniature's shape prompts for the embedded model,
+  for any other the run's own held-out captions (``validation``).
 
 Everything here reads configs only (no weights), so a refusal comes before anything is loaded.
 In a sweep (``-m``) they are chosen per cell, from the cell's own composed config (after its
@@ -36,6 +38,7 @@ from toolkit.config import CONFIG_DIR, register_resolvers
 
 # the embedded miniature's parts, under paths.data_dir (toolkit.config.data_dir)
 EMBEDDED_MODEL, EMBEDDED_CLIP, EMBEDDED_STYLE = "miniature/sd", "miniature/clip", "world/style"
+EMBEDDED_GRID_PROMPTS = "miniature/grid_prompts.txt"   # shapes the miniature knows, striped and not
 PRESETS = {"sd": "lora", "sdxl": "lora_sdxl"}   # family name -> conf/module preset
 EMBEDDED_PRESET = "lora_miniature"
 EMBEDDED_NUM_REF = 500
@@ -124,6 +127,10 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
                 out["module"] = (PRESETS[family.name], f"the preset for the {family.name.upper()} family")
         if cfg.data.resolution is None:
             out["data.resolution"] = native_resolution(m.name_or_path, m.revision, m.get("config"))
+        if OmegaConf.select(cfg, "callbacks.sample_grid.prompts") == "auto":
+            out["callbacks.sample_grid.prompts"] = (
+                (str(data / EMBEDDED_GRID_PROMPTS), "the embedded miniature's shape prompts") if embedded else
+                ("validation", "the run's own captions: the first ones of its held-out images"))
     if task in EVAL_TASKS:
         if cfg.eval.dataset == "auto":
             if embedded and same_path(OmegaConf.select(cfg, "data.path", throw_on_missing=False), style / "train"):
