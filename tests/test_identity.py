@@ -122,3 +122,59 @@ def test_a_hub_id_is_its_commit_from_the_offline_cache(tmp_path, monkeypatch):
     assert fingerprint("org/name", None) == f"hub:org/name@{'c' * 40}"
     assert fingerprint("org/other", None).startswith("unresolved:")   # offline, not cached: the loader says why
     assert Path(tmp_path).is_dir()
+
+
+# every key NOT_IDENTITY lists that a train-and-evaluate run reads, changed at once (paths, logs, progress,
+# checkpoints, exports, grids, caches, loader workers, evaluation bookkeeping)
+DENIED = ["logger=none", "trainer.enable_progress_bar=true", "trainer.enable_model_summary=true",
+          "trainer.log_every_n_steps=3", "trainer.plugins=[]", "callbacks.model_checkpoint.every_n_train_steps=1",
+          "callbacks.model_checkpoint.filename='ckpt-{step}'", "callbacks.preemption.signals=[SIGUSR1]",
+          "callbacks.progress.every_n_steps=1", "callbacks.progress.mode=lines", "callbacks.throughput.window_size=2",
+          "callbacks.lr_monitor.logging_interval=epoch", "callbacks.adapter_export.formats=[diffusers]",
+          "callbacks.sample_grid.every_n_steps=1", "callbacks.sample_grid.steps=3", "callbacks.sample_grid.seeds=[9]",
+          "callbacks.sample_grid.prompts=[a cat]", "callbacks.encoded_cache.from_prepared=false",
+          "module.speed.compile_check=null", "data.num_workers=1", "data.pin_memory=true",
+          "data.policy.scan_workers=1", "eval.save_images=false", "eval.force=true", "eval.shard_size=4",
+          "metrics.cache_reference=false"]
+
+
+def finetune_eval_args(model: str, clip: str, data: Path, evaldata: Path, out: Path, cache: Path) -> list[str]:
+    return ["task=finetune_eval", f"model.name_or_path={model}", f"data.path={data}", "data.resolution=16",
+            "data.global_batch_size=4", "data.val_fraction=0.25", "logger=csv", "trainer.max_steps=4",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+            "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.sample_grid.every_n_steps=0",
+            "callbacks.sample_grid.steps=2", "module.optimizer.lr=1e-2", "module.lora.dropout=0.1",
+            "data.random_flip=true", f"metrics.clip_model={clip}", f"eval.dataset={evaldata}", "eval.num_images=8",
+            "eval.num_ref=null", "eval.steps=2", "eval.batch_size=4", "fabric.accelerator=cpu",
+            f"hydra.run.dir={out}", f"paths.cache_dir={cache}"]
+
+
+def test_what_the_deny_list_names_changes_no_number(tiny_model, tiny_clip, imagefolder_data, tmp_path):
+    """The same run twice, the second with every listed key it reads changed (and other output and
+    cache folders): the adapter bit for bit, every training and evaluation figure, the identities."""
+    from miniature.world import generate
+    from tests.conftest import run_entry
+    from tests.test_fault_tolerance import ADAPTER, same_tensors
+    from toolkit.results import read_rows
+
+    evaldata = generate(tmp_path / "evaldata", n=8, seed=5, striped=True, size=32)
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = run_entry(finetune_eval_args(tiny_model, tiny_clip, imagefolder_data, evaldata, a, tmp_path / "ca"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_entry([*finetune_eval_args(tiny_model, tiny_clip, imagefolder_data, evaldata, b, tmp_path / "cb"),
+                     *DENIED, f"trainer.default_root_dir={tmp_path / 'root'}", f"data.report_dir={tmp_path / 'rep'}",
+                     f"data.scan_cache_dir={tmp_path / 'scans'}", f"data.local={tmp_path / 'local'}",
+                     f"callbacks.encoded_cache.dirpath={tmp_path / 'enc'}", f"callbacks.prior.dirpath={tmp_path / 'p'}",
+                     f"module.speed.compile_cache={tmp_path / 'cc'}", f"eval.results_file={tmp_path / 'rows.jsonl'}",
+                     f"metrics.cache_dir={tmp_path / 'refs'}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert same_tensors(a / ADAPTER, b / ADAPTER)
+    ta, tb = (json.loads((r / "train_metrics.json").read_text()) for r in (a, b))
+    assert {k: v for k, v in ta.items() if k != "adapter"} == {k: v for k, v in tb.items() if k != "adapter"}
+    rows_a, rows_b = read_rows(a / "results.jsonl"), read_rows(tmp_path / "rows.jsonl")
+    assert [r["key"] for r in rows_a] == [r["key"] for r in rows_b] and len(rows_a) == 2
+    for x, y in zip(rows_a, rows_b):
+        figures = [k for k in x["metrics"] if not k.startswith("seconds_") and k != "images_per_second"]
+        assert {k: x["metrics"][k] for k in figures} == {k: y["metrics"][k] for k in figures}
+    ids = [json.loads((r / "identity.json").read_text()) for r in (a, b)]
+    assert ids[0]["keys"] == ids[1]["keys"] and ids[0]["digest"] == ids[1]["digest"]

@@ -387,7 +387,9 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     if record:
         settings["train"] = record["settings"]
     ident = identity(cfg, "evaluation")
-    key = settings_key({**settings, "identity": ident.digest})
+    # keyed by content: an adapter is its SHA-256 (the path stays in the row's settings, for reading)
+    by_content = [{k: v for k, v in a.items() if k != "path"} for a in settings["adapters"]]
+    key = settings_key({**settings, "adapters": by_content, "identity": ident.digest})
     if rank == 0 and (old := without_identity(read_rows(table))):
         log.info("%s: %d rows were made before identities were recorded: never reused as this cell's", table,
                  len(old))
@@ -425,6 +427,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
             for i, img in zip(idx, images):
                 img.save(out / "samples" / f"{i:05d}.png")
         if start == 0:
+            grid.parent.mkdir(parents=True, exist_ok=True)   # eval.save_images=false made no samples/ folder
             make_grid(images[:64], cols=8).save(grid)
         if lp is not None:   # LPIPS pairs a prompt's images, which lie in several shards
             (shard_dir / "images").mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,7 @@ VIEW_IGNORES: dict[str, dict[str, str]] = {
     },
     "evaluation": {   # an evaluation row; a fine-tuned row also carries its training run's identity
         "task_name": "eval and finetune_eval evaluate alike",
+        "adapter": "where the adapters are: each enters the row's key by its SHA-256",
         "module": "training only", "trainer": "training only", "callbacks": "training only", "seed": "training only",
         "data": "a held-out reference enters by its content and definition (evaluation.reference)",
     },
