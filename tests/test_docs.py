@@ -164,7 +164,7 @@ def hub_cache(root: Path, tmp: Path) -> Path:
 def fixtures(tmp_path_factory, tiny_model) -> Fixtures:
     tmp = tmp_path_factory.mktemp("docs")
     hub = hub_cache(tmp / "hub", tmp / "build")
-    data = generate(tmp / "data", n=16, seed=0, size=32)
+    data = generate(tmp / "data", n=20, seed=0, size=32)   # 18 train images: one global batch of 16
     data400 = generate(tmp / "data400", n=400, seed=1, size=16)
     single = tmp / "models" / "my_finetune.safetensors"   # composing reads model.config's configs, not this file
     single.parent.mkdir(parents=True)

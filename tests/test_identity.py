@@ -178,3 +178,35 @@ def test_what_the_deny_list_names_changes_no_number(tiny_model, tiny_clip, image
         assert {k: x["metrics"][k] for k in figures} == {k: y["metrics"][k] for k in figures}
     ids = [json.loads((r / "identity.json").read_text()) for r in (a, b)]
     assert ids[0]["keys"] == ids[1]["keys"] and ids[0]["digest"] == ids[1]["digest"]
+
+
+def test_a_folder_is_reused_or_resumed_only_by_its_own_cell(tmp_path, caplog):
+    """A finished cell folder: reused by the same identity, refused (naming the keys) for another, and
+    refused when it was made before identities were recorded; an explicit resume of such a run
+    continues with a warning. Rows without an identity are never matched."""
+    from toolkit.results import without_identity
+    from toolkit.run.identity import Identity, write_record
+    from toolkit.run.lifecycle import RunDirError, check_identity, reuse_or_resume
+
+    cfg = OmegaConf.create({"ckpt_path": None})
+    cell = tmp_path / "0"
+    (cell / "adapter").mkdir(parents=True)
+    (cell / "train_metrics.json").write_text('{"global_step": 4}')
+    mine = Identity({"seed": 0, "trainer.max_steps": 4})
+    with pytest.raises(RunDirError, match="made before identities were recorded"):
+        reuse_or_resume(cfg, cell, mine)
+    check_identity(cell, mine, what="resume")   # an explicit resume of an old run: continues, saying so
+    assert "cannot be compared" in caplog.text
+    write_record(cell, mine)
+    assert reuse_or_resume(cfg, cell, mine)[1] == {"global_step": 4}
+    with pytest.raises(RunDirError, match=r"seed: recorded 0, now 7\n.*same values in the same order"):
+        reuse_or_resume(cfg, cell, Identity({"seed": 7, "trainer.max_steps": 4}))
+    # an interrupted cell resumes with a longer max_steps (RESUMABLE); a finished one is another result
+    (cell / "train_metrics.json").unlink()
+    (cell / "checkpoints").mkdir()
+    (cell / "checkpoints" / "last.ckpt").write_bytes(b"")
+    longer = Identity({"seed": 0, "trainer.max_steps": 8})
+    resumed, done = reuse_or_resume(cfg, cell, longer)
+    assert done is None and resumed.ckpt_path == "last" and cfg.ckpt_path is None
+    assert without_identity([{"key": "a"}, {"key": "b", "identity": "x"}, {"train": {"identity": "y"}}]) == \
+        [{"key": "a"}]
