@@ -14,11 +14,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from toolkit.run.fingerprint import file_digest
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toolkit.run.fingerprint import file_digest  # noqa: E402
 
 
 def drop_page_cache() -> bool:
