@@ -40,6 +40,8 @@ def test_train_and_evaluate_sweep_resumes_and_summarizes(tiny_model, tiny_clip, 
     assert len(rows) == 3 and len(trained) == 2                   # the base model evaluated once
     assert sorted(r["train"]["settings"]["trainer"]["gradient_clip_val"] for r in trained) == [0.01, 1.0]
     assert len({r["metrics"]["fid"] for r in trained}) == 2       # each row its own cell's numbers
+    for cell in ("0", "1"):   # cell 1 pairs with the base row it read back from the table
+        assert "not_paired" not in json.loads((sweep / cell / "paired.json").read_text())
     assert all(r["train"]["metrics"]["global_step"] == 4 and r["settings"]["adapters"][0]["sha256"] for r in trained)
     first_adapter = load_file(sweep / "1" / "adapter" / "pytorch_lora_weights.safetensors")
 

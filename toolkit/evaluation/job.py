@@ -528,4 +528,6 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     shutil.rmtree(shard_dir, ignore_errors=True)   # per_image.npz holds what they held
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics_out.items()})
     log_to_loggers(cfg, row, grid)
-    return resolved(row, table.parent)
+    # as the table holds it (JSON: tuples are lists), so a row computed now pairs with one read back (a
+    # sweep's second cell reads the shared base row from the table)
+    return resolved(json.loads(json.dumps(row, sort_keys=True, default=str)), table.parent)
