@@ -20,7 +20,7 @@ from toolkit.logs import quiet
 quiet()   # before any library is imported: some speak at import time
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from toolkit.config import check_overrides, credentials_in, register_resolvers, renamed_overrides  # noqa: E402
 from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
@@ -28,9 +28,10 @@ from toolkit.model_defaults import chosen_lines, model_overrides  # noqa: E402
 from toolkit.run.history import record_attempt  # noqa: E402
 from toolkit.run.launch import check_restartable, elastic_resume, job_run_id, shared_run_dir  # noqa: E402
 from toolkit.run.lifecycle import rank_zero  # noqa: E402
-from toolkit.run.resume import launch_args, restore  # noqa: E402
+from toolkit.run.resume import hydra_subdir, launch_args, restore  # noqa: E402
 
 register_resolvers()
+OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)   # Hydra's own files: the entry's
 log = logging.getLogger("toolkit")
 
 

@@ -7,8 +7,9 @@ Image i uses caption i of the reference set (cycled) and seed ``eval.seed·10⁶
 ``eval.num_held_out`` images after them cycle through ``eval.held_out_prompts``. Ranks take
 disjoint indices, so N processes give the same images and metrics as one. Each feature space's
 reference features are cached under a key of its own protocol. A row is keyed by the hash of its
-settings (prompts, reference identity, model, adapters, metric and feature-model weights); a cell
-whose key is in the table is skipped.
+identity (``toolkit.run.identity``, view ``evaluation``: the whole config but what cannot change a
+number and what only training reads) and of its settings by content (prompts, reference set,
+model, adapters, metric and feature-model weights); a cell whose key is in the table is skipped.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from toolkit.atomic import atomic_open
 from toolkit.data.sources import CAPTION_PROBLEM
+from toolkit.data.validate import DataPolicy
 from toolkit.evaluation import reference, shipped
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
@@ -55,7 +57,8 @@ from toolkit.metrics.inception import InceptionFeatures
 from toolkit.metrics.intervals import mean_interval
 from toolkit.metrics.moments import Moments, fid_from_moments
 from toolkit.models.pretrained import unet_config, vae_factor
-from toolkit.results import append_new_row, append_row, find_row, resolved, stored_path
+from toolkit.results import append_new_row, append_row, find_row, read_rows, resolved, stored_path, without_identity
+from toolkit.run.identity import identity
 from toolkit.tracking import MLflowLogger
 
 log = logging.getLogger(__name__)
@@ -158,18 +161,18 @@ def build_fabric(cfg: DictConfig) -> Any:
     return fabric
 
 
-def reference_set(cfg: DictConfig) -> tuple[Any, dict[str, Any], str, str]:
-    """The reference rows, their identity and their image / caption columns."""
+def reference_set(cfg: DictConfig) -> reference.ReferenceSet:
+    """The usable reference rows (through ``data.policy``), their identity, image column and captions."""
     ev = cfg.eval
     if ev.dataset in (None, "auto"):
         raise ValueError(f"eval.dataset={ev.dataset!r}: run.py chooses it from the model "
                          "(toolkit.model_defaults); composed by hand, name a reference set")
     if ev.dataset == "held_out":
-        ref, ident = reference.load_held_out(cfg.data, ev.num_ref)
-        return ref, ident, cfg.data.image_column, cfg.data.caption_column
-    ref, ident = reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split, ev.num_ref,
-                                          ev.revision, f"{cfg.paths.cache_dir}/prepared")   # as data.local
-    return ref, ident, ev.image_column, ev.caption_column
+        return reference.load_held_out(cfg.data, ev.num_ref)
+    policy = DataPolicy(**OmegaConf.to_container(cfg.data.policy, resolve=True))
+    return reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split, ev.num_ref,
+                                    ev.revision, f"{cfg.paths.cache_dir}/prepared",   # as data.local
+                                    policy, cfg.data.get("resolution"), cfg.data.get("scan_cache_dir"))
 
 
 def shard_plan(n: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:
@@ -369,7 +372,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     table = results_path(cfg)
 
     loggers = loggers_of(cfg) if rank == 0 else []
-    ref, ref_identity, image_column, caption_column = reference_set(cfg)
+    refset = reference_set(cfg)
+    ref, ref_identity, image_column = refset.rows, refset.identity, refset.image_column
     wanted = parse_metrics(m.compute)
     needs_clip = any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same") for x in wanted)
     clip = load_clip(m.clip_model, fabric.device) if needs_clip else None
@@ -384,7 +388,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                if (x.space in extractors if x.space else x.name in scorers or x.name == "lpips_diversity")]
     skipped = [x.name for x in wanted if x not in metrics]   # CLIP off: said in the row's protocol
     spaces = list(extractors)
-    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[caption_column]]
+    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else refset.captions
     prompts_sha256 = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     prompts, groups = prompt_groups(prompts)
     held = read_prompts(ev.held_out_prompts, "eval.held_out_prompts") if ev.get("held_out_prompts") else None
@@ -413,7 +417,13 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                                 "num_images": n_held}
     if record:
         settings["train"] = record["settings"]
-    key = settings_key(settings)
+    ident = identity(cfg, "evaluation")
+    # keyed by content: an adapter is its SHA-256 (the path stays in the row's settings, for reading)
+    by_content = [{k: v for k, v in a.items() if k != "path"} for a in settings["adapters"]]
+    key = settings_key({**settings, "adapters": by_content, "identity": ident.digest})
+    if rank == 0 and (old := without_identity(read_rows(table))):
+        log.info("%s: %d rows were made before identities were recorded: never reused as this cell's", table,
+                 len(old))
     done = fabric.broadcast(find_row(table, key) if rank == 0 else None, 0)
     if done is not None and not ev.force:
         if rank == 0:
@@ -451,6 +461,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
             for i, img in zip(idx, images):
                 img.save(out / "samples" / f"{i:05d}.png")
         if start == 0:
+            grid.parent.mkdir(parents=True, exist_ok=True)   # eval.save_images=false made no samples/ folder
             make_grid(images[:64], cols=8).save(grid)
         if lp is not None:   # LPIPS pairs a prompt's images, which lie in several shards
             (shard_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -524,7 +535,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                  **{per_image_key(s): f.astype(np.float32) for s, f in fake.items()})
     files = {"per_image": per_image, "grid": grid,
              **{reference_file_key(s): f for s, f in ref_files.items()}}
-    row = {"key": key, "settings": settings, "metrics": metrics_out, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    row = {"key": key, "identity": ident.digest, "settings": settings, "metrics": metrics_out,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "per_prompt": per_prompt(all_prompts, per_img, all_groups, m.level, prompt_index),
            # relative to the table's folder where under it: a moved sweep keeps its files (and pairs)
            "files": {k: stored_path(v, table.parent) for k, v in files.items()},
@@ -541,6 +553,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "images": {"in_distribution": n, "held_out": n_held},
                         "reference_cache": ckeys.get("inception"), "reference_caches": ckeys,
                         "reference_source": ref_source,
+                        "reference_scan": refset.scan,   # the data policy's rejections (data.policy)
                         "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused}},
            "run_dir": str(out), **({"train": record} if record else {})}
     if ev.force:
@@ -550,4 +563,6 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     shutil.rmtree(shard_dir, ignore_errors=True)   # per_image.npz holds what they held
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics_out.items()})
     log_to_loggers(loggers, row, grid, table)
-    return resolved(row, table.parent)
+    # as the table holds it (JSON: tuples are lists), so a row computed now pairs with one read back (a
+    # sweep's second cell reads the shared base row from the table)
+    return resolved(json.loads(json.dumps(row, sort_keys=True, default=str)), table.parent)

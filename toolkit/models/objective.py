@@ -12,7 +12,7 @@ itself. The maths are the pure functions of ``toolkit.models.objectives``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,22 +83,25 @@ class Objective:
                              "noise is the input, so ε-prediction has nothing to learn at t=T (Lin et al. 2024, §3.2)")
         return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
 
-    def captions(self, captions: Sequence[str]) -> list[str]:
+    def captions(self, captions: Sequence[str], generator: objectives.Generators = None) -> list[str]:
         """The batch's captions with caption dropout applied (training only)."""
-        return objectives.drop_captions(captions, self.caption_dropout)
+        return objectives.drop_captions(captions, self.caption_dropout, generator)
 
     def noised(self, scheduler: DDPMScheduler, latents: torch.Tensor, batch: Mapping[str, Any], training: bool,
-               timesteps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Noised:
+               timesteps: torch.Tensor | None = None,
+               draws: Callable[[str], objectives.Generators] | None = None) -> Noised:
         """Draw noise (and timesteps, unless given) for ``latents``; the UNet's input, target and weights.
-        The draws are made in one fixed order, so a seed gives the same batch whatever is switched on."""
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        noise = objectives.offset_noise(noise, self.noise_offset, generator)
+        ``draws(kind)`` gives the generators of each kind of draw (``toolkit.reproducibility.SampleDraws``:
+        one per sample, so a sample's draws depend on the sample only); None: torch's global generator."""
+        gen = draws or (lambda kind: None)
+        noise = objectives.randn(latents.shape, gen("noise"), latents.device)
+        noise = objectives.offset_noise(noise, self.noise_offset, gen("offset"))
         if timesteps is None:
             t = self.timesteps
             timesteps = objectives.sample_timesteps_density(
                 latents.shape[0], scheduler.config.num_train_timesteps, t["scheme"], t["min"], t["max"],
-                t["logit_mean"], t["logit_std"], t["mode_scale"], latents.device, generator)
-        seen = objectives.perturb_noise(noise, self.input_perturbation, generator) if training else noise
+                t["logit_mean"], t["logit_std"], t["mode_scale"], latents.device, gen("timestep"))
+        seen = objectives.perturb_noise(noise, self.input_perturbation, gen("perturbation")) if training else noise
         noisy = scheduler.add_noise(latents, seen, timesteps)
         target = objectives.training_target(scheduler, latents, noise, timesteps)
         return Noised(noisy, timesteps, target, self.weights(scheduler, timesteps, batch, latents.device),
