@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # Settings a resume may change: how long to train, how often to checkpoint/sample/validate-log,
 # where and how to log, data-loading speed knobs. Nothing that changes what one step computes.
 RESUMABLE: tuple[str, ...] = (
-    "ckpt_path",
+    "ckpt_path", "max_requeues",
     # the number of processes: the data order is the same on any (toolkit.data.sampler), and the
     # loader refuses a resume whose global batch per step would change
     "trainer.devices", "trainer.num_nodes",
@@ -162,16 +162,52 @@ def launch_args(args: list[str]) -> list[str]:
                                              else "holds no checkpoint (no last.ckpt under it)"))
     if not (run / SAVED / "config.yaml").is_file():
         return args   # a checkpoint without a saved config (not written by run.py): resume as told
-    saved = renamed_overrides([str(x) for x in OmegaConf.load(run / SAVED / "overrides.yaml")])[0]
-    check_resume(run, saved, args)
+    saved = saved_overrides(run)
+    merged = merge_overrides(saved, args)
+    check_resume(run, saved, merged)
     n = 1 + len(list((run / SAVED).glob("resume-*")))
     subdir = f"{SAVED}/resume-{n}" if rank_zero() else "null"
-    return [*saved, *args, f"hydra.output_subdir={subdir}"]
+    return [*merged, f"hydra.output_subdir={subdir}"]
+
+
+def saved_overrides(run: Path) -> list[str]:
+    """The overrides ``run`` was started with (``.hydra/overrides.yaml``), after the config search
+    path it was composed with (``hydra.searchpath``, in ``.hydra/hydra.yaml``): an experiment of
+    the user's own config folder composes again on resume."""
+    saved = renamed_overrides([str(x) for x in OmegaConf.load(run / SAVED / "overrides.yaml")])[0]
+    hydra_file = run / SAVED / "hydra.yaml"
+    hydra = OmegaConf.load(hydra_file).hydra.overrides.hydra if hydra_file.is_file() else []
+    return [*(str(o) for o in hydra if str(o).startswith("hydra.searchpath=")), *saved]
+
+
+def merge_overrides(saved: list[str], args: list[str]) -> list[str]:
+    """``saved`` then ``args``, each setting once. The commands that resume a run repeat its own
+    overrides (a requeued SLURM job, a restarted torchrun group, the rank Lightning's launcher
+    starts with the parent's command line), and Hydra refuses a second ``+key=...``: an override
+    of a key the saved ones set replaces that one where it stands (keeping its ``+``), an
+    identical one is dropped, the rest follow."""
+
+    def keyed(lines: list[str]) -> dict[str, Any]:
+        ok = [a for a in lines if "=" in a and not a.startswith("-")]
+        return {a: (o.key_or_group, o.package) for a, o in zip(ok, _parse(ok))}
+
+    mine = keyed(saved)
+    at = {mine[a]: i for i, a in enumerate(saved) if a in mine}
+    out, given = list(saved), keyed(args)
+    for a in args:
+        i = at.get(given.get(a))
+        if i is None:
+            out.append(a)
+            continue
+        plus = re.match(r"\+*", out[i]).group()
+        out[i] = plus + a.lstrip("+") if plus and not a.startswith("+") else a
+    return out
 
 
 def _plain(args: list[str]) -> list[str]:
-    """The config overrides among ``args`` (no flags, no ``hydra.*``)."""
-    return [a for a in args if "=" in a and not a.startswith(("-", "hydra.", "+hydra.", "++hydra."))]
+    """The overrides among ``args`` that shape the config: no flags, no ``hydra.*`` but the search path."""
+    return [a for a in args if "=" in a and not a.startswith("-") and
+            (not a.lstrip("+").startswith("hydra.") or a.lstrip("+").startswith("hydra.searchpath="))]
 
 
 def _trains(args: list[str]) -> bool:
@@ -184,11 +220,12 @@ def _trains(args: list[str]) -> bool:
 
 
 def check_resume(run: Path, saved: list[str], args: list[str]) -> None:
-    """Refuse ``args`` that change a non-resumable setting of the run saved in ``run``."""
+    """Refuse ``args`` (``merge_overrides(saved, new)``) if they change a non-resumable setting of
+    the run saved in ``run``."""
     from hydra.errors import HydraException
 
     try:
-        before, after = flatten(_container(_compose(saved))), flatten(_container(_compose([*saved, *_plain(args)])))
+        before, after = flatten(_container(_compose(saved))), flatten(_container(_compose(_plain(args))))
     except HydraException as err:
         raise RunDirError(f"cannot resume {run}: its saved overrides ({run / SAVED / 'overrides.yaml'}) and "
                           f"these do not compose with the current conf/: {err}") from None
