@@ -23,12 +23,14 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from toolkit.config import check_overrides, register_resolvers, renamed_overrides  # noqa: E402
-from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
+from toolkit.logs import finish_trackers, once_per_job, route_library_logs  # noqa: E402
 from toolkit.model_defaults import ModelDefaultsError, chosen_lines, model_overrides  # noqa: E402
+from toolkit.run import signals  # noqa: E402
 from toolkit.run.history import record_attempt  # noqa: E402
 from toolkit.run.launch import check_restartable, elastic_resume, job_run_id, shared_run_dir  # noqa: E402
 from toolkit.run.lifecycle import RunDirError, rank_zero  # noqa: E402
 from toolkit.run.resume import launch_args, restore  # noqa: E402
+from toolkit.run.world import LaunchError, adopt_srun_layout, job_world  # noqa: E402
 
 register_resolvers()
 log = logging.getLogger("toolkit")
@@ -36,6 +38,9 @@ log = logging.getLogger("toolkit")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
+    # the job's stop signals, in every phase (also in a submitit cell, which does not pass the entry)
+    signals.install(cfg.get("max_requeues"))
+    once_per_job(job_world().rank)             # routine log lines from rank zero only
     cfg = restore(cfg, cfg.paths.output_dir)   # a resume: the run's saved settings
     record_attempt(cfg)                        # <run>/run_history.jsonl
     task = importlib.import_module(cfg.get("task_module") or f"toolkit.tasks.{cfg.task_name}")
@@ -47,6 +52,8 @@ def main(cfg: DictConfig) -> dict:
     launch_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
         return task.run(cfg)
+    except signals.Stop as stop:   # what was saved is kept; requeued under SLURM, else exit 143
+        signals.exit_for(stop)
     finally:
         finish_trackers()   # the next multirun cell starts its own dashboard run
         end_processes(launch_env)   # ... and its own DDP processes: this cell's are gone
@@ -98,6 +105,16 @@ def entry() -> None:
 
 
 def _entry() -> None:
+    previous = signals.install()   # from the first moment: a signal during start-up stops it (exit 143)
+    try:
+        _start()
+    except signals.Stop as stop:
+        signals.exit_for(stop)
+    finally:
+        signals.restore(previous)
+
+
+def _start() -> None:
     try:
         args, notes = renamed_overrides(sys.argv[1:])
     except ValueError as err:   # a key whose meaning moved (REPLACED)
@@ -107,6 +124,7 @@ def _entry() -> None:
     if problem := check_overrides(args):   # names the nearest valid key; Hydra does not
         sys.exit(f"config error: {problem}")
     try:
+        adopt_srun_layout()           # srun -n N: the tasks per node, or refused before any work
         args = shared_run_dir(args)   # torchrun / srun: one run dir from the job's id
         check_restartable()
         if (resumed := elastic_resume(args)) != args:   # torchrun restarted the group: continue the run
@@ -116,7 +134,7 @@ def _entry() -> None:
             args = resumed
         sys.argv[1:] = launch_args(args)   # a resume: the run's saved overrides + these
         sys.argv[1:] = model_overrides(sys.argv[1:])   # what the user left open, from the model
-    except (RunDirError, ModelDefaultsError, FileNotFoundError) as err:
+    except (RunDirError, ModelDefaultsError, FileNotFoundError, LaunchError) as err:
         sys.exit(f"config error: {err}")
     try:
         main()

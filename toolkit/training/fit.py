@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from toolkit.config import in_multirun
 from toolkit.locate import check_local_or_hub
 from toolkit.models.pretrained import check_resolution
-from toolkit.run import lifecycle
+from toolkit.run import lifecycle, signals
 from toolkit.run.launch import check_world_size
 from toolkit.run.resume import relaunch_as_cell, resume_command
 from toolkit.training.trainer import build_trainer, join_job
@@ -59,7 +59,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lifecycle.fit(trainer, module, datamodule, ckpt_path)
     except lifecycle.Interrupted:
         lifecycle.exit_interrupted(trainer, output_dir, resume)
-    lifecycle.exit_if_stopped(trainer, resume)
+    except signals.Stop as stop:
+        lifecycle.stopped(stop, resume)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics.update(global_step=trainer.global_step, adapter=str(output_dir / "adapter"))
@@ -67,4 +68,5 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("train metrics (%s): %s", output_dir / "train_metrics.json",
                  " · ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    signals.check()   # a signal after the last step: the training is complete, the next phase does not start
     return metrics
