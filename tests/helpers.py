@@ -130,3 +130,33 @@ class WriteBatchKeys(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         with open(self.dirpath / f"rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": trainer.global_step, "keys": keys}) + "\n")
+
+
+class ScancelAt(L.Callback):
+    """Rank 0 asks SLURM to send ``signal`` to every task of this job (``scancel --signal``, what
+    ``--signal=USR1@<s>`` does before a time limit) at the start of optimizer step ``step`` + 1,
+    once per ``marker`` file (a requeued job replays the run's overrides, this callback included)."""
+
+    def __init__(self, step: int, signal: str, marker: str) -> None:
+        self.step, self.signal, self.marker = step, signal, Path(marker)
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        import os
+        import subprocess
+
+        if trainer.is_global_zero and trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(os.environ["SLURM_JOB_ID"])
+            subprocess.run(["scancel", f"--signal={self.signal}", os.environ["SLURM_JOB_ID"]], check=True)
+
+
+class SlowSteps(L.Callback):
+    """Each optimizer step takes at least ``seconds`` (a run long enough to meet a SLURM time limit;
+    waiting changes no number)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        import time
+
+        time.sleep(self.seconds)
