@@ -174,9 +174,12 @@ def saved_overrides(run: Path) -> list[str]:
     """The overrides ``run`` was started with (``.hydra/overrides.yaml``), after the config search
     path it was composed with (``hydra.searchpath``, in ``.hydra/hydra.yaml``): an experiment of
     the user's own config folder composes again on resume."""
-    saved = renamed_overrides([str(x) for x in OmegaConf.load(run / SAVED / "overrides.yaml")])[0]
+    # as written: an override's ${...} is the run's to resolve, not this reader's
+    saved = renamed_overrides([str(x) for x in OmegaConf.to_container(OmegaConf.load(run / SAVED / "overrides.yaml"),
+                                                                       resolve=False)])[0]
     hydra_file = run / SAVED / "hydra.yaml"
-    hydra = OmegaConf.load(hydra_file).hydra.overrides.hydra if hydra_file.is_file() else []
+    hydra = OmegaConf.to_container(OmegaConf.load(hydra_file).hydra.overrides.hydra, resolve=False) \
+        if hydra_file.is_file() else []
     return [*(str(o) for o in hydra if str(o).startswith("hydra.searchpath=")), *saved]
 
 
