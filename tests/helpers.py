@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from toolkit.training.module import LoRADiffusion
@@ -135,10 +136,12 @@ class WriteBatchKeys(L.Callback):
 class ScancelAt(L.Callback):
     """Rank 0 asks SLURM to send ``signal`` to every task of this job (``scancel --signal``, what
     ``--signal=USR1@<s>`` does before a time limit) at the start of optimizer step ``step`` + 1,
-    once per ``marker`` file (a requeued job replays the run's overrides, this callback included)."""
+    once per ``marker`` file (a requeued job replays the run's overrides, this callback included).
+    ``signal`` may map task names to signals (the cells of a sweep), ``task`` naming this one's."""
 
-    def __init__(self, step: int, signal: str, marker: str) -> None:
-        self.step, self.signal, self.marker = step, signal, Path(marker)
+    def __init__(self, step: int, signal: str | dict[str, str], marker: str, task: str | None = None) -> None:
+        self.step, self.marker = step, Path(marker)
+        self.signal = signal[task] if isinstance(signal, dict | DictConfig) else signal
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         import os

@@ -199,12 +199,12 @@ def _wait_pid(path: Path, timeout: float = 30) -> int:
 
 
 if __name__ == "__main__":
+    import signal
     import tempfile
 
     c = start_cluster(Path(tempfile.mkdtemp(prefix="slurm-")))
-    print(f"export SLURM_CONF={c.conf}")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        c.stop()
+    print(f"export SLURM_CONF={c.conf}  # Ctrl-C or SIGTERM stops the cluster", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):   # also when started in the background (SIGINT ignored there)
+        signal.signal(sig, lambda *_: None)
+    signal.pause()
+    c.stop()

@@ -20,6 +20,7 @@ from tests.test_fault_tolerance import ADAPTER, same_tensors, start
 from tests.test_multinode import launched
 from toolkit.data.encoded_cache import ArrayStore, fill
 from toolkit.run import signals
+from toolkit.run.cells import device_slots
 from toolkit.run.world import LaunchError, adopt_srun_layout, job_world
 
 SRUN = {"SLURM_NTASKS": "4", "SLURM_JOB_ID": "9", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
@@ -125,8 +126,8 @@ def cells(sweep: Path) -> list[dict]:
 def test_local_launcher_gives_each_running_cell_its_own_devices(tmp_path):
     """hydra/launcher=local with one GPU per cell and two GPUs to share (named: no GPU is needed to
     see what each cell's environment receives): two cells at a time, on different devices, the
-    third when one is free; CPU cells see no GPU; a cell asking for GPUs where none is visible,
-    or for several tasks, is refused before any cell starts."""
+    third when one is free; CPU cells see no GPU (slots without devices); a cell asking for GPUs
+    where none is visible, or for several tasks, is refused before any cell starts."""
     base = ["-m", "hydra/launcher=local", "+task_module=tests.cell_env", "logger=none"]
     gpu = tmp_path / "gpu"
     res = run_entry([*base, f"hydra.sweep.dir={gpu}", "hydra.launcher.gpus_per_node=1",
@@ -137,10 +138,8 @@ def test_local_launcher_gives_each_running_cell_its_own_devices(tmp_path):
     first, second, third = seen
     assert first["cuda_visible_devices"] != second["cuda_visible_devices"] and second["start"] < first["end"]
     assert third["start"] >= min(first["end"], second["end"]) - 0.5   # waited for a free device
-    cpu = tmp_path / "cpu"
-    res = run_entry([*base, f"hydra.sweep.dir={cpu}", "seed=0,1"], timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert [c["cuda_visible_devices"] for c in cells(cpu)] == ["", ""]
+    assert device_slots(0, ["0", "1"], 3) == [[], [], []]   # CPU cells: no GPU, 3 at once
+    assert device_slots(2, ["4", "GPU-ab", "6", "7", "8"], 1) == [["4", "GPU-ab"], ["6", "7"]]
     for extra, message in ((["hydra.launcher.gpus_per_node=1", "hydra.launcher.visible_gpus=[]"],
                             "hydra.launcher.gpus_per_node=1, but this machine shows no GPU"),
                            (["hydra.launcher.tasks_per_node=2"], "hydra.launcher.tasks_per_node=2: hydra/launcher=")):
@@ -190,3 +189,17 @@ def test_two_jobs_fill_one_cache_at_once(tiny_model, imagefolder_data, tmp_path)
     for i in range(2):
         assert (tmp_path / f"job{i}" / ADAPTER).is_file()
     assert len(list(cache.glob("class_images/*/0000*.png"))) == 8
+
+
+@pytest.mark.slow
+def test_a_ddp_cell_of_the_local_launcher_trains_what_lightnings_two_processes_train(lightning_ddp, tiny_model,
+                                                                                   imagefolder_data, tmp_path):
+    """A ``trainer=ddp trainer.devices=2`` cell of ``hydra/launcher=local``: Lightning's launcher
+    starts the cell's second rank with the toolkit's entry (not submitit's module, which the cell's
+    process runs as), and the cell trains the uninterrupted 2-process adapter, bit for bit."""
+    sweep = tmp_path / "sweep"
+    res = run_entry(["-m", "hydra/launcher=local", f"hydra.sweep.dir={sweep}", "task=train",
+                     *cluster_job_args(tiny_model, imagefolder_data), "trainer=ddp", "trainer.devices=2",
+                     f"paths.cache_dir={tmp_path / 'cache'}", "seed=0"], timeout=1500, env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert same_tensors(sweep / "0" / ADAPTER, lightning_ddp)

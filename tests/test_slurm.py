@@ -103,7 +103,8 @@ def test_one_srun_evaluation_over_two_tasks_resumes_from_its_shards_after_a_sign
     np.testing.assert_allclose(b["features"], a["features"], rtol=1e-10, atol=0)
     for k in ("fid", "kid", "clip_score", "fid_ci_low", "fid_ci_high"):
         assert two[0]["metrics"][k] == pytest.approx(one["metrics"][k], rel=1e-6), k
-    assert log.count(f"eval {one['key']}: ") == 1   # the row's line once (rank 0), not per task
+    assert log.count(f"eval {one['key']}: {{") == 1   # the row's line once (rank 0), not per task
+    assert log.count("All distributed processes registered") == 2   # once per attempt
 
 
 def test_srun_n_is_read_as_tasks_per_node_and_a_batch_script_without_srun_is_refused(slurm, tmp_path):
@@ -165,8 +166,8 @@ def test_a_launcher_sweep_of_eval_train_and_finetune_eval_cells_requeues_and_rer
             f"metrics.clip_model={tiny_clip}", f"eval.dataset={evaldata}", f"metrics.cache_dir={tmp_path / 'ref'}",
             "eval.num_images=6", "eval.steps=2", "eval.batch_size=2", "metrics.interval_groups=6", "eval.num_ref=null",
             "fabric.accelerator=cpu", "eval.save_images=false",
-            "+signal_of={train: KILL, finetune_eval: USR2}", *signal_at(3, "${signal_of.${task_name}}",
-                                                                        Path("${paths.output_dir}/signalled"))]
+            *signal_at(3, "{train: KILL, finetune_eval: USR2}", Path("${paths.output_dir}/signalled")),
+            "+callbacks.limit.task=${task_name}"]
     env = {**job_env(tmp_path), "SLURM_CONF": str(slurm.conf)}
     log = open(tmp_path / "sweep.log", "w")   # noqa: SIM115 - the child holds it
     first = __import__("subprocess").Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path,
@@ -174,7 +175,7 @@ def test_a_launcher_sweep_of_eval_train_and_finetune_eval_cells_requeues_and_rer
     end = time.time() + 1500
     while not ((sweep / "2" / "signalled").exists() and len(jobs(slurm)) == 3 and all(
             j["JobState"] in ("COMPLETED", "FAILED", "CANCELLED") for j in jobs(slurm).values())):
-        assert time.time() < end and first.poll() in (None, 1), (tmp_path / "sweep.log").read_text()[-4000:]
+        assert time.time() < end and first.poll() is None, (tmp_path / "sweep.log").read_text()[-4000:]
         time.sleep(1)
     first.kill()
     first.wait()
@@ -223,3 +224,48 @@ def test_a_job_shorter_than_its_training_survives_its_limits_unattended(slurm, l
     for k in range(1, int(info["Restarts"]) + 1):
         assert f"requeued job {job} ({k} of at most 6 requeues: max_requeues)" in log
     assert log.count("stopped by SIGUSR1 at step") == int(info["Restarts"])
+
+
+# Each command of docs/distributed.md's "On a cluster" and of the launcher configs' comments, and the
+# test that runs it here (with this host's sizes: 1 node, 2 tasks or cells, no GPU).
+RUN_BY = {
+    r"^torchrun --nnodes 2 .*--max-restarts 1 run\.py task=train":
+        "tests/test_multinode.py::test_a_worker_killed_under_max_restarts_restarts_the_group_and_ends_identical",
+    r"^sbatch examples/slurm/train\.sbatch ":
+        "tests/test_slurm.py::test_the_shipped_sbatch_script_warned_of_its_limit_requeues_itself_and_ends_identical",
+    r"^srun -N 1 --ntasks-per-node=\d+ python run\.py task=eval ":
+        "tests/test_slurm.py::test_one_srun_evaluation_over_two_tasks_resumes_from_its_shards_after_a_signal",
+    r"^python run\.py -m hydra/launcher=slurm ":
+        "tests/test_slurm.py::test_a_launcher_sweep_of_eval_train_and_finetune_eval_cells_requeues_and_reruns",
+    r"^python run\.py -m hydra/launcher=local hydra\.launcher\.gpus_per_node=1 ":
+        "tests/test_launchers.py::test_local_launcher_gives_each_running_cell_its_own_devices",
+}
+
+
+def cluster_commands() -> list[str]:
+    """The commands of the "On a cluster" section's shell blocks and of the launcher configs' comments."""
+    from tests.docs import join_continuations, shell_blocks
+
+    text = (ROOT / "docs" / "distributed.md").read_text()
+    section = text[text.index("## On a cluster"):]
+    section = section[:section.index("\n## ", 4)] if "\n## " in section[4:] else section
+    out = [line.strip() for block in shell_blocks(section) for _, line in join_continuations(block)
+           if line.strip() and not line.strip().startswith(("#", "export "))]
+    out += [re.sub(r"^\S*sbatch ", "sbatch ", m) for m in re.findall(r"`(sbatch examples/slurm/[^`]+)`", section)]
+    for config in sorted((ROOT / "conf" / "hydra" / "launcher").glob("*.yaml")):
+        out += [line[1:].strip() for line in config.read_text().splitlines() if line.startswith("#   python run.py")]
+    return out
+
+
+def test_every_cluster_command_is_run_by_a_test_and_the_shown_script_is_the_shipped_one():
+    import importlib
+
+    commands = cluster_commands()
+    assert len(commands) >= 6, commands
+    for command in commands:
+        tests = [t for pattern, t in RUN_BY.items() if re.search(pattern, command)]
+        assert tests, f"no test runs the documented cluster command: {command}"
+        module, name = tests[0].split("::")
+        assert hasattr(importlib.import_module(module[:-3].replace("/", ".")), name), tests[0]
+    text = (ROOT / "docs" / "distributed.md").read_text()
+    assert f"```text\n{SBATCH.read_text()}```" in text   # the docs show the file the test submits

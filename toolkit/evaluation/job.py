@@ -47,6 +47,7 @@ from toolkit.evaluation.scores import (
 )
 from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
+from toolkit.logs import route_library_logs
 from toolkit.metrics import perceptual
 from toolkit.metrics.clip import CLIPScorer, load_clip, load_preference
 from toolkit.metrics.features import FeatureModel
@@ -131,6 +132,7 @@ def build_fabric(cfg: DictConfig) -> Any:
     import torch.distributed as dist
     from lightning import Fabric
 
+    route_library_logs()   # importing lightning (here, for an eval task) gave it its own console handler
     world = job_world()
     joined = dist.is_available() and dist.is_initialized()
     size = dist.get_world_size() if joined else world.size if world.external else 1

@@ -13,20 +13,18 @@ cells (``gpus_per_node`` 0 or null) see no GPU and run ``max_parallel`` at a tim
 core, ``tasks_per_node`` 1). A cell that asks for GPUs where there are none, or for more than
 there are, is refused before any cell starts, naming the key. Hand-written: submitit's executor
 takes one device list per submission, and Hydra's launcher submits the whole sweep as one array.
+The launcher class is ``hydra_plugins.toolkit_launchers.LocalCells`` (Hydra instantiates launchers
+from the ``hydra_plugins`` namespace only); what it decides is here.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import queue
 import shlex
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 
 
 def visible_devices() -> list[str]:
@@ -53,46 +51,28 @@ def device_slots(gpus_per_cell: int, visible: Sequence[str], cpu_cells: int) -> 
     return [list(visible[i: i + gpus_per_cell]) for i in range(0, len(visible) - gpus_per_cell + 1, gpus_per_cell)]
 
 
-class LocalCells(LocalLauncher):
-    """Hydra's submitit ``LocalLauncher``, one cell per free device slot.
+def launch_cells(cells: Sequence[Sequence[str]], slots: list[list[str]], setup: Sequence[str],
+                 launch_one: Any) -> list[Any]:
+    """Run ``launch_one(index, overrides, setup lines)`` for every cell, as many at once as there
+    are ``slots``, each with its slot's devices (exported in the shell that starts the cell, over
+    submitit's own ``CUDA_VISIBLE_DEVICES``, which it gives every cell alike)."""
+    free: queue.Queue[list[str]] = queue.Queue()
+    for slot in slots:
+        free.put(slot)
 
-    Args:
-        max_parallel: CPU cells running at once (null: one per core).
-        visible_gpus: the GPUs to share out (null: what this process sees).
-        **params: hydra_submitit_launcher's local parameters (``gpus_per_node`` per cell, ...).
-    """
-
-    def __init__(self, max_parallel: int | None = None, visible_gpus: Sequence[Any] | None = None,
-                 **params: Any) -> None:
-        super().__init__(**params)
-        self.max_parallel = max_parallel
-        self.visible_gpus = None if visible_gpus is None else [str(d) for d in visible_gpus]
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        if int(self.params.get("tasks_per_node") or 1) != 1:
-            raise ValueError(f"hydra.launcher.tasks_per_node={self.params['tasks_per_node']}: hydra/launcher=local "
-                             "starts one process per cell (its tasks would not form one job); for DDP inside a "
-                             "cell use trainer=ddp, whose launcher starts the ranks: set "
-                             "hydra.launcher.tasks_per_node=1")
-        gpus = int(self.params.get("gpus_per_node") or 0)
-        visible = self.visible_gpus if self.visible_gpus is not None else (visible_devices() if gpus else [])
-        slots = device_slots(gpus, visible, min(len(job_overrides), self.max_parallel or os.cpu_count() or 1))
-        free: queue.Queue[list[str]] = queue.Queue()
-        for slot in slots:
+    def one(i: int, overrides: Sequence[str]) -> Any:
+        slot = free.get()
+        try:
+            return launch_one(i, overrides, [f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(slot))}", *setup])
+        finally:
             free.put(slot)
 
-        def one(i: int, overrides: Sequence[str]) -> JobReturn:
-            slot = free.get()
-            try:
-                cell = copy.copy(self)
-                # the slot's devices, by name (ids or UUIDs): set in the shell that starts the cell,
-                # over submitit's own CUDA_VISIBLE_DEVICES (which it gives every cell alike)
-                setup = [f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(slot))}",
-                         *(self.params.get("setup") or [])]
-                cell.params = {**self.params, "gpus_per_node": 0, "setup": setup}
-                return LocalLauncher.launch(cell, [overrides], initial_job_idx + i)[0]
-            finally:
-                free.put(slot)
+    with ThreadPoolExecutor(len(slots)) as pool:
+        return list(pool.map(one, range(len(cells)), cells))
 
-        with ThreadPoolExecutor(len(slots)) as pool:
-            return list(pool.map(one, range(len(job_overrides)), job_overrides))
+
+def check_tasks(tasks_per_node: int) -> None:
+    if tasks_per_node != 1:
+        raise ValueError(f"hydra.launcher.tasks_per_node={tasks_per_node}: hydra/launcher=local starts one process per "
+                         "cell (its tasks would not form one job); for DDP inside a cell use trainer=ddp, whose "
+                         "launcher starts the ranks: set hydra.launcher.tasks_per_node=1")

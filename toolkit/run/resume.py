@@ -100,12 +100,20 @@ def resume_command(run: str | Path) -> str:
 def relaunch_as_cell(ckpt_path: str | None) -> None:
     """In a multirun cell, make the command Lightning's DDP launcher re-runs for the other ranks
     (``sys.argv`` plus ``hydra.run.dir``) run this cell, not the sweep again: the cell's own
-    resolved overrides (no ``-m``, no sweep syntax), its run dir, and its resume decision."""
+    resolved overrides (no ``-m``, no sweep syntax), its run dir, and its resume decision. In a
+    cell that submitit started (``hydra/launcher=local``: ``python -m submitit.core._submit``),
+    Lightning would re-run submitit's module: the other ranks run the toolkit's entry instead."""
+    import importlib.util
     import sys
 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
 
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None and spec.name.split(".")[0] not in ("toolkit", "miniature"):
+        __main__.__spec__ = importlib.util.find_spec("toolkit.__main__")   # Lightning runs python -m <this>
     hc = HydraConfig.get()
     args = [a for a in hc.overrides.task if not a.startswith("ckpt_path=")]
     sys.argv[1:] = [*args, *([f"ckpt_path={ckpt_path}"] if ckpt_path else [])]
