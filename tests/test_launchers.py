@@ -175,6 +175,7 @@ def test_ranks_split_one_to_do_list_while_another_job_fills_the_same_cache(tmp_p
     assert sorted(done) == list(range(12)) and all(len(s) == 12 for s in stores)
 
 
+@pytest.mark.slow
 def test_two_jobs_fill_one_cache_at_once(tiny_model, imagefolder_data, tmp_path):
     """Two 2-process jobs (Lightning's launcher) start together on one cache folder, with prior
     preservation: both finish, the cache and the class images complete (no "items still missing")."""

@@ -35,7 +35,7 @@ from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import make_grid
 from toolkit.report import write_report
 from toolkit.results import read_rows
-from toolkit.run import lifecycle
+from toolkit.run import lifecycle, signals
 from toolkit.training.fit import train
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("train-and-evaluate cell %s already in %s: skipped", cell, table)
         return {"finetuned": finished["metrics"], "skipped": True}
     train_metrics = train_or_resume(cfg, out)
+    signals.check()       # a stop signal after the last step: the training is kept, the evaluation not begun
     lifecycle.barrier()   # rank zero wrote the adapter: every rank reads it next
     record = {"settings": train_settings, "metrics": train_metrics, "run_dir": str(out), "cell": cell}
     rows = {}

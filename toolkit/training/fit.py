@@ -68,5 +68,4 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("train metrics (%s): %s", output_dir / "train_metrics.json",
                  " · ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-    signals.check()   # a signal after the last step: the training is complete, the next phase does not start
     return metrics
