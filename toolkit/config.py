@@ -110,6 +110,8 @@ def check_overrides(args: list[str]) -> str | None:
     from hydra.errors import ConfigCompositionException
 
     lines = [a for a in args if "=" in a and not a.startswith("-")]
+    if secret := credentials_in(lines):   # before anything could print or save the value
+        return secret
     try:
         parsed = OverridesParser.create().parse_overrides(lines)
     except Exception:   # noqa: BLE001 - a syntax error: Hydra's own message is precise
@@ -119,7 +121,8 @@ def check_overrides(args: list[str]) -> str | None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
-            return ignored_by_task(compose("config", overrides=plain), parsed)
+            composed = compose("config", overrides=plain)
+            return credentials_in([], composed) or ignored_by_task(composed, parsed)
         except ConfigCompositionException as err:
             text = f"{err} {err.__cause__ or ''}"
         m = re.search(r"full_key: (\S+)", text) or re.search(r"Could not (?:override|append to) '([^']+)'", text)
@@ -137,6 +140,49 @@ def check_overrides(args: list[str]) -> str | None:
     hint = f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
     return (f"unknown config key {bad!r} in {where}{hint} "
             "(python run.py --cfg job prints every valid key; prefix a new key with '+' to add it)")
+
+
+# A URL's user info (``scheme://user:secret@host``) or a query naming a secret (presigned URLs).
+_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]*@")
+_SECRET_QUERY = re.compile(r"[?&][A-Za-z0-9_-]*(signature|credential|token|secret|password)=", re.IGNORECASE)
+
+
+def has_credentials(value: str) -> bool:
+    """Whether a config value holds a URL carrying credentials (``s3://key:secret@bucket``,
+    ``http://user:pass@endpoint``, a presigned query): they would be saved with the run."""
+    return bool(_URL_USERINFO.search(value) or _SECRET_QUERY.search(value))
+
+
+def redact_url(value: str) -> str:
+    """``value`` with every URL's user info and query replaced by ``<redacted>``."""
+    value = _URL_USERINFO.sub(lambda m: m.group(0).split("://")[0] + "://<redacted>@", value)
+    return re.sub(r"\?[^\s,\]]*", "?<redacted>", value) if _SECRET_QUERY.search(value) else value
+
+
+def _strings(node: Any, key: str = "") -> Any:
+    """(dotted key, value) of every string leaf of a plain container, lists included."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(node, str):
+        yield key, node
+
+
+def credentials_in(args: list[str], cfg: DictConfig | None = None) -> str | None:
+    """A message if an override (or, composed, a config file's value) is a URL carrying
+    credentials, naming the key with the secret redacted; checked before Hydra saves the config."""
+    found = [(a.partition("=")[0].lstrip("+~"), a.partition("=")[2]) for a in args if "=" in a]
+    if cfg is not None:
+        found += list(_strings(OmegaConf.to_container(cfg, resolve=False)))
+    bad = next(((k, v) for k, v in found if has_credentials(v)), None)
+    if bad is None:
+        return None
+    return (f"{bad[0]}={redact_url(bad[1])}: credentials in a URL would be saved with the run's config and logs; "
+            "give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a credentials file "
+            "(~/.aws/credentials), and the URL without them")
 
 
 # Read by every task (or by the entry itself): never refused as ignored.

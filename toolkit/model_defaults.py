@@ -8,8 +8,10 @@ model before Hydra composes the run, as if the user had typed it, so the choice 
 saved overrides and config (a resume replays it) and under ``chosen.<key>`` with its reason,
 which the task logs once at start:
 
-- ``data.resolution`` (null): the model's native size, UNet ``sample_size`` x VAE factor;
-- ``module`` (``auto``): the family's preset (``PRESETS``); the embedded miniature keeps its own;
+- ``data.resolution`` (null): the model's native size, UNet ``sample_size`` x VAE factor (training,
+  and ``task=prepare``: the smallest side it keeps);
+- ``module`` (``auto``): the family's preset (``PRESETS``); the embedded miniature keeps its own
+  (training, and ``task=prepare`` for ``prepare.encode=true``);
 - ``eval.dataset`` (``auto``): the miniature's held-out style split for the embedded model on its
   style set; for any other model the held-out part of ``data.path`` (``held_out``: the images the
   datamodule keeps out of training) when it has at least ``MIN_REFERENCE`` images, else an error
@@ -41,6 +43,9 @@ EMBEDDED_NUM_REF = 500
 MIN_REFERENCE = 200
 EVAL_TASKS = ("eval", "finetune_eval")
 TRAIN_TASKS = ("train", "finetune_eval")
+# task=prepare builds the training data (the smallest side kept is data.resolution) and, with
+# prepare.encode=true, the training module: both follow the model as in training
+MODEL_TASKS = (*TRAIN_TASKS, "prepare")
 
 
 class ModelDefaultsError(ValueError):
@@ -104,7 +109,7 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
     model, clip, style = ((data / p) if data else None for p in (EMBEDDED_MODEL, EMBEDDED_CLIP, EMBEDDED_STYLE))
     embedded = same_path(m.name_or_path, model)
     out: dict[str, tuple[Any, str]] = {}
-    if task in TRAIN_TASKS:
+    if task in MODEL_TASKS:
         if cfg.hydra.runtime.choices.get("module") == "auto":
             if embedded:
                 out["module"] = (EMBEDDED_PRESET, "the embedded miniature's own preset")

@@ -195,7 +195,11 @@ def save_diffusers(layers: Layers, out_dir: str | Path, family: type[ModelFamily
     for comp, lay in layers.items():
         if lay:
             kwargs[f"{comp}_lora_layers"] = peft_state_dict(lay)
-            kwargs[f"{comp}_lora_adapter_metadata"] = peft_config(lay).to_dict()
+            config = peft_config(lay).to_dict()
+            # peft keeps target_modules as a set: sorted, the file's bytes (and its SHA-256) do not depend on
+            # the process's string-hash seed
+            config["target_modules"] = sorted(config["target_modules"])
+            kwargs[f"{comp}_lora_adapter_metadata"] = config
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
         family.pipeline_class.save_lora_weights(tmp, **kwargs)
         if metadata:   # diffusers' writer takes no metadata of ours: add it to the file it wrote

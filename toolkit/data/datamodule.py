@@ -269,6 +269,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
                                      self.image_column, self.caption_column, self.revision, self.local)
         self.train_set = self._wrap(train, train=True)
         self.val_set = self._wrap(val, train=False) if val is not None else None
+        if isinstance(train, PreparedDataset):   # never rescanned: its prepare's policy must be this run's
+            train.check_plan(self.policy.min_side or self.resolution, self.policy)
         if self.policy.scan:
             report = self._scan_once()
             for name, ds in (("train", self.train_set), ("val", self.val_set)):

@@ -7,14 +7,22 @@ first use into ``data.local`` (node-local scratch; files named by their SHA-256,
 arrival, so runs sharing the folder share the files safely); a sample is one read at its span,
 checked against its SHA-256. Map-style (any sample by its index), so the toolkit's resumable
 sampler keeps exact resume and world-size independence; the shards stay readable by wids and
-webdataset (tested). The data policy ran at prepare time: the scan is not repeated (``scan_result``).
+webdataset (tested). The data policy ran at prepare time: the scan is not repeated
+(``scan_result``), and a run whose policy would keep other items is refused (``check_plan``).
+
+A prepared set is untrusted input. Start-up checks all of it before anything is fetched: the
+JSON files' sizes (``toolkit.data.names.MAX_JSON_BYTES``), every name that becomes a path (shard
+URLs, sidecars, encoded files: ``toolkit.data.names``), every SHA-256, and each sample's byte span
+against its shard's recorded size. A fetch streams to disk, hashing as it goes, and stops at the
+first byte past the recorded size; the tar is never extracted, so its member names never become
+paths.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
 from bisect import bisect_right
 from pathlib import Path
 from typing import Any
@@ -22,9 +30,12 @@ from typing import Any
 import numpy as np
 
 from toolkit.atomic import atomic_open
-from toolkit.data.shards import ENCODED, INDEX, sidecar_name
-from toolkit.data.storage import StorageError, open_store
-from toolkit.data.validate import ScanResult
+from toolkit.data.names import UnsafeName, check_name
+from toolkit.data.shards import ENCODED, INDEX, check_encoded, check_shard, check_sidecar, sidecar_name
+from toolkit.data.storage import StorageError, open_store, parse_json, read_json
+from toolkit.data.validate import DataPolicy, ScanResult
+
+CHUNK = 4 * 2**20   # a fetch streams in pieces of this size
 
 
 class BadShard(RuntimeError):
@@ -48,13 +59,18 @@ class PreparedDataset:
         if not store.exists(INDEX):
             raise StorageError(f"{url} is not a prepared dataset (no {INDEX}): write one with "
                                f"python run.py task=prepare data.path=<your data> prepare.output={url}")
-        raw = store.get(INDEX)
-        self.index = json.loads(raw)
+        raw = store.get(INDEX)   # below MAX_JSON_BYTES
         self._fingerprint = hashlib.sha256(raw).hexdigest()
-        self.shards = self.index["shardlist"]
-        self.samples = [s for meta in self.shards for s in json.loads(store.get(sidecar_name(meta["url"])))["samples"]]
-        # prepare.encode=true: {store folder: {"settings", "files": {name: sha256}}} (EncodedCache reads them)
-        self.encoded = json.loads(store.get(ENCODED))["stores"] if store.exists(ENCODED) else {}
+        self.index = parse_json(raw, f"{url}/{INDEX}")
+        shards = self.index.get("shardlist") if isinstance(self.index, dict) else None
+        if not isinstance(shards, list):
+            raise UnsafeName(f"{url}/{INDEX}: no shardlist; refused (not a prepared set's index)")
+        self.shards = [check_shard(meta, f"{url}/{INDEX} shard {j}") for j, meta in enumerate(shards)]
+        self.samples = [s for meta in self.shards for s in check_sidecar(
+            read_json(store, sidecar_name(meta["url"])), meta, f"{url}/{sidecar_name(meta['url'])}")]
+        # prepare.encode=true: {store folder: {"settings", "files": {name: sha256}, "sizes": {name: bytes}}}
+        encoded = read_json(store, ENCODED) if store.exists(ENCODED) else {"stores": {}}
+        self.encoded = check_encoded(encoded.get("stores") if isinstance(encoded, dict) else None, f"{url}/{ENCODED}")
         self.starts = list(np.cumsum([0] + [s["nsamples"] for s in self.shards])[:-1])
         self.rows = list(range(len(self.samples)))
         self.column_names = [image_column, caption_column]
@@ -85,24 +101,50 @@ class PreparedDataset:
         return ScanResult(keep=list(range(len(self))), total=len(self),
                           sizes=[[self.samples[r]["width"], self.samples[r]["height"]] for r in self.rows])
 
-    def _fetch(self, name: str, sha256: str, path: Path, listed_in: str = INDEX) -> Path:
-        """``name`` from the store into ``path`` (once; checked against the ``sha256`` that
-        ``listed_in`` records, written whole)."""
-        if not path.is_file():
-            if self._store is None:
-                self._store = open_store(self.url, self.endpoint_url)
-            data = self._store.get(name)
-            if hashlib.sha256(data).hexdigest() != sha256:
+    def _fetch(self, name: str, sha256: str, size: int | None, path: Path, listed_in: str = INDEX) -> Path:
+        """``name`` from the store into ``path`` (once): streamed to disk, hashed as it arrives, stopped
+        at the first byte past ``size``, published only when its size and the ``sha256`` that
+        ``listed_in`` records match. Hand-written rather than boto3's managed download: that writes
+        parts out of order, so the SHA-256 could not be computed as the bytes arrive."""
+        if path.is_file():
+            return path
+        if self._store is None:
+            self._store = open_store(self.url, self.endpoint_url)
+        digest, n = hashlib.sha256(), 0
+        with self._store.open_read(name) as src, atomic_open(path) as out:
+            while chunk := src.read(CHUNK):
+                n += len(chunk)
+                if size is not None and n > size:
+                    raise BadShard(f"{self.url}/{name} holds more than the {size:,} bytes {listed_in} records; "
+                                   "stopped reading it (nothing was kept): the set was damaged or tampered with")
+                digest.update(chunk)
+                out.write(chunk)
+            if size is not None and n != size:
+                raise BadShard(f"{self.url}/{name} holds {n:,} bytes, {listed_in} records {size:,}: the file "
+                               "changed or was damaged; prepare the set again")
+            if digest.hexdigest() != sha256:
                 raise BadShard(f"{self.url}/{name}: its bytes do not match the SHA-256 in {listed_in} "
                                f"({sha256[:12]}…): the file changed or was damaged; prepare the set again")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(path) as f:
-                f.write(data)
         return path
 
     def _shard_file(self, j: int) -> Path:
-        meta = self.shards[j]
-        return self._fetch(meta["url"], meta["sha256"], self.local / f"{meta['sha256']}.tar")
+        meta = self.shards[j]   # checked at start-up: a name inside the set, a hex SHA-256, a size
+        return self._fetch(meta["url"], meta["sha256"], meta["filesize"], self.local / f"{meta['sha256']}.tar")
+
+    def check_plan(self, min_side: int, policy: DataPolicy) -> None:
+        """Refuse a run whose data policy would keep other items than the set holds (training never
+        rescans a prepared set), naming both settings."""
+        plan = self.index.get("toolkit") or {}
+        prepared, run = kept_by(plan.get("policy"), plan.get("min_side")), kept_by(policy, min_side)
+        if "skip" not in (prepared["small_images"], run["small_images"]):   # upscaled: kept whatever the side
+            del prepared["min_side"], run["min_side"]
+        if prepared != run:
+            diff = "; ".join(f"{k}: {prepared[k]} (prepared) ≠ {run[k]} (this run)"
+                             for k in run if prepared[k] != run[k])
+            raise ValueError(f"{self.url} was prepared with a data policy that keeps other items than this run's "
+                             f"({diff}); training never rescans a prepared set: prepare it again with this run's "
+                             "data.policy and data.resolution (or model), or train with the settings it was prepared "
+                             "with")
 
     def fetch_encoded(self, name: str, settings: dict[str, Any], dest: Path) -> bool:
         """The prepared rows of encoded store ``name`` into ``dest`` (an ``ArrayStore`` folder; arrays
@@ -122,8 +164,10 @@ class PreparedDataset:
                 "fingerprints hash each encoder's config and weights. Prepare again with this run's model and data "
                 "settings (task=prepare prepare.encode=true), or encode here: "
                 "callbacks.encoded_cache.from_prepared=false")
-        for file in sorted(entry["files"], key=lambda f: (f.endswith(".keys.json"), f)):
-            self._fetch(f"encoded/{name}/{file}", entry["files"][file], dest / file, ENCODED)
+        sizes = entry.get("sizes", {})   # recorded since 0.3; earlier sets: the SHA-256 alone
+        for file in sorted(entry["files"], key=lambda f: (f.endswith(".keys.json"), f)):   # names checked at start-up
+            self._fetch(f"encoded/{name}/{file}", entry["files"][file], sizes.get(file),
+                        dest / check_name(file, f"{self.url}/{ENCODED} store {name} file", single=True), ENCODED)
         return True
 
     def select(self, rows: Any) -> PreparedDataset:   # as ``datasets.Dataset.select``
@@ -142,12 +186,25 @@ class PreparedDataset:
         # One pread at the span task=prepare recorded, not wids' reader: wids opens a shard by indexing
         # every tar member in Python and keeps 10 open, so a shuffled order over more shards than
         # that re-opens one on nearly every sample (measured: 57 -> 23.5 img/s at 100 shards).
-        offset, size = meta["span"]
+        offset, size = meta["span"]   # checked at start-up: inside the shard's recorded size
         with open(self._shard_file(bisect_right(self.starts, row) - 1), "rb") as f:   # fetched and verified
             data = os.pread(f.fileno(), size, offset)
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        if len(data) != size or hashlib.sha256(data).hexdigest() != meta["sha256"]:
             raise BadShard(f"{self.url}: sample {row} ({meta['source']}) does not match its SHA-256 in the sidecar")
         return {self.image_column: {"bytes": data, "path": meta["source"]}, self.caption_column: meta["caption"]}
+
+
+def kept_by(policy: DataPolicy | dict[str, Any] | str | None, min_side: int | None) -> dict[str, Any]:
+    """What decides which items a prepare keeps, and with which captions: the policy's
+    ``small_images``, ``captions`` and ``max_image_pixels``, and the smallest side (which counts
+    only where small images are skipped: upscaled ones are kept whatever it is)."""
+    if isinstance(policy, DataPolicy):
+        policy = policy.deciding()
+    elif isinstance(policy, str):   # sets prepared before the plan recorded these fields: its repr
+        found = {m.group(1): m.group(2) for m in re.finditer(r"(\w+)=('[^']*'|None|\d+)", policy)}
+        policy = {k: None if v == "None" else int(v) if v.isdigit() else v.strip("'") for k, v in found.items()}
+    fields = {k: (policy if isinstance(policy, dict) else {}).get(k) for k in DataPolicy().deciding()}
+    return {**fields, "min_side": min_side}
 
 
 class _Captions:

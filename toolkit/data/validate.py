@@ -33,11 +33,13 @@ from toolkit.logs import progress
 log = logging.getLogger(__name__)
 
 
-# Source problems no caption policy can fix: which caption belongs to which image is unknown.
-NEVER_GUESSED = ("duplicate name",)
-# What a source may say about a caption ("<reason>" or "<reason> (<detail>)"); the reason is the
-# report's key, exactly one of these.
-CAPTION_REASONS = ("missing caption", "empty caption", "caption not UTF-8", "duplicate name", "no metadata row")
+# Source problems no caption policy can fix: which caption belongs to which image is unknown, or
+# the row names a file outside the dataset (never read).
+NEVER_GUESSED = ("duplicate name", "path outside the dataset")
+# What a source may say about a row before its image is read ("<reason>" or "<reason> (<detail>)");
+# the reason is the report's key, exactly one of these.
+CAPTION_REASONS = ("missing caption", "empty caption", "caption not UTF-8", "duplicate name", "no metadata row",
+                   "path outside the dataset")
 
 
 class BadItem(ValueError):
@@ -90,6 +92,11 @@ class DataPolicy:
         if self.max_image_pixels and hard and self.max_image_pixels > hard:
             raise ValueError(f"data.policy.max_image_pixels={self.max_image_pixels} is above {hard}, the size Pillow "
                              "refuses to open (2 × PIL.Image.MAX_IMAGE_PIXELS); use at most that")
+
+    def deciding(self) -> dict[str, Any]:
+        """The fields that decide which items a scan keeps, and with which captions, besides the
+        smallest side (a prepared set records them; training compares them)."""
+        return {k: getattr(self, k) for k in ("small_images", "captions", "max_image_pixels")}
 
     def pixel_limit(self) -> tuple[int | None, str]:
         """The limit in force and where it comes from."""

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from toolkit.atomic import atomic_open
+from toolkit.data.sources import CAPTION_PROBLEM
 from toolkit.evaluation import reference
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
@@ -275,7 +276,8 @@ def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, 
     real = {s: v for s, v in found.items() if v is not None}
     if missing:
         idx = shard(len(ref), rank, world, m.feature_batch_size)
-        images = [reference.reference_image(ref[i][image_column], ref_size) for i in idx]
+        rows = (ref[i] for i in idx)
+        images = [reference.reference_image(r[image_column], ref_size, r.get(CAPTION_PROBLEM)) for r in rows]
         for s in missing:
             feats = extractors[s](images, desc=f"reference features ({s})")
             real[s] = np.stack(gather_by_index(idx, list(feats), world))

@@ -20,7 +20,7 @@ from PIL import Image
 
 from toolkit.atomic import atomic_open
 from toolkit.data.prepared import PreparedDataset
-from toolkit.data.sources import detect_format, fingerprint_files, held_out, load_captioned
+from toolkit.data.sources import PATH_OUTSIDE, detect_format, fingerprint_files, held_out, load_captioned
 from toolkit.data.transforms import crop_box, resize_to_cover
 from toolkit.data.validate import BadItem, DataPolicy, decode_image, item_name
 from toolkit.metrics.intervals import Reference
@@ -71,12 +71,15 @@ def _first(ds: Any, num: int | None, what: str, ident: dict[str, Any], image_col
     return ds, {**ident, "image_column": image_column, "caption_column": caption_column, "n": len(ds)}
 
 
-def reference_image(item: Any, size: tuple[int, int] | None = None) -> Image.Image:
+def reference_image(item: Any, size: tuple[int, int] | None = None, problem: str | None = None) -> Image.Image:
     """A reference image as 8-bit RGB (the loader hands out undecoded path/bytes items), brought
     to the generated images' ``size`` (width, height) the way training data is (bicubic resize
     to cover, centre crop): real and generated images then reach Inception through the same
     upscaling, as in the ADM evaluation protocol. A bad reference file stops the evaluation
-    naming it: silently dropping one would change N."""
+    naming it: silently dropping one would change N; so does a metadata row naming a file outside
+    the dataset (``problem``: the source's verdict on the row; that file is never read)."""
+    if problem and problem.startswith(PATH_OUTSIDE):
+        raise ValueError(f"reference image {item_name(item, -1)}: {problem}; fix or remove its metadata row")
     try:
         img = decode_image(item, DataPolicy(), min_side=1)[0]
     except BadItem as bad:
