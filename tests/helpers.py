@@ -144,12 +144,13 @@ class ScancelAt(L.Callback):
         self.signal = signal[task] if isinstance(signal, dict | DictConfig) else signal
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        import os
         import subprocess
 
+        from toolkit.run.signals import slurm_job
+
         if trainer.is_global_zero and trainer.global_step == self.step and not self.marker.exists():
-            self.marker.write_text(os.environ["SLURM_JOB_ID"])
-            subprocess.run(["scancel", f"--signal={self.signal}", os.environ["SLURM_JOB_ID"]], check=True)
+            self.marker.write_text(slurm_job())
+            subprocess.run(["scancel", f"--signal={self.signal}", slurm_job()], check=True)
 
 
 class SlowSteps(L.Callback):

@@ -90,6 +90,12 @@ def test_requeues_stop_at_max_requeues_and_only_the_time_limit_warning_requeues(
         assert signals.requeue(signals.Stop("SIGTERM")) == ""   # preemption / scancel: SLURM decides
         launched(monkeypatch, SRUN)                             # rank 3: rank 0 requeues
         assert signals.requeue(signals.Stop("SIGUSR1")) == "" and len(calls) == 1
+        # a task of an array job (a submitit sweep): its own id may be the array's, which names every task
+        launched(monkeypatch, {**SRUN, "SLURM_PROCID": "0", "SLURM_JOB_ID": "7", "SLURM_ARRAY_JOB_ID": "7",
+                               "SLURM_ARRAY_TASK_ID": "2"})
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+        assert signals.requeue(signals.Stop("SIGUSR2")).startswith("requeued job 7_2 ")
+        assert calls[-1] == ["scontrol", "requeue", "7_2"]
     finally:
         signals.install(max_requeues=signals.DEFAULT_MAX_REQUEUES)
 

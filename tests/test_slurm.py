@@ -194,7 +194,7 @@ def test_a_launcher_sweep_of_eval_train_and_finetune_eval_cells_requeues_and_rer
     assert read_rows(sweep / "results.jsonl") == rows
     assert [h["event"] for h in history(sweep / "2")] == ["start", "rerun", "resume"]
     cell_logs = "\n".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
-    assert re.search(r"requeued job \d+ \(1 of at most 3 requeues: max_requeues\)", cell_logs)
+    assert re.search(r"requeued job [\d_]+ \(1 of at most 3 requeues: max_requeues\)", cell_logs)
     assert "already in" in cell_logs
 
 

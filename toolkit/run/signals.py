@@ -126,13 +126,22 @@ def forward_to(processes: list[Any]) -> None:
     _JOB.children = list(processes)
 
 
+def slurm_job() -> str:
+    """This job as scontrol and scancel name it: ``<array id>_<task>`` for a task of an array job
+    (submitit's sweeps), whose own ``SLURM_JOB_ID`` may be the array's id, which names every task."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env["SLURM_JOB_ID"]
+
+
 def requeue(stop: Stop) -> str:
     """Rank 0 of a SLURM job warned of its time limit requeues it, at most ``max_requeues`` times
     (``SLURM_RESTART_COUNT``); returns what was done, for the log."""
     world = job_world()
     if stop.name not in TIME_LIMIT_SIGNALS or world.launcher != "slurm" or world.rank != 0:
         return ""
-    job, done = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    job, done = slurm_job(), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     if done >= _JOB.max_requeues:
         return (f"job {job} not requeued: it was requeued {done} times already (max_requeues={_JOB.max_requeues}); "
                 "submit it again, or raise max_requeues")
