@@ -43,7 +43,12 @@ def test_resume_is_the_saved_overrides_then_the_new_ones(tmp_path):
     assert launch_args(args) == [*SAVED, *args, "hydra.output_subdir=.hydra/resume-1"]
     (run / ".hydra" / "resume-1").mkdir()
     more = [*args, "trainer.max_steps=800", "logger=csv", "data.num_workers=2", *SAVED]   # extend; repeat all
-    assert launch_args(more) == [*SAVED, *more, "hydra.output_subdir=.hydra/resume-2"]
+    # each setting once: a new value replaces the saved one where it stands, a repeated one is dropped
+    # (Hydra refuses a second +key=..., which a requeued job's command line repeats); the last one wins
+    assert launch_args(more) == [*SAVED, *args, "logger=csv", "data.num_workers=2",
+                                 "hydra.output_subdir=.hydra/resume-2"]
+    extended = ["task=train", "data.path=/my/data", "trainer.max_steps=800", "data.resolution=16"]
+    assert launch_args([*args, *SAVED, "trainer.max_steps=800"])[:4] == extended
 
 
 def test_changed_setting_on_resume_is_refused_naming_the_saved_value(tmp_path):

@@ -86,14 +86,18 @@ def read_keys(path: Path) -> list[str]:
 
 def fill(store: ArrayStore, keys: Sequence[str], inputs: Sequence[Any], encode: Callable[[list[Any]], np.ndarray],
          batch_size: int, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None,
-         desc: str = "encoding") -> int:
+         desc: str = "encoding", agree: Callable[[Any], Any] = lambda todo: todo) -> int:
     """Encode the inputs whose key is missing, this rank's share of them, in batches; returns
-    how many this rank encoded. All ranks see every shard after the barrier."""
-    # Every rank must split the same list: a rank that starts late would otherwise see rows another
-    # has already written, split a shorter list, and leave items nobody encodes.
+    how many this rank encoded. All ranks see every shard after the barrier.
+
+    The to-do list is decided once for the job: after a barrier (no rank of this job has written
+    yet), the group's leader reads the store and ``agree`` hands its list to every rank (a
+    broadcast). Reading the store on each rank instead let two jobs sharing a cache folder split
+    different lists (the other job writes between the ranks' reads): items nobody encoded. Rows
+    another job writes meanwhile are simply found at the end."""
     barrier()
     store.refresh()
-    todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
+    todo = agree(sorted({k: i for i, k in enumerate(keys) if k not in store}.values()))
     # Whole batches dealt round-robin: a batch holds the same items whatever the number of ranks
     # (or nodes building their own copy), so the rows are bit-identical to a one-process build
     # (convolutions' numerics depend on the batch they run in).

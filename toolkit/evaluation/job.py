@@ -50,6 +50,7 @@ from toolkit.evaluation.scores import (
 )
 from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
+from toolkit.logs import route_library_logs
 from toolkit.metrics import perceptual
 from toolkit.metrics.clip import CLIPScorer, load_clip, load_preference
 from toolkit.metrics.features import FeatureModel
@@ -58,7 +59,9 @@ from toolkit.metrics.intervals import mean_interval
 from toolkit.metrics.moments import Moments, fid_from_moments
 from toolkit.models.pretrained import unet_config, vae_factor
 from toolkit.results import append_new_row, append_row, find_row, read_rows, resolved, stored_path, without_identity
+from toolkit.run import signals
 from toolkit.run.identity import identity
+from toolkit.run.world import cluster_environment, job_world
 from toolkit.tracking import MLflowLogger
 
 log = logging.getLogger(__name__)
@@ -142,22 +145,27 @@ def reference_size(cfg: DictConfig) -> tuple[int, int] | None:
 
 
 def build_fabric(cfg: DictConfig) -> Any:
-    """The evaluation's processes. A job that already runs on several (DDP training earlier in this
-    job, or a launch by torchrun / srun / Lightning's launcher: ``WORLD_SIZE`` > 1) evaluates on
-    those same processes, once, sharded; otherwise ``cfg.fabric`` (one process unless
-    ``fabric.devices`` says more)."""
+    """The evaluation's processes. A job that already runs on several evaluates on those same
+    processes, once, sharded: DDP training earlier in this job (its process group is up), or a
+    launch by srun, sbatch, submitit or torchrun (``run.world``: SLURM and torchrun set no
+    ``WORLD_SIZE`` that would tell otherwise, srun none at all); otherwise ``cfg.fabric`` (one
+    process unless ``fabric.devices`` says more, started by Lightning's launcher)."""
     import torch.distributed as dist
     from lightning import Fabric
 
+    route_library_logs()   # importing lightning (here, for an eval task) gave it its own console handler
+    world = job_world()
     joined = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        nodes = int(cfg.trainer.num_nodes) if "trainer" in cfg else 1
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world // nodes))
-        fabric = Fabric(accelerator=cfg.fabric.accelerator, devices=local, num_nodes=world // local, strategy="ddp")
+    size = dist.get_world_size() if joined else world.size if world.external else 1
+    if size > 1:
+        local = world.local_size if world.external else int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or \
+            size // (int(cfg.trainer.num_nodes) if "trainer" in cfg else 1)
+        fabric = Fabric(accelerator=cfg.fabric.accelerator, devices=local, num_nodes=size // local, strategy="ddp",
+                        plugins=[cluster_environment()])
     else:
         fabric = instantiate(cfg.fabric)
     fabric.launch()
+    signals.forward_to(getattr(fabric.strategy.launcher, "procs", None) or [])
     return fabric
 
 
@@ -175,10 +183,18 @@ def reference_set(cfg: DictConfig) -> reference.ReferenceSet:
                                     policy, cfg.data.get("resolution"), cfg.data.get("scan_cache_dir"))
 
 
+MIN_SHARDS = 8   # a small evaluation is cut into this many shards (whole batches allowing), so 8 ranks share it
+
+
 def shard_plan(n: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:
     """Images ``[start, stop)`` per shard: whole batches, so a batch holds the same images whatever
-    the number of processes (the numerics of a batch depend on its members)."""
-    size = max(1, -(-shard_size // batch_size)) * batch_size
+    the number of processes (the numerics of a batch depend on its members); at most
+    ``shard_size`` images (rounded up to whole batches), and at least ``MIN_SHARDS`` shards where
+    the batches allow, so a small evaluation (the default 250 images) is spread over up to 8
+    ranks. The plan depends on n alone, never on the number of processes: a shard holds the same
+    images, scored in the same feature batches, on any number of them."""
+    per_shard = min(-(-shard_size // batch_size), max(1, -(-n // (MIN_SHARDS * batch_size))))
+    size = max(1, per_shard) * batch_size
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 

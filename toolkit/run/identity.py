@@ -49,6 +49,7 @@ NOT_IDENTITY: dict[str, str] = {
     "trainer.plugins": "how checkpoints are written (temp file, then rename)",
     "callbacks.model_checkpoint": "which checkpoints stay on disk; a resume from any of them is exact",
     "callbacks.preemption": "what a signal does; a run it stops resumes exactly",
+    "max_requeues": "how often a job warned of its time limit requeues itself; a run it stops resumes exactly",
     "callbacks.progress": "progress output",
     "callbacks.lr_monitor": "a logged curve",
     "callbacks.throughput": "a logged speed",

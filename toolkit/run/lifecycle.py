@@ -9,12 +9,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from omegaconf import DictConfig, open_dict
+
+from toolkit.run.signals import Stop
+from toolkit.run.world import job_world
 
 if TYPE_CHECKING:
     import lightning as L
@@ -42,9 +44,9 @@ class Interrupted(Exception):
 
 
 def rank_zero() -> bool:
-    """This process is global rank zero (or not distributed): from the variables torchrun, SLURM and
-    Lightning's DDP launcher set before our code runs, so it holds before any process group exists."""
-    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+    """This process is global rank zero (or not distributed): from the launcher (``run.world``), so
+    it holds before any process group exists."""
+    return job_world().rank == 0
 
 
 def barrier() -> None:
@@ -53,6 +55,15 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_ranks(value: object) -> list[object]:
+    """Every rank's ``value``, in global-rank order (a collective; Lightning's strategies gather tensors only)."""
+    import torch.distributed as dist
+
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def check_fresh(run: Path, resume: str) -> None:
@@ -111,14 +122,13 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
             "convert them to safetensors first.") from None
 
 
-def exit_if_stopped(trainer: L.Trainer, resume: str) -> None:
-    """After ``fit``: a run stopped by a signal (``PreemptionCheckpoint``) exits with its code,
-    naming its checkpoint and the resume command."""
-    stop = next((cb for cb in trainer.callbacks if getattr(cb, "preempted_at", None) is not None), None)
-    if stop is not None:
-        log.warning("stopped by %s at step %d; checkpoint %s. Resume with:\n    %s",
-                    stop.requested or "a signal on another rank", stop.preempted_at, stop.checkpoint, resume)
-        raise SystemExit(stop.exit_code)
+def stopped(stop: Stop, resume: str) -> NoReturn:
+    """A fit a signal stopped (``callbacks.preemption``: after its checkpoint): rank zero names the
+    checkpoint and the command that resumes the run; the entry then exits (or requeues the job)."""
+    if stop.checkpoint is not None and rank_zero():
+        log.warning("stopped by %s at step %d; checkpoint %s. Resume with:\n    %s", stop.name, stop.step,
+                    stop.checkpoint, resume)
+    raise stop
 
 
 def exit_interrupted(trainer: L.Trainer, output_dir: Path, resume: str) -> None:

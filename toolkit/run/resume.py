@@ -105,12 +105,20 @@ def hydra_subdir() -> str | None:
 def relaunch_as_cell(ckpt_path: str | None) -> None:
     """In a multirun cell, make the command Lightning's DDP launcher re-runs for the other ranks
     (``sys.argv`` plus ``hydra.run.dir``) run this cell, not the sweep again: the cell's own
-    resolved overrides (no ``-m``, no sweep syntax), its run dir, and its resume decision."""
+    resolved overrides (no ``-m``, no sweep syntax), its run dir, and its resume decision. In a
+    cell that submitit started (``hydra/launcher=local``: ``python -m submitit.core._submit``),
+    Lightning would re-run submitit's module: the other ranks run the toolkit's entry instead."""
+    import importlib.util
     import sys
 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
 
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None and spec.name.split(".")[0] not in ("toolkit", "miniature"):
+        __main__.__spec__ = importlib.util.find_spec("toolkit.__main__")   # Lightning runs python -m <this>
     hc = HydraConfig.get()
     args = [a for a in hc.overrides.task if not a.startswith("ckpt_path=")]
     sys.argv[1:] = [*args, *([f"ckpt_path={ckpt_path}"] if ckpt_path else [])]
@@ -167,16 +175,55 @@ def launch_args(args: list[str]) -> list[str]:
                                              else "holds no checkpoint (no last.ckpt under it)"))
     if not (run / SAVED / "config.yaml").is_file():
         return args   # a checkpoint without a saved config (not written by run.py): resume as told
-    saved = renamed_overrides([str(x) for x in OmegaConf.load(run / SAVED / "overrides.yaml")])[0]
-    check_resume(run, saved, args)
+    saved = saved_overrides(run)
+    merged = merge_overrides(saved, args)
+    check_resume(run, saved, merged)
     n = 1 + len(list((run / SAVED).glob("resume-*")))
     subdir = f"{SAVED}/resume-{n}" if rank_zero() else "null"
-    return [*saved, *args, f"hydra.output_subdir={subdir}"]
+    return [*merged, f"hydra.output_subdir={subdir}"]
+
+
+def saved_overrides(run: Path) -> list[str]:
+    """The overrides ``run`` was started with (``.hydra/overrides.yaml``), after the config search
+    path it was composed with (``hydra.searchpath``, in ``.hydra/hydra.yaml``): an experiment of
+    the user's own config folder composes again on resume."""
+    # as written: an override's ${...} is the run's to resolve, not this reader's
+    saved = renamed_overrides([str(x) for x in OmegaConf.to_container(OmegaConf.load(run / SAVED / "overrides.yaml"),
+                                                                       resolve=False)])[0]
+    hydra_file = run / SAVED / "hydra.yaml"
+    hydra = OmegaConf.to_container(OmegaConf.load(hydra_file).hydra.overrides.hydra, resolve=False) \
+        if hydra_file.is_file() else []
+    return [*(str(o) for o in hydra if str(o).startswith("hydra.searchpath=")), *saved]
+
+
+def merge_overrides(saved: list[str], args: list[str]) -> list[str]:
+    """``saved`` then ``args``, each setting once. The commands that resume a run repeat its own
+    overrides (a requeued SLURM job, a restarted torchrun group, the rank Lightning's launcher
+    starts with the parent's command line), and Hydra refuses a second ``+key=...``: an override
+    of a key the saved ones set replaces that one where it stands (keeping its ``+``), an
+    identical one is dropped, the rest follow."""
+
+    def keyed(lines: list[str]) -> dict[str, Any]:
+        ok = [a for a in lines if "=" in a and not a.startswith("-")]
+        return {a: (o.key_or_group, o.package) for a, o in zip(ok, _parse(ok))}
+
+    mine = keyed(saved)
+    at = {mine[a]: i for i, a in enumerate(saved) if a in mine}
+    out, given = list(saved), keyed(args)
+    for a in args:
+        i = at.get(given.get(a))
+        if i is None:
+            out.append(a)
+            continue
+        plus = re.match(r"\+*", out[i]).group()
+        out[i] = plus + a.lstrip("+") if plus and not a.startswith("+") else a
+    return out
 
 
 def _plain(args: list[str]) -> list[str]:
-    """The config overrides among ``args`` (no flags, no ``hydra.*``)."""
-    return [a for a in args if "=" in a and not a.startswith(("-", "hydra.", "+hydra.", "++hydra."))]
+    """The overrides among ``args`` that shape the config: no flags, no ``hydra.*`` but the search path."""
+    return [a for a in args if "=" in a and not a.startswith("-") and
+            (not a.lstrip("+").startswith("hydra.") or a.lstrip("+").startswith("hydra.searchpath="))]
 
 
 def _trains(args: list[str]) -> bool:
@@ -189,11 +236,12 @@ def _trains(args: list[str]) -> bool:
 
 
 def check_resume(run: Path, saved: list[str], args: list[str]) -> None:
-    """Refuse ``args`` that change the identity of the run saved in ``run`` (``RESUMABLE`` aside)."""
+    """Refuse ``args`` (``merge_overrides(saved, new)``) if they change the identity of the run saved
+    in ``run`` (``RESUMABLE`` aside)."""
     from hydra.errors import HydraException
 
     try:
-        before, after = _compose(saved), _compose([*saved, *_plain(args)])
+        before, after = _compose(saved), _compose(_plain(args))
     except HydraException as err:
         raise RunDirError(f"cannot resume {run}: its saved overrides ({run / SAVED / 'overrides.yaml'}) and "
                           f"these do not compose with the current conf/: {err}") from None

@@ -36,7 +36,7 @@ from toolkit.evaluation.render import finetune_markdown
 from toolkit.inference.pipeline import make_grid
 from toolkit.report import write_report
 from toolkit.results import read_rows, without_identity
-from toolkit.run import lifecycle
+from toolkit.run import lifecycle, signals
 from toolkit.run.identity import Identity, identity
 from toolkit.training.fit import train
 
@@ -74,6 +74,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {"finetuned": finished["metrics"], "skipped": True}
     reference_set(cfg)   # the reference set through the data policy now: a bad reference fails before training
     train_metrics = train_or_resume(cfg, out, trained)
+    signals.check()       # a stop signal after the last step: the training is kept, the evaluation not begun
     lifecycle.barrier()   # rank zero wrote the adapter: every rank reads it next
     record = {"settings": trained.nested(), "identity": trained.digest, "metrics": train_metrics,
               "run_dir": str(out), "cell": cell}

@@ -77,7 +77,7 @@ from toolkit.data.sources import fingerprint_listing, image_bytes, load_captione
 from toolkit.data.storage import StorageError, open_store, read_json
 from toolkit.data.validate import DataPolicy, ScanResult, check_caption, item_name, require_items, save_scan, scan
 from toolkit.run.identity import identity
-from toolkit.run.launch import process_rank
+from toolkit.run.world import job_world
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def image_ext(data: bytes) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     d, p = cfg.data, cfg.prepare
-    rank, world = process_rank()
+    rank, world = job_world().rank, job_world().size
     policy = DataPolicy(**OmegaConf.to_container(d.policy, resolve=True))
     min_side = policy.min_side or d.resolution   # data.resolution: the model's, from run.py (toolkit.model_defaults)
     if not min_side:

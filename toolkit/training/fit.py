@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from toolkit.config import in_multirun
 from toolkit.locate import check_local_or_hub
 from toolkit.models.pretrained import check_resolution
-from toolkit.run import lifecycle
+from toolkit.run import lifecycle, signals
 from toolkit.run.identity import RESUMABLE, Identity, identity, started_from, write_record
 from toolkit.run.launch import check_world_size
 from toolkit.run.resume import relaunch_as_cell, resume_command
@@ -65,7 +65,8 @@ def train(cfg: DictConfig, ident: Identity | None = None) -> dict[str, Any]:
         lifecycle.fit(trainer, module, datamodule, ckpt_path)
     except lifecycle.Interrupted:
         lifecycle.exit_interrupted(trainer, output_dir, resume)
-    lifecycle.exit_if_stopped(trainer, resume)
+    except signals.Stop as stop:
+        lifecycle.stopped(stop, resume)
 
     # the run's figures (logged-only ones, like the learning-rate monitor's, stay in the logs: their last
     # value depends on how often the loggers write)
