@@ -29,6 +29,9 @@ def other_size_model(tmp_path_factory) -> str:
     return str(build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-24", seed=3, sample_size=12))
 
 
+GIVEN_GENERATION = ("generation.scheduler=DDIMScheduler", "generation.steps=25", "generation.guidance_scale=5")
+
+
 def chosen(args: list[str]) -> dict[str, str]:
     return dict(a.split("=", 1) for a in model_overrides(args)[len(args):] if not a.startswith("+chosen."))
 
@@ -59,14 +62,16 @@ def test_preset_follows_the_family(which, preset, size, tiny_model, tiny_sdxl):
     model = {"embedded": str(Path(data_dir()) / EMBEDDED_MODEL), "sdxl": tiny_sdxl, "sd": tiny_model}[which]
     got = chosen(["task=train", f"model.name_or_path={model}"])
     assert got["module"] == preset and got["data.resolution"] == size
-    assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8"]) == {}
+    assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8",
+                   *GIVEN_GENERATION]) == {}
 
 
 def test_a_sweep_over_models_must_set_what_follows_the_model(tiny_model, tiny_sdxl):
-    with pytest.raises(ModelDefaultsError, match="data.resolution, module"):
+    with pytest.raises(ModelDefaultsError, match="data.resolution, generation.guidance_scale, generation.scheduler, "
+                                                 "generation.steps, module"):
         model_overrides(["-m", "task=train", f"model.name_or_path={tiny_model},{tiny_sdxl}"])
     assert chosen(["-m", "task=train", f"model.name_or_path={tiny_model},{tiny_sdxl}", "module=lora",
-                   "data.resolution=16"]) == {}
+                   "data.resolution=16", *GIVEN_GENERATION]) == {}
 
 
 def test_default_job_on_another_model_never_uses_the_miniatures_test_set_or_clip(tiny_model, imagefolder_data,
