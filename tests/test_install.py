@@ -15,22 +15,42 @@ from miniature import SEARCHPATH
 from tests.conftest import ROOT, compose_cfg
 
 
+def site_dirs() -> list[str]:
+    """The running environment's package folders (system Python, a venv, a conda env alike)."""
+    import site
+
+    dirs = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
+    return list(dict.fromkeys(d for d in dirs if d.endswith(("site-packages", "dist-packages")) and Path(d).is_dir()))
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
-    """A venv with the project's wheel. Its dependencies come from this environment's site-packages
-    (``--system-site-packages``: the same torch, diffusers, ... without a download); the toolkit
-    itself is the wheel's copy in the venv, which the test checks."""
+    """A fresh venv with the project's wheel. Its dependencies are the running environment's
+    packages, whatever that environment is: a ``.pth`` file in the venv adds the running
+    interpreter's package folders after the venv's own (``--system-site-packages`` would add the
+    *base* Python's, which inside a venv or conda env lack the project's dependencies). The
+    toolkit itself is the wheel's copy in the venv, and torch the running environment's (checked)."""
     tmp = tmp_path_factory.mktemp("install")
     wheels = tmp / "wheels"
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                           "-w", str(wheels), str(ROOT)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     env_dir = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=300)
     py = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    # one "import" line per folder: site.addsitedir also runs that folder's own .pth files
+    (Path(purelib) / "_running_environment.pth").write_text(
+        "".join(f"import site; site.addsitedir({d!r})\n" for d in site_dirs()))
     res = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(next(wheels.glob("*.whl")))],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    import torch
+
+    seen = subprocess.run([str(py), "-c", "import torch, hydra; print(torch.__file__)"], capture_output=True,
+                          text=True, cwd=tmp, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert seen.returncode == 0 and seen.stdout.strip() == torch.__file__, seen.stdout + seen.stderr
     return env_dir
 
 

@@ -1,4 +1,4 @@
-"""The package's rooms and the direction of their imports (README "Where things are").
+"""The package's rooms and the direction of their imports (docs/layout.md).
 
 Every import inside ``toolkit`` (module level or in a function) must point from a higher room to
 a lower one, or stay in its own room; nothing imports a task; the package never imports the

@@ -79,7 +79,7 @@ def torchrun(nnodes: int, nproc: int, args: list[str] | list[list[str]], cwd: Pa
              extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """One torchrun agent per "node" (``args``: the same for all, or one list per node)."""
     port = free_port()
-    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: what the README's torchrun commands set (a restart needs it)
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: what docs/distributed.md's torchrun commands set (a restart needs it)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     procs = []
     (cwd / "logs").mkdir(exist_ok=True)

@@ -42,8 +42,10 @@ def build_tiny_pipeline(
     text_dim: int = 32,
     unet_channels: tuple[int, ...] = (32, 64),
     prediction_type: str = "epsilon",
+    vae_channels: tuple[int, ...] = (16, 32),
 ) -> Path:
-    """Write a random SD-layout pipeline (latent ``sample_size``², VAE factor 2) to ``out_dir``."""
+    """Write a random SD-layout pipeline (latent ``sample_size``², VAE factor 2^(levels−1): 2 by
+    default; ``vae_channels=(8,) * 4`` gives a real SD's factor 8) to ``out_dir``."""
     torch.manual_seed(seed)
     tokenizer = load_clip_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -53,9 +55,10 @@ def build_tiny_pipeline(
         pad_token_id=tokenizer.pad_token_id,
     ))
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=2 * sample_size,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        layers_per_block=1, norm_num_groups=8, sample_size=2 ** (len(vae_channels) - 1) * sample_size,
     )
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
@@ -85,6 +88,7 @@ def build_tiny_sdxl_pipeline(
     time_embed_dim: int = 8,
     unet_channels: tuple[int, ...] = (32, 64),
     layers_per_block: int = 2,
+    vae_channels: tuple[int, ...] = (16, 32),
 ) -> Path:
     """Write a random SDXL-layout pipeline (latent ``sample_size``², VAE factor 2) to ``out_dir``.
 
@@ -104,6 +108,7 @@ def build_tiny_sdxl_pipeline(
         time_embed_dim: ``addition_time_embed_dim`` of the UNet.
         unet_channels: UNet ``block_out_channels`` (one level per entry).
         layers_per_block: resnets per down level (SDXL uses 2).
+        vae_channels: VAE ``block_out_channels`` (factor 2^(levels−1); SDXL's 8 is four levels).
     """
     if text_dims[0] == text_dims[1]:
         raise ValueError(f"text_dims must differ (got {text_dims}); see the docstring")
@@ -125,9 +130,11 @@ def build_tiny_sdxl_pipeline(
     text_encoder = CLIPTextModel(text_config(tokenizer, text_dims[0], "quick_gelu"))
     text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, text_dims[1], "gelu"))
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=2 * sample_size, force_upcast=True,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        layers_per_block=1, norm_num_groups=8, sample_size=2 ** (len(vae_channels) - 1) * sample_size,
+        force_upcast=True,
     )
     n = len(unet_channels)
     unet = UNet2DConditionModel(

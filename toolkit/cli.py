@@ -24,10 +24,10 @@ from omegaconf import DictConfig  # noqa: E402
 
 from toolkit.config import check_overrides, register_resolvers, renamed_overrides  # noqa: E402
 from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
-from toolkit.model_defaults import ModelDefaultsError, chosen_lines, model_overrides  # noqa: E402
+from toolkit.model_defaults import chosen_lines, model_overrides  # noqa: E402
 from toolkit.run.history import record_attempt  # noqa: E402
 from toolkit.run.launch import check_restartable, elastic_resume, job_run_id, shared_run_dir  # noqa: E402
-from toolkit.run.lifecycle import RunDirError, rank_zero  # noqa: E402
+from toolkit.run.lifecycle import rank_zero  # noqa: E402
 from toolkit.run.resume import launch_args, restore  # noqa: E402
 
 register_resolvers()
@@ -97,15 +97,23 @@ def entry() -> None:
             (gc.enable if was_enabled else gc.disable)()
 
 
-def _entry() -> None:
+class ArgsError(ValueError):
+    """The command line cannot run: the message says what to change."""
+
+
+def prepare_args(argv: list[str], notes: list[str] | None = None) -> list[str]:
+    """The command line as Hydra receives it, from what the user typed: renamed keys, a misspelt key
+    refused, the job's run dir (torchrun / srun), a restart or a resume's saved overrides, and the
+    values left open filled from the model. Everything the entry does before Hydra composes, in one
+    place (``tests/test_docs.py`` runs every documented command through it)."""
     try:
-        args, notes = renamed_overrides(sys.argv[1:])
+        args, renames = renamed_overrides(argv)
     except ValueError as err:   # a key whose meaning moved (REPLACED)
-        sys.exit(f"config error: {err}")
-    for note in notes:
-        print(f"renamed: {note}", file=sys.stderr)
+        raise ArgsError(str(err)) from None
+    if notes is not None:
+        notes.extend(renames)
     if problem := check_overrides(args):   # names the nearest valid key; Hydra does not
-        sys.exit(f"config error: {problem}")
+        raise ArgsError(problem)
     try:
         args = shared_run_dir(args)   # torchrun / srun: one run dir from the job's id
         check_restartable()
@@ -114,10 +122,23 @@ def _entry() -> None:
                 print(f"job {job_run_id()} started again: continuing its run from the last checkpoint",
                       file=sys.stderr)
             args = resumed
-        sys.argv[1:] = launch_args(args)   # a resume: the run's saved overrides + these
-        sys.argv[1:] = model_overrides(sys.argv[1:])   # what the user left open, from the model
-    except (RunDirError, ModelDefaultsError, FileNotFoundError) as err:
+        args = launch_args(args)   # a resume: the run's saved overrides + these
+        return model_overrides(args)   # what the user left open, from the model
+    except (FileNotFoundError, ValueError) as err:   # RunDirError, ModelDefaultsError are ValueErrors
+        # and a model that cannot be read as given (a single file without model.config, ...)
+        raise ArgsError(str(err)) from None
+
+
+def _entry() -> None:
+    notes: list[str] = []
+    try:
+        sys.argv[1:] = prepare_args(sys.argv[1:], notes)
+    except ArgsError as err:
+        for note in notes:
+            print(f"renamed: {note}", file=sys.stderr)
         sys.exit(f"config error: {err}")
+    for note in notes:
+        print(f"renamed: {note}", file=sys.stderr)
     try:
         main()
     except KeyboardInterrupt:   # Ctrl-C outside the training loop (inside it: a checkpoint, then 130 too)
