@@ -187,8 +187,10 @@ def build_tiny_sd3_pipeline(
     head_dim: int = 16,
     num_layers: int = 2,
     latent_channels: int = 16,
+    vae_channels: tuple[int, ...] = (16, 32),
 ) -> Path:
-    """Write a random SD3.5-layout pipeline (latent ``sample_size``², VAE factor 2) to ``out_dir``.
+    """Write a random SD3.5-layout pipeline (latent ``sample_size``², VAE factor 2 by default;
+    ``vae_channels=(8,) * 4`` gives SD3's factor 8) to ``out_dir``.
 
     Same wiring as SD3.5-medium, only smaller: CLIP-L (``text_encoder``, its projection the identity,
     as diffusers reads SD3 single files) and CLIP-G (``text_encoder_2``) whose penultimate states are
@@ -207,6 +209,7 @@ def build_tiny_sd3_pipeline(
         heads, head_dim: the transformer's attention heads and their width.
         num_layers: joint blocks.
         latent_channels: the VAE's latent channels (SD3: 16).
+        vae_channels: the VAE's ``block_out_channels`` (one level per entry: factor 2^(n-1)).
     """
     if clip_dims[0] == clip_dims[1] or t5_dim < sum(clip_dims):
         raise ValueError(f"clip_dims must differ and t5_dim >= their sum (got {clip_dims}, {t5_dim})")
@@ -229,15 +232,16 @@ def build_tiny_sd3_pipeline(
         relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
         pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=0))
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=2 * sample_size, scaling_factor=1.5305,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1,
+        norm_num_groups=8, sample_size=2 ** (len(vae_channels) - 1) * sample_size, scaling_factor=1.5305,
         shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
     transformer = SD3Transformer2DModel(
         sample_size=sample_size, patch_size=2, in_channels=latent_channels, out_channels=latent_channels,
         num_layers=num_layers, attention_head_dim=head_dim, num_attention_heads=heads,
         joint_attention_dim=t5_dim, caption_projection_dim=heads * head_dim, pooled_projection_dim=sum(clip_dims),
-        pos_embed_max_size=4 * sample_size, dual_attention_layers=(0,), qk_norm="rms_norm")
+        pos_embed_max_size=sample_size, dual_attention_layers=(0,), qk_norm="rms_norm")
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
