@@ -134,10 +134,9 @@ class LoRADiffusion(L.LightningModule):
             self.text_lora_params = [p for c, ps in params.items() if c != self.family.denoiser for p in ps]
         else:
             self.denoiser_lora_params = add_lora(self.denoiser, lora)
-            trained = [getattr(self, n) for n in self.family.text_encoders if n in self.family.lora_components()]
             self.text_lora_params = [] if text_encoder_lora is None else [   # every text encoder its loader reads
-                p for enc in trained for p in add_lora(enc, copy.deepcopy(text_encoder_lora))]
-        speed.after_adapters(self.denoiser, self.text_encoders if self.text_lora_params else [])
+                p for enc in self.trainable_text_encoders for p in add_lora(enc, copy.deepcopy(text_encoder_lora))]
+        speed.after_adapters(self.denoiser, self.trainable_text_encoders if self.text_lora_params else [])
         self.speed, self.compiled, self.compile_checked = speed, False, False
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
         validation = {"timesteps": (100, 300, 500, 700, 900), "seed": 0, **(validation or {})}
@@ -187,6 +186,11 @@ class LoRADiffusion(L.LightningModule):
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         return [getattr(self, n) for n in self.family.text_encoders]
+
+    @property
+    def trainable_text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders a text-encoder adapter trains: those the family's LoRA loader reads."""
+        return [getattr(self, n) for n in self.family.text_encoders if n in self.family.lora_components()]
 
     @property
     def tokenizers(self) -> list[Any]:
