@@ -88,14 +88,14 @@ class RecordStep(L.Callback):
     seen: dict[str, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        RecordStep.seen = {"before": [p.detach().clone() for p in module.unet_lora_params]}
+        RecordStep.seen = {"before": [p.detach().clone() for p in module.denoiser_lora_params]}
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
-        RecordStep.seen["grads"] = [p.grad.detach().clone() for p in module.unet_lora_params]
+        RecordStep.seen["grads"] = [p.grad.detach().clone() for p in module.denoiser_lora_params]
         RecordStep.seen["lr"] = optimizer.param_groups[0]["lr"]
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        RecordStep.seen["after"] = [p.detach().clone() for p in module.unet_lora_params]
+        RecordStep.seen["after"] = [p.detach().clone() for p in module.denoiser_lora_params]
 
 
 def one_process_trainer(datamodule: Any) -> Any:

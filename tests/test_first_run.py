@@ -29,6 +29,9 @@ def other_size_model(tmp_path_factory) -> str:
     return str(build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-24", seed=3, sample_size=12))
 
 
+GIVEN_GENERATION = ("generation.scheduler=DDIMScheduler", "generation.steps=25", "generation.guidance_scale=5")
+
+
 def chosen(args: list[str]) -> dict[str, str]:
     return dict(a.split("=", 1) for a in model_overrides(args)[len(args):] if not a.startswith("+chosen."))
 
@@ -65,7 +68,7 @@ def test_preset_follows_the_family(which, preset, size, tiny_model, tiny_sdxl):
     assert got["callbacks.sample_grid.prompts"] == ("validation" if which != "embedded" else
                                                     str(Path(data_dir()) / "miniature/grid_prompts.txt"))
     assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8",
-                   "callbacks.sample_grid.prompts=[a cat]"]) == {}
+                   "callbacks.sample_grid.prompts=[a cat]", *GIVEN_GENERATION]) == {}
 
 
 def test_a_sweep_over_experiments_chooses_what_follows_each_cells_model(other_size_model, tiny_sdxl, imagefolder_data,

@@ -65,7 +65,7 @@ class AdapterExport(L.Callback):
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         # before the first step: a format that cannot carry this adapter kind fails the run now
-        self.formats = formats_for(module.adapter_kind, self.requested)
+        self.formats = formats_for(module.adapter_kind, self.requested, module.family)
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, out: Path) -> None:
         if not trainer.is_global_zero:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.distributed import is_shared_filesystem
 
-from toolkit.data.encoded_cache import ArrayStore, fill
+from toolkit.data.encoded_cache import ArrayStore, fill, to_rows
 from toolkit.data.masks import load_mask
 from toolkit.data.prepared import PreparedDataset
 from toolkit.data.sources import fingerprint_listing, image_bytes
@@ -37,10 +37,21 @@ def settings_key(settings: dict[str, Any]) -> str:
 
 
 def text_settings(module: Any, dtype: np.dtype) -> dict[str, Any]:
-    """What decides a caption's embedding: the family, every text encoder and tokenizer, the dtype."""
+    """What decides a caption's embedding: the family, every text encoder and tokenizer, the dtype,
+    and the family's encoding options (SD3: T5's ``max_sequence_length``)."""
+    options = {"options": module.text_options} if module.text_options else {}
     return {"kind": "text", "family": module.family.name, "dtype": str(dtype),
             "text_encoders": "-".join(module_fingerprint(e) for e in module.text_encoders),
-            "tokenizers": "-".join(tokenizer_fingerprint(t) for t in module.tokenizers)}
+            "tokenizers": "-".join(tokenizer_fingerprint(t) for t in module.tokenizers), **options}
+
+
+def field_dtype(field: str, family: Any, dtype: np.dtype) -> str:
+    """How one conditioning field is stored: the configured dtype, except that a field float16
+    cannot hold (``family.wide_fields``: T5's states, whose values overflow it) is stored as
+    bfloat16 bits when float16 is configured. bfloat16 rather than float32: float32's range in half
+    the bytes (a 256-token T5-XXL caption is 2 MiB instead of 4), and exact for the bfloat16 encoders
+    these models run in; float32 (``callbacks.encoded_cache.dtype=float32``) stays exact for any."""
+    return "bfloat16" if dtype == np.float16 and field in family.wide_fields else str(dtype)
 
 
 def latent_settings(module: Any, dm: Any, dtype: np.dtype) -> dict[str, Any]:
@@ -133,14 +144,16 @@ class EncodedCache(L.Callback):
             settings = text_settings(module, self.dtype)
             module.text_cache = {}
             for field in module.family.cache_fields:   # one store per conditioning tensor (SDXL: + pooled)
-                store = open_store(f"text-{settings_key(settings)}-{field}", {**settings, "field": field})
-                enc = lambda batch, f=field: (module.encode_text(batch, cached=False)[f].float().cpu().numpy()
-                                              .astype(self.dtype))
+                stored = field_dtype(field, module.family, self.dtype)
+                extra = {"stored": stored} if stored != str(self.dtype) else {}
+                store = open_store(f"text-{settings_key(settings)}-{field}", {**settings, "field": field, **extra})
+                enc = lambda batch, f=field, d=stored: to_rows(module.encode_text(batch, cached=False)[f], d)
                 n = fill(store, [text_key(c) for c in captions], captions, enc, self.batch_size,
                          desc=f"text cache ({field})", **shard)
                 module.text_cache[field] = store
-                log.info("text cache (%s): %d prompts (%d encoded now by %s) in %s", field, len(captions), n, who,
-                         store.root)
+                log.info("text cache (%s, %s): %d prompts (%d encoded now by %s) in %s", field, stored, len(captions),
+                         n, who, store.root)
+            module.release_text_encoders()
         if self.latents and not dm.center_crop:
             log.warning("latent cache off: random crops are not cacheable (set data.center_crop=true)")
         elif self.latents:

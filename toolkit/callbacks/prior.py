@@ -58,7 +58,7 @@ class PriorPreservation(L.Callback):
         parts = [*module.models.values(), module.vae]
         weights = "-".join([*map(module_fingerprint, parts), *map(tokenizer_fingerprint, module.tokenizers)])
         spec = [weights, self.class_prompt, self.negative_prompt, self.seed, self.num_images, self.steps,
-                self.guidance, self.scheduler, size]
+                self.guidance, self.scheduler, size, *([module.text_options] if module.text_options else [])]
         return self.dirpath / hashlib.sha256(json.dumps(spec, default=str).encode()).hexdigest()[:20]
 
     @torch.no_grad()
@@ -83,7 +83,8 @@ class PriorPreservation(L.Callback):
             try:
                 images = generate(pipe, [self.class_prompt] * len(mine), [self.seed * 10**6 + i for i in mine],
                                   self.steps, self.guidance, self.negative_prompt, size, size, self.batch_size,
-                                  desc=f"class images (rank {trainer.global_rank})")
+                                  desc=f"class images (rank {trainer.global_rank})",
+                                  call_kwargs=module.family.call_kwargs(module.text_options))
             finally:
                 for model in module.models.values():
                     if getattr(model, "peft_config", None):

@@ -75,8 +75,10 @@ class SampleGrid(L.Callback):
         modes = {m: m.training for m in module.modules()}
         module.eval()  # LoRA dropout off while sampling; each submodule's mode restored after
         pairs = [(p, s) for p in self.prompts for s in self.seeds]
-        images = generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], self.steps, self.guidance,
-                          batch_size=len(pairs), progress=False)
+        with module.text_encoders_on_device():
+            images = generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], self.steps, self.guidance,
+                              batch_size=len(pairs), progress=False, call_kwargs=module.family.call_kwargs(
+                                  module.text_options))
         for m, mode in modes.items():
             m.training = mode
         grid = make_grid(images, cols=len(self.seeds))

@@ -11,6 +11,11 @@ are written to a temp name and renamed, keys file last: a crash never leaves a r
 Posterior *parameters* (mean, log-variance) are stored, not samples: every step still draws a
 fresh ``z ~ q(z|x)`` as the naive path does. Flips are cached as a second variant per image;
 random crops are not cacheable (one variant per crop position) and turn the latent cache off.
+
+Storage dtypes: ``float16`` (half the disk), ``float32`` (exact) and ``bfloat16``, which ``.npy``
+cannot name: its 16 bits are stored as ``uint16`` and viewed back as bfloat16 on read (float32's
+range in half the bytes; what T5's states need, whose values float16 cannot hold). Rows are read
+memory-mapped: a T5-XXL caption (256-512 tokens x 4096) is only paged in when a batch uses it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from toolkit.atomic import atomic_open
 from toolkit.data.names import UnsafeName
@@ -31,6 +37,21 @@ from toolkit.data.storage import LocalStore, StorageError, read_json
 from toolkit.logs import progress as progress_bar
 
 log = logging.getLogger(__name__)
+BITS = np.uint16   # bfloat16 rows: their bits (numpy has no bfloat16)
+
+
+def to_rows(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """``tensor`` as stored rows of ``dtype`` (``float16``, ``float32``, or ``bfloat16`` as its bits)."""
+    if dtype == "bfloat16":
+        return tensor.detach().to(torch.bfloat16).cpu().view(torch.uint16).numpy()
+    return tensor.float().cpu().numpy().astype(dtype)
+
+
+def from_rows(rows: np.ndarray) -> torch.Tensor:
+    """Stored rows as a float32 tensor (bfloat16 bits viewed back as bfloat16 first)."""
+    if rows.dtype == BITS:
+        return torch.from_numpy(np.ascontiguousarray(rows)).view(torch.bfloat16).float()
+    return torch.from_numpy(rows.astype(np.float32))
 
 
 class ArrayStore:
@@ -69,6 +90,10 @@ class ArrayStore:
         if shard not in self._maps:
             self._maps[shard] = np.load(self.root / shard, mmap_mode="r")
         return self._maps[shard][row]
+
+    def tensor(self, keys: Sequence[str]) -> torch.Tensor:
+        """The rows of ``keys``, stacked, as float32."""
+        return from_rows(np.stack([self.get(k) for k in keys]))
 
     def __getstate__(self) -> dict[str, Any]:   # DataLoader workers re-open their own memmaps
         return {**self.__dict__, "_maps": {}}

@@ -49,7 +49,7 @@ from toolkit.evaluation.scores import (
     spaces_needed,
 )
 from toolkit.hashing import settings_key
-from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
+from toolkit.inference.pipeline import call_kwargs, generate, generation_record, make_grid, pipeline_from_cfg
 from toolkit.logs import route_library_logs
 from toolkit.metrics import perceptual
 from toolkit.metrics.clip import CLIPScorer, load_clip, load_preference
@@ -57,7 +57,7 @@ from toolkit.metrics.features import FeatureModel
 from toolkit.metrics.inception import InceptionFeatures
 from toolkit.metrics.intervals import mean_interval
 from toolkit.metrics.moments import Moments, fid_from_moments
-from toolkit.models.pretrained import unet_config, vae_factor
+from toolkit.models.pretrained import denoiser_config, model_family, vae_factor
 from toolkit.results import append_new_row, append_row, find_row, read_rows, resolved, stored_path, without_identity
 from toolkit.run import signals
 from toolkit.run.identity import identity
@@ -128,9 +128,9 @@ def prompt_groups(prompts: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def generated_size(cfg: DictConfig) -> tuple[int, int]:
-    """(width, height) of the generated images: the eval settings, else the UNet/VAE configs'."""
+    """(width, height) of the generated images: the eval settings, else the denoiser/VAE configs'."""
     name, rev, conf = cfg.model.name_or_path, cfg.model.revision, cfg.model.get("config")
-    native = unet_config(name, rev, conf)["sample_size"] * vae_factor(name, rev, conf)
+    native = model_family(name, rev, conf).native_size(denoiser_config(name, rev, conf), vae_factor(name, rev, conf))
     return int(cfg.eval.width or native), int(cfg.eval.height or native)
 
 
@@ -470,7 +470,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         tg = time.time()
         images = generate(pipe, my_prompts, [int(ev.seed) * 10**6 + i for i in idx], ev.steps, ev.guidance_scale,
                           ev.negative_prompt, ev.height, ev.width, ev.batch_size,
-                          desc=f"generate {start}-{stop} (rank {rank})")
+                          desc=f"generate {start}-{stop} (rank {rank})", call_kwargs=call_kwargs(cfg.model))
         timing["generate"] += time.time() - tg
         if ev.save_images:
             (out / "samples").mkdir(parents=True, exist_ok=True)

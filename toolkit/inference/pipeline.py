@@ -22,6 +22,7 @@ from toolkit.config import as_list
 from toolkit.hashing import file_sha256
 from toolkit.inference.schedule import sampling_scheduler
 from toolkit.logs import progress as progress_bar
+from toolkit.models.families import family_of_pipeline
 from toolkit.models.pretrained import (
     check_model_path,
     is_single_file,
@@ -42,7 +43,8 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
                   dtype: str | None = "float32", trust_remote_code: bool = False, allow_pickle: bool = False,
                   config: str | None = None, vae: str | None = None, adapters: Sequence[str] = (),
                   lora_scales: Sequence[float] = (), adapter_variant: str = "raw", scheduler: str | None = None,
-                  fuse_adapters: bool = False, device: str | torch.device = "cpu") -> DiffusionPipeline:
+                  fuse_adapters: bool = False, device: str | torch.device = "cpu",
+                  max_sequence_length: int | None = None) -> DiffusionPipeline:
     """Load the base (its family's pipeline class), swap the scheduler (any diffusers scheduler
     class name), and add adapters through the verified loader (``toolkit.adapters.loading``).
 
@@ -57,18 +59,20 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
             unfused pipeline's within 1 uint8 level: float rounding of W + ΔW).
         scheduler: e.g. ``DDIMScheduler``, ``EulerDiscreteScheduler``; None keeps the model's.
         device: where to run.
+        max_sequence_length: checked here (a family without T5 refuses it); the images use it through
+            :func:`call_kwargs`.
     """
     del trust_remote_code  # diffusers pipelines here are the stock classes: no remote code
     check_model_path(name_or_path, config, allow_pickle)
     family = model_family(name_or_path, revision, config)
+    family.text_options(max_sequence_length)
     torch_dtype = resolve_dtype(dtype)
     if is_single_file(name_or_path):
         pipe = pipeline_from_single_file(family, name_or_path, config, torch_dtype)
     else:
-        extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} \
-            if family.name == "sd" else {}
         pipe = family.pipeline_class.from_pretrained(name_or_path, revision=revision, variant=variant,
-                                                     dtype=torch_dtype, use_safetensors=not allow_pickle, **extra)
+                                                     dtype=torch_dtype, use_safetensors=not allow_pickle,
+                                                     **family.pretrained_kwargs)
     if vae:
         pipe.vae = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
     if scheduler:
@@ -76,7 +80,7 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
     loaded = load_adapters(pipe, family, list(adapters), list(lora_scales), adapter_variant)
     apply_schedule(pipe, loaded)
     if loaded and fuse_adapters:
-        pipe.fuse_lora(components=list(family.components()), adapter_names=[a.name for a in loaded])
+        pipe.fuse_lora(components=list(family.lora_components()), adapter_names=[a.name for a in loaded])
         pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -101,15 +105,23 @@ def apply_schedule(pipe: DiffusionPipeline, loaded: Sequence[Any]) -> None:
 
 
 def default_size(pipe: DiffusionPipeline) -> int:
-    """Native resolution: UNet sample size × VAE factor (both read from the configs)."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """Native resolution: the denoiser's sample size × VAE factor (both read from the configs)."""
+    family = family_of_pipeline(pipe)
+    return family.native_size(getattr(pipe, family.denoiser).config, pipe.vae_scale_factor)
+
+
+def call_kwargs(model: Any) -> dict[str, Any]:
+    """The pipeline call's extra keyword arguments that the ``model`` config fixes (SD3: T5's length)."""
+    family = model_family(model["name_or_path"], model.get("revision"), model.get("config"))
+    return family.call_kwargs(family.text_options(model.get("max_sequence_length")))
 
 
 def generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], steps: int,
              guidance_scale: float, negative_prompt: str | None = None, height: int | None = None,
              width: int | None = None, batch_size: int = 16, progress: bool = True,
-             desc: str = "generate") -> list[Image.Image]:
-    """One PIL image per (prompt, seed) pair, each from its own seeded generator."""
+             desc: str = "generate", call_kwargs: dict[str, Any] | None = None) -> list[Image.Image]:
+    """One PIL image per (prompt, seed) pair, each from its own seeded generator (``call_kwargs``:
+    the family's extra pipeline arguments, e.g. SD3's ``max_sequence_length``)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     size = default_size(pipe)
@@ -120,7 +132,7 @@ def generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[in
         gens = [torch.Generator("cpu").manual_seed(int(x)) for x in s]
         out = pipe(p, generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
                    negative_prompt=[negative_prompt] * len(p) if negative_prompt else None,
-                   height=height or size, width=width or size, output_type="pil")
+                   height=height or size, width=width or size, output_type="pil", **(call_kwargs or {}))
         images.extend(out.images)
         bar.update(len(p))
     bar.close()

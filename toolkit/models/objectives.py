@@ -1,9 +1,11 @@
 """The denoising objective of latent diffusion, as pure functions.
 
-    x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε           (scheduler.add_noise)
-    target = ε                      (prediction_type = epsilon)
-           = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x_0      (prediction_type = v_prediction)
-    loss  = mean_i w_i · ρ(f(x_t, t, c) - target),  w_i = min(SNR_i, γ)/SNR_i (ε) or /(SNR_i+1) (v)
+    DDPM   x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε           (scheduler.add_noise)
+           target = ε                      (prediction_type = epsilon)
+                  = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x_0      (prediction_type = v_prediction)
+    flow   x_t = (1-σ)·x_0 + σ·ε,  target = ε - x_0      (rectified flow, SD3 §2)
+    loss  = mean_i w_i · ρ(f(x_t, t, c) - target),  w_i = min(SNR_i, γ)/SNR_i (ε) or /(SNR_i+1) (v);
+            flow: w_i = 1, σ⁻² (sigma_sqrt) or 2 / (π(1 − 2σ + 2σ²)) (cosmap), SD3's weightings
 
 Options, each a pure function below: timestep densities (uniform, logit-normal, mode — diffusers'
 ``compute_density_for_timestep_sampling``, SD3 §3.1), the zero-terminal-SNR beta rescale (Lin et al.
@@ -24,6 +26,8 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
+# SD3's loss weightings: uniform timesteps, the weight on the loss (diffusers' weighting_scheme names)
+FLOW_WEIGHTINGS = ("sigma_sqrt", "cosmap")
 LOSSES = ("mse", "huber", "smooth_l1")
 # One generator for the batch, or one per sample (sample i drawn from its own: toolkit.reproducibility)
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -81,6 +85,28 @@ def sample_timesteps_density(
     u = torch.cat([density(1, g) for g in generator]) if per_sample(generator) else density(n, generator)
     t = min_timestep + (u.clamp(0, 1 - 1e-7) * (hi - min_timestep)).long()
     return t.to(device)
+
+
+def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow sample x_t = (1 − σ)·x₀ + σ·ε (one σ per sample)."""
+    s = sigmas.reshape(-1, *[1] * (latents.ndim - 1)).to(latents)
+    return (1.0 - s) * latents + s * noise
+
+
+def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow target: the velocity ε − x₀ (d x_t / dσ)."""
+    return noise - latents
+
+
+def flow_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor | None:
+    """SD3's loss weightings (SD3 §3.1, diffusers' ``compute_loss_weighting_for_sd3``): σ⁻² for
+    ``sigma_sqrt``, 2 / (π(1 − 2σ + 2σ²)) for ``cosmap``; None (all 1) for the density schemes."""
+    s = sigmas.float()
+    if scheme == "sigma_sqrt":
+        return s ** -2.0
+    if scheme == "cosmap":
+        return 2 / (torch.pi * (1 - 2 * s + 2 * s ** 2))
+    return None
 
 
 def perturb_noise(noise: torch.Tensor, gamma: float, generator: Generators = None) -> torch.Tensor:
