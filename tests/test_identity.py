@@ -128,7 +128,7 @@ def test_a_hub_id_is_its_commit_from_the_offline_cache(tmp_path, monkeypatch):
 # checkpoints, exports, grids, caches, loader workers, evaluation bookkeeping)
 DENIED = ["logger=none", "trainer.enable_progress_bar=true", "trainer.enable_model_summary=true",
           "trainer.log_every_n_steps=3", "trainer.plugins=[]", "callbacks.model_checkpoint.every_n_train_steps=1",
-          "callbacks.model_checkpoint.filename='ckpt-{step}'", "callbacks.preemption.signals=[SIGUSR1]",
+          "callbacks.model_checkpoint.filename='ckpt-{step}'", "max_requeues=0",
           "callbacks.progress.every_n_steps=1", "callbacks.progress.mode=lines", "callbacks.throughput.window_size=2",
           "callbacks.lr_monitor.logging_interval=epoch", "callbacks.adapter_export.formats=[diffusers]",
           "callbacks.sample_grid.every_n_steps=1", "callbacks.sample_grid.steps=3", "callbacks.sample_grid.seeds=[9]",
