@@ -102,7 +102,7 @@ def bare(out: Path, steps: int, cached: bool, extra: list[str]) -> None:
     module.vae.eval()
     for enc in module.text_encoders:
         enc.eval()
-    params = module.unet_lora_params + module.text_lora_params
+    params = module.denoiser_lora_params + module.text_lora_params
     opt = instantiate(cfg.module.optimizer)(params)
     sched = instantiate(cfg.module.lr_scheduler)(optimizer=opt, num_training_steps=steps)
     done, times = 0, []

@@ -2,36 +2,48 @@
 
     python bench/step.py --model sd15                    # GPU: SD-1.5 shapes, 512 px, bf16 autocast
     python bench/step.py --model sdxl --batch 1 --checkpointing   # GPU: SDXL base shapes, 1024 px
+    python bench/step.py --model sd35m --batch 1 --checkpointing  # GPU: SD3.5-medium shapes, 1024 px
+    python bench/step.py --model sd3_narrow --batch 1    # CPU: SD3 at 1024 px (4096 image tokens), narrow widths
     python bench/step.py --model tiny_sdxl               # CPU: the tests' tiny SDXL shapes
 
-No SD-1.5 / SDXL weights exist offline, so the components are built from their configs with
-random weights: cost per step depends on shapes, not on weight values. The conditioning goes
-through the family piece the training module uses (``toolkit.models.families``): SDXL = two
-text encoders (penultimate states concatenated, pooled projection) + size/crop time ids.
-Naive = what diffusers' LoRA training scripts do each step (VAE encode + text encoders + UNet
-fwd/bwd); cached = the UNet fwd/bwd on stored posterior parameters and prompt embeddings (the
-project's latent/text caches). Prints step time, img/s, peak memory and model FLOPs utilisation
-(FLOPs of one step counted with ``torch.utils.flop_counter``, over the GPU's dense bf16 peak).
+No SD-1.5 / SDXL / SD3 weights exist offline, so the components are built from their configs with
+random weights: cost per step depends on shapes, not on weight values. The conditioning, the
+denoiser's call and the noise process go through the family piece the training module uses
+(``toolkit.models.families``): SDXL = two text encoders (penultimate states concatenated, pooled
+projection) + size/crop time ids; SD3 = two CLIPs + T5 into an MMDiT, rectified flow.
+Naive = what diffusers' LoRA training scripts do each step (VAE encode + text encoders + denoiser
+fwd/bwd); cached = the denoiser fwd/bwd on stored posterior parameters and prompt embeddings (the
+project's latent/text caches). Prints step time, img/s, peak memory (GPU: allocated; CPU: the
+process's peak RSS) and model FLOPs utilisation (FLOPs of one step counted with
+``torch.utils.flop_counter``, over the GPU's dense bf16 peak).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from miniature.tokenizer import load_clip_tokenizer
+from tests.tiny import tiny_t5_tokenizer
 from toolkit.adapters.inject import add_lora
-from toolkit.models.families import SD, SDXL
-from toolkit.models.objectives import sample_timesteps, training_target
+from toolkit.models.families import SD, SD3, SDXL
+from toolkit.models.objectives import sample_timesteps
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
@@ -43,6 +55,19 @@ TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  max_position_embeddings=77, vocab_size=49408)
+SD3_VAE = dict(SD_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+               shift_factor=0.0609)
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+# SD3 at its native 1024 px (128x128 latents, 4096 image tokens, 256 T5 tokens) with narrow widths: the
+# sequence lengths and layer structure of SD3.5-medium, small enough for a CPU
+NARROW_VAE = dict(SD3_VAE, block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
+NARROW_CLIP = dict(TINY_CLIP, projection_dim=64)
+NARROW_T5 = dict(T5_XXL, d_model=160, d_kv=32, d_ff=320, num_layers=2, num_heads=4)
+SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+             pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+             dual_attention_layers=tuple(range(13)))
 # The configs of the public checkpoints (the fields that set compute), and tiny CPU stand-ins.
 MODELS = {
     "sd15": dict(family=SD, res=512, vae=SD_VAE, text=[CLIP_L], unet=dict(
@@ -55,6 +80,13 @@ MODELS = {
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), addition_embed_type="text_time",
         addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)),
+    "sd35m": dict(family=SD3, res=1024, vae=SD3_VAE, text=[{**CLIP_L, "projection_dim": 768}, CLIP_BIGG],
+                  t5=T5_XXL, unet=SD35M),
+    "sd3_narrow": dict(family=SD3, res=1024, vae=NARROW_VAE, text=[NARROW_CLIP, {**NARROW_CLIP, "hidden_size": 96,
+                                                                                "projection_dim": 96}],
+                       t5=NARROW_T5, unet=dict(SD35M, num_layers=4, attention_head_dim=32, num_attention_heads=2,
+                                               joint_attention_dim=160, caption_projection_dim=64,
+                                               pooled_projection_dim=160, dual_attention_layers=(0, 1))),
     "tiny": dict(family=SD, res=32, vae=TINY_VAE, text=[TINY_CLIP], unet=dict(
         sample_size=16, cross_attention_dim=64, attention_head_dim=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -71,12 +103,15 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense tensor-co
 
 
 def base_models(spec: dict, dev: torch.device):
-    """UNet, VAE and text encoders of a spec, random init, frozen."""
+    """Denoiser, VAE and text encoders of a spec, random init, frozen."""
+    family = spec["family"]
     with dev:   # random init on the device itself (billions of weights: minutes on the CPU)
-        unet = UNet2DConditionModel(**spec["unet"])
+        unet = (SD3Transformer2DModel if family is SD3 else UNet2DConditionModel)(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"]).eval()
         encoders = [(CLIPTextModelWithProjection if "projection_dim" in t else CLIPTextModel)(CLIPTextConfig(**t))
                     .eval() for t in spec["text"]]
+        if "t5" in spec:
+            encoders.append(T5EncoderModel(T5Config(**spec["t5"])).eval())
     for m in (unet, vae, *encoders):
         m.requires_grad_(False)
     return unet, vae, encoders
@@ -91,21 +126,23 @@ def build(spec: dict, dev: torch.device, checkpointing: bool):
     return unet, vae, encoders, params
 
 
-def step_fn(family, unet, vae, encoders, tokenizers, scheduler, opt, images, prompts, micro, cached, amp, gen):
+def step_fn(family, unet, vae, encoders, tokenizers, process, opt, images, prompts, micro, cached, amp, gen):
     """One LoRA step; ``cached`` holds (posterior params, conditioning) or None (naive)."""
     with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
         with torch.no_grad():
             if cached is None:
                 params = vae.encode(images).latent_dist.parameters
-                cond = family.encode_prompts(tokenizers, encoders, prompts, images.device)
+                cond = family.encode_prompts(tokenizers, encoders, prompts, images.device, family.text_options())
             else:
                 params, cond = cached
-        latents = DiagonalGaussianDistribution(params).sample(gen) * vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = (DiagonalGaussianDistribution(params).sample(gen) - shift) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen, device=latents.device)
-        t = sample_timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator=gen,
-                             device=latents.device)
-        pred = unet(scheduler.add_noise(latents, noise, t), t, **family.unet_inputs(cond, micro, unet.dtype)).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), training_target(scheduler, latents, noise, t).float())
+        t = sample_timesteps(latents.shape[0], process.num_train_timesteps, generator=gen, device=latents.device)
+        args, kwargs = family.denoiser_inputs(process.add_noise(latents, noise, t), process.model_timesteps(t), cond,
+                                              micro, unet.dtype)
+        pred = family.prediction(unet(*args, **kwargs), latents)
+        loss = torch.nn.functional.mse_loss(pred.float(), process.target(latents, noise, t).float())
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -125,7 +162,8 @@ def main() -> None:
     args = ap.parse_args()
     spec = MODELS[args.model]
     family = spec["family"]
-    dev = torch.device("cuda" if torch.cuda.is_available() and not args.model.startswith("tiny") else "cpu")
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.model.startswith(("tiny", "sd3_narrow"))
+                       else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     res, batch = spec["res"], args.batch or (8 if dev.type == "cuda" else 4)
@@ -133,21 +171,23 @@ def main() -> None:
     unet, vae, encoders, params = build(spec, dev, args.checkpointing)
     if args.compile:
         unet.compile()
-    tokenizers = [load_clip_tokenizer() for _ in encoders]
+    tokenizers = [load_clip_tokenizer() for _ in spec["text"]] + ([tiny_t5_tokenizer()] if "t5" in spec else [])
     opt = torch.optim.AdamW(params, lr=1e-4)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    process = family.noise_process(FlowMatchEulerDiscreteScheduler(shift=3.0) if family is SD3 else DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False))
     gen = torch.Generator(dev).manual_seed(0)
     images = torch.rand(batch, 3, res, res, generator=gen, device=dev) * 2 - 1
     prompts = [f"a photo of object number {i} on a table, studio light" for i in range(batch)]
     micro = torch.tensor([[res, res, 0, 0, res, res]] * batch, dtype=torch.float32, device=dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-        cache = (vae.encode(images).latent_dist.parameters, family.encode_prompts(tokenizers, encoders, prompts, dev))
+        cache = (vae.encode(images).latent_dist.parameters,
+                 family.encode_prompts(tokenizers, encoders, prompts, dev, family.text_options()))
     out = {"model": args.model, "family": family.name, "device": torch.cuda.get_device_name() if dev.type == "cuda"
            else "cpu", "torch": torch.__version__, "resolution": res, "batch": batch,
            "gradient_checkpointing": args.checkpointing, "compile": args.compile,
-           "unet_params": sum(p.numel() for p in unet.parameters()),
+           "denoiser_params": sum(p.numel() for p in unet.parameters()),
            "lora_params": sum(p.numel() for p in params)}
-    run = lambda cached: step_fn(family, unet, vae, encoders, tokenizers, scheduler, opt, images, prompts, micro,
+    run = lambda cached: step_fn(family, unet, vae, encoders, tokenizers, process, opt, images, prompts, micro,
                                  cached, amp, gen)
     for name, cached in (("naive", None), ("cached", cache)):
         if name == "naive" and args.skip_naive:
@@ -169,6 +209,8 @@ def main() -> None:
         row = {"step_s": dt, "img_per_s": batch / dt, "tflop_per_step": flops / 1e12}
         if dev.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        else:   # the process's peak resident set so far (ru_maxrss is in KiB on Linux): monotone over phases
+            row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             peak = next((p for k, p in PEAK_BF16.items() if k in out["device"]), None)
             if peak:
                 row["mfu"] = flops / dt / peak

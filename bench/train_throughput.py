@@ -33,7 +33,7 @@ def main() -> None:
     module = LoRADiffusion(
         pretrained={"name_or_path": model}, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
         lora=LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    opt = module.optimizer_fn(module.unet_lora_params)
+    opt = module.optimizer_fn(module.denoiser_lora_params)
     batch = {"pixel_values": torch.rand(args.batch, 3, args.resolution, args.resolution) * 2 - 1,
              "captions": ["a large red striped circle in the center on a black background"] * args.batch}
     times = []

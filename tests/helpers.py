@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from toolkit.training.module import LoRADiffusion
@@ -87,14 +88,14 @@ class RecordStep(L.Callback):
     seen: dict[str, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        RecordStep.seen = {"before": [p.detach().clone() for p in module.unet_lora_params]}
+        RecordStep.seen = {"before": [p.detach().clone() for p in module.denoiser_lora_params]}
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
-        RecordStep.seen["grads"] = [p.grad.detach().clone() for p in module.unet_lora_params]
+        RecordStep.seen["grads"] = [p.grad.detach().clone() for p in module.denoiser_lora_params]
         RecordStep.seen["lr"] = optimizer.param_groups[0]["lr"]
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        RecordStep.seen["after"] = [p.detach().clone() for p in module.unet_lora_params]
+        RecordStep.seen["after"] = [p.detach().clone() for p in module.denoiser_lora_params]
 
 
 def one_process_trainer(datamodule: Any) -> Any:
@@ -130,3 +131,36 @@ class WriteBatchKeys(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         with open(self.dirpath / f"rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": trainer.global_step, "keys": keys}) + "\n")
+
+
+class ScancelAt(L.Callback):
+    """Rank 0 asks SLURM to send ``signal`` to every task of this job (``scancel --signal``, what
+    ``--signal=USR1@<s>`` does before a time limit) at the start of optimizer step ``step`` + 1,
+    once per ``marker`` file (a requeued job replays the run's overrides, this callback included).
+    ``signal`` may map task names to signals (the cells of a sweep), ``task`` naming this one's."""
+
+    def __init__(self, step: int, signal: str | dict[str, str], marker: str, task: str | None = None) -> None:
+        self.step, self.marker = step, Path(marker)
+        self.signal = signal[task] if isinstance(signal, dict | DictConfig) else signal
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        import subprocess
+
+        from toolkit.run.signals import slurm_job
+
+        if trainer.is_global_zero and trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(slurm_job())
+            subprocess.run(["scancel", f"--signal={self.signal}", slurm_job()], check=True)
+
+
+class SlowSteps(L.Callback):
+    """Each optimizer step takes at least ``seconds`` (a run long enough to meet a SLURM time limit;
+    waiting changes no number)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        import time
+
+        time.sleep(self.seconds)

@@ -60,7 +60,7 @@ class Net(torch.nn.Module):   # a module of its own: dynamo does not trace torch
         return self.b(torch.nn.functional.silu(self.a(x)))
 m = Net()
 eager = copy.deepcopy(m)
-assert Speed(compile=True, compile_cache=sys.argv[1]).compile_unet(m, "cpu", None)
+assert Speed(compile=True, compile_cache=sys.argv[1]).compile_denoiser(m, "cpu", None)
 x = torch.randn(4, 8)
 m(x).square().sum().backward()
 eager(x).square().sum().backward()

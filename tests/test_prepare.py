@@ -115,7 +115,7 @@ def test_another_dataset_into_the_same_output_is_refused(hostile, imagefolder_da
     out = tmp_path / "shards"
     prepare.run(prepare_cfg(hostile, str(out), tmp_path / "r1"))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(StorageError, match="another dataset or other settings .*source.*never overwritten"):
+    with pytest.raises(StorageError, match="another dataset or other settings .*content.data.path.*never overwritten"):
         prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "r2"))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
@@ -232,7 +232,8 @@ def steps_seen(folder: Path) -> dict[int, frozenset]:
 def test_one_and_two_processes_on_shards_train_on_the_same_items_and_2_resumes_on_1(tiny_model, imagefolder_data,
                                                                                    tmp_path):
     """The same global batch on 1 and on 2 processes trains on the same images in each step; a run
-    started on 2 processes and resumed on 1 continues exactly where it stopped."""
+    started on 2 processes and resumed on 1 (accumulating the same 2 micro-batches per step) continues
+    exactly where it stopped."""
     from tests.conftest import tiny_overrides
 
     prepare.run(prepare_cfg(imagefolder_data, str(tmp_path / "shards"), tmp_path / "p"))
@@ -251,7 +252,9 @@ def test_one_and_two_processes_on_shards_train_on_the_same_items_and_2_resumes_o
     res = run_entry(args(two, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(list((two / "keys").glob("rank*.jsonl"))) == 2
-    res = run_entry([f"hydra.run.dir={two}", "ckpt_path=last", "trainer.devices=1", "trainer.max_steps=6"])
+    # 1 process accumulating the 2 micro-batches the 2 processes computed per step
+    res = run_entry([f"hydra.run.dir={two}", "ckpt_path=last", "trainer.devices=1", "trainer.accumulate_grad_batches=2",
+                     "trainer.max_steps=6"])
     assert res.returncode == 0, res.stderr[-3000:]
     want, got = steps_seen(one / "keys"), steps_seen(two / "keys")
     assert list(want) == list(range(6)) and all(len(v) == 4 for v in want.values())   # into a 2nd epoch

@@ -33,8 +33,8 @@ def int8_run(tiny_model, imagefolder_data, tmp_path_factory):
 
 
 def test_int8_weights_are_what_the_plan_counts_and_a_quarter_of_float32(tiny_model):
-    q = load_components(tiny_model, quantize="int8").unet
-    full = load_components(tiny_model).unet
+    q = load_components(tiny_model, quantize="int8").denoiser
+    full = load_components(tiny_model).denoiser
     linears = [m for m in q.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m.weight).__name__ == "Int8Tensor" for m in linears)
     measured = sum(quantize.tensor_bytes(t) for t in (*q.parameters(), *q.buffers()))

@@ -114,7 +114,7 @@ def test_an_sdxl_unet_in_a_pipeline_without_its_second_encoder_is_refused(tiny_s
 
 def test_a_half_precision_vae_that_overflows_stays_float32(tiny_sdxl):
     c = load_components(tiny_sdxl, dtype="float16")   # the tiny SDXL VAE says force_upcast, as SDXL's does
-    assert c.unet.dtype == torch.float16 and c.vae.dtype == torch.float32
+    assert c.denoiser.dtype == torch.float16 and c.vae.dtype == torch.float32
     assert all(e.dtype == torch.float16 for e in c.text_encoders.values())
 
 
@@ -138,7 +138,7 @@ def test_sigkill_then_resume_with_buckets_is_bit_identical(tiny_sdxl, mixed_shap
 def test_single_file_draws_like_its_folder(request, model_fixture, tmp_path):
     folder = request.getfixturevalue(model_fixture)
     c = load_components(folder)
-    parts = {"vae": c.vae, "unet": c.unet, **c.tokenizers, **c.text_encoders}
+    parts = {"vae": c.vae, "unet": c.denoiser, **c.tokenizers, **c.text_encoders}
     single = pipeline_to_single_file(c.family.pipeline(parts, c.noise_scheduler), tmp_path / "model.safetensors",
                                      dtype=torch.float32)
     common = ["task=sample", "sample.steps=3", "sample.seeds=[0,1]", "sample.prompts=[a red circle]",

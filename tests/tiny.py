@@ -1,9 +1,9 @@
-"""Build tiny, randomly initialised pipelines with the exact SD-1.x and SDXL component classes.
+"""Build tiny, randomly initialised pipelines with the exact SD-1.x, SDXL and SD3 component classes.
 
 Used by the tests (and as a starting point for the embedded miniature): they are saved with
 ``save_pretrained`` and read back through the same ``from_pretrained`` path as a hub model.
 
-    python -m tests.tiny OUT_DIR [--seed 0] [--sdxl]
+    python -m tests.tiny OUT_DIR [--seed 0] [--sdxl | --sd3]
 """
 
 from __future__ import annotations
@@ -16,11 +16,21 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from miniature.tokenizer import load_clip_tokenizer
 
@@ -151,11 +161,101 @@ def build_tiny_sdxl_pipeline(
     return Path(out_dir)
 
 
+# T5's unigram vocabulary for the tiny SD3: the miniature world's words, then characters for anything else
+T5_WORDS = ("a", "an", "the", "of", "on", "in", "at", "large", "medium", "small", "big", "tiny", "red", "green", "blue",
+            "yellow", "black", "white", "gray", "beige", "dark", "orange", "purple", "striped", "plain", "circle",
+            "square", "triangle", "shape", "center", "top", "bottom", "left", "right", "corner", "background",
+            "image", "photo", "style", "painting")
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
+    """A T5 (SentencePiece unigram) tokenizer built offline: transformers 5's ``T5TokenizerFast``
+    takes the (piece, log-probability) list itself."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -30.0)]
+    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(T5_WORDS)]
+    vocab += [(c, -40.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.'-"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_tiny_sd3_pipeline(
+    out_dir: str | Path,
+    seed: int = 0,
+    sample_size: int = 8,
+    clip_dims: tuple[int, int] = (32, 64),
+    t5_dim: int = 128,
+    heads: int = 2,
+    head_dim: int = 16,
+    num_layers: int = 2,
+    latent_channels: int = 16,
+    vae_channels: tuple[int, ...] = (16, 32),
+) -> Path:
+    """Write a random SD3.5-layout pipeline (latent ``sample_size``², VAE factor 2 by default;
+    ``vae_channels=(8,) * 4`` gives SD3's factor 8) to ``out_dir``.
+
+    Same wiring as SD3.5-medium, only smaller: CLIP-L (``text_encoder``, its projection the identity,
+    as diffusers reads SD3 single files) and CLIP-G (``text_encoder_2``) whose penultimate states are
+    concatenated and zero-padded to T5's width and whose pooled outputs make ``pooled_projection_dim``;
+    T5 (``text_encoder_3``) with an offline unigram tokenizer; an MMDiT with a dual-attention first
+    block and RMS qk-norms; a 16-channel VAE with SD3's scaling and shift factors; the
+    flow-matching scheduler with shift 3.
+
+    Args:
+        out_dir: where ``save_pretrained`` writes the pipeline.
+        seed: torch seed for the random weights.
+        sample_size: latent side; images are ``2 * sample_size`` pixels.
+        clip_dims: hidden sizes of the two CLIPs (they must differ: diffusers' single-file reader
+            tells them apart by their position-embedding width).
+        t5_dim: T5's width (the transformer's ``joint_attention_dim``; at least ``sum(clip_dims)``).
+        heads, head_dim: the transformer's attention heads and their width.
+        num_layers: joint blocks.
+        latent_channels: the VAE's latent channels (SD3: 16).
+        vae_channels: the VAE's ``block_out_channels`` (one level per entry: factor 2^(n-1)).
+    """
+    if clip_dims[0] == clip_dims[1] or t5_dim < sum(clip_dims):
+        raise ValueError(f"clip_dims must differ and t5_dim >= their sum (got {clip_dims}, {t5_dim})")
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = load_clip_tokenizer(), load_clip_tokenizer()
+    tokenizer_2.pad_token = "!"   # SD3's CLIP-G tokenizer pads with "!" (OpenCLIP's), as SDXL's
+
+    def clip(tok, dim: int, act: str) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=tok.model_max_length, hidden_act=act, projection_dim=dim,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    text_encoder, text_encoder_2 = clip(tokenizer, clip_dims[0], "quick_gelu"), clip(tokenizer_2, clip_dims[1], "gelu")
+    with torch.no_grad():
+        text_encoder.text_projection.weight.copy_(torch.eye(clip_dims[0]))
+    tokenizer_3 = tiny_t5_tokenizer()
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=t5_dim, d_kv=t5_dim // 4, d_ff=2 * t5_dim, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=0))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1,
+        norm_num_groups=8, sample_size=2 ** (len(vae_channels) - 1) * sample_size, scaling_factor=1.5305,
+        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=latent_channels, out_channels=latent_channels,
+        num_layers=num_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=t5_dim, caption_projection_dim=heads * head_dim, pooled_projection_dim=sum(clip_dims),
+        pos_embed_max_size=sample_size, dual_attention_layers=(0,), qk_norm="rms_norm")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sdxl", action="store_true", help="SDXL layout (two text encoders) instead of SD-1.x")
+    ap.add_argument("--sd3", action="store_true", help="SD3.5 layout (MMDiT, two CLIPs and T5)")
     args = ap.parse_args()
-    build = build_tiny_sdxl_pipeline if args.sdxl else build_tiny_pipeline
+    build = build_tiny_sdxl_pipeline if args.sdxl else build_tiny_sd3_pipeline if args.sd3 else build_tiny_pipeline
     print(build(args.out_dir, seed=args.seed))

@@ -164,6 +164,24 @@ def route_library_logs() -> None:
         lg.propagate = True
 
 
+class WarningsOnly(logging.Filter):
+    """Warnings and errors pass; the routine lines do not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def once_per_job(rank: int) -> None:
+    """On ranks other than zero the root handlers (console and ``run.log``) keep warnings and
+    errors only: the routine lines (data scan, caches, steps) are the job's, printed by rank zero
+    once, not once per process (srun and torchrun start every rank with the same logging)."""
+    if rank == 0:
+        return
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, WarningsOnly) for f in h.filters):
+            h.addFilter(WarningsOnly())
+
+
 class ConsoleFormatter(logging.Formatter):
     """``HH:MM:SS message``; warnings and errors as ``HH:MM:SS WARNING message`` so the lines that
     may mean a wrong result stand out from the routine ones."""

@@ -1,30 +1,44 @@
 """Settings that follow the model: what the user does not set comes from the model they named.
 
     python run.py task=train model.name_or_path=<SD-1.5 id, folder or .safetensors> data.path=<images>
-      -> data.resolution=512 (UNet sample_size 64 x VAE factor 8), module=lora (the SD-1.x/2.x preset)
+      -> data.resolution=512 (unet sample_size 64 x VAE factor 8), module=lora (the SD-1.x/2.x preset),
+         generation: DDIMScheduler, 25 steps, guidance 5 (the UNet families' sampler)
+    ... model.name_or_path=<an SD3.5 id or folder>
+      -> data.resolution=1024 (transformer sample_size 128 x VAE factor 8), module=lora_sd3,
+         generation: FlowMatchEulerDiscreteScheduler, 28 steps, guidance 7 (the SD3 pipeline's)
 
-The shipped config leaves four values open (``auto`` / null), and ``run.py`` fills each from the
+The shipped config leaves these values open (``auto`` / null), and ``run.py`` fills each from the
 model before Hydra composes the run, as if the user had typed it, so the choice is in the run's
 saved overrides and config (a resume replays it) and under ``chosen.<key>`` with its reason,
-which the task logs once at start:
+which the task logs once at start. Each comes from the model's family piece
+(``toolkit.models.families``), never from a branch here:
 
-- ``data.resolution`` (null): the model's native size, UNet ``sample_size`` x VAE factor (training,
-  and ``task=prepare``: the smallest side it keeps);
-- ``module`` (``auto``): the family's preset (``PRESETS``); the embedded miniature keeps its own
+- ``data.resolution`` (null): the model's native size, the denoiser's ``sample_size`` x VAE factor
+  (training, and ``task=prepare``: the smallest side it keeps);
+- ``module`` (``auto``): the family's preset (``ModelFamily.preset``); the embedded miniature keeps its own
   (training, and ``task=prepare`` for ``prepare.encode=true``);
+- ``generation.scheduler`` / ``steps`` / ``guidance_scale`` (``auto``): the family's sampler, steps
+  and guidance (``ModelFamily.sampling``), for the tasks that generate (train's sample grid, eval,
+  sample);
 - ``eval.dataset`` (``auto``): the miniature's held-out style split for the embedded model on its
   style set; for any other model the held-out part of ``data.path`` (``held_out``: the images the
   datamodule keeps out of training) when it has at least ``MIN_REFERENCE`` images, else an error
   asking for one;
 - ``metrics.clip_model`` (``auto``): the miniature's CLIP for the embedded model only; any other
-  model needs a real CLIP named (or ``metrics.clip_model=null``: no CLIP score, said in the row).
+  model needs a real CLIP named (or ``metrics.clip_model=null``: no CLIP score, said in the row);
+- ``callbacks.sample_grid.prompts`` (``auto``): the miniature's shape prompts for the embedded model,
+  for any other the run's own held-out captions (``validation``).
 
 Everything here reads configs only (no weights), so a refusal comes before anything is loaded.
-A sweep over ``model.name_or_path`` needs these set explicitly: they would differ per cell.
+In a sweep (``-m``) they are chosen per cell, from the cell's own composed config (after its
+experiment applies), by the sweeper (``hydra_plugins/toolkit_sweeper``) before any cell starts:
+a sweep over experiments or models naming different models trains each at its own size with its
+own preset, and a cell that cannot be chosen for stops the sweep before anything runs.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +48,9 @@ from toolkit.config import CONFIG_DIR, register_resolvers
 
 # the embedded miniature's parts, under paths.data_dir (toolkit.config.data_dir)
 EMBEDDED_MODEL, EMBEDDED_CLIP, EMBEDDED_STYLE = "miniature/sd", "miniature/clip", "world/style"
-PRESETS = {"sd": "lora", "sdxl": "lora_sdxl"}   # family name -> conf/module preset
+EMBEDDED_GRID_PROMPTS = "miniature/grid_prompts.txt"   # shapes the miniature knows, striped and not
 EMBEDDED_PRESET = "lora_miniature"
+GENERATION = ("scheduler", "steps", "guidance_scale")   # generation.<key>=auto: the family's
 EMBEDDED_NUM_REF = 500
 # Fewer reference images than this make FID/KID mostly sample-size bias (FID's bias falls as 1/N,
 # Chong & Forsyth 2020) and their intervals too wide to tell two adapters apart; the miniature's
@@ -46,6 +61,7 @@ TRAIN_TASKS = ("train", "finetune_eval")
 # task=prepare builds the training data (the smallest side kept is data.resolution) and, with
 # prepare.encode=true, the training module: both follow the model as in training
 MODEL_TASKS = (*TRAIN_TASKS, "prepare")
+GENERATING_TASKS = ("train", "finetune_eval", "eval", "sample")
 
 
 class ModelDefaultsError(ValueError):
@@ -68,20 +84,39 @@ def same_path(a: Any, b: Path | None) -> bool:
 
 
 def native_resolution(name_or_path: str, revision: str | None = None, config: str | None = None) -> tuple[int, str]:
-    """The model's native training size and how it was read (UNet ``sample_size`` x VAE factor)."""
-    from toolkit.models.pretrained import check_model_path, unet_config, vae_factor
+    """The model's native training size and how it was read (the denoiser's ``sample_size`` x VAE factor)."""
+    from toolkit.models.pretrained import check_model_path, denoiser_config, vae_factor
 
     check_model_path(name_or_path, config, allow_pickle=True)
-    size = unet_config(name_or_path, revision, config)["sample_size"]
+    family = family_of_model(OmegaConf.create({"name_or_path": name_or_path, "revision": revision, "config": config}))
+    dcfg = denoiser_config(name_or_path, revision, config)
     factor = vae_factor(name_or_path, revision, config)
-    return int(size) * factor, f"the model's native size (UNet sample_size {size} x VAE factor {factor})"
+    return family.native_size(dcfg, factor), (f"the model's native size ({family.denoiser_label} sample_size "
+                                              f"{dcfg['sample_size']} x VAE factor {factor})")
+
+
+def family_of_model(m: DictConfig) -> Any:
+    """The model's family piece; a pipeline of no supported family is refused here, before any weight."""
+    from toolkit.models.families import UnsupportedFamily
+    from toolkit.models.pretrained import check_model_path, model_family
+
+    check_model_path(m.name_or_path, m.get("config"), allow_pickle=True)
+    try:
+        return model_family(m.name_or_path, m.revision, m.get("config"))
+    except UnsupportedFamily as err:
+        raise ModelDefaultsError(str(err)) from None
 
 
 def held_out_count(data: DictConfig) -> int:
+    return _held_out_count(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
+                           data.image_column, data.caption_column, data.revision, data.get("local"))
+
+
+@functools.lru_cache(maxsize=64)
+def _held_out_count(*args: Any) -> int:   # the cells of a sweep share their data: counted once
     from toolkit.data.sources import held_out
 
-    return len(held_out(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
-                        data.image_column, data.caption_column, data.revision, data.get("local")))
+    return len(held_out(*args))
 
 
 def _compose(args: list[str]) -> DictConfig:
@@ -114,12 +149,21 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
             if embedded:
                 out["module"] = (EMBEDDED_PRESET, "the embedded miniature's own preset")
             else:
-                from toolkit.models.pretrained import model_family
-
-                family = model_family(m.name_or_path, m.revision, m.get("config"))
-                out["module"] = (PRESETS[family.name], f"the preset for the {family.name.upper()} family")
+                family = family_of_model(m)
+                out["module"] = (family.preset, f"the preset for the {family.name.upper()} family")
         if cfg.data.resolution is None:
             out["data.resolution"] = native_resolution(m.name_or_path, m.revision, m.get("config"))
+        if OmegaConf.select(cfg, "callbacks.sample_grid.prompts") == "auto":
+            out["callbacks.sample_grid.prompts"] = (
+                (str(data / EMBEDDED_GRID_PROMPTS), "the embedded miniature's shape prompts") if embedded else
+                ("validation", "the run's own captions: the first ones of its held-out images"))
+    gen = cfg.get("generation")
+    if task in GENERATING_TASKS and gen is not None and any(gen.get(k) == "auto" for k in GENERATION):
+        family = family_of_model(m)
+        sampling = family.sampling()
+        for k in GENERATION:
+            if gen.get(k) == "auto":
+                out[f"generation.{k}"] = (sampling[k], f"the {family.name.upper()} family's sampling {k}")
     if task in EVAL_TASKS:
         if cfg.eval.dataset == "auto":
             if embedded and same_path(OmegaConf.select(cfg, "data.path", throw_on_missing=False), style / "train"):
@@ -148,31 +192,44 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
     return out
 
 
-def model_overrides(args: list[str]) -> list[str]:
-    """``args`` plus an override for every setting left to the model, each with its reason under
-    ``chosen.<key>``. Raises ``ModelDefaultsError`` before any weight is read."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
+def as_overrides(chosen: dict[str, tuple[Any, str]]) -> list[str]:
+    """The choices as command-line overrides: ``key=value`` and ``+chosen.key="value: why"``."""
     from toolkit.run.resume import hydra_quote
 
-    if any(a.startswith("chosen.") or a.startswith("+chosen.") for a in args):
-        return args   # already chosen: a resume's saved overrides, or a DDP child's command line
-    lines = [a for a in args if "=" in a and not a.startswith("-")]
-    parsed = OverridesParser.create().parse_overrides(lines)
-    given = {o.key_or_group for o in parsed}
-    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    cfg = _compose([o.input_line for o in parsed if not o.is_sweep_override()])
-    chosen = choose(cfg, given)
-    if chosen and swept & {"model", "model.name_or_path", "model.config", "data", "data.path", "task"}:
-        raise ModelDefaultsError(
-            f"this sweep varies {sorted(swept & {'model', 'model.name_or_path', 'model.config', 'data', 'data.path'})}"
-            f", so the settings that follow the model would differ per cell: set {', '.join(sorted(chosen))} "
-            "explicitly for the sweep.")
     extra = []
     for key, (value, why) in chosen.items():
         extra.append(f"{key}={hydra_quote(str(value))}")
         extra.append(f"+chosen.{key}={_quote(f'{value}: {why}')}")
-    return [*args, *extra]
+    return extra
+
+
+def already_chosen(args: list[str]) -> bool:
+    """A resume's saved overrides, a DDP child's command line or a sweep cell carry their choices."""
+    return any(a.startswith(("chosen.", "+chosen.")) for a in args)
+
+
+def cell_overrides(cfg: DictConfig, cell: list[str]) -> list[str]:
+    """The choices for one sweep cell (``cell``: its overrides; ``cfg``: its composed config)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if already_chosen(cell):
+        return []
+    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(cell)}
+    return as_overrides(choose(cfg, given))
+
+
+def model_overrides(args: list[str]) -> list[str]:
+    """``args`` plus an override for every setting left to the model, each with its reason under
+    ``chosen.<key>``. Raises ``ModelDefaultsError`` before any weight is read. A sweep (``-m``) is
+    left as it is: its cells are chosen for one by one (``cell_overrides``, by the sweeper)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if already_chosen(args) or any(a in ("-m", "--multirun") for a in args):
+        return args
+    lines = [a for a in args if "=" in a and not a.startswith("-")]
+    parsed = OverridesParser.create().parse_overrides(lines)
+    cfg = _compose([o.input_line for o in parsed])
+    return [*args, *as_overrides(choose(cfg, {o.key_or_group for o in parsed}))]
 
 
 def chosen_lines(cfg: DictConfig) -> list[str]:

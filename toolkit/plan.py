@@ -71,6 +71,7 @@ class Plan:
     weights: dict[str, int]
     rows: list[Row] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def total(self, row: Row) -> int:
         """What the phase puts on the device, the process itself included on CPU."""
@@ -162,8 +163,11 @@ def training_rows(cfg: DictConfig, p: model_parts.Parts, mem: Memory, mode: str,
                              f"{flips} variant(s) an image, VAE in {str(p.vae_dtype).removeprefix('torch.')}"))
     if text_cached:
         rows.append(budgeted("encoding: text cache", text_cost, int(cb.encoded_cache.batch_size), all_weights))
-    offloaded = bool(cb.encoded_cache.offload) and latents_cached and text_cached and mode == "gpu"
-    resident = (weights["unet"] + adapter if offloaded else all_weights) + step["optimizer_state"]
+    # the frozen text encoders leave the GPU once every caption is cached, in one process
+    # (LoRADiffusion.release_text_encoders: DDP broadcasts from where it wrapped them)
+    released = text_cached and mode == "gpu" and world == 1
+    text_weights = sum(v for k, v in weights.items() if k in p.family.text_encoders)
+    resident = all_weights - (text_weights if released else 0) + step["optimizer_state"]
     extra, notes = 0, []
     if not latents_cached:   # the naive path: the VAE runs before the UNet in every step
         extra = max(extra, vae_cost.at(batch))
@@ -171,8 +175,8 @@ def training_rows(cfg: DictConfig, p: model_parts.Parts, mem: Memory, mode: str,
     if not text_cached:
         extra = max(extra, text_cost.at(batch))
         notes.append("text encoders every step" + (" (trained: ≈ their forward)" if text_trained else ""))
-    if offloaded:
-        notes.append("VAE and text encoders off the GPU")
+    if released:
+        notes.append("text encoders off the GPU")
     ckpt = "checkpointing" if cfg.module.speed.gradient_checkpointing else "no checkpointing"
     notes.insert(0, f"{ckpt}, {tr.precision}, adapter {fmt(adapter)} + optimizer state {fmt(step['optimizer_state'])}")
     rows.append(Row("training step", batch, resident, resident + max(step["activations"], extra), note="; ".join(notes),
@@ -206,6 +210,9 @@ def build(cfg: DictConfig) -> Plan:
     plan.rows.append(Row("load", None, sum(weights.values()), sum(weights.values()) + transient, "host",
                          "every component in host memory" + (", the UNet read in full precision then quantized"
                                                              if transient else "")))
+    if not fp.traced(p.family):   # the load row only: the phases' peaks are not traced for this family
+        plan.notes.append(fp.untraced(p.family, "phases after loading not planned"))
+        return plan
     try:
         if task in TRAIN_TASKS:
             plan.rows += training_rows(cfg, p, mem, mode, weights)
@@ -248,7 +255,7 @@ def render(plan: Plan) -> list[str]:
         where = "host" if r.where == "host" else "device"
         lines.append(f"  {r.phase:<{width}}  batch {batch:>4}  {where} {fmt(plan.total(r)):>10}  "
                      f"(weights {fmt(r.resident)})  {ok}{'  · ' + r.note if r.note else ''}")
-    return lines
+    return lines + [f"  {n}" for n in plan.notes]
 
 
 def at_start(cfg: DictConfig) -> bool:

@@ -11,8 +11,11 @@ Both formats are written from the same in-memory factors (``AdapterLayer`` per l
   only: diffusers has no LoHa reader and reads LoKr for the UNet only, with its own scale rules,
   so those adapters are refused in this format rather than written lossily (use kohya/LyCORIS).
 * **kohya / LyCORIS** (A1111, ComfyUI, SD.Next, InvokeAI, Forge): ``lora_unet_<module>`` /
-  ``lora_te_`` (SD) or ``lora_te1_``/``lora_te2_`` (SDXL) keys, module names with '_' for '.',
-  SDXL UNet modules in sgm spelling, per layer ``.alpha`` and ``.lora_down/.lora_up.weight``
+  ``lora_te_`` (SD) or ``lora_te1_``/``lora_te2_`` (SDXL; SD3 adds ``lora_te3_`` for T5) keys, module
+  names with '_' for '.', SDXL UNet modules in sgm spelling, SD3 transformer modules in the original
+  MMDiT spelling (sd-scripts' ``networks/lora_sd3.py``: q, k and v stacked into one ``attn.qkv``
+  layer, exactly, by ``layers.stack_rows``; the ranks of the parts in ``toolkit_kohya_fused`` so
+  they read back as they were), per layer ``.alpha`` and ``.lora_down/.lora_up.weight``
   (LoRA), ``.dora_scale`` (DoRA), ``.hada_w1_a`` ... (LoHa), ``.lokr_w1`` ... (LoKr), and the
   ``ss_*`` metadata those tools display. Hand-written: diffusers' ``convert_state_dict_to_kohya``
   sets every α to the rank (wrong whenever α ≠ r) and names SD-1.x text-encoder keys without the
@@ -41,7 +44,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
-from toolkit.adapters.layers import FACTORS, AdapterLayer, lora
+from toolkit.adapters.layers import FACTORS, AdapterLayer, lora, split_rows, stack_rows, swap_halves_rows
 from toolkit.atomic import atomic_open, current_umask
 from toolkit.hashing import file_sha256
 from toolkit.models.families import ModelFamily
@@ -93,10 +96,18 @@ class AdapterFile:
         return self
 
 
-def formats_for(kind: str, requested: Iterable[str] | str = "auto") -> tuple[str, ...]:
-    """The export formats for an adapter kind: ``auto`` = every format that carries it whole; an
-    explicit format that cannot is refused (a lossy file is never written)."""
-    carries = {"lora": FORMATS, "dora": FORMATS, "loha": ("kohya",), "lokr": ("kohya",)}[kind]
+def formats_for(kind: str, requested: Iterable[str] | str = "auto", family: type[ModelFamily] | None = None
+                ) -> tuple[str, ...]:
+    """The export formats for an adapter kind (of ``family``'s models): ``auto`` = every format
+    that carries it whole; an explicit format that cannot is refused (a lossy file is never
+    written), and so is a kind no format of the family carries."""
+    kinds = family.format_kinds if family is not None else {"diffusers": ("lora", "dora"),
+                                                             "kohya": ("lora", "dora", "loha", "lokr")}
+    carries = tuple(f for f in FORMATS if kind in kinds[f])
+    if not carries:
+        raise ValueError(f"a {kind} adapter of a {family.name if family else ''} model cannot be written in any "
+                         f"format without loss: {family.name if family else ''} files carry "
+                         f"{ {f: list(k) for f, k in kinds.items()} } (use module=lora or module=dora)")
     if requested == "auto":
         return carries
     requested = tuple(requested)
@@ -189,65 +200,100 @@ def save_diffusers(layers: Layers, out_dir: str | Path, family: type[ModelFamily
         raise AdapterFormatError(f"no diffusers-format {kind} file: diffusers cannot load it whole (no LoHa reader; "
                                  "LoKr for the UNet only, scaled its own way). Write the kohya/LyCORIS file, which "
                                  "A1111, ComfyUI and this toolkit load: callbacks.adapter_export.formats=[kohya]")
+    unsupported = [c for c, lay in layers.items() if lay and c not in family.lora_components()]
+    if unsupported:
+        raise AdapterFormatError(f"{family.pipeline_class.__name__}.load_lora_weights reads no LoRA for "
+                                 f"{unsupported}; a diffusers file cannot carry them")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {}
     for comp, lay in layers.items():
         if lay:
             kwargs[f"{comp}_lora_layers"] = peft_state_dict(lay)
-            config = peft_config(lay).to_dict()
-            # peft keeps target_modules as a set: sorted, the file's bytes (and its SHA-256) do not depend on
-            # the process's string-hash seed
-            config["target_modules"] = sorted(config["target_modules"])
-            kwargs[f"{comp}_lora_adapter_metadata"] = config
+            # peft keeps target_modules as a set: listed in hash order, the same adapter would get other bytes (and
+            # another SHA-256) in every process; sorted, a file's hash is its content's
+            kwargs[f"{comp}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, set) else v
+                                                       for k, v in peft_config(lay).to_dict().items()}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
         family.pipeline_class.save_lora_weights(tmp, **kwargs)
+        written = Path(tmp) / DIFFUSERS_FILE
         if metadata:   # diffusers' writer takes no metadata of ours: add it to the file it wrote
-            with safe_open(str(Path(tmp) / DIFFUSERS_FILE), framework="pt", device="cpu") as f:
+            with safe_open(str(written), framework="pt", device="cpu") as f:
                 meta = {**(f.metadata() or {}), **metadata}
                 sd = {k: f.get_tensor(k) for k in f.keys()}   # noqa: SIM118 - safe_open is not a Mapping
-            save_file(sd, str(Path(tmp) / DIFFUSERS_FILE), metadata=meta)
+            save_file(sd, str(written), metadata=meta)
+        written.write_bytes(sorted_metadata(written.read_bytes()))
         # safetensors' writer (under diffusers') creates the file 0600: the user's umask decides instead
         os.chmod(Path(tmp) / DIFFUSERS_FILE, 0o666 & ~current_umask())
         os.replace(Path(tmp) / DIFFUSERS_FILE, out_dir / DIFFUSERS_FILE)
     return out_dir / DIFFUSERS_FILE
 
 
-def kohya_key(family: type[ModelFamily], component: str, module: str, unet_config: Mapping[str, Any]) -> str:
-    return family.kohya_prefixes[component] + family.kohya_module_name(component, module, unet_config).replace(".", "_")
+def kohya_key(family: type[ModelFamily], component: str, module: str, denoiser_config: Mapping[str, Any]) -> str:
+    return family.kohya_prefixes[component] + family.kohya_module_name(component, module,
+                                                                       denoiser_config).replace(".", "_")
 
 
-def kohya_state_dict(layers: Layers, family: type[ModelFamily], unet_config: Mapping[str, Any]
-                     ) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def kohya_layers(layers: Layers, family: type[ModelFamily], denoiser_config: Mapping[str, Any]
+                 ) -> tuple[dict[str, AdapterLayer], dict[str, list[list[Any]]]]:
+    """The layers as the original layout names them: per kohya key, one layer (the family's fused
+    projections stacked, rows stored swapped where the layout swaps them), and per fused key its
+    parts and their ranks (the ``toolkit_kohya_fused`` metadata)."""
+    fused = {m: (name, parts) for name, parts in family.kohya_fused(denoiser_config).items() for m in parts if m}
+    out: dict[str, AdapterLayer] = {}
+    stacks: dict[str, dict[str, AdapterLayer]] = {}
     for comp, lay in layers.items():
         for name, w in lay.items():
-            key = kohya_key(family, comp, name, unet_config)
-            if f"{key}.alpha" in out:
+            key = kohya_key(family, comp, name, denoiser_config)
+            if comp == family.denoiser and name in fused:
+                stacks.setdefault(key, {})[name] = w
+                continue
+            if key in out:
                 raise AdapterFormatError(f"two modules map to the kohya key {key!r}; cannot write a kohya file")
-            for factor, tensor in w.factors.items():
-                out[f"{key}.{KOHYA_PARTS[w.kind][factor]}"] = tensor.contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(w.alpha if w.rank is not None else 1.0), dtype=torch.float32)
-            if w.dora:   # LyCORIS' weight-decompose layout: one magnitude per output row, shaped (out, 1, ...)
-                conv = w.factors["down"].ndim == 4
-                out[f"{key}.dora_scale"] = w.magnitude.reshape((-1, 1, 1, 1) if conv else (-1, 1)).contiguous()
+            swap = comp == family.denoiser and family.kohya_row_order(name, denoiser_config) == "swap"
+            try:
+                out[key] = swap_halves_rows(w) if swap else w
+            except ValueError as err:
+                raise AdapterFormatError(f"{comp}.{name}: {err}") from err
+    meta: dict[str, list[list[Any]]] = {}
+    for key, members in stacks.items():
+        parts = fused[next(iter(members))][1]
+        try:
+            out[key], ranks = stack_rows([members.get(p) if p else None for p in parts])
+        except ValueError as err:
+            raise AdapterFormatError(f"{key} ({', '.join(p for p in parts if p)}): {err}") from err
+        meta[key] = [[p, r] for p, r in zip(parts, ranks)]
+    return out, meta
+
+
+def kohya_state_dict(layers: Layers, family: type[ModelFamily], denoiser_config: Mapping[str, Any]
+                     ) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, w in kohya_layers(layers, family, denoiser_config)[0].items():
+        for factor, tensor in w.factors.items():
+            out[f"{key}.{KOHYA_PARTS[w.kind][factor]}"] = tensor.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(w.alpha if w.rank is not None else 1.0), dtype=torch.float32)
+        if w.dora:   # LyCORIS' weight-decompose layout: one magnitude per output row, shaped (out, 1, ...)
+            conv = w.factors["down"].ndim == 4
+            out[f"{key}.dora_scale"] = w.magnitude.reshape((-1, 1, 1, 1) if conv else (-1, 1)).contiguous()
     return out
 
 
-def save_kohya(layers: Layers, path: str | Path, family: type[ModelFamily], unet_config: Mapping[str, Any],
+def save_kohya(layers: Layers, path: str | Path, family: type[ModelFamily], denoiser_config: Mapping[str, Any],
                metadata: Mapping[str, Any] | None = None) -> Path:
     """One kohya/LyCORIS ``.safetensors`` file with ``ss_*`` metadata, written atomically.
 
     ``sshs_model_hash`` is the SHA-256 of the tensor data (kohya's "addnet" hash, which the
     A1111 UI shows and uses to identify a LoRA)."""
     kind = layer_kind(layers)
-    sd = kohya_state_dict(layers, family, unet_config)
+    sd = kohya_state_dict(layers, family, denoiser_config)
+    fused = kohya_layers(layers, family, denoiser_config)[1]
     blob = save(sd)
     header = int.from_bytes(blob[:8], "little")
     every = [w for lay in layers.values() for w in lay.values()]
     ranks = Counter(w.rank for w in every)
     alphas = Counter(w.alpha for w in every)
-    convs = [w for w in layers.get("unet", {}).values() if w.shape is not None and len(w.shape) == 4]
+    convs = [w for w in layers.get(family.denoiser, {}).values() if w.shape is not None and len(w.shape) == 4]
     algo = {"lora": "lora", "loha": "loha", "lokr": "lokr"}[kind]
     args: dict[str, str] = {}
     if kind != "lora" or convs:
@@ -261,17 +307,35 @@ def save_kohya(layers: Layers, path: str | Path, family: type[ModelFamily], unet
             "ss_network_dim": str(ranks.most_common(1)[0][0]), "ss_network_alpha": str(alphas.most_common(1)[0][0]),
             "ss_network_args": json.dumps(args), "ss_v2": str(family.base_model_version == "sd_v2"),
             "sshs_model_hash": hashlib.sha256(blob[8 + header:]).hexdigest(),
-            "toolkit_layers": json.dumps({c: len(v) for c, v in layers.items() if v})}
+            "toolkit_layers": json.dumps({c: len(v) for c, v in layers.items() if v}),
+            **({"toolkit_kohya_fused": json.dumps(fused)} if fused else {})}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     with atomic_open(path) as f:
-        f.write(save(sd, metadata=meta))
+        f.write(sorted_metadata(save(sd, metadata=meta)))
     return Path(path)
+
+
+def sorted_metadata(blob: bytes) -> bytes:
+    """A safetensors file's bytes with its ``__metadata__`` entries in sorted order. safetensors
+    writes them in the order of a Rust ``HashMap``, seeded anew in every process: the same tensors
+    and metadata got other bytes (another SHA-256, which keys evaluation rows) in another run.
+    Hand-written (no library offers a canonical writer): the header is re-serialised compactly,
+    as safetensors writes it, and padded with spaces to its old length, so every offset stays."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if len(header.get("__metadata__") or {}) < 2:
+        return blob
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:   # never: the same entries, reordered (checked, not assumed)
+        raise AdapterFormatError(f"safetensors header grew from {n} to {len(text)} bytes when sorted")
+    return blob[:8] + text.ljust(n, b" ") + blob[8 + n:]
 
 
 # ------------------------------------------------------------------------------------------ reading
 def detect_format(keys: Iterable[str]) -> str:
     keys = list(keys)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")) for k in keys):
         return "kohya"
     if any(".lora_A" in k or ".lora_B" in k or ".lora.down" in k or ".lora.up" in k or "_lora.down" in k
            or "lora_linear_layer" in k for k in keys):
@@ -311,7 +375,7 @@ def _read_diffusers(sd: dict[str, torch.Tensor], meta: dict[str, str], family: t
         if not all(k.endswith(peft_suffixes) for k in sub):
             # older diffusers key styles (also mixed with peft keys): diffusers' own converters,
             # which leave keys already in peft style as they are
-            sub = convert_unet_state_dict_to_peft(sub) if comp == "unet" else convert_state_dict_to_peft(sub)
+            sub = convert_unet_state_dict_to_peft(sub) if comp == family.denoiser else convert_state_dict_to_peft(sub)
         cfg = {k[len(comp) + 1:]: v for k, v in configs.items() if k.startswith(f"{comp}.")}
         lay: dict[str, AdapterLayer] = {}
         used = set()
@@ -356,9 +420,18 @@ def _kohya_layer(base: str, parts: dict[str, torch.Tensor]) -> AdapterLayer:
 
 def _read_kohya(sd: dict[str, torch.Tensor], family: type[ModelFamily],
                 modules: Mapping[str, Mapping[str, tuple[int, ...]]] | None,
-                unet_config: Mapping[str, Any] | None) -> tuple[Layers, list[str]]:
-    lookup = {kohya_key(family, comp, name, unet_config or {}): (comp, name)
-              for comp, names in (modules or {}).items() for name in names}
+                denoiser_config: Mapping[str, Any] | None, meta: Mapping[str, str]) -> tuple[Layers, list[str]]:
+    cfg = denoiser_config or {}
+    lookup: dict[str, tuple[str, str]] = {}
+    for comp, names in (modules or {}).items():
+        for name in names:
+            try:
+                lookup[kohya_key(family, comp, name, cfg)] = (comp, name)
+            except ValueError:   # a module the original layout has no name for: no kohya file adapts it
+                continue
+    fused = {family.kohya_prefixes[family.denoiser] + k.replace(".", "_"): v
+             for k, v in (family.kohya_fused(cfg).items() if modules is not None else ())}
+    ranks = json.loads(meta.get("toolkit_kohya_fused") or "{}")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
         base, _, part = k.partition(".")
@@ -372,8 +445,26 @@ def _read_kohya(sd: dict[str, torch.Tensor], family: type[ModelFamily],
         layer = _kohya_layer(base, parts)
         if modules is None:
             layers.setdefault("file", {})[base] = layer
+        elif base in fused:   # one original projection, several diffusers modules (SD3's qkv)
+            try:
+                split = split_rows(layer, len(fused[base]), [r for _, r in ranks[base]] if base in ranks else None)
+            except ValueError as err:
+                raise AdapterFormatError(f"{base}: {err}") from err
+            for name, part in zip(fused[base], split):
+                if part is None:
+                    continue
+                if not name or name not in modules.get(family.denoiser, {}):
+                    unmatched.append(f"{base} ({name})")
+                    continue
+                part.shape = tuple(modules[family.denoiser][name])
+                layers.setdefault(family.denoiser, {})[name] = part
         elif base in lookup:
             comp, name = lookup[base]
+            if comp == family.denoiser and family.kohya_row_order(name, cfg) == "swap":
+                try:
+                    layer = swap_halves_rows(layer)   # an involution: back to diffusers' row order
+                except ValueError as err:
+                    raise AdapterFormatError(f"{base}: {err}") from err
             layer.shape = tuple(modules[comp][name])
             layers.setdefault(comp, {})[name] = layer
         else:
@@ -383,7 +474,7 @@ def _read_kohya(sd: dict[str, torch.Tensor], family: type[ModelFamily],
 
 def read_adapter(path: str | Path, family: type[ModelFamily],
                  modules: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
-                 unet_config: Mapping[str, Any] | None = None) -> AdapterFile:
+                 denoiser_config: Mapping[str, Any] | None = None) -> AdapterFile:
     """Read any supported adapter file into per-layer factors.
 
     Args:
@@ -392,7 +483,8 @@ def read_adapter(path: str | Path, family: type[ModelFamily],
         modules: per component, the base model's adaptable modules and their weight shapes (kohya
             names are mapped back through them; diffusers names are checked against them). None:
             no base model at hand (``task=inspect``): kohya layers stay under their file names.
-        unet_config: the base UNet's config (SDXL's sgm names depend on its block layout).
+        denoiser_config: the base denoiser's config (SDXL's sgm names depend on its block layout,
+            SD3's MMDiT names on its number of blocks).
     """
     path = Path(path)
     with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -400,7 +492,7 @@ def read_adapter(path: str | Path, family: type[ModelFamily],
         sd = {k: f.get_tensor(k) for k in f.keys()}   # noqa: SIM118 - safe_open is not a Mapping
     fmt = detect_format(sd)
     if fmt == "kohya":
-        layers, unmatched = _read_kohya(sd, family, modules, unet_config)
+        layers, unmatched = _read_kohya(sd, family, modules, denoiser_config, meta)
     else:
         layers, unmatched = _read_diffusers(sd, meta, family)
         if modules is not None:

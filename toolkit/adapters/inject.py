@@ -1,4 +1,4 @@
-"""Adapters (peft) on the UNet and, optionally, the text encoder(s): LoRA, DoRA, LoHa, LoKr.
+"""Adapters (peft) on the denoiser and, optionally, the text encoder(s): LoRA, DoRA, LoHa, LoKr.
 
     y = W x + (α/r) · B A x          W: frozen base weight (d_out × d_in)
           ▲        ▲  ▲              A: r × d_in   (random init)
@@ -142,5 +142,5 @@ def save_adapter(out_dir: str | Path, models: Mapping[str, torch.nn.Module], fam
         out["diffusers"] = save_diffusers(layers, out_dir, family,
                                           {k: str(v) for k, v in (metadata or {}).items() if k.startswith("toolkit_")})
     if "kohya" in formats:
-        out["kohya"] = save_kohya(layers, out_dir / KOHYA_FILE, family, models["unet"].config, metadata)
+        out["kohya"] = save_kohya(layers, out_dir / KOHYA_FILE, family, models[family.denoiser].config, metadata)
     return out

@@ -99,15 +99,16 @@ def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def components(pipe_or_module: Any, family: type[ModelFamily]) -> dict[str, torch.nn.Module]:
-    return {c: getattr(pipe_or_module, c) for c in family.components() if getattr(pipe_or_module, c, None)
+    return {c: getattr(pipe_or_module, c) for c in family.lora_components() if getattr(pipe_or_module, c, None)
             is not None}
 
 
 def read_for(path: str | Path, models: Mapping[str, torch.nn.Module], family: type[ModelFamily],
              variant: str = "raw") -> AdapterFile:
     """Read an adapter file against these base-model components; refuse unmatched layers."""
-    mods = {c: module_shapes(m) for c, m in models.items()}
-    return read_adapter(resolve_adapter(path, variant), family, mods, models["unet"].config).require_matched()
+    mods = {c: module_shapes(m) for c, m in models.items() if c in family.lora_components()}
+    return read_adapter(resolve_adapter(path, variant), family, mods,
+                        models[family.denoiser].config).require_matched()
 
 
 class _Collect(logging.Handler):
@@ -219,7 +220,7 @@ def load_adapters(pipe: Any, family: type[ModelFamily], paths: Sequence[str | Pa
     if len(scales) != len(paths):
         raise ValueError(f"{len(paths)} adapters but {len(scales)} LoRA scales")
     models = components(pipe, family)
-    dtype = pipe.unet.dtype
+    dtype = getattr(pipe, family.denoiser).dtype
     loaded = []
     for i, path in enumerate(paths):
         af = read_for(path, models, family, variant)

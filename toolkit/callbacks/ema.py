@@ -38,7 +38,7 @@ class AdapterEMA(L.Callback):
         self._last_step = -1
 
     def _params(self, module: L.LightningModule) -> list[torch.nn.Parameter]:
-        return list(module.unet_lora_params) + list(module.text_lora_params)
+        return list(module.denoiser_lora_params) + list(module.text_lora_params)
 
     @property
     def active(self) -> bool:

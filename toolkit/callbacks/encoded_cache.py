@@ -2,7 +2,8 @@
 and train from the cache: no image decoding, no VAE encoder and no text encoder in the step.
 
 Runs at ``on_fit_start``: the model is on its device and DDP is up, so the encoding is sharded
-over ranks (each encodes every world_size-th missing item, then all read every shard).
+over ranks (each encodes every world_size-th missing item of the list rank 0 decided, then all
+read every shard).
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.distributed import is_shared_filesystem
 
-from toolkit.data.encoded_cache import ArrayStore, fill
+from toolkit.data.encoded_cache import ArrayStore, fill, to_rows
 from toolkit.data.masks import load_mask
 from toolkit.data.prepared import PreparedDataset
 from toolkit.data.sources import fingerprint_listing, image_bytes
 from toolkit.data.transforms import train_transform
 from toolkit.data.validate import decode_image
 from toolkit.hashing import bytes_key, module_fingerprint, text_key, tokenizer_fingerprint
-from toolkit.models.footprints import skeleton_of, text_encode, vae_encode
+from toolkit.models.footprints import skeleton_of, text_encode, traced, untraced, vae_encode
 from toolkit.models.memory import Memory, Scaled, weight_bytes
 from toolkit.models.objectives import latent_mask
-from toolkit.training.offload import offload
+from toolkit.run.lifecycle import all_ranks
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,21 @@ def settings_key(settings: dict[str, Any]) -> str:
 
 
 def text_settings(module: Any, dtype: np.dtype) -> dict[str, Any]:
-    """What decides a caption's embedding: the family, every text encoder and tokenizer, the dtype."""
+    """What decides a caption's embedding: the family, every text encoder and tokenizer, the dtype,
+    and the family's encoding options (SD3: T5's ``max_sequence_length``)."""
+    options = {"options": module.text_options} if module.text_options else {}
     return {"kind": "text", "family": module.family.name, "dtype": str(dtype),
             "text_encoders": "-".join(module_fingerprint(e) for e in module.text_encoders),
-            "tokenizers": "-".join(tokenizer_fingerprint(t) for t in module.tokenizers)}
+            "tokenizers": "-".join(tokenizer_fingerprint(t) for t in module.tokenizers), **options}
+
+
+def field_dtype(field: str, family: Any, dtype: np.dtype) -> str:
+    """How one conditioning field is stored: the configured dtype, except that a field float16
+    cannot hold (``family.wide_fields``: T5's states, whose values overflow it) is stored as
+    bfloat16 bits when float16 is configured. bfloat16 rather than float32: float32's range in half
+    the bytes (a 256-token T5-XXL caption is 2 MiB instead of 4), and exact for the bfloat16 encoders
+    these models run in; float32 (``callbacks.encoded_cache.dtype=float32``) stays exact for any."""
+    return "bfloat16" if dtype == np.float16 and field in family.wide_fields else str(dtype)
 
 
 def latent_settings(module: Any, dm: Any, dtype: np.dtype) -> dict[str, Any]:
@@ -67,15 +79,12 @@ class EncodedCache(L.Callback):
         memory: the budget (``toolkit.models.memory.Memory``): each encoder takes the largest batch
             ≤ ``batch_size`` whose traced peak, with all weights on the device, fits it; None:
             ``batch_size`` as given.
-        offload: once both caches hold everything, the VAE and the (frozen) text encoders leave the
-            GPU (``toolkit.training.offload``) until a sample grid needs them.
     """
 
     def __init__(self, dirpath: str, latents: bool = True, text: bool = True, batch_size: int = 64,
-                 dtype: str = "float16", from_prepared: bool = True, memory: Memory | None = None,
-                 offload: bool = True) -> None:
+                 dtype: str = "float16", from_prepared: bool = True, memory: Memory | None = None) -> None:
         self.dirpath, self.latents, self.text, self.from_prepared = Path(dirpath), latents, text, from_prepared
-        self.batch_size, self.dtype, self.memory, self.offload = batch_size, np.dtype(dtype), memory, offload
+        self.batch_size, self.dtype, self.memory = batch_size, np.dtype(dtype), memory
 
     def batch(self, module: Any, cost: Any, what: str) -> int:
         """``batch_size``, or fewer where the budget says so (the same on every rank and node: from
@@ -104,24 +113,24 @@ class EncodedCache(L.Callback):
         copy, split over its own ranks: every rank then reads only its node's disk, nothing is sent
         between nodes, and the copy serves later runs on that node. The cost is the encoding done
         once per node instead of once per job; it runs at the node's full speed (all its GPUs), and
-        at any size it is one pass of the frozen encoders over the data, small next to training."""
+        at any size it is one pass of the frozen encoders over the data, small next to training.
+        The to-do list comes from one rank per copy (rank 0, or each node's first): ``fill``."""
         self.dirpath.mkdir(parents=True, exist_ok=True)
         barrier = trainer.strategy.barrier
-        if trainer.num_nodes == 1 or is_shared_filesystem(trainer.strategy, self.dirpath):
-            return {"rank": trainer.global_rank, "world_size": trainer.world_size, "barrier": barrier}
-        if trainer.local_rank == 0:
-            log.info("encoded cache %s is node-local: node %d builds its own copy over its %d ranks",
-                     self.dirpath, trainer.node_rank, trainer.num_devices)
-        return {"rank": trainer.local_rank, "world_size": trainer.num_devices, "barrier": barrier}
+        shared = trainer.num_nodes == 1 or is_shared_filesystem(trainer.strategy, self.dirpath)
+        leader = 0 if shared else trainer.node_rank * trainer.num_devices   # its first rank: Lightning's numbering
+        agree = (lambda todo: todo) if trainer.world_size == 1 else (lambda todo: all_ranks(todo)[leader])
+        if shared:
+            return {"rank": trainer.global_rank, "world_size": trainer.world_size, "barrier": barrier, "agree": agree}
+        if trainer.is_global_zero:
+            log.info("encoded cache %s is node-local: each of the %d nodes builds its own copy over its %d ranks",
+                     self.dirpath, trainer.num_nodes, trainer.num_devices)
+        return {"rank": trainer.local_rank, "world_size": trainer.num_devices, "barrier": barrier, "agree": agree}
 
     @torch.no_grad()
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        dm = trainer.datamodule
-        self.encode(module, dm, self.sharding(trainer), f"rank {trainer.global_rank}, node {trainer.node_rank}")
-        cached = {"vae": all(s.latents is not None for s in (dm.train_set, dm.val_set, dm.train_set.prior) if s),
-                  "text": module.text_cache is not None}
-        if self.offload and cached["vae"]:
-            offload(module, ["vae", *(module.family.text_encoders if cached["text"] else ())])
+        self.encode(module, trainer.datamodule, self.sharding(trainer),
+                    f"rank {trainer.global_rank} of {trainer.world_size}, node {trainer.node_rank}")
 
     def root(self, dm: Any) -> Path:
         """Where this run's stores live: the shared cache, or, when the training set is a prepared
@@ -164,18 +173,24 @@ class EncodedCache(L.Callback):
             captions = sorted({""} | {c for s in sets for c in s.captions()})   # "" for caption dropout
             settings = text_settings(module, self.dtype)
             module.text_cache = {}
-            cost, _ = text_encode(module.family, [skeleton_of(e) for e in module.text_encoders],
-                                  module.text_encoders[0].dtype, self.traces)
-            text_batch = self.batch(module, cost, "text cache encoding")
+            if traced(module.family) or self.memory is None:
+                cost, _ = text_encode(module.family, [skeleton_of(e) for e in module.text_encoders],
+                                      module.text_encoders[0].dtype, self.traces)
+                text_batch = self.batch(module, cost, "text cache encoding")
+            else:
+                log.warning(untraced(module.family, "text cache encoding"))
+                text_batch = self.batch_size
             for field in module.family.cache_fields:   # one store per conditioning tensor (SDXL: + pooled)
-                store = open_store(f"text-{settings_key(settings)}-{field}", {**settings, "field": field})
-                enc = lambda batch, f=field: (module.encode_text(batch, cached=False)[f].float().cpu().numpy()
-                                              .astype(self.dtype))
+                stored = field_dtype(field, module.family, self.dtype)
+                extra = {"stored": stored} if stored != str(self.dtype) else {}
+                store = open_store(f"text-{settings_key(settings)}-{field}", {**settings, "field": field, **extra})
+                enc = lambda batch, f=field, d=stored: to_rows(module.encode_text(batch, cached=False)[f], d)
                 n = fill(store, [text_key(c) for c in captions], captions, enc, text_batch,
                          desc=f"text cache ({field})", **shard)
                 module.text_cache[field] = store
-                log.info("text cache (%s): %d prompts (%d encoded now by %s) in %s", field, len(captions), n, who,
-                         store.root)
+                log.info("text cache (%s, %s): %d prompts (%d encoded now by %s) in %s", field, stored, len(captions),
+                         n, who, store.root)
+            module.release_text_encoders()
         if self.latents and not dm.center_crop:
             log.warning("latent cache off: random crops are not cacheable (set data.center_crop=true)")
         elif self.latents:
@@ -245,3 +260,4 @@ class EncodedCache(L.Callback):
                 s.latents = (store, micro_store, mask_store if s.masks else None, keys)
                 log.info("latent cache: %d images (%d encoded now by %s) in %s", len(s.indices), n, who, store.root)
         return used
+

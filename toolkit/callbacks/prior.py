@@ -63,15 +63,18 @@ class PriorPreservation(L.Callback):
         parts = [*module.models.values(), module.vae]
         weights = "-".join([*map(module_fingerprint, parts), *map(tokenizer_fingerprint, module.tokenizers)])
         spec = [weights, self.class_prompt, self.negative_prompt, self.seed, self.num_images, self.steps,
-                self.guidance, self.scheduler, size]
+                self.guidance, self.scheduler, size, *([module.text_options] if module.text_options else [])]
         return self.dirpath / hashlib.sha256(json.dumps(spec, default=str).encode()).hexdigest()[:20]
 
     @torch.no_grad()
     def generate(self, trainer: L.Trainer, module: L.LightningModule, out: Path, size: int) -> None:
-        # every rank lists the missing images before any rank writes one (else a fast rank's new
-        # files shrink a slow rank's list, and the shares no longer cover it)
-        trainer.strategy.barrier()
-        todo = [i for i in range(self.num_images) if not (out / f"{i:05d}.png").is_file()]
+        # One list for the job, rank zero's (broadcast): listed on every rank, a fast rank's new files
+        # shrank a slow rank's list, and another job filling the same folder meanwhile made the
+        # ranks' lists differ, leaving images nobody generated. What that job writes meanwhile is
+        # written again here, identically (same seeds), and atomically.
+        todo = trainer.strategy.broadcast(
+            [i for i in range(self.num_images) if not (out / f"{i:05d}.png").is_file()] if trainer.is_global_zero
+            else None, 0)
         mine = todo[trainer.global_rank:: trainer.world_size]
         if mine:
             sched = getattr(diffusers, self.scheduler).from_config(module.noise_scheduler.config)
@@ -87,7 +90,8 @@ class PriorPreservation(L.Callback):
                 with vae_slicing(module.vae):
                     images = generate(pipe, [self.class_prompt] * len(mine), [self.seed * 10**6 + i for i in mine],
                                       self.steps, self.guidance, self.negative_prompt, size, size, batch,
-                                      desc=f"class images (rank {trainer.global_rank})")
+                                      desc=f"class images (rank {trainer.global_rank})",
+                                      call_kwargs=module.family.call_kwargs(module.text_options))
             finally:
                 for model in module.models.values():
                     if getattr(model, "peft_config", None):

@@ -11,6 +11,11 @@ are written to a temp name and renamed, keys file last: a crash never leaves a r
 Posterior *parameters* (mean, log-variance) are stored, not samples: every step still draws a
 fresh ``z ~ q(z|x)`` as the naive path does. Flips are cached as a second variant per image;
 random crops are not cacheable (one variant per crop position) and turn the latent cache off.
+
+Storage dtypes: ``float16`` (half the disk), ``float32`` (exact) and ``bfloat16``, which ``.npy``
+cannot name: its 16 bits are stored as ``uint16`` and viewed back as bfloat16 on read (float32's
+range in half the bytes; what T5's states need, whose values float16 cannot hold). Rows are read
+memory-mapped: a T5-XXL caption (256-512 tokens x 4096) is only paged in when a batch uses it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from toolkit.atomic import atomic_open
 from toolkit.data.names import UnsafeName
@@ -31,6 +37,21 @@ from toolkit.data.storage import LocalStore, StorageError, read_json
 from toolkit.logs import progress as progress_bar
 
 log = logging.getLogger(__name__)
+BITS = np.uint16   # bfloat16 rows: their bits (numpy has no bfloat16)
+
+
+def to_rows(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """``tensor`` as stored rows of ``dtype`` (``float16``, ``float32``, or ``bfloat16`` as its bits)."""
+    if dtype == "bfloat16":
+        return tensor.detach().to(torch.bfloat16).cpu().view(torch.uint16).numpy()
+    return tensor.float().cpu().numpy().astype(dtype)
+
+
+def from_rows(rows: np.ndarray) -> torch.Tensor:
+    """Stored rows as a float32 tensor (bfloat16 bits viewed back as bfloat16 first)."""
+    if rows.dtype == BITS:
+        return torch.from_numpy(np.ascontiguousarray(rows)).view(torch.bfloat16).float()
+    return torch.from_numpy(rows.astype(np.float32))
 
 
 class ArrayStore:
@@ -70,6 +91,10 @@ class ArrayStore:
             self._maps[shard] = np.load(self.root / shard, mmap_mode="r")
         return self._maps[shard][row]
 
+    def tensor(self, keys: Sequence[str]) -> torch.Tensor:
+        """The rows of ``keys``, stacked, as float32."""
+        return from_rows(np.stack([self.get(k) for k in keys]))
+
     def __getstate__(self) -> dict[str, Any]:   # DataLoader workers re-open their own memmaps
         return {**self.__dict__, "_maps": {}}
 
@@ -86,14 +111,18 @@ def read_keys(path: Path) -> list[str]:
 
 def fill(store: ArrayStore, keys: Sequence[str], inputs: Sequence[Any], encode: Callable[[list[Any]], np.ndarray],
          batch_size: int, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None,
-         desc: str = "encoding") -> int:
+         desc: str = "encoding", agree: Callable[[Any], Any] = lambda todo: todo) -> int:
     """Encode the inputs whose key is missing, this rank's share of them, in batches; returns
-    how many this rank encoded. All ranks see every shard after the barrier."""
-    # Every rank must split the same list: a rank that starts late would otherwise see rows another
-    # has already written, split a shorter list, and leave items nobody encodes.
+    how many this rank encoded. All ranks see every shard after the barrier.
+
+    The to-do list is decided once for the job: after a barrier (no rank of this job has written
+    yet), the group's leader reads the store and ``agree`` hands its list to every rank (a
+    broadcast). Reading the store on each rank instead let two jobs sharing a cache folder split
+    different lists (the other job writes between the ranks' reads): items nobody encoded. Rows
+    another job writes meanwhile are simply found at the end."""
     barrier()
     store.refresh()
-    todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
+    todo = agree(sorted({k: i for i, k in enumerate(keys) if k not in store}.values()))
     # Whole batches dealt round-robin: a batch holds the same items whatever the number of ranks
     # (or nodes building their own copy), so the rows are bit-identical to a one-process build
     # (convolutions' numerics depend on the batch they run in).

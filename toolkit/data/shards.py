@@ -46,7 +46,7 @@ ENCODED = "encoded.json"   # prepare.encode=true: the frozen encoders' rows, per
 _SHARD = {"url": str, "nsamples": int, "filesize": int, "sha256": str}
 _POLICY = (dict, str, type(None))   # a dict since 0.1.0 (DataPolicy.deciding()); before, the policy's repr
 PLAN_SCHEMA = {"source": dict, "policy": _POLICY, "min_side": int, "samples_per_shard": int, "format": str,
-               "processes?": int}
+               "processes?": int, "identity?": dict}
 INDEX_SCHEMA = {"shardlist": [_SHARD], "toolkit?": {"policy?": _POLICY, "min_side?": (int, type(None))}}
 SIDECAR_SCHEMA = {**_SHARD, "samples": [{"span": [int], "sha256": str, "width": int, "height": int, "caption": str,
                                          "source": str}]}

@@ -80,7 +80,8 @@ class DataPolicy:
     alpha_background: tuple[int, int, int] = (255, 255, 255)
     max_image_pixels: int | None = None
     scan: bool = True
-    scan_workers: int = 4
+    # threads change no result: out of the repr that keys scan caches and reference sets
+    scan_workers: int = field(default=4, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key, allowed in (("on_error", ("skip", "error")), ("small_images", ("upscale", "skip")),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from toolkit.evaluation.scores import parse_metrics, spaces_needed
 from toolkit.models import footprints as fp
 from toolkit.models import parts as model_parts
 from toolkit.models.memory import Footprint, MaxOf, Memory
+
+log = logging.getLogger(__name__)
 
 KNOBS = ("Raise memory.budget_gib (below the device's memory), lower eval.height/width, or set model.quantize=int8 "
          "(a smaller UNet on the device).")
@@ -115,12 +118,11 @@ def eval_budget(cfg: DictConfig, gen: DictConfig, memory: Memory) -> EvalBudget:
     feats = extractors(cfg.metrics, memory.traces)
     resident = sum(p.weights().values()) + sum(e.weights for e in feats)
     h, w = size_of(cfg, gen, p)
-    cost = model_parts.generation_cost(p, h, w, float(gen.guidance_scale), memory.traces)
-    n_gen = memory.batch(cost, resident, int(gen.batch_size), f"evaluation generation ({h}x{w})", KNOBS)
+    n_gen, gen_peak = _generation(p, gen, memory, resident, h, w, f"evaluation generation ({h}x{w})")
     fcost = MaxOf(tuple(e.cost for e in feats)) if feats else Footprint(0, 0)
     n_feat = memory.batch(fcost, resident, int(cfg.metrics.feature_batch_size), "evaluation features", KNOBS) \
         if feats else int(cfg.metrics.feature_batch_size)
-    return EvalBudget(n_gen, n_feat, resident, resident + cost.at(n_gen), resident + fcost.at(n_feat),
+    return EvalBudget(n_gen, n_feat, resident, gen_peak, resident + fcost.at(n_feat),
                       [e.name for e in feats])
 
 
@@ -129,6 +131,17 @@ def generation_budget(cfg: DictConfig, gen: DictConfig, memory: Memory) -> tuple
     p = model_parts.parts(cfg.model)
     resident = sum(p.weights().values())
     h, w = size_of(cfg, gen, p)
+    n, peak = _generation(p, gen, memory, resident, h, w, f"generation ({h}x{w})")
+    return n, resident, peak
+
+
+def _generation(p: model_parts.Parts, gen: DictConfig, memory: Memory, resident: int, h: int, w: int, what: str
+                ) -> tuple[int, int]:
+    """(batch, peak bytes) of generating at h x w; a family the tracer does not cover takes
+    ``gen.batch_size`` (said in the log; its peak is then unknown: the resident weights)."""
+    if not fp.traced(p.family):
+        log.warning(fp.untraced(p.family, what))
+        return int(gen.batch_size), resident
     cost = model_parts.generation_cost(p, h, w, float(gen.guidance_scale), memory.traces)
-    n = memory.batch(cost, resident, int(gen.batch_size), f"generation ({h}x{w})", KNOBS)
-    return n, resident, resident + cost.at(n)
+    n = memory.batch(cost, resident, int(gen.batch_size), what, KNOBS)
+    return n, resident + cost.at(n)

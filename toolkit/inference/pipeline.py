@@ -23,10 +23,11 @@ from toolkit.hashing import file_sha256
 from toolkit.inference.schedule import sampling_scheduler
 from toolkit.logs import progress as progress_bar
 from toolkit.models import quantize as quantization
+from toolkit.models.families import family_of_pipeline
 from toolkit.models.pretrained import (
     check_model_path,
     is_single_file,
-    load_unet,
+    load_denoiser,
     load_vae,
     model_family,
     pipeline_from_single_file,
@@ -44,7 +45,8 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
                   dtype: str | None = "float32", trust_remote_code: bool = False, allow_pickle: bool = False,
                   config: str | None = None, vae: str | None = None, adapters: Sequence[str] = (),
                   lora_scales: Sequence[float] = (), adapter_variant: str = "raw", scheduler: str | None = None,
-                  fuse_adapters: bool = False, device: str | torch.device = "cpu", quantize: str | None = None,
+                  fuse_adapters: bool = False, device: str | torch.device = "cpu",
+                  max_sequence_length: int | None = None, quantize: str | None = None,
                   vae_slicing: bool = True) -> DiffusionPipeline:
     """Load the base (its family's pipeline class), swap the scheduler (any diffusers scheduler
     class name), and add adapters through the verified loader (``toolkit.adapters.loading``).
@@ -60,7 +62,9 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
             unfused pipeline's within 1 uint8 level: float rounding of W + ΔW).
         scheduler: e.g. ``DDIMScheduler``, ``EulerDiscreteScheduler``; None keeps the model's.
         device: where to run.
-        quantize: ``model.quantize``: the UNet's Linear weights quantized while loading
+        max_sequence_length: checked here (a family without T5 refuses it); the images use it through
+            :func:`call_kwargs`.
+        quantize: ``model.quantize``: the denoiser's Linear weights quantized while loading
             (``toolkit.models.quantize``); adapters are then never fused (fusing would re-quantize W + ΔW).
         vae_slicing: decode one image at a time (diffusers' ``enable_vae_slicing``): a batch's decode
             holds one image's activations, and each image is decoded as at batch 1.
@@ -73,16 +77,16 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
                          "W + ΔW into the base's format (other images than the adapter applied on top); set "
                          "generation.fuse_adapters=false")
     family = model_family(name_or_path, revision, config)
+    family.text_options(max_sequence_length)
     torch_dtype = resolve_dtype(dtype)
     if is_single_file(name_or_path):
         pipe = pipeline_from_single_file(family, name_or_path, config, torch_dtype)
     else:
-        extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} \
-            if family.name == "sd" else {}
-        if quantize:
-            extra["unet"] = load_unet(name_or_path, revision, variant, torch_dtype, allow_pickle, quantize)
+        extra = {family.denoiser: load_denoiser(family, name_or_path, revision, variant, torch_dtype, allow_pickle,
+                                                quantize)} if quantize else {}
         pipe = family.pipeline_class.from_pretrained(name_or_path, revision=revision, variant=variant,
-                                                     dtype=torch_dtype, use_safetensors=not allow_pickle, **extra)
+                                                     dtype=torch_dtype, use_safetensors=not allow_pickle,
+                                                     **family.pretrained_kwargs, **extra)
     if vae:
         pipe.vae = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
     if scheduler:
@@ -90,7 +94,7 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
     loaded = load_adapters(pipe, family, list(adapters), list(lora_scales), adapter_variant)
     apply_schedule(pipe, loaded)
     if loaded and fuse_adapters:
-        pipe.fuse_lora(components=list(family.components()), adapter_names=[a.name for a in loaded])
+        pipe.fuse_lora(components=list(family.lora_components()), adapter_names=[a.name for a in loaded])
         pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
     if vae_slicing:
@@ -117,15 +121,23 @@ def apply_schedule(pipe: DiffusionPipeline, loaded: Sequence[Any]) -> None:
 
 
 def default_size(pipe: DiffusionPipeline) -> int:
-    """Native resolution: UNet sample size × VAE factor (both read from the configs)."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """Native resolution: the denoiser's sample size × VAE factor (both read from the configs)."""
+    family = family_of_pipeline(pipe)
+    return family.native_size(getattr(pipe, family.denoiser).config, pipe.vae_scale_factor)
+
+
+def call_kwargs(model: Any) -> dict[str, Any]:
+    """The pipeline call's extra keyword arguments that the ``model`` config fixes (SD3: T5's length)."""
+    family = model_family(model["name_or_path"], model.get("revision"), model.get("config"))
+    return family.call_kwargs(family.text_options(model.get("max_sequence_length")))
 
 
 def generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], steps: int,
              guidance_scale: float, negative_prompt: str | None = None, height: int | None = None,
              width: int | None = None, batch_size: int = 16, progress: bool = True,
-             desc: str = "generate") -> list[Image.Image]:
-    """One PIL image per (prompt, seed) pair, each from its own seeded generator."""
+             desc: str = "generate", call_kwargs: dict[str, Any] | None = None) -> list[Image.Image]:
+    """One PIL image per (prompt, seed) pair, each from its own seeded generator (``call_kwargs``:
+    the family's extra pipeline arguments, e.g. SD3's ``max_sequence_length``)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     size = default_size(pipe)
@@ -136,7 +148,7 @@ def generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[in
         gens = [torch.Generator("cpu").manual_seed(int(x)) for x in s]
         out = pipe(p, generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
                    negative_prompt=[negative_prompt] * len(p) if negative_prompt else None,
-                   height=height or size, width=width or size, output_type="pil")
+                   height=height or size, width=width or size, output_type="pil", **(call_kwargs or {}))
         images.extend(out.images)
         bar.update(len(p))
     bar.close()

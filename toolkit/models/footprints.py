@@ -9,7 +9,7 @@ fake tensors from the component configs (``toolkit.models.memory``), never from 
 
 Each is a ``Footprint`` (bytes beyond the resident weights, fixed + per item) or, for the
 training step, the bytes at the configured batch. The conditioning goes through the family piece
-(``encode_prompts``, ``unet_inputs``), so a family's own tensors are what is traced.
+(``encode_prompts``, ``denoiser_inputs``, ``prediction``), so a family's own tensors are what is traced.
 """
 
 from __future__ import annotations
@@ -154,6 +154,19 @@ def text_encode(family: type[ModelFamily], encoders: Sequence[torch.nn.Module], 
     return Footprint.from_two(*_ints(got, "peak_1", "peak_2")), fields
 
 
+def traced(family: type[ModelFamily]) -> bool:
+    """Whether the tracer covers ``family``'s denoiser: the UNet families (sd, sdxl), whose phases
+    were checked against measured peaks (bench/memory.py). Others (sd3's transformer) are not traced:
+    their phases take the configured batch sizes, and the plan says so."""
+    return family.denoiser == "unet"
+
+
+def untraced(family: type[ModelFamily], what: str) -> str:
+    return (f"{what}: memory.budget_gib is not applied to {family.name} models (their {family.denoiser} is not "
+            "covered by the memory tracer, toolkit/models/footprints.py: sd and sdxl are); the configured "
+            "batch_size is used")
+
+
 def _cond(fields: Mapping[str, Sequence[int]], n: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: torch.zeros(n, *shape, dtype=dtype) for k, shape in fields.items()}
 
@@ -170,9 +183,10 @@ def denoise(family: type[ModelFamily], unet: torch.nn.Module, fields: Mapping[st
 
             def go() -> Any:
                 x = torch.zeros(rows, m.config.in_channels, *latent, dtype=dtype)
-                kw = family.unet_inputs(_cond(fields, rows, dtype), torch.zeros(rows, 6), dtype)
+                args, kw = family.denoiser_inputs(x, torch.zeros(rows, dtype=torch.long), _cond(fields, rows, dtype),
+                                                  torch.zeros(rows, 6), dtype)
                 with autocast(mode, amp):
-                    return m(x, torch.zeros(rows, dtype=torch.long), **kw).sample
+                    return family.prediction(m(*args, **kw), x)
             return traced_peak(go, m)
 
     spec = {"phase": "denoise", "family": family.name, "config": _config(unet), "fields": dict(fields),
@@ -219,8 +233,10 @@ def train_step(family: type[ModelFamily], unet: torch.nn.Module, fields: Mapping
                     post = torch.zeros(batch, 2 * latent_channels, *latent)
                     latents = DiagonalGaussianDistribution(post).sample()
                     noise = torch.randn_like(latents)
-                    kw = family.unet_inputs(_cond(fields, batch, torch.float32), torch.zeros(batch, 6), dtype)
-                    pred = m((latents + noise).to(dtype), torch.zeros(batch, dtype=torch.long), **kw).sample
+                    noisy = (latents + noise).to(dtype)
+                    args, kw = family.denoiser_inputs(noisy, torch.zeros(batch, dtype=torch.long),
+                                                      _cond(fields, batch, torch.float32), torch.zeros(batch, 6), dtype)
+                    pred = family.prediction(m(*args, **kw), noisy)
                     loss = torch.nn.functional.mse_loss(pred.float(), noise)
                 loss.backward()
 

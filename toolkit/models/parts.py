@@ -48,8 +48,8 @@ class Parts:
         return int(self.unet.config.sample_size) * self.factor
 
     def weights(self) -> dict[str, int]:
-        """Bytes per component, as loaded: the UNet (and trained text encoders) quantized if asked."""
-        out = {"unet": quantized_bytes(self.unet, self.quantize, self.dtype)}
+        """Bytes per component, as loaded: the denoiser (and trained text encoders) quantized if asked."""
+        out = {self.family.denoiser: quantized_bytes(self.unet, self.quantize, self.dtype)}
         for name, enc in zip(self.family.text_encoders, self.encoders):
             out[name] = quantized_bytes(enc, self.quantize if self.quantize_text else None, self.dtype)
         out["vae"] = quantized_bytes(self.vae, None, self.vae_dtype)
@@ -64,7 +64,8 @@ def _parts(name: str, revision: str | None, config: str | None, vae: str | None,
     root = vae or config_root(name, config)
     vae_skel = fp.vae_skeleton(root, None if vae else revision, _vae_subfolder(root) if vae else "vae")
     torch_dtype = resolve_dtype(dtype)
-    return Parts(family, models["unet"].to(torch_dtype), [models[e].to(torch_dtype) for e in family.text_encoders],
+    return Parts(family, models[family.denoiser].to(torch_dtype),
+                 [models[e].to(torch_dtype) for e in family.text_encoders],
                  vae_skel.to(fp.vae_dtype_of(vae_skel, torch_dtype)), torch_dtype, quantize, quantize_text)
 
 

@@ -8,7 +8,8 @@
                                   against the file (diffusers' reader silently skips what it does
                                   not know and leaves missing weights at their initial values)
 
-The family (SD-1.x/2.x or SDXL) is read from the UNet config. A replacement VAE can be given
+The family (``toolkit.models.families``: SD-1.x/2.x, SDXL, SD3) is read from ``model_index.json`` (which
+denoiser component the pipeline has, its class) and the denoiser's config. A replacement VAE can be given
 (``model.vae``: a folder or hub id, e.g. the fp16-fix SDXL VAE). A VAE that is not fp16-safe
 (``force_upcast`` in its config, as SDXL's) stays float32 when the rest is half precision.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline
 
 from toolkit.locate import check_local_or_hub
 from toolkit.models import quantize as quantization
@@ -32,16 +33,24 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DENOISERS = ("unet", "transformer")   # the pipeline component names a denoiser has in diffusers' pipelines
+
+
+class ComponentConfig(ConfigMixin):
+    """Reads any component's ``config.json`` (before its family, hence its class, is known)."""
+
+    config_name = "config.json"
 
 
 @dataclass
 class Components:
     family: type[ModelFamily]
-    tokenizers: dict[str, Any]                   # pipeline names: tokenizer, tokenizer_2
-    text_encoders: dict[str, torch.nn.Module]    # text_encoder, text_encoder_2
+    tokenizers: dict[str, Any]                   # pipeline names: tokenizer, tokenizer_2, ...
+    text_encoders: dict[str, torch.nn.Module]    # text_encoder, text_encoder_2, ...
     vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler
+    denoiser: torch.nn.Module                    # the family's denoiser (pipeline name family.denoiser)
+    noise_scheduler: Any                         # the family's training scheduler (DDPM or flow matching)
+    text_options: dict[str, Any]                 # the family's prompt-encoding options (SD3: T5 length)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -96,29 +105,50 @@ def check_model_path(name_or_path: str, config: str | None = None, allow_pickle:
             ".safetensors file with model.config.")
 
 
-def unet_config(name_or_path: str, revision: str | None = None, config: str | None = None) -> dict[str, Any]:
-    return dict(UNet2DConditionModel.load_config(config_root(name_or_path, config), subfolder="unet",
-                                                 revision=None if config else revision))
+def pipeline_index(name_or_path: str, revision: str | None = None, config: str | None = None) -> dict[str, Any]:
+    """The pipeline's ``model_index.json`` (component name -> [library, class])."""
+    root = config_root(name_or_path, config)
+    return dict(DiffusionPipeline.load_config(root, revision=None if config else revision))
 
 
 def model_family(name_or_path: str, revision: str | None = None, config: str | None = None) -> type[ModelFamily]:
-    return family_of(unet_config(name_or_path, revision, config))
+    """The family, read from ``model_index.json`` (the denoiser component and its class) and that
+    component's config; anything else (a Flux folder, a video model) is refused naming the
+    supported families, before a weight is read."""
+    index = pipeline_index(name_or_path, revision, config)
+    denoisers = [(c, v[1]) for c, v in index.items() if c in DENOISERS and isinstance(v, list) and v[1]]
+    if len(denoisers) != 1:
+        from toolkit.models.families import UnsupportedFamily, supported
+
+        raise UnsupportedFamily(f"{name_or_path}: its model_index.json ({index.get('_class_name')}) has no single "
+                                f"denoiser component (found {denoisers}); supported families: {supported()}.")
+    comp, cls = denoisers[0]
+    cfg = ComponentConfig.load_config(config_root(name_or_path, config), subfolder=comp,
+                                      revision=None if config else revision)
+    return family_of(cls, cfg, f"{name_or_path} ({index.get('_class_name')})")
+
+
+def denoiser_config(name_or_path: str, revision: str | None = None, config: str | None = None) -> dict[str, Any]:
+    """The config of the family's denoiser (UNet or transformer), read without weights."""
+    family = model_family(name_or_path, revision, config)
+    return dict(family.denoiser_class.load_config(config_root(name_or_path, config), subfolder=family.denoiser,
+                                                       revision=None if config else revision))
 
 
 def skeletons(name_or_path: str, revision: str | None = None, config: str | None = None
               ) -> tuple[type[ModelFamily], dict[str, torch.nn.Module]]:
-    """The family and its UNet / text encoders built from their configs on the meta device: module
-    names and shapes without loading (or allocating) any weight."""
+    """The family and its denoiser / text encoders built from their configs on the meta device:
+    module names and shapes without loading (or allocating) any weight."""
     import transformers
     from accelerate import init_empty_weights
 
     root = config_root(name_or_path, config)
     check_model_path(root)
     index = DiffusionPipeline.load_config(root, revision=revision)
-    ucfg = unet_config(name_or_path, revision, config)
-    family = family_of(ucfg)
+    family = model_family(name_or_path, revision, config)
+    dcfg = denoiser_config(name_or_path, revision, config)
     with init_empty_weights():
-        models: dict[str, torch.nn.Module] = {"unet": UNet2DConditionModel.from_config(ucfg)}
+        models: dict[str, torch.nn.Module] = {family.denoiser: family.denoiser_class.from_config(dcfg)}
         for comp in family.text_encoders:
             cls = getattr(transformers, index[comp][1])
             models[comp] = cls(cls.config_class.from_pretrained(root, subfolder=comp, revision=revision))
@@ -192,8 +222,8 @@ def load_pipeline_components(name_or_path: str, revision: str | None, variant: s
     kw = {"revision": revision, "use_safetensors": not allow_pickle}
     missing = [c for c in (*family.tokenizers, *family.text_encoders) if not (index.get(c) or [None])[0]]
     if missing:
-        raise ValueError(f"{name_or_path}: its UNet config makes it a {family.name} model, which needs the pipeline "
-                         f"components {list(missing)}, but its model_index.json has none of that name. Point "
+        raise ValueError(f"{name_or_path}: its {family.denoiser} makes it a {family.name} model, which needs the "
+                         f"pipeline components {list(missing)}, but its model_index.json has none of that name. Point "
                          "model.name_or_path at a complete pipeline of that family.")
     out: dict[str, Any] = {}
     for tok in family.tokenizers:
@@ -205,16 +235,18 @@ def load_pipeline_components(name_or_path: str, revision: str | None, variant: s
             name_or_path, subfolder=comp, variant=variant, dtype=torch_dtype, trust_remote_code=trust_remote_code,
             **kw, **text_q)
     out["vae"] = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, dtype=torch_dtype, **kw)
-    out["unet"] = load_unet(name_or_path, revision, variant, torch_dtype, allow_pickle, quantize)
+    out[family.denoiser] = load_denoiser(family, name_or_path, revision, variant, torch_dtype, allow_pickle, quantize)
     return out
 
 
-def load_unet(name_or_path: str, revision: str | None, variant: str | None, torch_dtype: torch.dtype,
-              allow_pickle: bool, quantize: str | None = None) -> UNet2DConditionModel:
-    """The UNet of a folder / hub id, its Linear weights quantized while read when ``quantize`` is set."""
+def load_denoiser(family: type[ModelFamily], name_or_path: str, revision: str | None, variant: str | None,
+                  torch_dtype: torch.dtype, allow_pickle: bool, quantize: str | None = None) -> Any:
+    """The family's denoiser of a folder / hub id, its Linear weights quantized while read when
+    ``quantize`` is set."""
     q = {"quantization_config": quantization.diffusers_config(quantize, torch_dtype)} if quantize else {}
-    return UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, revision=revision,
-                                                dtype=torch_dtype, use_safetensors=not allow_pickle, **q)
+    return family.denoiser_class.from_pretrained(name_or_path, subfolder=family.denoiser, variant=variant,
+                                                 revision=revision, dtype=torch_dtype,
+                                                 use_safetensors=not allow_pickle, **q)
 
 
 def load_components(
@@ -226,10 +258,11 @@ def load_components(
     allow_pickle: bool = False,
     config: str | None = None,
     vae: str | None = None,
+    max_sequence_length: int | None = None,
     quantize: str | None = None,
     quantize_text_encoders: bool = False,
 ) -> Components:
-    """Load tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler, all frozen.
+    """Load tokenizer(s), text encoder(s), VAE, the denoiser and the training noise scheduler, all frozen.
 
     Args:
         name_or_path: hub id, local diffusers pipeline directory, or one ``.safetensors`` checkpoint.
@@ -241,7 +274,9 @@ def load_components(
             so loading a model can never execute code hidden in a pickle.
         config: for a single-file checkpoint, a diffusers folder or hub id with its component configs.
         vae: a replacement VAE (folder or hub id), e.g. ``madebyollin/sdxl-vae-fp16-fix``.
-        quantize: ``null | int8 | fp8 | nf4``: the UNet's Linear weights quantized while loading
+        max_sequence_length: T5's prompt length (SD3; None: the pipeline's default, 256). Only the
+            ``model=sd3`` preset declares it; the other families refuse it.
+        quantize: ``null | int8 | fp8 | nf4``: the denoiser's Linear weights quantized while loading
             (``toolkit.models.quantize``); adapters stay in float32 on top.
         quantize_text_encoders: the text encoders' too (when they are trained, hence run every step).
     """
@@ -249,16 +284,18 @@ def load_components(
     # the weights are quantized where they are read: on the GPU when there is one (diffusers' choice)
     quantization.check(quantize, "cuda" if torch.cuda.is_available() else "cpu", is_single_file(name_or_path))
     torch_dtype = resolve_dtype(dtype)
+    family = model_family(name_or_path, revision, config)
+    text_options = family.text_options(max_sequence_length)
     parts = load_pipeline_components(name_or_path, revision, variant, torch_dtype, trust_remote_code, allow_pickle,
                                      config, quantize, quantize_text_encoders)
-    family = family_of(parts["unet"].config)
     if vae:
         parts["vae"] = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
     parts["vae"] = parts["vae"].to(vae_dtype(parts["vae"], torch_dtype))
     root = config_root(name_or_path, config)
-    noise_scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", revision=None if config else revision)
-    for name in ("vae", "unet", *family.text_encoders):
+    noise_scheduler = family.scheduler_class.from_pretrained(root, subfolder="scheduler",
+                                                                  revision=None if config else revision)
+    for name in ("vae", family.denoiser, *family.text_encoders):
         parts[name].requires_grad_(False)
         parts[name].eval()
     return Components(family, {t: parts[t] for t in family.tokenizers}, {e: parts[e] for e in family.text_encoders},
-                      parts["vae"], parts["unet"], noise_scheduler)
+                      parts["vae"], parts[family.denoiser], noise_scheduler, text_options)

@@ -381,17 +381,27 @@ def pipeline_to_ldm(pipe: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def single_file_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
+    """The pipeline's tensors in its family's single-file layout (``ModelFamily.single_file_state_dict``:
+    this module's LDM/sgm layout for SD/SDXL, ``single_file_sd3``'s for SD3)."""
+    from toolkit.models.families import family_of_pipeline
+
+    return family_of_pipeline(pipe).single_file_state_dict(pipe)
+
+
 def pipeline_to_single_file(
     pipe: Any,
     path: str | Path,
     dtype: torch.dtype = torch.float16,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``pipe`` (SD-1.x, SD-2.x or SDXL) as one LDM-layout ``.safetensors`` file, atomically.
+    """Write ``pipe`` (SD-1.x, SD-2.x, SDXL or SD3) as one ``.safetensors`` file in its original layout
+    (the one A1111 and ComfyUI load), atomically.
 
     Args:
         pipe: a diffusers pipeline with ``unet``, ``vae``, ``text_encoder`` (and ``text_encoder_2``
-            for SDXL). Its scheduler and tokenizers are not part of a single file.
+            for SDXL; SD3: ``transformer``, ``vae`` and its three text encoders). Its scheduler and
+            tokenizers are not part of a single file.
         path: the ``.safetensors`` file to write (parents are created; an existing file is
             replaced only once the new one is complete).
         dtype: float16, bfloat16 or float32 for every tensor.
@@ -408,8 +418,13 @@ def pipeline_to_single_file(
     metadata = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("safetensors metadata must map str to str")
-    tensors = {k: (v.detach().to(device="cpu", dtype=dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-               for k, v in pipeline_to_ldm(pipe).items()}
+    tensors, seen = {}, set()
+    for k, v in single_file_state_dict(pipe).items():
+        t = (v.detach().to(device="cpu", dtype=dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        # tied weights (T5's shared / embed_tokens) are written as two copies: a reader may look for either
+        t = t.clone() if t.untyped_storage().data_ptr() in seen else t
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[k] = t
     path = Path(path)
     # atomic_open takes bytes, so the serialized file is held in memory once (about its size on disk).
     with atomic_open(path) as f:
@@ -422,7 +437,7 @@ def check_loaded_against_file(pipe: Any, path: str | Path) -> None:
 
     diffusers' reader silently skips keys it does not know and leaves weights it does not find at
     their initial values, so a checkpoint read with the wrong ``model.config`` can load "fine" with
-    random layers. Here every tensor of the loaded unet, vae and text encoder(s), mapped back to its
+    random layers. Here every tensor of the loaded denoiser, vae and text encoder(s), mapped back to its
     single-file key, must exist in the file and be equal (compared in the lower of the two dtypes).
 
     Raises:
@@ -430,7 +445,7 @@ def check_loaded_against_file(pipe: Any, path: str | Path) -> None:
     """
     from safetensors import safe_open
 
-    expected = pipeline_to_ldm(pipe)
+    expected = single_file_state_dict(pipe)
     missing, differ = [], []
     with safe_open(str(path), framework="pt", device="cpu") as f:
         keys = set(f.keys())

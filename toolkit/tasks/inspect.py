@@ -25,27 +25,29 @@ from toolkit.adapters.formats import AdapterFile, read_adapter
 from toolkit.adapters.loading import module_shapes, resolve_adapter
 from toolkit.atomic import atomic_open
 from toolkit.config import as_list
-from toolkit.models.families import ModelFamily, family_named
+from toolkit.models.families import FAMILIES, ModelFamily, family_named
 from toolkit.models.pretrained import skeletons
 
 log = logging.getLogger(__name__)
 KIND = re.compile(r"(to_q|to_k|to_v|to_out[._]0|ff[._]net[._]0[._]proj|ff[._]net[._]2|proj_in|proj_out|conv_shortcut|"
                   r"conv1|conv2|time_emb_proj|downsamplers[._]0[._]conv|upsamplers[._]0[._]conv|conv_in|conv_out|"
                   r"q_proj|k_proj|v_proj|out_proj|fc1|fc2|text_projection|op|in_layers_2|out_layers_3|emb_layers_1|"
-                  r"skip_connection)$")
+                  r"skip_connection|add_q_proj|add_k_proj|add_v_proj|to_add_out|qkv|norm1_context[._]linear|"
+                  r"norm1[._]linear|adaLN_modulation[._]1|context_embedder)$")
 
 
 def named_family(af: AdapterFile) -> str:
-    """The family the file itself names: kohya's ss_base_model_version, or its key prefixes."""
-    meta = af.metadata.get("ss_base_model_version", "")
-    if meta:
-        return "sdxl" if "xl" in meta.lower() else "sd"
+    """The family the file itself names (kohya's ss_base_model_version, or its key names), as each
+    family piece recognises its own files (``ModelFamily.names_adapter``); SD-1.x/2.x otherwise."""
     keys = [n for lay in af.layers.values() for n in lay] + af.unmatched
-    return "sdxl" if any("lora_te2_" in k or "input_blocks" in k or "text_encoder_2" in k for k in keys) else "sd"
+    meta = af.metadata.get("ss_base_model_version", "").lower()
+    return next((f.name for f in FAMILIES if f.names_adapter(keys, meta)), "sd")
 
 
 DOTTED = {"to_out_0": "to_out.0", "ff_net_0_proj": "ff.net.0.proj", "ff_net_2": "ff.net.2",
-          "downsamplers_0_conv": "downsamplers.0.conv", "upsamplers_0_conv": "upsamplers.0.conv"}
+          "downsamplers_0_conv": "downsamplers.0.conv", "upsamplers_0_conv": "upsamplers.0.conv",
+          "norm1_context_linear": "norm1_context.linear", "norm1_linear": "norm1.linear",
+          "adaLN_modulation_1": "adaLN_modulation.1"}
 
 
 def layer_kind(name: str) -> str:
@@ -76,7 +78,7 @@ def inspect_file(path: Path, family: type[ModelFamily] | None, models: dict[str,
     guess = read_adapter(path, family_named("sd"))
     fam = family or family_named(named_family(guess))
     mods = {c: module_shapes(m) for c, m in models.items()} if models else None
-    af = read_adapter(path, fam, mods, models["unet"].config if models else None)
+    af = read_adapter(path, fam, mods, models[fam.denoiser].config if models else None)
     meta = {k: v for k, v in af.metadata.items() if k != "lora_adapter_metadata"}
     if "lora_adapter_metadata" in af.metadata:
         cfg = json.loads(af.metadata["lora_adapter_metadata"])

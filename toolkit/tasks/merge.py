@@ -5,8 +5,9 @@
     python run.py task=merge adapter=<run dir> merge.dtype=bfloat16 'merge.formats=[single_file]'
 
 Writes into the run dir ``<name>/`` (a diffusers pipeline folder: ``from_pretrained``) and
-``<name>.safetensors`` (one file in the original LDM/sgm layout that A1111 and ComfyUI load, and
-diffusers' ``from_single_file(path, config=<name>/)``), with a model card (``<name>/README.md``)
+``<name>.safetensors`` (one file in the family's original layout, LDM/sgm or SD3's MMDiT, that
+A1111 and ComfyUI load, and diffusers' ``from_single_file(path, config=<name>/)``), with a model
+card (``<name>/README.md``)
 naming the base, the adapters, their scales and SHA-256 hashes.
 
 The adapters load through the verified loader, and the merge itself is checked before anything is
@@ -29,7 +30,7 @@ from toolkit.adapters.loading import components, load_adapters
 from toolkit.config import as_list
 from toolkit.evaluation.protocol import versions
 from toolkit.inference.pipeline import apply_schedule, load_pipeline
-from toolkit.models.families import family_of
+from toolkit.models.families import family_of_pipeline
 from toolkit.models.pretrained import resolve_dtype
 from toolkit.models.single_file import pipeline_to_single_file
 
@@ -65,7 +66,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise FileExistsError(f"{existing} already exist; merge into another run dir or set merge.name")
 
     pipe = load_pipeline(**{**model, "dtype": "float32"})   # merged in float32, cast when written
-    family = family_of(pipe.unet.config)
+    family = family_of_pipeline(pipe)
     loaded = load_adapters(pipe, family, adapters, [float(s) for s in as_list(mc.lora_scale)], cfg.adapter_variant)
     apply_schedule(pipe, loaded)   # the merged model's scheduler config: the schedule it was trained with
     models = components(pipe, family)

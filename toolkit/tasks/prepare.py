@@ -76,7 +76,8 @@ from toolkit.data.shards import (
 from toolkit.data.sources import fingerprint_listing, image_bytes, load_captioned
 from toolkit.data.storage import StorageError, open_store, read_json
 from toolkit.data.validate import DataPolicy, ScanResult, check_caption, item_name, require_items, save_scan, scan
-from toolkit.run.launch import process_rank
+from toolkit.run.identity import identity
+from toolkit.run.world import job_world
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def image_ext(data: bytes) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     d, p = cfg.data, cfg.prepare
-    rank, world = process_rank()
+    rank, world = job_world().rank, job_world().size
     policy = DataPolicy(**OmegaConf.to_container(d.policy, resolve=True))
     min_side = policy.min_side or d.resolution   # data.resolution: the model's, from run.py (toolkit.model_defaults)
     if not min_side:
@@ -101,17 +102,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     local = Path(str(d.path)).expanduser()
     source = {"path": str(d.path), "split": d.split, "revision": d.revision, "rows": len(ds),
               "fingerprint": fingerprint_listing(local) if local.is_dir() else ds._fingerprint}
-    # the policy's fields that decide which items are kept (training compares them: PreparedDataset.check_plan)
+    # the policy's fields that decide which items are kept (training compares them: PreparedDataset.check_plan),
+    # and the shards' identity: data + prepare settings but what cannot change them (toolkit.run.identity,
+    # view plan)
     plan = {"source": source, "policy": policy.deciding(), "min_side": int(min_side),
-            "samples_per_shard": int(p.samples_per_shard), "format": "webdataset tar + wids index v1"}
+            "samples_per_shard": int(p.samples_per_shard), "format": "webdataset tar + wids index v1",
+            "identity": identity(cfg, "plan").keys}
     if world > 1:   # a one-process prepare's plan (and layout) stays as it was
         plan["processes"] = world
     if store.exists(PLAN):
         # compared by meaning: prepares made before the plan recorded the policy's deciding fields
-        # recorded its repr (they are continued and extended as they were)
+        # recorded its repr, and before it recorded the identity none (they are continued and extended
+        # as they were)
         before, now = (as_meant(x) for x in (read_json(store, PLAN, PLAN_SCHEMA), plan))
+        if "identity" not in before:
+            del now["identity"]
         if before != now:
             changed = sorted(k for k in now.keys() | before.keys() if before.get(k) != now.get(k))
+            if "identity" in changed and isinstance(before.get("identity"), dict):   # name the keys
+                was, ident = before["identity"], now["identity"]
+                changed = [*(k for k in changed if k != "identity"),
+                           *sorted(k for k in was.keys() | ident.keys() if was.get(k) != ident.get(k))]
             hint = (f" (it was started with {before.get('processes', 1)} processes: continue it with as many)"
                     if changed == ["processes"] else "")
             raise StorageError(f"{store.url} holds a prepare of another dataset or other settings (differs in: "
@@ -239,10 +250,12 @@ def encode(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]
                 "pretrained": OmegaConf.to_container(cfg.module.pretrained, resolve=True),
                 "data": {k: OmegaConf.to_container(cfg.data, resolve=True).get(k) for k in (
                     "resolution", "center_crop", "random_flip", "buckets", "policy", "masks", "tags")},
-                # the encoding batch follows memory.budget_gib; where traces are kept, what leaves the GPU: no
+                # the encoding batch follows memory.budget_gib; where traces are kept: no
                 "cache": {**{k: v for k, v in OmegaConf.to_container(cfg.callbacks.encoded_cache, resolve=True).items()
-                             if k not in ("dirpath", "from_prepared", "memory", "offload")},
-                          "budget_gib": cfg.memory.budget_gib}}
+                             if k not in ("dirpath", "from_prepared", "memory")},
+                          "budget_gib": cfg.memory.budget_gib},
+                # the model by content: new weights at the same path (or a moved hub revision) are another job
+                "content": {k: v for k, v in identity(cfg, "run").keys.items() if k.startswith("content.model")}}
     job = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     done = read_json(store, ENCODED, ENCODED_SCHEMA) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
     if job in done["jobs"]:

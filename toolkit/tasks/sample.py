@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from toolkit.config import as_list
 from toolkit.evaluation.budget import generation_budget
 from toolkit.evaluation.protocol import read_prompts, versions
-from toolkit.inference.pipeline import generate, generation_record, make_grid, pipeline_from_cfg
+from toolkit.inference.pipeline import call_kwargs, generate, generation_record, make_grid, pipeline_from_cfg
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     batch, _, _ = generation_budget(cfg, s, instantiate(cfg.memory))   # sample.batch_size at most
     pipe = pipeline_from_cfg(cfg, s)
     images = generate(pipe, [p for p, _ in pairs], [sd for _, sd in pairs], s.steps, s.guidance_scale,
-                      s.negative_prompt, s.height, s.width, batch)
+                      s.negative_prompt, s.height, s.width, batch, call_kwargs=call_kwargs(cfg.model))
     record = {**generation_record(cfg, s), "versions": versions()}
     rows = []
     for i, (img, (prompt, seed)) in enumerate(zip(images, pairs)):

@@ -1,8 +1,12 @@
 """The LightningModule that fine-tunes LoRA adapters on a frozen latent-diffusion pipeline.
 
-Family-agnostic: how prompts become UNet conditioning (one CLIP for SD-1.x/2.x; two encoders,
-pooled embedding and size/crop time ids for SDXL) is asked of the family piece
-(``toolkit.models.families``); this module never branches on the family.
+Family-agnostic: which denoiser is trained (a UNet, SD3's transformer), how prompts become its
+conditioning (one CLIP for SD-1.x/2.x; two encoders, pooled embedding and size/crop time ids for
+SDXL; two CLIPs and T5 for SD3) and how it is called are asked of the family piece
+(``toolkit.models.families``); the noise process (DDPM or rectified flow) of the objective
+(``toolkit.models.objective``). This module never branches on the family. The denoiser and the
+text encoders are registered under their pipeline names (``unet`` / ``transformer``,
+``text_encoder`` ...), so checkpoint keys read ``unet.<module>.lora_A...`` for the UNet families.
 
 Checkpoints hold only the trainable (LoRA) tensors plus Lightning's optimizer/scheduler/loop
 state: the frozen base is reloaded from ``model.name_or_path`` and never written to disk.
@@ -10,13 +14,13 @@ state: the frozen base is reloaded from ``model.name_or_path`` and never written
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import PeftConfig
@@ -26,7 +30,8 @@ from toolkit.hashing import text_key
 from toolkit.models.families import ModelFamily
 from toolkit.models.objective import Objective
 from toolkit.models.pretrained import load_components
-from toolkit.reproducibility import gather_rng_states, seed_step, set_rng_state
+from toolkit.reproducibility import VALIDATION, SampleDraws, gather_rng_states, seed_micro_batch, set_rng_state
+from toolkit.run.processes import rescale_batch_progress
 from toolkit.training.optimizers import optimizers
 from toolkit.training.speed import Speed
 
@@ -46,7 +51,7 @@ def fixed_micro_conditioning(family: type[ModelFamily], fixed: Mapping[str, Any]
     if unknown:
         raise ValueError(f"module.micro_conditioning: unknown keys {sorted(unknown)}; expected {list(MICRO_FIELDS)}")
     if fixed and not family.micro_conditioned:
-        raise ValueError(f"module.micro_conditioning={fixed} is set, but a {family.name} UNet takes no size/crop "
+        raise ValueError(f"module.micro_conditioning={fixed} is set, but a {family.name} model takes no size/crop "
                          "conditioning (only SDXL does); remove it")
     out = torch.full((6,), float("nan"))
     for i, name in enumerate(MICRO_FIELDS):
@@ -58,19 +63,20 @@ def fixed_micro_conditioning(family: type[ModelFamily], fixed: Mapping[str, Any]
 
 
 class LoRADiffusion(L.LightningModule):
-    """LoRA fine-tuning of an SD-layout UNet (and optionally its text encoder).
+    """LoRA fine-tuning of a pipeline's denoiser (and optionally its text encoders).
 
     Args:
         pretrained: kwargs of :func:`toolkit.models.pretrained.load_components`
             (``name_or_path``, ``revision``, ``variant``, ``dtype``).
-        lora: peft config of the UNet adapter (``toolkit.adapters.inject.adapter_config``: LoRA, DoRA,
-            LoHa or LoKr).
+        lora: peft config of the denoiser's adapter (``toolkit.adapters.inject.adapter_config``: LoRA,
+            DoRA, LoHa or LoKr).
         optimizer: partial optimizer, called with the trainable parameters.
         objective: the denoising objective (``toolkit.models.objective.Objective``): noise, timesteps,
             targets, weights and the loss.
         lr_scheduler: partial ``diffusers.optimization.get_scheduler`` (called with the optimizer
             and ``num_training_steps``), or None for a constant LR.
-        text_encoder_lora: adapter config for the text encoder(s), or None to keep them frozen.
+        text_encoder_lora: adapter config for the text encoder(s) the family's LoRA loader reads (SD3:
+            the two CLIPs, not T5), or None to keep them frozen.
         init_adapter: a LoRA file (diffusers, kohya/A1111 or LyCORIS LoCon) to start from: its
             rank, α and target layers replace ``lora``/``text_encoder_lora``'s, and training
             continues from its weights (verified to apply the file's update exactly).
@@ -107,14 +113,18 @@ class LoRADiffusion(L.LightningModule):
         speed = speed or Speed()
         # a trained text encoder runs every step (no text cache), so model.quantize covers it too
         c = load_components(**self.pretrained, quantize_text_encoders=text_encoder_lora is not None)
-        self.family, self.noise_scheduler = c.family, self.objective.schedule(c.noise_scheduler)
-        self.vae, self.unet = c.vae, c.unet
+        self.family, self.text_options = c.family, c.text_options
+        # the family's noise process (DDPM / rectified flow), checked against the objective's options
+        self.process = self.objective.prepare(self.family.noise_process(c.noise_scheduler))
+        self.noise_scheduler = self.process.scheduler
+        self.vae = c.vae
+        setattr(self, self.family.denoiser, c.denoiser)   # registered under its pipeline name: unet / transformer
         for name, tok in c.tokenizers.items():
             setattr(self, name, tok)
         for name, enc in c.text_encoders.items():   # registered as submodules under their pipeline names
             setattr(self, name, enc)
         self.micro_override = fixed_micro_conditioning(self.family, micro_conditioning)
-        speed.before_adapters(self.unet, self.vae)
+        speed.before_adapters(self.denoiser, self.vae, self.family)
         self.init_adapter_sha256: str | None = None
         if init_adapter:
             log.info("module.init_adapter=%s: rank, alpha and targets come from the file (module.lora's are "
@@ -122,13 +132,13 @@ class LoRADiffusion(L.LightningModule):
             af, params = init_from_file(self.models, self.family, init_adapter,
                                          dropout=getattr(lora, "lora_dropout", getattr(lora, "rank_dropout", 0.0)))
             self.init_adapter_sha256 = af.sha256
-            self.unet_lora_params = params.get("unet", [])
-            self.text_lora_params = [p for c, ps in params.items() if c != "unet" for p in ps]
+            self.denoiser_lora_params = params.get(self.family.denoiser, [])
+            self.text_lora_params = [p for c, ps in params.items() if c != self.family.denoiser for p in ps]
         else:
-            self.unet_lora_params = add_lora(self.unet, lora)
-            self.text_lora_params = [] if text_encoder_lora is None else [   # every text encoder of the family
-                p for enc in self.text_encoders for p in add_lora(enc, copy.deepcopy(text_encoder_lora))]
-        speed.after_adapters(self.unet, self.text_encoders if self.text_lora_params else [])
+            self.denoiser_lora_params = add_lora(self.denoiser, lora)
+            self.text_lora_params = [] if text_encoder_lora is None else [   # every text encoder its loader reads
+                p for enc in self.trainable_text_encoders for p in add_lora(enc, copy.deepcopy(text_encoder_lora))]
+        speed.after_adapters(self.denoiser, self.trainable_text_encoders if self.text_lora_params else [])
         self.speed, self.compiled, self.compile_checked = speed, False, False
         self.optimizer_fn, self.lr_scheduler_fn = optimizer, lr_scheduler
         validation = {"timesteps": (100, 300, 500, 700, 900), "seed": 0, **(validation or {})}
@@ -137,7 +147,10 @@ class LoRADiffusion(L.LightningModule):
             raise ValueError(f"module.nonfinite={nonfinite!r}: expected 'stop' or 'skip'")
         self.seed, self.nonfinite, self.max_skipped_steps = seed, nonfinite, max_skipped_steps
         self.skipped_steps = 0
+        self.step_losses: list[torch.Tensor] = []   # this optimizer step's micro-batch losses
+        self.val_total = [0.0, 0]
         self.text_cache: Any = None   # set by the EncodedCache callback
+        self.text_encoders_released = False
         # Frozen base weights are absent from our checkpoints, so loading must not be strict.
         self.strict_loading = False
 
@@ -147,24 +160,28 @@ class LoRADiffusion(L.LightningModule):
         return {c: getattr(self, c) for c in self.family.components()}
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The family's denoiser (the ``unet`` or ``transformer`` submodule)."""
+        return getattr(self, self.family.denoiser)
+
+    @property
     def adapter_kind(self) -> str:
-        """``lora``, ``dora``, ``loha`` or ``lokr``: the peft config class of the UNet's adapter."""
-        cfg = self.unet.peft_config["default"]
+        """``lora``, ``dora``, ``loha`` or ``lokr``: the peft config class of the denoiser's adapter."""
+        cfg = self.denoiser.peft_config["default"]
         kind = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}[str(cfg.peft_type.value)]
         return "dora" if kind == "lora" and getattr(cfg, "use_dora", False) else kind
 
     @property
     def pipeline_components(self) -> dict[str, Any]:
         """Everything the family's pipeline needs but the scheduler, by pipeline name."""
-        names = ("vae", "unet", *self.family.tokenizers, *self.family.text_encoders)
-        return {n: getattr(self, n) for n in names}
+        return {n: getattr(self, n) for n in self.family.pipeline_parts()}
 
     # diffusers' ``ModelMixin.dtype`` walks every submodule (looking for layerwise-casting hooks, which
     # this toolkit never sets): ~2 ms per call on the miniature's adapted UNet, a step asked it 4 times.
     # The dtype inputs must have is the first layer's; read there, it follows a precision plugin's cast.
     @property
-    def unet_dtype(self) -> torch.dtype:
-        return self.unet.conv_in.weight.dtype
+    def denoiser_dtype(self) -> torch.dtype:
+        return self.denoiser.get_submodule(self.family.input_layer).weight.dtype
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -175,8 +192,39 @@ class LoRADiffusion(L.LightningModule):
         return [getattr(self, n) for n in self.family.text_encoders]
 
     @property
+    def trainable_text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders a text-encoder adapter trains: those the family's LoRA loader reads."""
+        return [getattr(self, n) for n in self.family.text_encoders if n in self.family.lora_components()]
+
+    @property
     def tokenizers(self) -> list[Any]:
         return [getattr(self, n) for n in self.family.tokenizers]
+
+    def release_text_encoders(self) -> None:
+        """Once every caption is cached (``EncodedCache``) frozen text encoders leave the accelerator
+        (T5-XXL alone is ~9 GB in bfloat16); sampling brings them back for its prompts
+        (:meth:`text_encoders_on_device`). Single-process runs only: DDP broadcasts every submodule's
+        buffers from the device it wrapped them on."""
+        if self.text_lora_params or self.device.type == "cpu" or self.trainer.world_size > 1:
+            return
+        for enc in self.text_encoders:
+            enc.to("cpu")
+        self.text_encoders_released = True
+        log.info("text encoders moved off %s: every caption is cached", self.device)
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the module's device for a while (sampling from prompts)."""
+        if not self.text_encoders_released:
+            yield
+            return
+        for enc in self.text_encoders:
+            enc.to(self.device)
+        try:
+            yield
+        finally:
+            for enc in self.text_encoders:
+                enc.to("cpu")
 
     # ---------------------------------------------------------------- checkpoint content
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -198,6 +246,9 @@ class LoRADiffusion(L.LightningModule):
         states = checkpoint.get("rng_states", [])
         if len(states) == self.trainer.world_size:
             set_rng_state(states[self.global_rank])
+        elif rescale_batch_progress(checkpoint, self.trainer.world_size):   # resumed on another number of processes
+            log.info("checkpoint written on %d processes, resumed on %d with the same micro-batches per step",
+                     len(states), self.trainer.world_size)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
     # ---------------------------------------------------------------- the objective
@@ -205,9 +256,9 @@ class LoRADiffusion(L.LightningModule):
         """The family's per-caption conditioning (``cache_fields``), from the text cache when set."""
         if cached and self.text_cache is not None:   # EncodedCache: prompt embeddings computed once
             keys = [text_key(c) for c in captions]
-            return {f: torch.from_numpy(np.stack([store.get(k) for k in keys]).astype(np.float32)).to(self.device)
-                    for f, store in self.text_cache.items()}
-        return self.family.encode_prompts(self.tokenizers, self.text_encoders, captions, self.device)
+            return {f: store.tensor(keys).to(self.device) for f, store in self.text_cache.items()}
+        return self.family.encode_prompts(self.tokenizers, self.text_encoders, captions, self.device,
+                                          self.text_options)
 
     def micro(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """The batch's micro-conditioning (n, 6), with the configured fixed values applied."""
@@ -217,37 +268,40 @@ class LoRADiffusion(L.LightningModule):
         return torch.where(torch.isnan(self.micro_override.to(micro)), micro, self.micro_override.to(micro))
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.sample_latents(self.vae.encode(pixel_values.to(self.vae_dtype)).latent_dist.parameters)
+    def encode_images(self, pixel_values: torch.Tensor, generator: Any = None) -> torch.Tensor:
+        return self.sample_latents(self.vae.encode(pixel_values.to(self.vae_dtype)).latent_dist.parameters, generator)
 
-    def sample_latents(self, params: torch.Tensor) -> torch.Tensor:
-        """Latents from cached posterior parameters: the same draw ``encode_images`` makes."""
+    def sample_latents(self, params: torch.Tensor, generator: Any = None) -> torch.Tensor:
+        """Latents from cached posterior parameters: the same draw ``encode_images`` makes (``generator``:
+        one per sample, or None for torch's global one)."""
         cfg = self.vae.config
-        latents = DiagonalGaussianDistribution(params.to(self.vae_dtype)).sample()
+        latents = DiagonalGaussianDistribution(params.to(self.vae_dtype)).sample(generator)
         shift = getattr(cfg, "shift_factor", None) or 0.0
         return ((latents - shift) * cfg.scaling_factor).float()
 
     def diffusion_loss(self, batch: Mapping[str, Any], timesteps: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       draws: SampleDraws | None = None) -> torch.Tensor:
+        """The denoising loss of ``batch``; ``draws``: its per-sample generators (None: torch's global one)."""
+        latent_gen = draws("latent") if draws is not None else None
         if "latent_params" in batch:
-            latents = self.sample_latents(batch["latent_params"])
+            latents = self.sample_latents(batch["latent_params"], latent_gen)
         else:
-            latents = self.encode_images(batch["pixel_values"])
+            latents = self.encode_images(batch["pixel_values"], latent_gen)
         cond = self.encode_text(batch["captions"])
-        noised = self.objective.noised(self.noise_scheduler, latents, batch, self.training, timesteps, generator)
-        dtype = self.unet_dtype
-        args = (noised.noisy.to(dtype), noised.timesteps)
-        kwargs = self.family.unet_inputs(cond, self.micro(batch), dtype)
+        noised = self.objective.noised(self.process, latents, batch, self.training, timesteps, draws)
+        dtype = self.denoiser_dtype
+        args, kwargs = self.family.denoiser_inputs(noised.noisy.to(dtype), noised.timesteps, cond, self.micro(batch),
+                                                   dtype)
         if self.compiled and self.training and not self.compile_checked:   # once, before the first update
-            self.speed.check_compiled(self.unet, args, kwargs)
+            self.speed.check_compiled(self.denoiser, args, kwargs)
             self.compile_checked = True
-        pred = self.unet(*args, **kwargs).sample
+        pred = self.family.prediction(self.denoiser(*args, **kwargs), noised.noisy)
         return self.objective.loss(pred, noised)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and not self.compiled:   # the run's length and device are known here, not in __init__
             steps = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-            self.compiled = self.speed.compile_unet(self.unet, self.trainer.strategy.root_device.type, steps)
+            self.compiled = self.speed.compile_denoiser(self.denoiser, self.trainer.strategy.root_device.type, steps)
         masks = getattr(getattr(self.trainer, "datamodule", None), "masks", None)
         if self.objective.masked_loss != bool(masks):
             raise ValueError(f"module.objective.masked_loss={self.objective.masked_loss} but data.masks={masks!r}: "
@@ -263,14 +317,15 @@ class LoRADiffusion(L.LightningModule):
                 enc.eval()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_step(self.seed, self.current_epoch, batch_idx, self.global_rank)
+        seed_micro_batch(self.seed, batch["keys"])   # LoRA dropout: the same masks for the same micro-batch
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        batch = {**batch, "captions": self.objective.captions(batch["captions"])}
-        loss = self.diffusion_loss(batch)
+        draws = SampleDraws(self.seed, batch["keys"])   # every sample's draws from its own (seed, epoch, index)
+        batch = {**batch, "captions": self.objective.captions(batch["captions"], draws("caption_dropout"))}
+        loss = self.diffusion_loss(batch, draws=draws)
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
             return self._nonfinite(loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        self.step_losses.append(loss.detach())   # train/loss: the step's mean over every micro-batch
         return loss
 
     def _nonfinite(self, loss: torch.Tensor) -> None:
@@ -287,26 +342,45 @@ class LoRADiffusion(L.LightningModule):
             f"weight was changed. Last good checkpoint: {ckpt} (resume with ckpt_path=last). Lower the "
             "learning rate, check the data, or set module.nonfinite=skip to skip such batches.")
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_total = [0.0, 0]   # Σ over images of their loss (float64), images
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         # Fixed noise and fixed timesteps: each image is scored at every val timestep.
         n, k = len(batch["captions"]), len(self.val_timesteps)
-        gen = torch.Generator(self.device).manual_seed(self.val_seed + batch_idx)
+        draws = SampleDraws(self.val_seed, batch["keys"], repeat=k, stream=VALIDATION)
         field = "latent_params" if "latent_params" in batch else "pixel_values"
         rep = {field: batch[field].repeat_interleave(k, 0), "micro": batch["micro"].repeat_interleave(k, 0),
                "captions": [c for c in batch["captions"] for _ in range(k)]}
         t = torch.tensor(self.val_timesteps, device=self.device).repeat(n)
-        loss = self.diffusion_loss(rep, timesteps=t, generator=gen)
-        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        loss = self.diffusion_loss(rep, timesteps=t, draws=draws)
+        self.val_total[0] += float(loss) * n
+        self.val_total[1] += n
         return loss
 
+    def on_validation_epoch_end(self) -> None:
+        # Σ loss / images over every process: the mean over the same images, whichever process scored them
+        # (Lightning's sync_dist averages the processes' means, which weighs uneven shares differently)
+        total = self.trainer.strategy.reduce(torch.tensor(self.val_total, dtype=torch.float64, device=self.device),
+                                             reduce_op="sum")
+        if total[1] > 0:
+            self.log("val/loss", (total[0] / total[1]).float(), prog_bar=True)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # The norm is one more pass over every gradient: only on the steps the loggers write.
-        if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1):
+        # the step's loss: the mean over its micro-batches, on every process (2 processes × 1 micro-batch and
+        # 1 process × 2 give the same figure); a collective, so every process logs it
+        losses, self.step_losses = self.step_losses, []
+        if losses:
+            self.log("train/loss", self.trainer.strategy.reduce(torch.stack(losses).mean(), reduce_op="mean"),
+                     prog_bar=True)
+        # The norm is one more pass over every gradient: only on the steps the loggers write, and the last
+        last = self.trainer.max_steps > 0 and self.global_step + 1 >= self.trainer.max_steps
+        if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) and not last:
             return
-        grads = [p.grad for p in self.unet_lora_params + self.text_lora_params if p.grad is not None]
+        grads = [p.grad for p in self.denoiser_lora_params + self.text_lora_params if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self) -> Any:
-        return optimizers(self.unet_lora_params + self.text_lora_params, self.optimizer_fn,
+        return optimizers(self.denoiser_lora_params + self.text_lora_params, self.optimizer_fn,
                           self.lr_scheduler_fn, self.trainer.estimated_stepping_batches)

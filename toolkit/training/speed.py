@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +68,20 @@ class Speed:
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"module.speed.compile={self.compile!r}: expected true, false or auto")
 
-    def before_adapters(self, unet: torch.nn.Module, vae: torch.nn.Module) -> None:
-        """Attention processor and memory format: set before the adapters are injected."""
-        if self.attention == "sdpa":
-            unet.set_attn_processor(AttnProcessor2_0())
+    def before_adapters(self, denoiser: torch.nn.Module, vae: torch.nn.Module, family: Any) -> None:
+        """Attention processor (the family's for ``attention``) and memory format: set before the
+        adapters are injected."""
+        processor = family.sdpa_processor() if self.attention == "sdpa" else None
+        if processor is not None:
+            denoiser.set_attn_processor(processor)
         if self.channels_last:
-            unet.to(memory_format=torch.channels_last)
+            denoiser.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
 
-    def after_adapters(self, unet: torch.nn.Module, trained_text_encoders: list[torch.nn.Module]) -> None:
+    def after_adapters(self, denoiser: torch.nn.Module, trained_text_encoders: list[torch.nn.Module]) -> None:
         """Gradient checkpointing: set on the adapted modules."""
         if self.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
             for enc in trained_text_encoders:
                 enc.gradient_checkpointing_enable()
 
@@ -91,8 +92,8 @@ class Speed:
         need = self.compile_min_steps.get(device_type)
         return need is not None and steps is not None and steps >= need
 
-    def compile_unet(self, unet: torch.nn.Module, device_type: str, steps: int | None) -> bool:
-        """Compile ``unet`` in place if :meth:`compiles` says so (lazily: the first call compiles)."""
+    def compile_denoiser(self, denoiser: torch.nn.Module, device_type: str, steps: int | None) -> bool:
+        """Compile ``denoiser`` in place if :meth:`compiles` says so (lazily: the first call compiles)."""
         on = self.compiles(device_type, steps)
         if self.compile == "auto":
             log.info("module.speed.compile=auto: %s (trainer.max_steps=%s; compile_min_steps.%s=%s)",
@@ -103,11 +104,11 @@ class Speed:
             where = Path(self.compile_cache) / compile_namespace()
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(where)   # read by torch each time it looks a graph up
             log.info("torch.compile cache: %s", where)
-        unet.compile()
+        denoiser.compile()
         return True
 
     def check_compiled(self, unet: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> None:
-        """Gradients of the trained parameters through the compiled ``unet`` (in-place compiled:
+        """Gradients of the trained parameters through the compiled denoiser ``unet`` (in-place compiled:
         ``unet(...)``) against eager ``unet.forward(...)`` on the same inputs (detached: the check
         touches neither ``.grad`` nor the global RNG); fails above ``compile_check``."""
         if self.compile_check is None:
