@@ -29,9 +29,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.adapters.inject import add_lora
+from toolkit.callbacks.sample_grid import OWN_CAPTIONS
 from toolkit.data.datamodule import per_device_batch_size
 from toolkit.evaluation.budget import KNOBS as EVAL_KNOBS
 from toolkit.evaluation.budget import eval_budget, generation_budget
+from toolkit.evaluation.protocol import read_prompts
 from toolkit.models import footprints as fp
 from toolkit.models import parts as model_parts
 from toolkit.models import quantize
@@ -186,7 +188,9 @@ def training_rows(cfg: DictConfig, p: model_parts.Parts, mem: Memory, mode: str,
     rows.append(Row("validation loss", batch * k, resident, resident + val.at(batch * k),
                     note=f"{batch} images x {k} timesteps, no gradients", knob=STEP_KNOBS))
     grid = cb.sample_grid
-    n_grid = len(grid.prompts) * len(grid.seeds)
+    own = isinstance(grid.prompts, str) and grid.prompts in OWN_CAPTIONS   # the run's captions: at most num_prompts
+    n_grid = (int(grid.num_prompts) if own else len(read_prompts(grid.prompts, "callbacks.sample_grid.prompts"))) \
+        * len(grid.seeds)
     cost = model_parts.generation_cost(p, p.native, p.native, float(grid.guidance_scale), t)
     row = budgeted(f"sample grid ({n_grid} images)", cost, min(int(grid.batch_size), n_grid),
                    all_weights + step["optimizer_state"], "frozen encoders back on the device; VAE decodes one image "
