@@ -80,7 +80,7 @@ def native_resolution(name_or_path: str, revision: str | None = None, config: st
     dcfg = denoiser_config(name_or_path, revision, config)
     factor = vae_factor(name_or_path, revision, config)
     return family.native_size(dcfg, factor), (f"the model's native size ({family.denoiser_label} sample_size "
-                                              f"{dcfg['sample_size']} x VAE factor {factor})")
+                                              f"{family.native_sample_size(dcfg)} x VAE factor {factor})")
 
 
 def family_of_model(m: DictConfig) -> Any:

@@ -130,6 +130,7 @@ class Objective:
         """Draw noise (and timesteps, unless given) for ``latents``; the denoiser's input, target and
         weights. The draws are made in one fixed order, so a seed gives the same batch whatever is
         switched on."""
+        process = process.for_latents(latents)   # Flux: σ shifted by the image size
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         noise = objectives.offset_noise(noise, self.noise_offset, generator)
         if timesteps is None:

@@ -88,6 +88,9 @@ class LoRADiffusion(L.LightningModule):
         max_skipped_steps: how many non-finite steps ``skip`` tolerates in one run.
         micro_conditioning: SDXL only: fixed ``original_size`` / ``crop_top_left`` /
             ``target_size`` ([h, w] each, None: each image's own) instead of the per-image values.
+        guidance: the embedded guidance a guidance-distilled denoiser (FLUX.1-dev) is trained with;
+            None: the family's (Flux: its pipeline's sampling default, 3.5); refused where the
+            denoiser embeds none.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class LoRADiffusion(L.LightningModule):
         nonfinite: str = "stop",
         max_skipped_steps: int = 10,
         micro_conditioning: Mapping[str, Any] | None = None,
+        guidance: float | None = None,
     ) -> None:
         super().__init__()
         self.pretrained = dict(pretrained)
@@ -122,6 +126,7 @@ class LoRADiffusion(L.LightningModule):
         for name, enc in c.text_encoders.items():   # registered as submodules under their pipeline names
             setattr(self, name, enc)
         self.micro_override = fixed_micro_conditioning(self.family, micro_conditioning)
+        self.guidance = self.family.training_guidance(c.denoiser.config, guidance)
         speed.before_adapters(self.denoiser, self.vae, self.family)
         self.init_adapter_sha256: str | None = None
         if init_adapter:
@@ -281,7 +286,7 @@ class LoRADiffusion(L.LightningModule):
         noised = self.objective.noised(self.process, latents, batch, self.training, timesteps, generator)
         dtype = self.denoiser_dtype
         args, kwargs = self.family.denoiser_inputs(noised.noisy.to(dtype), noised.timesteps, cond, self.micro(batch),
-                                                   dtype)
+                                                   dtype, self.guidance)
         if self.compiled and self.training and not self.compile_checked:   # once, before the first update
             self.speed.check_compiled(self.denoiser, args, kwargs)
             self.compile_checked = True
