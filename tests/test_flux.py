@@ -9,7 +9,8 @@ the model is Flux's.
 
 diffusers' Flux converters (LoRA and single file) assume FLUX.1's widths (3072, MLP 4x) for the single
 blocks' fused linear1, so the converter is checked at FLUX.1's widths on the file's layout (its tensors
-small: rank 1), and images through it with a FLUX.1-width transformer in the slow test.
+small: rank 1), and images through it (and BFL's single file) with a FLUX.1-width transformer of one
+block of each kind in the tiny pipeline.
 
 One training run is shared (``flux_run``); the others are as few as the checks need.
 """
@@ -158,6 +159,7 @@ def test_flux_trains_its_lora_and_checkpoints_under_the_pipeline_names(flux_run)
     assert "text cache (prompt_embeds, bfloat16)" in log and "text cache (pooled, float16)" in log
     meta = json.loads(load_file_metadata(flux_run / ADAPTER)["toolkit_schedule"])
     assert meta["prediction_type"] == "flow_matching"
+    assert load_file_metadata(flux_run / ADAPTER)["toolkit_training_guidance"] == "3.5"
     assert (flux_run / "adapter" / KOHYA_FILE).is_file()
 
 
@@ -414,3 +416,67 @@ def test_the_flux_text_cache_holds_the_encoders_output(tiny_flux, imagefolder_da
         else:
             assert torch.equal(got["prompt_embeds"], direct["prompt_embeds"].to(torch.bfloat16).float())
             assert torch.equal(got["pooled"], direct["pooled"].half().float())
+
+
+# ------------------------------------------------------------------------------------------ at FLUX.1's widths
+def test_at_flux1_widths_the_kohya_file_samples_as_the_diffusers_file_and_a_bfl_file_loads(tiny_flux, tmp_path):
+    """A FLUX.1-width transformer (3072 wide, one block of each kind; the tiny text encoders' widths) in the
+    tiny pipeline: (1) the kohya/BFL file loaded by the stock ``FluxPipeline.load_lora_weights`` (diffusers'
+    converter) gives the images the diffusers file gives (≤ 1 level), and the LoRA changes them; (2) the
+    transformer written as BFL's single file loads through the toolkit's single-file path (diffusers'
+    ``from_single_file`` with ``model.config``, checked tensor by tensor) with CLIP, T5 and the VAE from the
+    config folder."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from toolkit.adapters.formats import save_diffusers, save_kohya
+    from toolkit.adapters.layers import lora
+    from toolkit.models.families import Flux
+    from toolkit.models.pretrained import load_components
+    from toolkit.models.single_file_flux import transformer_to_bfl
+
+    torch.manual_seed(0)
+    big = FluxTransformer2DModel(num_layers=1, num_single_layers=1, joint_attention_dim=64, pooled_projection_dim=32,
+                                 guidance_embeds=True).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+
+    layers = {}
+    for name, mod in big.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                                               "attn.add_q_proj", "attn.to_add_out", "ff.net.2",
+                                                               "proj_mlp")):
+            out, inp = mod.weight.shape
+            layers[name] = lora(torch.randn(2, inp, generator=g) / inp ** 0.5,
+                                torch.randn(out, 2, generator=g) / 2, 4.0, shape=(out, inp))
+    diff = save_diffusers({"transformer": layers}, tmp_path / "diffusers", Flux)
+    kohya = save_kohya({"transformer": layers}, tmp_path / "kohya.safetensors", Flux, big.config)
+
+    single = tmp_path / "flux1-dev-like.safetensors"   # before any LoRA is loaded into it
+    save_file({k: v.contiguous() for k, v in transformer_to_bfl(big.state_dict(), big.config).items()}, str(single))
+    pipe = FluxPipeline.from_pretrained(tiny_flux, transformer=big, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(pipe) -> list[np.ndarray]:
+        out = pipe(["a red circle"], generator=[torch.Generator("cpu").manual_seed(0)], num_inference_steps=2,
+                   guidance_scale=3.5, height=16, width=16, max_sequence_length=8)
+        return [np.asarray(im).astype(int) for im in out.images]
+
+    base = sample(pipe)
+    shots = {}
+    for name, path in (("diffusers", diff), ("kohya", kohya)):
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        shots[name] = sample(pipe)
+        pipe.unload_lora_weights()
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(shots["diffusers"], shots["kohya"]))
+    assert any(np.abs(a - b).max() > 1 for a, b in zip(shots["diffusers"], base))
+    del pipe
+
+    folder = tmp_path / "flux1-config"   # the tiny pipeline's configs with FLUX.1's transformer config
+    shutil.copytree(tiny_flux, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    for comp in ("text_encoder", "text_encoder_2", "vae"):
+        shutil.copytree(Path(tiny_flux) / comp, folder / comp, dirs_exist_ok=True)
+    big.save_config(folder / "transformer")
+    c = load_components(str(single), config=str(folder), dtype="bfloat16")
+    sa, sb = big.state_dict(), c.denoiser.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert c.family is Flux and set(c.text_encoders) == {"text_encoder", "text_encoder_2"}

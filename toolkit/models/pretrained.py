@@ -194,9 +194,14 @@ def pipeline_from_single_file(family: type[ModelFamily], path: str, config: str,
     to the file tensor by tensor (``single_file.check_loaded_against_file``)."""
     from toolkit.models.single_file import check_loaded_against_file
 
+    parts: dict[str, Any] = {}
+    if not family.single_file_has_all:   # Flux: BFL's file is the transformer; the rest is model.config's
+        rest = family.pipeline_class.from_pretrained(config, **{family.denoiser: None}, torch_dtype=torch_dtype,
+                                                     local_files_only=True, **family.pretrained_kwargs)
+        parts = {k: v for k, v in rest.components.items() if k != family.denoiser and v is not None}
     try:
         pipe = family.pipeline_class.from_single_file(str(Path(path).expanduser()), config=config,
-                                                      torch_dtype=torch_dtype, local_files_only=True)
+                                                      torch_dtype=torch_dtype, local_files_only=True, **parts)
     except (ValueError, RuntimeError, KeyError) as err:
         raise ValueError(f"{path} could not be read with model.config={config!r} ({family.name} configs): "
                          f"{str(err).splitlines()[0][:300]}. Pass model.config=<the diffusers folder or hub id of the "

@@ -51,6 +51,7 @@ class ModelFamily:
     format_kinds: ClassVar[Mapping[str, tuple[str, ...]]] = {"diffusers": ("lora", "dora"),
                                                              "kohya": ("lora", "dora", "loha", "lokr")}
     pretrained_kwargs: ClassVar[Mapping[str, Any]] = {}   # extra kwargs of pipeline_class.from_pretrained
+    single_file_has_all: ClassVar[bool] = True     # a single file holds every model (False: the denoiser alone)
 
     @classmethod
     def matches(cls, denoiser_class: str, config: Mapping[str, Any]) -> bool:

@@ -61,6 +61,7 @@ class Flux(ModelFamily):
     # stacks along its rows, LoHa's and LoKr's products cannot
     format_kinds = {"diffusers": ("lora", "dora"), "kohya": ("lora", "dora")}
     pretrained_kwargs = {"image_encoder": None, "feature_extractor": None}
+    single_file_has_all = False   # BFL's flux1-dev.safetensors is the transformer; CLIP, T5, VAE from model.config
 
     @classmethod
     def noise_process(cls, scheduler: Any) -> Any:
