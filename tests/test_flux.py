@@ -384,8 +384,8 @@ def test_settings_follow_a_flux_model_and_schnell_refuses_a_guidance(tiny_flux, 
     assert (got["generation.scheduler"], got["generation.steps"], got["generation.guidance_scale"]) == \
         ("FlowMatchEulerDiscreteScheduler", "28", "3.5")                        # FluxPipeline's defaults
     schnell = build_tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False, num_single_layers=1)
-    cfg = compose_cfg(flux_overrides(str(schnell), imagefolder_data, tmp_path, "module.guidance=2.0"), tmp_path)
-    with pytest.raises(InstantiationException, match="module.guidance=2.0: a flux transformer embeds no guidance"):
+    cfg = compose_cfg(flux_overrides(str(schnell), imagefolder_data, tmp_path, "+model.guidance=2.0"), tmp_path)
+    with pytest.raises(InstantiationException, match="model.guidance=2.0: a flux transformer embeds no guidance"):
         instantiate(cfg.module)
     cfg = compose_cfg(flux_overrides(str(schnell), imagefolder_data, tmp_path), tmp_path)
     module = instantiate(cfg.module)

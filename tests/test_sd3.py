@@ -309,15 +309,16 @@ def test_settings_follow_an_sd3_model(tiny_sd3, tiny_model):
 
 
 def test_an_unsupported_family_is_refused_naming_the_supported_ones(tmp_path):
-    flux = tmp_path / "flux"
-    (flux / "transformer").mkdir(parents=True)
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
-                                                       "transformer": ["diffusers", "FluxTransformer2DModel"]}))
-    (flux / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    res = run_entry(["task=train", f"model.name_or_path={flux}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
+    qwen = tmp_path / "qwen-image"
+    (qwen / "transformer").mkdir(parents=True)
+    (qwen / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline",
+                                                       "transformer": ["diffusers", "QwenImageTransformer2DModel"]}))
+    (qwen / "transformer" / "config.json").write_text(json.dumps({"_class_name": "QwenImageTransformer2DModel"}))
+    res = run_entry(["task=train", f"model.name_or_path={qwen}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
     assert res.returncode != 0 and "OSError" not in res.stderr
-    assert "no supported model family has a FluxTransformer2DModel denoiser" in res.stderr
-    assert all(f in res.stderr for f in ("sd (StableDiffusionPipeline", "sdxl (", "sd3 (StableDiffusion3Pipeline"))
+    assert "no supported model family has a QwenImageTransformer2DModel denoiser" in res.stderr
+    assert all(f in res.stderr for f in ("sd (StableDiffusionPipeline", "sdxl (", "sd3 (StableDiffusion3Pipeline",
+                                         "flux (FluxPipeline"))
 
 
 def test_an_sd3_single_file_loads_tensor_for_tensor(tiny_sd3, tmp_path):

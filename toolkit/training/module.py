@@ -88,9 +88,6 @@ class LoRADiffusion(L.LightningModule):
         max_skipped_steps: how many non-finite steps ``skip`` tolerates in one run.
         micro_conditioning: SDXL only: fixed ``original_size`` / ``crop_top_left`` /
             ``target_size`` ([h, w] each, None: each image's own) instead of the per-image values.
-        guidance: the embedded guidance a guidance-distilled denoiser (FLUX.1-dev) is trained with;
-            None: the family's (Flux: its pipeline's sampling default, 3.5); refused where the
-            denoiser embeds none.
     """
 
     def __init__(
@@ -108,7 +105,6 @@ class LoRADiffusion(L.LightningModule):
         nonfinite: str = "stop",
         max_skipped_steps: int = 10,
         micro_conditioning: Mapping[str, Any] | None = None,
-        guidance: float | None = None,
     ) -> None:
         super().__init__()
         self.pretrained = dict(pretrained)
@@ -126,7 +122,7 @@ class LoRADiffusion(L.LightningModule):
         for name, enc in c.text_encoders.items():   # registered as submodules under their pipeline names
             setattr(self, name, enc)
         self.micro_override = fixed_micro_conditioning(self.family, micro_conditioning)
-        self.guidance = self.family.training_guidance(c.denoiser.config, guidance)
+        self.guidance = c.guidance   # the embedded guidance training feeds (FLUX.1-dev; model.guidance)
         speed.before_adapters(self.denoiser, self.vae, self.family)
         self.init_adapter_sha256: str | None = None
         if init_adapter:

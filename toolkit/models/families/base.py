@@ -81,10 +81,10 @@ class ModelFamily:
 
     @classmethod
     def training_guidance(cls, denoiser_config: Mapping[str, Any], guidance: float | None) -> float | None:
-        """The embedded guidance the denoiser is trained with (``module.guidance``; Flux.1-dev's is
+        """The embedded guidance the denoiser is trained with (``model.guidance``; Flux.1-dev's is
         guidance-distilled); a family whose denoiser embeds none refuses a value."""
         if guidance is not None:
-            raise ValueError(f"module.guidance={guidance}: a {cls.name} {cls.denoiser_label} embeds no guidance "
+            raise ValueError(f"model.guidance={guidance}: a {cls.name} {cls.denoiser_label} embeds no guidance "
                              "value (only guidance-distilled models such as FLUX.1-dev do); leave it null")
         return None
 

@@ -9,7 +9,7 @@ What the transformer sees, exactly as ``FluxPipeline.__call__`` gives it:
                            for the text tokens (``_prepare_latent_image_ids``, ``encode_prompt``)
     timestep               σ (the pipeline divides the scheduler's σ·1000 by 1000)
     guidance               dev only (``guidance_embeds``): the distilled CFG scale. Training feeds
-                           ``module.guidance`` (default: the pipeline's sampling default, 3.5, as
+                           ``model.guidance`` (default: the pipeline's sampling default, 3.5, as
                            diffusers' ``train_dreambooth_lora_flux.py``); sampling records its own
                            (``generation.guidance_scale``)
     encoder_hidden_states  T5's last hidden state (``max_sequence_length`` tokens, 512 by default)
