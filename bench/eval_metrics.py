@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--per-prompt", type=int, default=4)
     args = ap.parse_args()
 
-    ref_rows, _ = reference.load_reference(args.data, "image", "text", "train", args.ref)
+    ref_rows = reference.load_reference(args.data, "image", "text", "train", args.ref).rows
     images = [reference.reference_image(r["image"], (64, 64)) for r in ref_rows]
     inception, scorer = InceptionFeatures(), CLIPScorer(args.clip, batch_size=50)
     clip = FeatureModel("clip", args.clip, model=scorer.model)

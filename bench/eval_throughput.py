@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=50)
     args = ap.parse_args()
 
-    ref, fp = reference.load_reference(args.data, "image", "text", "train", args.n)
+    refset = reference.load_reference(args.data, "image", "text", "train", args.n)
+    ref, fp = refset.rows, refset.identity
     images_ref = [r["image"] for r in ref]
     inception = InceptionFeatures(batch_size=args.batch)
     cache = Path(tempfile.mkdtemp())

@@ -141,6 +141,23 @@ def sidecar_data(imagefolder_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """One SLURM cluster for every test that needs one (tests/slurm.py: munged, slurmctld, slurmd as
+    root, this host as the one node). Where it cannot start (not root, no slurm-wlm/munge) the tests
+    are skipped with the reason; CI sets CI_REQUIRE_SLURM=1, which makes that a failure."""
+    from tests.slurm import Unavailable, start_cluster
+
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except Unavailable as err:
+        if os.environ.get("CI_REQUIRE_SLURM") == "1":
+            pytest.fail(f"CI_REQUIRE_SLURM=1, but SLURM cannot start here: {err}")
+        pytest.skip(f"SLURM cannot start here: {err}")
+    yield cluster
+    cluster.stop()
+
+
 def tiny_overrides(model: str, data: Path, out: Path) -> list[str]:
     """Shrink the real config to a seconds-long CPU run."""
     return [
@@ -152,6 +169,30 @@ def tiny_overrides(model: str, data: Path, out: Path) -> list[str]:
         "trainer.enable_progress_bar=false", "callbacks.sample_grid.steps=2",
         "callbacks.sample_grid.every_n_steps=2", f"hydra.run.dir={out}",
     ]
+
+
+def cluster_job_args(model: str, data: Path) -> list[str]:
+    """What a cluster training job passes besides its task and sizes: 8 steps over 3-batch epochs with
+    every random input on (tests/test_fault_tolerance.py), the encoded cache, and no periodic
+    checkpoint, so a stop's checkpoint is the only one (a resume from it is what is tested)."""
+    from tests.test_fault_tolerance import resume_overrides
+
+    base = [a for a in resume_overrides(model, data, Path("unused")) if not a.startswith(("hydra.run.dir=", "task="))]
+    return [*base, "data.center_crop=true", "trainer.accelerator=cpu",
+            "callbacks.model_checkpoint.every_n_train_steps=100"]
+
+
+@pytest.fixture(scope="session")
+def lightning_ddp(tiny_model, imagefolder_data, tmp_path_factory) -> Path:
+    """The adapter of Lightning's own 2-process run (trainer=ddp trainer.devices=2) of ``cluster_job_args``,
+    uninterrupted: what srun, sbatch, submitit and a resume must train, bit for bit. One thread per
+    process, as Lightning gives each of 2 processes on 2 cores and the sbatch script sets
+    (OMP_NUM_THREADS: bit-equality needs equal threads)."""
+    out = tmp_path_factory.mktemp("lightning_ddp")
+    res = run_entry(["task=train", *cluster_job_args(tiny_model, imagefolder_data), "trainer=ddp", "trainer.devices=2",
+                     f"hydra.run.dir={out}", f"paths.cache_dir={out / 'cache'}"], env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "adapter" / "pytorch_lora_weights.safetensors"
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None):

@@ -4,8 +4,9 @@
 
 Each command (a JSON list of ``{"id", "args"}``) goes through ``toolkit.cli.prepare_args`` (renamed
 keys, misspelt keys, the job's run dir, a resume's saved overrides, the settings that follow the
-model), then every cell of it (a ``-m`` line: one per combination of its swept values) is composed
-with Hydra and resolved whole (a ``???`` left open fails). A process of its own because the hub
+model), then every cell of it (a ``-m`` line: one per combination of its swept values, with the
+settings that follow its model chosen for it as the sweeper does) is composed with Hydra and
+resolved whole (a ``???`` left open fails). A process of its own because the hub
 stand-ins are found through ``HF_HUB_CACHE``, which huggingface_hub reads when it is imported.
 """
 
@@ -46,7 +47,7 @@ def compose_cells(args: list[str]) -> list[dict]:
     from omegaconf import OmegaConf, open_dict
 
     from toolkit.config import CONFIG_DIR
-    from toolkit.model_defaults import chosen_lines
+    from toolkit.model_defaults import cell_overrides, chosen_lines
 
     overrides = [a for a in args if not a.startswith("-")]
     multirun = any(a in ("-m", "--multirun") for a in args)
@@ -56,6 +57,8 @@ def compose_cells(args: list[str]) -> list[dict]:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("config", overrides=list(cell), return_hydra_config=True)
+            if multirun and (chosen := cell_overrides(cfg, list(cell))):   # as the sweeper does, per cell
+                cfg = compose("config", overrides=[*cell, *chosen], return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = "/tmp/docs-compose"
             cfg.hydra.job.num = 0

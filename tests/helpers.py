@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from toolkit.training.module import LoRADiffusion
@@ -130,3 +131,36 @@ class WriteBatchKeys(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         with open(self.dirpath / f"rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": trainer.global_step, "keys": keys}) + "\n")
+
+
+class ScancelAt(L.Callback):
+    """Rank 0 asks SLURM to send ``signal`` to every task of this job (``scancel --signal``, what
+    ``--signal=USR1@<s>`` does before a time limit) at the start of optimizer step ``step`` + 1,
+    once per ``marker`` file (a requeued job replays the run's overrides, this callback included).
+    ``signal`` may map task names to signals (the cells of a sweep), ``task`` naming this one's."""
+
+    def __init__(self, step: int, signal: str | dict[str, str], marker: str, task: str | None = None) -> None:
+        self.step, self.marker = step, Path(marker)
+        self.signal = signal[task] if isinstance(signal, dict | DictConfig) else signal
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        import subprocess
+
+        from toolkit.run.signals import slurm_job
+
+        if trainer.is_global_zero and trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(slurm_job())
+            subprocess.run(["scancel", f"--signal={self.signal}", slurm_job()], check=True)
+
+
+class SlowSteps(L.Callback):
+    """Each optimizer step takes at least ``seconds`` (a run long enough to meet a SLURM time limit;
+    waiting changes no number)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        import time
+
+        time.sleep(self.seconds)

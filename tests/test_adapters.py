@@ -275,3 +275,22 @@ def file_sha(path: Path) -> str:
     from toolkit.hashing import file_sha256
 
     return file_sha256(path)
+
+
+def test_a_safetensors_files_bytes_do_not_depend_on_the_process():
+    """safetensors orders metadata by a per-process hash seed: the same adapter written by two
+    processes had two SHA-256s (and so two evaluation row keys) until the header is sorted."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from safetensors.torch import save; "
+            "from toolkit.adapters.formats import sorted_metadata; "
+            "sd = {'b': torch.ones(3, 2), 'a': torch.zeros(4)}; meta = {f'k{i}': 'vé' * i for i in range(8)}; "
+            "sys.stdout.buffer.write(sorted_metadata(save(sd, metadata=meta)))")
+    blobs = {subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout for _ in range(3)}
+    assert len(blobs) == 1
+    from safetensors.torch import load
+
+    blob = blobs.pop()
+    assert torch.equal(load(blob)["b"], torch.ones(3, 2)) and hashlib.sha256(blob).hexdigest()

@@ -1,6 +1,7 @@
-"""The data order does not depend on the number of processes: with the same global batch, 1 and W
-processes train on the same images in the same steps, and a checkpoint's data position written on
-2 processes continues exactly on 1 (and back)."""
+"""The data order does not depend on the number of processes: with the same micro-batch and the same
+micro-batches per optimizer step (processes × accumulation), 2 processes and 1 process accumulating 2
+train on the same micro-batches in the same steps, and a checkpoint's data position written on one
+continues exactly on the other (both ways)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 
 from toolkit.data.buckets import BucketBatchSampler
 from toolkit.data.sampler import ResumableLoader, ResumableSampler
+from toolkit.run.processes import rescale_batch_progress
 
-N, GLOBAL = 23, 4
+N, MICRO, PER_STEP = 23, 2, 2   # micro-batch 2, 2 micro-batches per step: 2 × 1 or 1 × 2
 
 
 class Keys:
@@ -23,61 +25,88 @@ class Keys:
 
 
 def loaders(world: int, buckets: bool) -> list[ResumableLoader]:
-    per = GLOBAL // world
+    accum = PER_STEP // world
     bucket_of = [i % 3 for i in range(N)]
     out = []
     for r in range(world):
-        if buckets:
-            out.append(ResumableLoader(Keys(), batch_sampler=BucketBatchSampler(bucket_of, per, 5, True, r,
-                                                                                       world), collate_fn=list))
-        else:
-            out.append(ResumableLoader(Keys(), ResumableSampler(N, 5, True, r, world), per, collate_fn=list))
+        order = (BucketBatchSampler(bucket_of, MICRO, 5, True, r, world, accum) if buckets
+                 else ResumableSampler(N, MICRO, 5, True, r, world, accum))
+        out.append(ResumableLoader(Keys(), order, collate_fn=list))
     return out
 
 
-def global_steps(ls: list[ResumableLoader], epochs: int = 2, stop: int | None = None) -> list[frozenset]:
-    """What each loader step trains on, summed over ranks (stop: after that many steps)."""
-    steps = []
+def steps(ls: list[ResumableLoader], epochs: int = 2, stop: int | None = None) -> list[tuple[tuple[int, ...], ...]]:
+    """Each optimizer step's micro-batches, in their order in the step (accumulation slot × process)."""
+    out = []
     for epoch in range(epochs):
-        set_epoch(ls, epoch)
-        for batches in zip(*ls, strict=True):
-            steps.append(frozenset(i for b in batches for _, i in b))
-            if stop is not None and len(steps) == stop:
-                return steps
-    return steps
+        for ld in ls:
+            ld._order.set_epoch(epoch)
+        out += rest(ls, None if stop is None else stop - len(out))
+        if stop is not None and len(out) == stop:
+            break
+    return out
 
 
-def set_epoch(ls: list[ResumableLoader], epoch: int) -> None:
-    for s in ls:
-        s._order.set_epoch(epoch)
+def rest(ls: list[ResumableLoader], stop: int | None = None) -> list[tuple[tuple[int, ...], ...]]:
+    """The steps the loaders still yield in their current epoch."""
+    accum = PER_STEP // len(ls)
+    its, out = [iter(ld) for ld in ls], []
+    while stop is None or len(out) < stop:
+        try:
+            slots = [[tuple(i for _, i in next(it)) for it in its] for _ in range(accum)]
+        except StopIteration:
+            break
+        out.append(tuple(mb for slot in slots for mb in slot))
+    return out
 
 
 @pytest.mark.parametrize("buckets", [False, True])
-def test_one_and_two_processes_train_on_the_same_images_in_the_same_steps(buckets):
-    one, two = global_steps(loaders(1, buckets)), global_steps(loaders(2, buckets))
-    assert one == two and len(one) >= 2 * (N // GLOBAL)
-    assert all(len(s) >= 2 for s in two)
+def test_two_processes_and_one_accumulating_two_train_on_the_same_micro_batches(buckets):
+    one, two = steps(loaders(1, buckets)), steps(loaders(2, buckets))
+    assert one == two and len(one) >= 2 * (N // (MICRO * PER_STEP)) - 2
+    assert all(len(s) == PER_STEP for s in one)
+    seen = [i for s in one[: len(one) // 2] for mb in s for i in mb]
+    assert len(seen) == len(set(seen))   # an epoch holds an item once
     if buckets:   # one bucket per step
-        assert all(len({i % 3 for i in s}) == 1 for s in one)
+        assert all(len({i % 3 for mb in s for i in mb}) == 1 for s in one)
 
 
 @pytest.mark.parametrize("buckets", [False, True])
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_a_data_position_saved_on_w_processes_continues_exactly_on_another_w(buckets, before, after):
-    whole = global_steps(loaders(1, buckets), epochs=1)
+    whole = steps(loaders(1, buckets), epochs=1)
     first = loaders(before, buckets)
-    done = global_steps(first, epochs=1, stop=3)
+    done = steps(first, epochs=1, stop=3)
     states = [ld.state_dict() for ld in first]
     assert len({(s["epoch"], s["batches"]) for s in states}) == 1
     resumed = loaders(after, buckets)
     for ld in resumed:
         ld.load_state_dict(states[0])
-    rest = [frozenset(i for b in batches for _, i in b) for batches in zip(*resumed, strict=True)]
-    assert done + rest == whole
+    assert done + rest(resumed) == whole
 
 
-def test_a_resume_that_changes_the_global_batch_is_refused():
+def test_a_resume_that_changes_the_micro_batch_or_the_step_is_refused():
     state = loaders(2, False)[0].state_dict()
-    other = ResumableLoader(Keys(), ResumableSampler(N, 5, True, 0, 1), GLOBAL // 2)
-    with pytest.raises(ValueError, match=r"saved on 2 processes with a per-device batch of 2 \(4 images.*1 × 2 = 2"):
+    other = ResumableLoader(Keys(), ResumableSampler(N, MICRO * 2, 5, True, 0, 1, 1))   # 1 × 4: another sum
+    with pytest.raises(ValueError, match=r"micro-batches of 2 images, 2 per optimizer step \(2 processes × "
+                                         r"accumulation 1\); this run has 4 images, 1 per step"):
         other.load_state_dict(state)
+
+
+def test_lightning_loop_counts_follow_the_processes():
+    """Per-process batch counts scale by W/W' (each counter keeps its offset from ``ready``); the
+    optimizer-step counts do not move."""
+    def ckpt(world: int, ready: int) -> dict:
+        counts = {"ready": ready, "started": ready, "processed": ready, "completed": ready - 1}
+        return {"loops": {"fit_loop": {"state_dict": {"combined_loader": [{"world_size": world}]},
+                                       "epoch_loop.batch_progress": {"total": dict(counts), "current": dict(counts),
+                                                                     "is_last_batch": False}}}}
+    c = ckpt(2, 3)
+    assert rescale_batch_progress(c, 1)
+    assert c["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"] == \
+        {"ready": 6, "started": 6, "processed": 6, "completed": 5}
+    c = ckpt(1, 6)
+    assert rescale_batch_progress(c, 2) and c["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"] == 3
+    assert not rescale_batch_progress(ckpt(2, 3), 2)
+    with pytest.raises(ValueError, match="not at an optimizer step"):
+        rescale_batch_progress(ckpt(1, 3), 2)

@@ -170,12 +170,13 @@ def hub_cache(root: Path, tmp: Path) -> Path:
 def fixtures(tmp_path_factory, tiny_model) -> Fixtures:
     tmp = tmp_path_factory.mktemp("docs")
     hub = hub_cache(tmp / "hub", tmp / "build")
-    data = generate(tmp / "data", n=16, seed=0, size=32)
+    data = generate(tmp / "data", n=24, seed=0, size=32)   # the embedded preset trains 16 a step; 10 % held out
     data400 = generate(tmp / "data400", n=400, seed=1, size=16)
     single = tmp / "models" / "my_finetune.safetensors"   # composing reads model.config's configs, not this file
     single.parent.mkdir(parents=True)
     single.write_bytes(b"")
-    # a finished run on the embedded model: what <run dir> stands for (resume, sample, inspect, merge, report)
+    # a finished run on the embedded model (24 images): what <run dir> stands for
+    # (resume, sample, inspect, merge, report)
     run = tmp / "run"
     res = run_entry(["task=train", "debug=fast", f"data.path={data}", f"hydra.run.dir={run}"])
     assert res.returncode == 0, res.stderr[-3000:]

@@ -118,20 +118,20 @@ def test_random_crops_turn_the_latent_cache_off(tiny_model, imagefolder_data, tm
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sampler_epochs_and_ranks(world):
-    n = 20
-    samplers = [ResumableSampler(n, seed=7, rank=r, world_size=world) for r in range(world)]
+    n, micro = 20, 3
+    samplers = [ResumableSampler(n, micro, seed=7, rank=r, world_size=world) for r in range(world)]
     for epoch in (0, 1):
         for s in samplers:
             s.set_epoch(epoch)
-        shards = [[i for e, i in s] for s in samplers]
+        shards = [[i for b in s for e, i in b] for s in samplers]
         flat = [i for sh in shards for i in sh]
-        assert len(flat) == len(set(flat)) == n // world * world   # disjoint, each used at most once
-        assert all(len(sh) == n // world for sh in shards)
-    orders = [[i for _, i in ResumableSampler(n, seed=7)] for _ in range(2)]
+        assert len(flat) == len(set(flat)) == n // (micro * world) * micro * world   # disjoint, whole steps
+        assert all(len(sh) == len(shards[0]) for sh in shards)                    # ranks in step
+    orders = [[i for b in ResumableSampler(n, 1, seed=7) for _, i in b] for _ in range(2)]
     assert orders[0] == orders[1] != list(range(n))                   # deterministic, shuffled
-    s = ResumableSampler(n, seed=7)
+    s = ResumableSampler(n, 1, seed=7)
     s.start = 5
-    assert [i for _, i in s] == orders[0][5:] and [i for _, i in s] == orders[0]   # offset: one pass
+    assert [i for b in s for _, i in b] == orders[0][5:] and [i for b in s for _, i in b] == orders[0]   # one pass
 
 
 def test_aspect_buckets_single_bucket_batches_once_per_epoch(tiny_model, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import open_dict
 from PIL import Image
 
 from miniature.world import generate
@@ -152,3 +153,58 @@ def test_multirun_cells_are_separate_dashboard_runs_in_one_group(tiny_model, eva
     assert all("eval_base/fid" in i["summary"] and any(t == "run_table" for t, _ in i["artifacts"]) for i in infos)
     assert "already in progress" not in res.stderr + res.stdout
     assert "wandb: WARNING" not in res.stderr + res.stdout                     # e.g. "the anonymous setting"
+
+
+def test_a_reference_set_goes_through_the_data_policy(tiny_model, eval_data, tmp_path):
+    """kohya layout with one caption file missing and one truncated image: both rejected and counted in
+    the row's protocol, N the usable images, no prompt "None"."""
+    import shutil
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    rows = [json.loads(line) for line in (eval_data / "metadata.jsonl").read_text().splitlines()]
+    for r in rows:
+        shutil.copy(eval_data / r["file_name"], refs / r["file_name"])
+        (refs / r["file_name"]).with_suffix(".txt").write_text(r["text"])
+    (refs / rows[0]["file_name"]).with_suffix(".txt").unlink()                      # no caption
+    (refs / "truncated.png").write_bytes((eval_data / rows[1]["file_name"]).read_bytes()[:80])
+    (refs / "truncated.txt").write_text("a caption for a broken file")
+    out = tmp_path / "e"
+    m = eval_task.run(compose_cfg(eval_overrides(tiny_model, "null", refs, tmp_path / "c", out), out))
+    row = read_rows(out / "results.jsonl")[0]
+    assert m["n_real"] == len(rows) - 1
+    assert row["protocol"]["reference_scan"] == {"total": len(rows) + 1, "usable": len(rows) - 1, "converted": 0,
+                                                 "rejected": {"missing caption": 1, "corrupt or truncated image": 1}}
+    assert "None" not in json.dumps(row["per_prompt"])
+
+
+def test_a_bad_held_out_image_is_rejected_by_the_training_runs_own_scan(tiny_model, tmp_path, monkeypatch):
+    """eval.dataset=held_out reads the held-out rows through the scan the training run made of them
+    (one cache key): the corrupt one is rejected, never evaluated; too few usable images for
+    eval.num_ref stop a train-and-evaluate job before it trains."""
+    from hydra.utils import instantiate
+
+    import toolkit.data.datamodule as dm_module
+    from tests.conftest import tiny_overrides
+    from toolkit.data.sources import held_out
+    from toolkit.evaluation.job import reference_set
+    from toolkit.tasks import finetune_eval
+
+    data = generate(tmp_path / "data", n=16, seed=4, size=32)
+    bad = held_out(str(data), "train", None, 0.25, 0, "image", "text")[0]["image"]["path"]
+    Path(bad).write_bytes(Path(bad).read_bytes()[:80])
+    args = [*tiny_overrides(tiny_model, data, tmp_path / "run"), "task=finetune_eval", "eval.dataset=held_out",
+            "metrics.clip_model=null", "eval.num_ref=4", f"paths.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_cfg(args, tmp_path / "run")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")                                    # the training run scans its held-out part
+    assert len(dm.val_set) == 3
+    monkeypatch.setattr(dm_module, "scan", lambda *a, **k: pytest.fail("the held-out set was scanned again"))
+    with open_dict(cfg):
+        cfg.eval.num_ref = 3
+    refset = reference_set(cfg)
+    assert len(refset.rows) == 3 and refset.scan["rejected"] == {"corrupt or truncated image": 1}
+    assert bad not in [r["image"]["path"] for r in refset.rows]
+    with pytest.raises(ValueError, match=r"eval.num_ref=4 but the held-out part .* has only 3 usable images"):
+        finetune_eval.run(compose_cfg(args, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()   # refused before training

@@ -19,6 +19,7 @@ from tests.conftest import ROOT, compose_cfg, run_entry, tiny_overrides
 from toolkit.callbacks.preemption import AtomicCheckpointIO, PreemptionCheckpoint
 from toolkit.config import check_overrides
 from toolkit.evaluation.protocol import read_prompts
+from toolkit.run import signals
 from toolkit.run.history import history
 from toolkit.tasks import train
 
@@ -34,8 +35,8 @@ def resume_overrides(model: str, data: Path, out: Path) -> list[str]:
         "callbacks.sample_grid.every_n_steps=100"]
 
 
-def start(args: list[str], log: Path | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def start(args: list[str], log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     out = open(log, "w") if log else subprocess.DEVNULL   # noqa: SIM115 - the child holds it
     return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
                             stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE, text=True)
@@ -97,7 +98,8 @@ def test_sigterm_checkpoints_exits_143_and_resumes_identically(tiny_model, image
     assert (tmp_path / ".hydra" / "resume-1" / "overrides.yaml").is_file()
     assert [(h["event"], h["hydra_dir"]) for h in history(tmp_path)] == [("start", ".hydra"),
                                                                          ("resume", ".hydra/resume-1")]
-    assert history(tmp_path)[1]["overrides"] == [a for a in args if not a.startswith("hydra.")] + ["ckpt_path=last"]
+    # what this attempt added: the run's own overrides, repeated, add nothing (toolkit.run.resume.merge_overrides)
+    assert history(tmp_path)[1]["overrides"] == ["ckpt_path=last"]
 
 
 def test_ctrl_c_checkpoints_exits_130_and_the_printed_command_resumes_identically(
@@ -121,21 +123,37 @@ def test_ctrl_c_checkpoints_exits_130_and_the_printed_command_resumes_identicall
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
 
 
-def test_second_ctrl_c_stops_at_once(monkeypatch):
+def test_second_ctrl_c_stops_at_once_and_stop_signals_wait_for_the_step_only_in_training():
     cb = PreemptionCheckpoint("unused")
     previous = signal.getsignal(signal.SIGINT)
     try:
-        cb._handler(signal.SIGINT, None)                  # first: checkpoint at the end of the batch
-        assert cb.requested == "SIGINT" and cb.exit_code == 130
+        cb._int_handler(signal.SIGINT, None)              # first: checkpoint at the end of the step
+        assert cb.ctrl_c == 1
         with pytest.raises(KeyboardInterrupt):            # second: now, without a checkpoint
-            cb._handler(signal.SIGINT, None)
+            cb._int_handler(signal.SIGINT, None)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
-    term = PreemptionCheckpoint("unused")
-    term._handler(signal.SIGTERM, None)
-    term._handler(signal.SIGTERM, None)                   # repeated SIGTERM: still one checkpoint, 143
-    assert term.exit_code == 143
+    # the job's SIGTERM / SIGUSR1 / SIGUSR2 (toolkit/run/signals.py): outside training they stop the
+    # process at once (what was written stays), in training they wait for the end of the step
+    before = signals.install()
+    try:
+        with pytest.raises(signals.Stop) as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(5)
+        assert stop.value.name == "SIGUSR1" and stop.value.exit_code == 143
+        signals.restore(signals.install())   # a fresh job
+        signals.training(True)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)              # repeated: still one request, the first signal's
+        time.sleep(0.1)
+        assert signals.requested() == "SIGUSR2"
+        signals.training(False)
+        with pytest.raises(signals.Stop, match="SIGUSR2"):   # the next phase does not start
+            signals.check()
+    finally:
+        signals.restore(before)
+    assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
 
 
 def test_crash_during_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):

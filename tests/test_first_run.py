@@ -47,6 +47,9 @@ def test_train_on_a_user_model_gets_its_native_size_and_family_preset(other_size
     log = res.stdout + res.stderr
     assert "chosen data.resolution=24: the model's native size (UNet sample_size 12 x VAE factor 2)" in log
     assert "chosen module=lora: the preset for the SD family" in log
+    # the in-training grid shows the run's own captions, not the miniature's shapes
+    assert "chosen callbacks.sample_grid.prompts=validation" in log
+    assert "sample grid: 4 captions of the run's held-out images × 4 seeds" in log
     saved = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())
     assert saved["data"]["resolution"] == 24
     assert saved["module"]["lora"]["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]   # not the miniature's
@@ -62,16 +65,39 @@ def test_preset_follows_the_family(which, preset, size, tiny_model, tiny_sdxl):
     model = {"embedded": str(Path(data_dir()) / EMBEDDED_MODEL), "sdxl": tiny_sdxl, "sd": tiny_model}[which]
     got = chosen(["task=train", f"model.name_or_path={model}"])
     assert got["module"] == preset and got["data.resolution"] == size
+    assert got["callbacks.sample_grid.prompts"] == ("validation" if which != "embedded" else
+                                                    str(Path(data_dir()) / "miniature/grid_prompts.txt"))
     assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8",
-                   *GIVEN_GENERATION]) == {}
+                   "callbacks.sample_grid.prompts=[a cat]", *GIVEN_GENERATION]) == {}
 
 
-def test_a_sweep_over_models_must_set_what_follows_the_model(tiny_model, tiny_sdxl):
-    with pytest.raises(ModelDefaultsError, match="data.resolution, generation.guidance_scale, generation.scheduler, "
-                                                 "generation.steps, module"):
-        model_overrides(["-m", "task=train", f"model.name_or_path={tiny_model},{tiny_sdxl}"])
-    assert chosen(["-m", "task=train", f"model.name_or_path={tiny_model},{tiny_sdxl}", "module=lora",
-                   "data.resolution=16", *GIVEN_GENERATION]) == {}
+def test_a_sweep_over_experiments_chooses_what_follows_each_cells_model(other_size_model, tiny_sdxl, imagefolder_data,
+                                                                        tmp_path):
+    """Two experiments of the user's own (their config folder on Hydra's search path), each naming a
+    model of another family and native size: each cell trains at its own model's size with its own
+    family's preset, chosen after the experiment applies, and saved with the cell (a resume replays it)."""
+    conf = tmp_path / "my_conf"
+    (conf / "experiment").mkdir(parents=True)
+    for name, model in (("mine_sd", other_size_model), ("mine_xl", tiny_sdxl)):
+        (conf / "experiment" / f"{name}.yaml").write_text(f"# @package _global_\nmodel:\n  name_or_path: {model}\n")
+    sweep = tmp_path / "sweep"
+    res = run_entry(["-m", "task=train", f"hydra.searchpath=[file://{conf}]", "experiment=mine_sd,mine_xl",
+                     f"data.path={imagefolder_data}", "data.global_batch_size=4", "data.val_fraction=0.25",
+                     "logger=none", "trainer.max_steps=1", "trainer.limit_val_batches=0",
+                     "trainer.enable_progress_bar=false", "~callbacks.sample_grid", f"hydra.sweep.dir={sweep}"],
+                    env={"TOOLKIT_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    for cell, size, preset, targets in (("0", 24, "lora", ["to_q", "to_k", "to_v", "to_out.0"]),
+                                        ("1", 16, "lora_sdxl", None)):
+        saved = yaml.safe_load((sweep / cell / ".hydra" / "config.yaml").read_text())
+        assert saved["data"]["resolution"] == size and saved["chosen"]["module"].startswith(f"{preset}:")
+        assert f"module={preset}" in yaml.safe_load((sweep / cell / ".hydra" / "overrides.yaml").read_text())
+        if targets:
+            assert saved["module"]["lora"]["target_modules"] == targets   # the SD preset, not the miniature's
+        assert json.loads((sweep / cell / "train_metrics.json").read_text())["global_step"] == 1
+    assert "chosen data.resolution=24" in log and "chosen data.resolution=16" in log
+    assert "chosen module=lora_sdxl: the preset for the SDXL family" in log
 
 
 def test_default_job_on_another_model_never_uses_the_miniatures_test_set_or_clip(tiny_model, imagefolder_data,
@@ -297,3 +323,18 @@ def test_a_ddp_train_and_evaluate_sweep_evaluates_each_cell_once_on_its_processe
     assert [len(r["settings"]["adapters"]) for r in rows] == [0, 1, 1]   # the base once, one row per cell
     assert all(r["protocol"]["world_size"] == 2 for r in rows)
     assert all((sweep / c / "summary.md").is_file() for c in ("0", "1"))
+
+
+def test_the_sample_grid_shows_the_runs_own_captions(tiny_model, imagefolder_data, tmp_path):
+    from hydra.utils import instantiate
+
+    from toolkit.callbacks.sample_grid import SampleGrid
+
+    cfg = compose_cfg(tiny_overrides(tiny_model, imagefolder_data, tmp_path), tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    grid = instantiate(cfg.callbacks.sample_grid)
+    grid.setup(type("T", (), {"datamodule": dm})(), None, "fit")
+    assert grid.prompts == list(dict.fromkeys(dm.val_set.captions()))[:4] and len(grid.seeds) == 4
+    listed = SampleGrid(str(Path(data_dir()) / "miniature/grid_prompts.txt"), [0], 0, str(tmp_path))
+    assert len(listed.prompts) == 4 and "striped" in listed.prompts[0]

@@ -275,3 +275,64 @@ def test_missing_data_folder_online_asks_the_hub_once(tmp_path, monkeypatch):
         load_captioned("org/my_folder")
     assert calls == [("my_folder", "dataset", 5.0)]
     assert os.environ.get("HF_DATASETS_OFFLINE") is None
+
+
+OUTSIDE_ROWS = ["../outside.png", "{abs}", "sub\\..\\..\\outside.png"]   # up, absolute, up with backslashes
+
+
+def with_outside_rows(source: Path, tmp_path: Path, csv: bool) -> tuple[Path, Path]:
+    """A copy of ``source`` whose metadata also names three files outside it (one exists: ``outside.png``)."""
+    root = tmp_path / "data"
+    shutil.copytree(source, root)
+    outside = tmp_path / "outside.png"
+    _rgb(5).save(outside)
+    names = [n.format(abs=outside) for n in OUTSIDE_ROWS]
+    if csv:
+        with open(root / "metadata.csv", "a") as f:
+            f.writelines(f'"{n}","a picture"\n' for n in names)
+    else:
+        with open(root / "metadata.jsonl", "a") as f:
+            f.writelines(json.dumps({"file_name": n, "text": "a picture"}) + "\n" for n in names)
+    return root, outside
+
+
+@pytest.mark.parametrize("csv", [False, True], ids=["jsonl", "csv"])
+def test_metadata_rows_outside_the_dataset_are_counted_rejections(csv, imagefolder_data, csv_data, tiny_model,
+                                                                  tmp_path):
+    """``datasets`` stops the whole set on the first such row (DatasetGenerationError); here each is a
+    counted rejection, "path outside the dataset", in training (a task=train step on the jsonl
+    layout; the datamodule's scan on the csv one) and in task=prepare, and the file it names is
+    never opened."""
+    from tests.test_prepare import prepare_cfg
+    from tests.test_prepared_hostile import opened_files
+    from toolkit.tasks import prepare
+
+    root, outside = with_outside_rows(csv_data if csv else imagefolder_data, tmp_path, csv)
+    out = tmp_path / "run"
+    with opened_files() as opened:
+        if csv:
+            datamodule(root, out).setup("fit")
+        else:
+            metrics = train.run(compose_cfg(tiny_overrides(tiny_model, root, out) + [
+                "data.val_fraction=0", "trainer.max_steps=1", "~callbacks.sample_grid"], out))
+            assert metrics["global_step"] == 1
+        counts = prepare.run(prepare_cfg(root, str(tmp_path / "shards"), tmp_path / "prep"))
+    assert counts["kept"] == 16 and counts["rejected"] == 3
+    for report in (out / "data_report_train.json", tmp_path / "shards" / "prepare_report.json"):
+        rejected = json.loads(report.read_text())["rejected"]
+        assert [r["reason"] for r in rejected] == ["path outside the dataset"] * 3, rejected
+        assert [r["item"] for r in rejected] == [n.format(abs=outside) for n in OUTSIDE_ROWS]
+        assert all(f"metadata.{'csv' if csv else 'jsonl'} line" in r["detail"] for r in rejected)
+    assert str(outside) not in opened and not [p for p in opened if "outside" in Path(p).name]
+
+
+def test_an_evaluation_reference_with_a_row_outside_the_dataset_stops_naming_it(imagefolder_data, tmp_path):
+    from toolkit.data.sources import CAPTION_PROBLEM
+    from toolkit.evaluation.reference import load_reference, reference_image
+
+    root, _ = with_outside_rows(imagefolder_data, tmp_path, csv=False)
+    ref, _ = load_reference(str(root), "image", "text", "train", None)
+    row = ref[len(ref) - 3]
+    with pytest.raises(ValueError, match=r"reference image ../outside.png: path outside the dataset \(metadata.jsonl "
+                                         r"line 17 names '../outside.png'\); fix or remove its metadata row"):
+        reference_image(row["image"], None, row[CAPTION_PROBLEM])

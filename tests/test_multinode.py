@@ -26,53 +26,80 @@ from toolkit.results import read_rows
 from toolkit.run.launch import check_restartable, check_world_size, elastic_resume, job_run_id, shared_run_dir
 from toolkit.run.lifecycle import RunDirError
 
-TORCHRUN = {"WORLD_SIZE": "2", "RANK": "1", "TORCHELASTIC_RUN_ID": "job-7"}
+TORCHRUN = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+            "TORCHELASTIC_RUN_ID": "job-7"}
+LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID",
+               "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NTASKS_PER_NODE",
+               "SLURM_JOB_NAME", "SLURM_STEP_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+               "TORCHELASTIC_MAX_RESTARTS", "GROUP_WORLD_SIZE",
+               "TORCHELASTIC_USE_AGENT_STORE")
 
 
-def test_the_run_dir_comes_from_the_jobs_id_never_a_clock():
+def launched(monkeypatch, env: dict[str, str]) -> None:
+    """This process as one the launcher of ``env`` started (and nothing else)."""
+    for k in LAUNCH_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_the_run_dir_comes_from_the_jobs_id_never_a_clock(monkeypatch):
     want = ["task=train", "hydra.run.dir=outputs/${task_name}/torchrun-job-7"]
-    assert shared_run_dir(["task=train"], TORCHRUN) == want
-    slurm = {"SLURM_NTASKS": "16", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "3"}
-    assert shared_run_dir([], slurm) == ["hydra.run.dir=outputs/${task_name}/slurm-4242"]
-    assert shared_run_dir(["hydra.run.dir=/shared/r"], TORCHRUN) == ["hydra.run.dir=/shared/r"]   # given: kept
-    assert shared_run_dir(["task=train"], {"WORLD_SIZE": "2", "RANK": "1"}) == ["task=train"]   # Lightning's own ranks
-    assert shared_run_dir(["task=train"], {}) == ["task=train"]
+    launched(monkeypatch, TORCHRUN)
+    assert shared_run_dir(["task=train"]) == want
+    assert shared_run_dir(["hydra.run.dir=/shared/r"]) == ["hydra.run.dir=/shared/r"]   # given: kept
+    launched(monkeypatch, {"SLURM_NTASKS": "16", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_LOCALID": "3",
+                           "SLURM_NODEID": "0", "SLURM_NTASKS_PER_NODE": "8", "SLURM_STEP_ID": "0"})
+    assert shared_run_dir([]) == ["hydra.run.dir=outputs/${task_name}/slurm-4242"]
+    launched(monkeypatch, {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                           "SLURM_NODEID": "0"})   # one task: a requeue keeps the job id, so the run dir too
+    assert shared_run_dir([]) == ["hydra.run.dir=outputs/${task_name}/slurm-77"]
+    launched(monkeypatch, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert shared_run_dir(["task=train"]) == ["task=train"]   # Lightning's own ranks: it passes the dir
+    launched(monkeypatch, {})
+    assert shared_run_dir(["task=train"]) == ["task=train"]
+    launched(monkeypatch, {**TORCHRUN, "TORCHELASTIC_RUN_ID": "none"})
     with pytest.raises(RunDirError, match="without a rendezvous id.*--rdzv-id"):
-        shared_run_dir(["task=train"], {**TORCHRUN, "TORCHELASTIC_RUN_ID": "none"})
-    assert job_run_id({**TORCHRUN, "TORCHELASTIC_RUN_ID": "a/b c"}) == "torchrun-a_b_c"
+        shared_run_dir(["task=train"])
+    launched(monkeypatch, {**TORCHRUN, "TORCHELASTIC_RUN_ID": "a/b c"})
+    assert job_run_id() == "torchrun-a_b_c"
 
 
-def test_a_restart_continues_the_jobs_own_run_and_needs_an_unshared_store(tmp_path):
+def test_a_restart_continues_the_jobs_own_run_and_needs_an_unshared_store(tmp_path, monkeypatch):
     run = tmp_path / "outputs" / "train" / "torchrun-job-7"
     args = ["task=train", "hydra.run.dir=outputs/${task_name}/torchrun-job-7"]
-    env = {**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "0"}   # a healthy node's group restarts with count 0
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        assert elastic_resume(args, env) == args   # nothing there: a fresh start
-        (run / "checkpoints").mkdir(parents=True)
-        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
-        assert elastic_resume(args, env) == args   # another run's checkpoint: not continued (refused later)
-        (run / "run_history.jsonl").write_text(json.dumps({"event": "start", "job": "torchrun-job-7"}) + "\n")
-        assert elastic_resume(args, env) == ["task=train", "hydra.run.dir=outputs/train/torchrun-job-7",
-                                             "ckpt_path=last"]
-        assert elastic_resume([*args, "ckpt_path=null"], env) == [*args, "ckpt_path=null"]   # told otherwise
-    finally:
-        os.chdir(cwd)
+    launched(monkeypatch, {**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "0"})   # a healthy node restarts with count 0
+    monkeypatch.chdir(tmp_path)
+    assert elastic_resume(args) == args   # nothing there: a fresh start
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert elastic_resume(args) == args   # another run's checkpoint: not continued (refused later)
+    (run / "run_history.jsonl").write_text(json.dumps({"event": "start", "job": "torchrun-job-7"}) + "\n")
+    assert elastic_resume(args) == ["task=train", "hydra.run.dir=outputs/train/torchrun-job-7", "ckpt_path=last"]
+    assert elastic_resume([*args, "ckpt_path=null"]) == [*args, "ckpt_path=null"]   # told otherwise
+    # the task an experiment sets (sd15_naruto: train; no task= argument, which alone would say the
+    # default finetune_eval): the run is found from the composed config
+    exp = ["experiment=sd15_naruto", "hydra.run.dir=outputs/${task_name}/torchrun-job-7"]
+    assert elastic_resume(exp) == ["experiment=sd15_naruto", "hydra.run.dir=outputs/train/torchrun-job-7",
+                                   "ckpt_path=last"]
     shared = {**TORCHRUN, "TORCHELASTIC_MAX_RESTARTS": "1", "GROUP_WORLD_SIZE": "2",
               "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    launched(monkeypatch, shared)
     with pytest.raises(RunDirError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
-        check_restartable(shared)
-    check_restartable({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"})
-    check_restartable({**shared, "GROUP_WORLD_SIZE": "1"})   # one node: every worker restarts with the same count
-    check_restartable({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"})
+        check_restartable()
+    for ok in ({"TORCHELASTIC_USE_AGENT_STORE": "False"}, {"GROUP_WORLD_SIZE": "1"},   # one node: same counts
+               {"TORCHELASTIC_MAX_RESTARTS": "0"}):
+        launched(monkeypatch, {**shared, **ok})
+        check_restartable()
 
 
-def test_devices_times_nodes_must_be_the_world_size():
-    check_world_size(1, 2, TORCHRUN)
+def test_devices_times_nodes_must_be_the_world_size(monkeypatch):
+    launched(monkeypatch, {**TORCHRUN, "LOCAL_WORLD_SIZE": "1"})
+    check_world_size(1, 2)
     with pytest.raises(RunDirError, match=r"trainer.devices=2 × trainer.num_nodes=2 ≠ WORLD_SIZE=2"):
-        check_world_size(2, 2, TORCHRUN)
-    check_world_size(8, 1, {})   # not an external launch: Lightning starts the processes itself
+        check_world_size(2, 2)
+    launched(monkeypatch, {})
+    check_world_size(8, 1)   # not an external launch: Lightning starts the processes itself
 
 
 def torchrun(nnodes: int, nproc: int, args: list[str] | list[list[str]], cwd: Path, rdzv_id: str,
@@ -148,10 +175,11 @@ def test_two_nodes_train_what_one_node_with_two_processes_trains(two_nodes, tiny
     # Node-local caches: each node built a complete copy (node 1 did not stop at "items still missing"),
     # split over its own ranks; the shared cache of the one-node job was built once, split over both.
     assert cached_rows(tmp / "n0") == cached_rows(tmp / "n1") == cached_rows(tmp_path / "shared") > 0
+    # (each node's folder holds rows only that node wrote: both encoded). The job's lines once, by rank 0.
     text = "\n".join(logs)   # the rendezvous decides which agent is node 0
-    for node in (0, 1):
-        assert f"node-local: node {node} builds its own copy over its 1 ranks" in text
-        assert re.search(rf"latent cache: \d+ images \([1-9]\d* encoded now by rank {node}, node {node}\)", text)
+    assert text.count("is node-local: each of the 2 nodes builds its own copy over its 1 ranks") == 1
+    assert len(re.findall(r"latent cache: \d+ images \([1-9]\d* encoded now by rank 0 of 2, node 0\)", text)) == 2
+    assert text.count("data scan (train):") == 1 and "by rank 1 of 2" not in text
 
 
 def test_sigkill_of_both_nodes_then_resume_on_two_nodes_is_bit_identical(two_nodes, tiny_model, imagefolder_data,
@@ -168,7 +196,10 @@ def test_sigkill_of_both_nodes_then_resume_on_two_nodes_is_bit_identical(two_nod
 
 def test_a_worker_killed_under_max_restarts_restarts_the_group_and_ends_identical(two_nodes, tiny_model,
                                                                                 imagefolder_data, tmp_path):
-    args = job_args(tiny_model, imagefolder_data, tmp_path, 2, 1, [tmp_path / "n0", tmp_path / "n1"])
+    """The job's task comes from an experiment (no task= argument): the restarted group finds its run
+    from the composed config (outputs/train/..., not the default task's folder)."""
+    caches = [tmp_path / "n0", tmp_path / "n1"]
+    args = [experiment_args(a) for a in job_args(tiny_model, imagefolder_data, tmp_path, 2, 1, caches)]
     run = tmp_path / "outputs" / "train" / "torchrun-elastic"
     procs = torchrun(2, 1, args, tmp_path, "elastic", extra=("--max-restarts=1",))
     wait_for(run / "checkpoints" / "step=4.ckpt", procs[1])
@@ -181,6 +212,12 @@ def test_a_worker_killed_under_max_restarts_restarts_the_group_and_ends_identica
     attempts = [json.loads(line) for line in (run / "run_history.jsonl").read_text().splitlines() if line]
     assert [(a["event"], a["ckpt_path"], a["job"]) for a in attempts] == [
         ("start", None, "torchrun-elastic"), ("resume", "last", "torchrun-elastic")]
+
+
+def experiment_args(args: list[str]) -> list[str]:
+    """``args`` with the task set by the test experiment ``train_job`` instead of ``task=train``."""
+    return [f"hydra.searchpath=[file://{ROOT / 'tests' / 'conf'}]", "experiment=train_job",
+            *(a for a in args if a != "task=train")]
 
 
 def children(pid: int) -> list[int]:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_cfg, run_entry
+from tests.conftest import compose_cfg, run_entry, tiny_overrides
 from tests.helpers import free_port
 from tests.test_hostile_data import REJECTED, make_hostile
 from toolkit.data.shards import INDEX
@@ -114,7 +115,7 @@ def test_another_dataset_into_the_same_output_is_refused(hostile, imagefolder_da
     out = tmp_path / "shards"
     prepare.run(prepare_cfg(hostile, str(out), tmp_path / "r1"))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(StorageError, match="another dataset or other settings .*source.*never overwritten"):
+    with pytest.raises(StorageError, match="another dataset or other settings .*content.data.path.*never overwritten"):
         prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "r2"))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
@@ -231,7 +232,8 @@ def steps_seen(folder: Path) -> dict[int, frozenset]:
 def test_one_and_two_processes_on_shards_train_on_the_same_items_and_2_resumes_on_1(tiny_model, imagefolder_data,
                                                                                    tmp_path):
     """The same global batch on 1 and on 2 processes trains on the same images in each step; a run
-    started on 2 processes and resumed on 1 continues exactly where it stopped."""
+    started on 2 processes and resumed on 1 (accumulating the same 2 micro-batches per step) continues
+    exactly where it stopped."""
     from tests.conftest import tiny_overrides
 
     prepare.run(prepare_cfg(imagefolder_data, str(tmp_path / "shards"), tmp_path / "p"))
@@ -250,7 +252,9 @@ def test_one_and_two_processes_on_shards_train_on_the_same_items_and_2_resumes_o
     res = run_entry(args(two, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(list((two / "keys").glob("rank*.jsonl"))) == 2
-    res = run_entry([f"hydra.run.dir={two}", "ckpt_path=last", "trainer.devices=1", "trainer.max_steps=6"])
+    # 1 process accumulating the 2 micro-batches the 2 processes computed per step
+    res = run_entry([f"hydra.run.dir={two}", "ckpt_path=last", "trainer.devices=1", "trainer.accumulate_grad_batches=2",
+                     "trainer.max_steps=6"])
     assert res.returncode == 0, res.stderr[-3000:]
     want, got = steps_seen(one / "keys"), steps_seen(two / "keys")
     assert list(want) == list(range(6)) and all(len(v) == 4 for v in want.values())   # into a 2nd epoch
@@ -365,7 +369,7 @@ def test_prepared_encoder_rows_train_the_unet_alone_and_equal_encoding_here(tiny
     refused, naming both fingerprints; adding that model's rows to the set makes it usable too."""
     from tests.conftest import tiny_overrides
     from tests.test_fault_tolerance import ADAPTER, same_tensors
-    from toolkit.data.prepared import EncodedMismatch
+    from toolkit.data.prepared import EncodedMismatch, PreparedDataset
     from toolkit.tasks import train
 
     model = [f"model.name_or_path={tiny_model}", "module=lora_miniature", "data.random_flip=true",
@@ -386,8 +390,12 @@ def test_prepared_encoder_rows_train_the_unet_alone_and_equal_encoding_here(tiny
         train.run(compose_cfg(train_args(out, source), out))
         runs[name] = out
     stored = json.loads(s3_object("datasets", "encoded/encoded.json"))["stores"]
-    # the prepared run's cache holds exactly the fetched files: nothing was encoded at training
-    fetched = encoded_files(Path(f"{runs['prepared']}-cache") / "encoded")
+    # the prepared run's cache holds exactly the fetched files, in the set's own folder (runs on other
+    # data never read it): nothing was encoded at training
+    cache = Path(f"{runs['prepared']}-cache") / "encoded"
+    identity = PreparedDataset(url, "image", "text", tmp_path / "scratch").identity
+    assert [d.name for d in cache.iterdir()] == [f"prepared-{identity[:20]}"]
+    fetched = encoded_files(next(cache.iterdir()))
     assert fetched == {k: set(v["files"]) for k, v in stored.items()}
     assert encoded_files(Path(f"{runs['here']}-cache") / "encoded").keys() == stored.keys()   # same stores, same keys
     assert same_tensors(runs["prepared"] / ADAPTER, runs["here"] / ADAPTER)
@@ -445,3 +453,240 @@ def test_a_sample_damaged_in_data_local_is_named(imagefolder_data, tmp_path):
     tar.write_bytes(bytes(blob))
     with pytest.raises(BadShard, match=rf"sample 3 \(.*{Path(ds.samples[3]['source']).name}\) does not match"):
         ds[3]
+
+
+def noise_images(root: Path, n: int, side: int) -> Path:
+    """``n`` captioned images of random noise, stored uncompressed (each ~3·side² bytes: shards of MBs)."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), np.uint8)).save(root / f"{i:03d}.png", compress_level=0)
+        (root / f"{i:03d}.txt").write_text(f"noise {i}")
+    return root
+
+
+def test_shards_above_the_multipart_threshold_upload_in_parts_and_read_back_byte_identical(tmp_path, s3):
+    """Shards of ~7.7 MB with prepare.multipart_mb=5: each goes up in two parts (boto3's managed
+    transfer; the object's ETag says how many), the objects equal the local prepare's shards byte
+    for byte, and a fetch (streamed to disk, hashed as it arrives) gives back every image's bytes."""
+    import boto3
+
+    from toolkit.data.prepared import PreparedDataset
+
+    data = noise_images(tmp_path / "noise", 8, 800)
+    local = tmp_path / "local"
+    prepare.run(prepare_cfg(data, str(local), tmp_path / "r1", "prepare.samples_per_shard=4"))
+    prepare.run(prepare_cfg(data, "s3://datasets/big", tmp_path / "r2", "prepare.samples_per_shard=4",
+                            "prepare.multipart_mb=5"))
+    client = boto3.client("s3")
+    tars = sorted(p.name for p in local.glob("*.tar"))
+    assert len(tars) == 2 and all((local / t).stat().st_size > 7 * 2**20 for t in tars)
+    for t in tars:
+        obj = client.get_object(Bucket="datasets", Key=f"big/{t}")
+        assert obj["ETag"].strip('"').endswith("-2")   # a multipart upload of two parts
+        assert obj["Body"].read() == (local / t).read_bytes()
+    ds = PreparedDataset("s3://datasets/big", "image", "text", tmp_path / "scratch")
+    assert [ds[i]["image"]["bytes"] for i in range(8)] == [(data / f"{i:03d}.png").read_bytes() for i in range(8)]
+    fetched = {p.name: p.read_bytes() for p in (tmp_path / "scratch").glob("*.tar")}
+    assert sorted(fetched.values()) == sorted((local / t).read_bytes() for t in tars)
+
+
+def test_endpoint_credentials_are_refused_redacted_and_never_reach_the_run(hostile, tmp_path, s3, monkeypatch):
+    """``prepare.endpoint_url`` (or any URL in the config: refused before Hydra saves the config) and
+    ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` (refused before any request) with ``user:secret@``:
+    the run stops saying what to do; the marker secret is in no file of the run, nor in its output."""
+    from toolkit.config import check_overrides
+    from toolkit.data.prepared import PreparedDataset
+
+    marker = "m4rker-endp0int-s3cret"
+    host = s3["AWS_ENDPOINT_URL"].removeprefix("http://")
+    base = ["task=prepare", f"data.path={hostile}", "data.resolution=16"]
+    runs = {"config": (["prepare.output=s3://datasets/e1", f"prepare.endpoint_url=http://user:{marker}@{host}"], s3,
+                       f"prepare.endpoint_url=http://<redacted>@{host}: credentials in a URL would be saved"),
+            "environment": (["prepare.output=s3://datasets/e2"], {**s3, "AWS_ENDPOINT_URL": f"http://u:{marker}@{host}"},
+                            f"http://<redacted>@{host}: credentials in the S3 endpoint (AWS_ENDPOINT_URL)")}
+    for name, (args, env, message) in runs.items():
+        run = tmp_path / name
+        res = run_entry([*base, *args, f"hydra.run.dir={run}"], env=env)
+        assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+        assert marker not in res.stdout + res.stderr
+        assert not [f for f in run.rglob("*") if f.is_file() and marker.encode() in f.read_bytes()]
+    assert not (tmp_path / "config").exists()   # refused before Hydra made the run dir
+    for override in (f"data.remote=s3://AKIA:{marker}@datasets/x",
+                     f"eval.dataset=s3://datasets/x?X-Amz-Signature={marker}"):
+        problem = check_overrides(["task=finetune_eval", "data=streaming", override])
+        assert "credentials in a URL" in problem and marker not in problem
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"https://k:{marker}@example.com")   # a training run's reader: the same
+    with pytest.raises(StorageError, match=r"https://<redacted>@example.com: credentials in the S3 endpoint "
+                                           r"\(AWS_ENDPOINT_URL_S3\)") as err:
+        PreparedDataset("s3://datasets/e1", "image", "text", tmp_path / "scratch")
+    assert marker not in str(err.value)
+
+
+def test_training_refuses_a_set_prepared_with_a_policy_that_keeps_other_items(imagefolder_data, tmp_path):
+    """Training never rescans a prepared set, so a run whose data policy would keep other items
+    (or other captions) than the prepare did is refused, naming both settings; the smallest side
+    counts where small images are skipped (upscaled ones are kept whatever it is)."""
+    from toolkit.data.datamodule import CaptionedImageDataModule
+
+    def setup(out: Path, resolution: int, **policy) -> None:
+        CaptionedImageDataModule(str(out), resolution=resolution, global_batch_size=2, policy=policy,
+                                 local=str(tmp_path / "scratch")).setup("fit")
+
+    default, skip = tmp_path / "default", tmp_path / "skip"
+    prepare.run(prepare_cfg(imagefolder_data, str(default), tmp_path / "p1"))   # data.resolution=16, upscale
+    prepare.run(prepare_cfg(imagefolder_data, str(skip), tmp_path / "p2", "data.policy.small_images=skip"))
+    setup(default, 16)
+    setup(default, 32)   # upscale: the same items at any resolution
+    setup(skip, 16, small_images="skip")
+    for out, resolution, policy, diff in (
+            (default, 16, {"small_images": "skip"}, "small_images: upscale (prepared) ≠ skip (this run)"),
+            (default, 16, {"captions": "empty"}, "captions: skip (prepared) ≠ empty (this run)"),
+            (skip, 32, {"small_images": "skip"}, "min_side: 16 (prepared) ≠ 32 (this run)"),
+            (skip, 16, {"small_images": "skip", "min_side": 8}, "min_side: 16 (prepared) ≠ 8 (this run)")):
+        with pytest.raises(ValueError, match=rf"{out} was prepared with a data policy that keeps other items than "
+                                             rf"this run's \({re.escape(diff)}\); training never rescans"):
+            setup(out, resolution, **policy)
+
+
+def large_datasets_commands() -> list[str]:
+    """The shell commands of the docs' "Large datasets" section (docs/data.md, else the README),
+    continuation lines joined, comments dropped."""
+    from tests.conftest import ROOT
+
+    for page in (ROOT / "docs" / "data.md", ROOT / "README.md"):
+        text = page.read_text() if page.is_file() else ""
+        m = re.search(r"^(#+) Large datasets.*?\n", text, re.M)
+        if m:   # up to the next heading of its level or above
+            end = re.search(rf"^#{{1,{len(m.group(1))}}} ", text[m.end():], re.M)
+            section = text[m.end(): m.end() + end.start() if end else len(text)]
+            blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+            lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+            return [" ".join(line.split("#")[0].split()) for line in lines if line.strip()]
+    raise AssertionError("no 'Large datasets' section in docs/data.md or README.md")
+
+
+def test_the_large_datasets_commands_run_as_written(tiny_model, imagefolder_data, tmp_path, s3):
+    """Every command of the docs' "Large datasets" section, through the real entry point, with its
+    placeholders substituted (the dataset, folders, the S3 endpoint and bucket; the model, shrunk
+    to a few CPU steps): the prepare line without data.resolution takes the model's (the embedded
+    miniature's 32 px), and training reads the set from the bucket."""
+    import shlex
+
+    sub = {"data.path=my_data": f"data.path={imagefolder_data}", "/data/my_data_shards": str(tmp_path / "shards"),
+           "https://<account>.r2.cloudflarestorage.com": s3["AWS_ENDPOINT_URL"], "s3://bucket/": "s3://datasets/",
+           "/local/nvme/shards": str(tmp_path / "scratch"),
+           "model.name_or_path=...": f"model.name_or_path={tiny_model} module=lora_miniature debug=fast "
+                                     "trainer.max_steps=2 data.global_batch_size=4 ~callbacks.sample_grid "
+                                     "trainer.enable_progress_bar=false"}
+    commands = large_datasets_commands()
+    assert len(commands) == 3 and sum("task=prepare" in c for c in commands) == 2
+    for i, command in enumerate(commands):
+        for placeholder, value in sub.items():
+            command = command.replace(placeholder, value)
+        words = shlex.split(command)
+        env = dict(w.split("=", 1) for w in words[: words.index("python")])
+        assert words[words.index("python") + 1] == "run.py" and "<" not in command and "..." not in command, command
+        res = run_entry([*words[words.index("python") + 2:], f"hydra.run.dir={tmp_path / f'run{i}'}"],
+                        env={**s3, **env, "TOOLKIT_CACHE": str(tmp_path / "cache")})
+        assert res.returncode == 0, f"{command}\n{res.stderr[-3000:]}"
+    plan = json.loads((tmp_path / "shards" / INDEX).read_text())["toolkit"]
+    assert plan["min_side"] == 32   # data.resolution from the (default, embedded) model
+    assert (tmp_path / "run2" / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list((tmp_path / "scratch").glob("*.tar"))) == 1   # 16 images: one shard, fetched from the bucket
+
+
+def test_a_prepare_made_by_the_previous_version_is_continued_and_extended(imagefolder_data, tmp_path):
+    """The previous version recorded the policy as its repr, this one as the fields that decide what
+    is kept: plans are compared by meaning, so an old finished set is prepared again as "already
+    prepared" (the path ``prepare.encode=true`` takes to add rows) and trains, a killed old prepare
+    continues where it stopped, and another policy is still refused."""
+    from toolkit.data.prepared import PreparedDataset
+    from toolkit.data.shards import PLAN
+    from toolkit.data.validate import DataPolicy
+
+    out = tmp_path / "shards"
+    prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p1"))
+    old = repr(DataPolicy())   # what the previous version wrote, e.g. "DataPolicy(on_error='skip', ...)"
+    assert old.startswith("DataPolicy(on_error='skip', small_images='upscale'")
+    for name, at in ((PLAN, lambda d: d), (INDEX, lambda d: d["toolkit"])):
+        doc = json.loads((out / name).read_text())
+        at(doc)["policy"] = old
+        (out / name).write_text(json.dumps(doc))
+    tars = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p2"))["kept"] == 16   # finished: as is
+    PreparedDataset(str(out), "image", "text", tmp_path / "scratch").check_plan(16, DataPolicy())   # trains
+    for name in (INDEX, "parts/000-of-001.json", "shard-000003.json"):   # "killed" while writing the last shard
+        (out / name).unlink()
+    assert prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p3"))["shards_written_now"] == 1
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == tars
+    with pytest.raises(StorageError, match=r"another dataset or other settings \(differs in: policy\)"):
+        prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p4", "data.policy.captions=empty"))
+
+
+def test_s3_without_credentials_or_endpoint_fails_fast_in_training_and_evaluation(tiny_model, imagefolder_data,
+                                                                                  tmp_path, monkeypatch):
+    """Training (``task=train data=streaming``) and evaluation's reference loader reach S3 when
+    they open a prepared set (one reader, ``PreparedDataset``): missing credentials and an
+    unreachable endpoint are the same ``StorageError`` as in task=prepare, naming the URL and what
+    to set, within seconds (each shown on one of the two entry points)."""
+    from toolkit.evaluation.reference import load_reference
+    from toolkit.tasks import train
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(var, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")   # no instance role to find here
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")   # nothing listens there
+    out = tmp_path / "run"
+    base = [a for a in tiny_overrides(tiny_model, imagefolder_data, out) if not a.startswith("data.path=")]
+    cfg = compose_cfg([*base, "data=streaming", "data.remote=s3://datasets/x", f"data.local={tmp_path / 'scratch'}"],
+                      out)
+    t0 = time.time()
+    where = re.escape("s3://datasets/x (endpoint http://127.0.0.1:9)")
+    with pytest.raises(StorageError, match=rf"{where}: no credentials found; set AWS_ACCESS_KEY_ID"):
+        train.run(cfg)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTING")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    with pytest.raises(StorageError, match=rf"{where}: cannot connect to the endpoint; set AWS_ENDPOINT_URL"):
+        load_reference("s3://datasets/x", "image", "text", "train", None, local=str(tmp_path / "scratch"))
+    assert time.time() - t0 < 30
+
+
+def test_secrets_holding_slashes_or_arriving_through_the_environment_are_refused_before_anything_is_written(
+        hostile, tmp_path, monkeypatch):
+    """AWS secret keys hold ``/``: a URL's user info runs to its ``@`` whatever it holds (urlparse
+    would end it at the first ``/``), and legitimate ``@``s in paths pass. A secret reaching a value
+    through ``${oc.env:…}`` is refused as resolved: where the config is composed (before the run dir
+    exists) and, for a sweep's values (first resolved in the cell), at the task's start before the
+    run's history is written: the marker is in no file and no output."""
+    from toolkit.config import check_overrides, has_credentials, redact_url
+
+    marker = "M4RKER-s3cret"
+    slashed = {"prepare.output": f"s3://AKIAEXAMPLE:{marker}/abc@bucket/p",
+               "prepare.endpoint_url": f"http://user:{marker}/x@127.0.0.1:1"}
+    for key, value in slashed.items():
+        assert has_credentials(value) and marker not in redact_url(value)
+        problem = check_overrides(["task=prepare", f"{key}={value}"])
+        assert f"{key}=" in problem and "credentials in a URL" in problem and marker not in problem
+    for value in ("https://host:8080/@user", "s3://bucket/run:1@v2", "git+https://github.com/org/repo@v1",
+                  "http://minio:9000", "s3://bucket/a@b/c"):
+        assert not has_credentials(value), value
+    endpoint = f"http://u:{marker}@127.0.0.1:1"
+    monkeypatch.setenv("EP", endpoint)
+    problem = check_overrides(["task=prepare", "prepare.output=s3://bucket/p", "prepare.endpoint_url=${oc.env:EP}"])
+    assert "prepare.endpoint_url=http://<redacted>@127.0.0.1:1: credentials" in problem and marker not in problem
+    sweep = tmp_path / "sweep"
+    res = run_entry(["-m", "task=prepare", f"data.path={hostile}", "data.resolution=16", "prepare.output=s3://bucket/p",
+                     "prepare.endpoint_url=${oc.env:EP},${oc.env:EP}", f"hydra.sweep.dir={sweep}"],
+                    env={"EP": endpoint})
+    assert res.returncode != 0 and "prepare.endpoint_url=http://<redacted>@127.0.0.1:1: credentials" in res.stderr, \
+        res.stderr[-2000:]
+    assert marker not in res.stdout + res.stderr
+    assert not [f for f in sweep.rglob("*") if f.is_file() and marker.encode() in f.read_bytes()]

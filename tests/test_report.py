@@ -50,8 +50,21 @@ def grid_png(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0) -> Pat
     return path
 
 
+def default_job_metrics(fid: float, cell: int, tuned: bool) -> dict:
+    """The default job's other metrics (metrics.compute = fid, kid, clip_score, prdc, vendi, cmmd), with
+    numbers as wide as its report shows (4 significant digits, small and negative differences)."""
+    k = 0.2031 + 0.0013 * cell if tuned else 0.3758
+    m = {"kid": k, "kid_ci_low": k - 0.0084, "kid_ci_high": k + 0.0044, "cmmd": 2.17 - 0.0379 * tuned + 0.01 * cell,
+         "precision": 0.0123 * tuned + 0.0004 * cell, "recall": 0.006 * tuned + 0.0011 * cell,
+         "density": 0.004125 * tuned - 0.0003 * cell * tuned, "coverage": 0.0123 + 0.0007 * cell,
+         "vendi": 4.703 - 0.02774 * tuned + 0.0131 * cell}
+    m.update({"cmmd_ci_low": m["cmmd"] - 0.659, "cmmd_ci_high": m["cmmd"] + 0.66,
+              "vendi_ci_low": m["vendi"] - 0.5441, "vendi_ci_high": m["vendi"] + 0.5448})
+    return m
+
+
 def result_row(run_dir: Path, adapters: list, lora_scale: float, seed: int, fid: float, clip: float,
-               train: dict | None = None) -> dict:
+               train: dict | None = None, extra: dict | None = None) -> dict:
     settings = {"adapters": adapters, "lora_scale": [lora_scale], "seed": seed, "guidance_scale": 5.0, "steps": 4,
                 "scheduler": "DDIMScheduler", "num_images": 16, "num_ref": 32, "dataset": "files:0123",
                 "model": {"name_or_path": "tiny", "dtype": "float32"}, "prompts": "dataset captions"}
@@ -60,7 +73,7 @@ def result_row(run_dir: Path, adapters: list, lora_scale: float, seed: int, fid:
     metrics = {"fid": fid, "fid_ci_low": fid - 10, "fid_ci_high": fid + 12, "kid": fid / 1000,
                "kid_ci_low": fid / 1000 - 0.01, "kid_ci_high": fid / 1000 + 0.01, "kid_std": 0.01,
                "clip_score": clip, "clip_score_ci_low": clip - 1, "clip_score_ci_high": clip + 1.5, "n_fake": 16,
-               "n_real": 32}
+               "n_real": 32, **(extra or {})}
     return {"key": settings_key(settings), "settings": settings, "metrics": metrics, "time": "2026-01-01T00:00:00",
             "protocol": {"feature_extractor": "tf-inception-v3 pool3 (2048-d)", "reference_size": [32, 32]},
             "run_dir": str(run_dir)}
@@ -113,19 +126,21 @@ def make_train_run(d: Path, seed: int = 0, r: int | None = None) -> Path:
     return d
 
 
-def make_train_eval_sweep(root: Path, r: int | None = None) -> Path:
+def make_train_eval_sweep(root: Path, r: int | None = None, all_metrics: bool = False) -> Path:
     """Two cells of the default job (module.lora.r=4, 8, or both ``r`` with seeds 0 and 1): each a
-    training run with its own results.jsonl, where the base model's row is the same cell (same key) in both."""
-    for i, (fid, clip) in enumerate(((230.0, 21.0), (220.0, 19.0))):
+    training run with its own results.jsonl, where the base model's row is the same cell (same key) in both;
+    ``all_metrics``: with every metric the default job computes."""
+    for i, (fid, clip) in enumerate(((238.7, 79.15), (236.1, 78.9)) if all_metrics else ((230.0, 21.0), (220.0, 19.0))):
         cell = make_train_run(root / str(i), seed=i, r=r)
-        for name, adapters, (f, c) in (("base", [], (300.0, 20.0)),
+        for name, adapters, (f, c) in (("base", [], (363.8, 65.88) if all_metrics else (300.0, 20.0)),
                                        ("finetuned", [{"path": str(cell / "adapter"), "sha256": f"{i}" * 16}],
                                         (fid, clip))):
             grid_png(cell / f"eval_{name}" / "grid.png", (128, 32), seed=i)
             train = {"seed": i, "module": {"seed": i, "lora": {"r": r or 4 * (i + 1)}},
                      "data": {"path": "/d", "resolution": 32}}
+            extra = default_job_metrics(f, i, bool(adapters)) if all_metrics else None
             append_row(cell / "results.jsonl", result_row(cell / f"eval_{name}", adapters, 1.0, 0, f, c,
-                                                          train if adapters else None))
+                                                          train if adapters else None, extra))
         grid_png(cell / "base_vs_finetuned.png", (128, 64))
     return root
 
@@ -237,7 +252,8 @@ def test_reference_statistics_are_computed_once_per_file(tmp_path):
 
 
 def test_table_columns_reads_generic_fields():
-    """Fields the statistics may add later (Δ with CI and p-value, a new metric, flags) become columns."""
+    """Fields the statistics may add later (a new metric, flags) become columns; a Δ (with CI and p-value)
+    goes under its metric, in the same cell; the baseline is the highlighted row, not a column."""
     entries = [{"adapter": "a", "n_seeds": 3, "n_images": 100, "fid": 10.0, "fid_ci_low": 9.0, "fid_ci_high": 11.5,
                 "delta_fid": -2.0, "delta_fid_ci_low": -3.0, "delta_fid_ci_high": -1.0, "delta_fid_p": 0.003,
                 "precision": 0.7, "precision_half": 0.05, "delta_precision": 0.01, "delta_precision_ci_low": -0.02,
@@ -245,15 +261,15 @@ def test_table_columns_reads_generic_fields():
                {"adapter": "b", "n_seeds": 3, "n_images": 100, "fid": 12.0, "fid_ci_low": 11.0, "fid_ci_high": 13.0,
                 "precision": float("nan"), "pareto": False, "baseline": True}]
     cols, recs = table_columns(entries, ["adapter"])
-    assert [c["key"] for c in cols] == ["adapter", "n_images", "n_seeds", "fid", "delta_fid", "precision",
-                                        "delta_precision", "baseline", "pareto"]
+    assert [c["key"] for c in cols] == ["adapter", "n_images", "n_seeds", "fid", "precision", "pareto"]
     a, b = (r["cells"] for r in recs)
     assert (a["fid"]["text"], a["fid"]["sub"], a["fid"]["sort"]) == ("10", "[9, 11.5]", 10.0)
-    assert (a["delta_fid"]["text"], a["delta_fid"]["mark"], a["delta_fid"]["title"]) == ("-2", "**", "p = 0.003")
+    d = a["fid"]["delta"]
+    assert (d["text"], d["sub"], d["mark"], d["title"]) == ("-2", "[-3, -1]", "**", "p = 0.003")
     assert a["precision"]["sub"] == "[0.65, 0.75]"                  # from the half-width
-    assert a["delta_precision"]["mark"] == ""                       # its CI contains 0
+    assert a["precision"]["delta"]["mark"] == ""                    # its CI contains 0
     assert (b["precision"]["text"], b["precision"]["sort"]) == ("—", "")
-    assert (b["delta_fid"]["text"], a["pareto"]["text"], b["pareto"]["text"]) == ("—", "✓", "")
+    assert b["fid"]["delta"] is None and (a["pareto"]["text"], b["pareto"]["text"]) == ("✓", "")   # b: the baseline
     assert [r["baseline"] for r in recs] == [False, True] and recs[0]["label"] == "adapter=a"
 
 
@@ -328,8 +344,8 @@ def browser():
         b.close()
 
 
-def open_report(browser, path: Path):
-    page = browser.new_page(viewport={"width": 1366, "height": 800})
+def open_report(browser, path: Path, width: int = 1366):
+    page = browser.new_page(viewport={"width": width, "height": 800})
     problems, requests = [], []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
             if m.type in ("error", "warning") or "WARN" in m.text else None)
@@ -400,4 +416,33 @@ def test_train_eval_sweep_report_in_browser(browser, tmp_path):
     assert page.locator("[id^=fig-curve-] .main-svg").count() >= 4       # loss, lr, grad norm, img/s
     assert page.locator("details.data-report").count() == 2
     screenshot(page, tmp_path, "report-train-eval-sweep")
+    page.close()
+
+
+def table_overflow(page) -> list[str]:
+    """Header cells whose right edge lies outside the results card's content box, and any sideways scroll."""
+    return page.evaluate("""(() => {
+        const card = document.getElementById('results'), style = getComputedStyle(card);
+        const right = card.getBoundingClientRect().right - parseFloat(style.borderRightWidth)
+                      - parseFloat(style.paddingRight);
+        const out = Array.from(document.querySelectorAll('#results-table th'))
+            .filter(th => th.getBoundingClientRect().right > right + 0.5)
+            .map(th => `${th.textContent} ends at ${th.getBoundingClientRect().right} > ${right}`);
+        if (card.scrollWidth > card.clientWidth) out.push(`scrolls: ${card.scrollWidth} > ${card.clientWidth}`);
+        return out; })()""")
+
+
+@pytest.mark.parametrize("width", [1280, 1366])
+def test_every_metric_of_the_default_job_fits_the_card(browser, tmp_path, width):
+    """The default job with two training seeds: its nine metrics, each with an interval and a Δ with an
+    interval beneath (wider than one seed's table: every metric gets a t interval), no sideways scrolling."""
+    page, problems, _ = open_report(browser, write_report(make_train_eval_sweep(tmp_path / "tes", 4, True)), width)
+    assert problems == []
+    heads = page.evaluate("Array.from(document.querySelectorAll('#results-table th'), th => th.textContent)")
+    metrics = ["fid", "kid", "clip_score", "precision", "recall", "density", "coverage", "vendi", "cmmd"]
+    assert set(metrics) <= set(heads)
+    deltas = page.evaluate("Array.from(document.querySelectorAll('#results-table td .delta .dv'), e => e.textContent)")
+    assert len(deltas) == 5   # the fine-tuned row's Δ of fid, kid, clip_score, vendi and cmmd (PRDC: no Δ)
+    assert table_overflow(page) == []
+    screenshot(page, tmp_path, f"report-default-job-metrics-{width}")
     page.close()

@@ -43,7 +43,12 @@ def test_resume_is_the_saved_overrides_then_the_new_ones(tmp_path):
     assert launch_args(args) == [*SAVED, *args, "hydra.output_subdir=.hydra/resume-1"]
     (run / ".hydra" / "resume-1").mkdir()
     more = [*args, "trainer.max_steps=800", "logger=csv", "data.num_workers=2", *SAVED]   # extend; repeat all
-    assert launch_args(more) == [*SAVED, *more, "hydra.output_subdir=.hydra/resume-2"]
+    # each setting once: a new value replaces the saved one where it stands, a repeated one is dropped
+    # (Hydra refuses a second +key=..., which a requeued job's command line repeats); the last one wins
+    assert launch_args(more) == [*SAVED, *args, "logger=csv", "data.num_workers=2",
+                                 "hydra.output_subdir=.hydra/resume-2"]
+    extended = ["task=train", "data.path=/my/data", "trainer.max_steps=800", "data.resolution=16"]
+    assert launch_args([*args, *SAVED, "trainer.max_steps=800"])[:4] == extended
 
 
 def test_changed_setting_on_resume_is_refused_naming_the_saved_value(tmp_path):
@@ -54,9 +59,23 @@ def test_changed_setting_on_resume_is_refused_naming_the_saved_value(tmp_path):
     msg = str(err.value)
     assert "data.path: saved '/my/data', given '/other'" in msg and "data.resolution: saved 16, given 64" in msg
     assert "trainer.max_steps" not in msg.split("On resume only")[0]      # allowed: extends the run
-    assert "On resume only these may change: " + ", ".join(RESUMABLE) in msg
-    with pytest.raises(RunDirError, match=r"model.name_or_path: saved '\$\{paths.data_dir\}/miniature/sd', given"):
+    assert "On resume only " + ", ".join(RESUMABLE) + " may change" in msg
+    with pytest.raises(RunDirError, match=r"model.name_or_path: saved '\S+/miniature/sd', given 'stable-diffusion"):
         launch_args([f"hydra.run.dir={run}", "ckpt_path=last", "model=sd15"])   # a group override
+
+
+def test_a_resume_may_spread_the_same_micro_batches_over_other_processes(tmp_path):
+    """What cannot change a number may change on resume (logging, workers); the process count too
+    while devices × nodes × accumulation (the micro-batches per step) stays: 2 × 1 -> 1 × 2. Another
+    count is refused, naming it."""
+    run = saved_run(tmp_path / "run", [*SAVED, "trainer=ddp", "trainer.devices=2"])
+    args = [f"hydra.run.dir={run}", "ckpt_path=last"]
+    launch_args([*args, "trainer.devices=1", "trainer.accumulate_grad_batches=2", "logger=none", "data.num_workers=2",
+                 "callbacks.sample_grid.every_n_steps=7"])
+    with pytest.raises(RunDirError, match=r"derived.micro_batches_per_step: saved 2, given 1"):
+        launch_args([*args, "trainer.devices=1"])
+    with pytest.raises(RunDirError, match=r"callbacks.ema.every_n_steps: saved 1, given 2"):   # it changes the EMA
+        launch_args([*args, "callbacks.ema.every_n_steps=2"])
 
 
 def test_refused_resume_through_the_entry_point_leaves_the_run_as_it_was(tmp_path):

@@ -1,6 +1,7 @@
-"""A train-and-evaluate sweep is the unit of a study: every cell trains and evaluates into one table,
-a re-run skips finished cells and resumes an interrupted cell's training exactly, and the summary
-compares every setting with the base model, paired."""
+"""A train-and-evaluate sweep is the unit of a study: every cell (keyed by its whole identity) trains
+and evaluates into one table, a re-run skips finished cells and resumes an interrupted cell's training
+exactly, a folder holding another cell's training is refused (never reused), and the summary compares
+every setting with the base model, paired."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def sweep_args(model: str, clip: str, data, evaldata, sweep, cache) -> list[str]
             "callbacks.sample_grid.steps=2", "module.optimizer.lr=1e-2", f"metrics.clip_model={clip}",
             f"eval.dataset={evaldata}", "eval.num_images=8", "eval.num_ref=null", "eval.steps=2",
             "eval.batch_size=8", "fabric.accelerator=cpu", f"metrics.cache_dir={cache}", f"hydra.sweep.dir={sweep}",
-            "module.lora.r=2,4"]
+            "trainer.gradient_clip_val=1.0,0.01"]   # a key the cell's key once left out: two cells, two rows
 
 
 def test_train_and_evaluate_sweep_resumes_and_summarizes(tiny_model, tiny_clip, imagefolder_data, tmp_path):
@@ -37,7 +38,10 @@ def test_train_and_evaluate_sweep_resumes_and_summarizes(tiny_model, tiny_clip, 
     rows = read_rows(sweep / "results.jsonl")
     trained = [r for r in rows if r.get("train")]
     assert len(rows) == 3 and len(trained) == 2                   # the base model evaluated once
-    assert sorted(r["train"]["settings"]["module"]["lora"]["r"] for r in trained) == [2, 4]
+    assert sorted(r["train"]["settings"]["trainer"]["gradient_clip_val"] for r in trained) == [0.01, 1.0]
+    assert len({r["metrics"]["fid"] for r in trained}) == 2       # each row its own cell's numbers
+    for cell in ("0", "1"):   # cell 1 pairs with the base row it read back from the table
+        assert "not_paired" not in json.loads((sweep / cell / "paired.json").read_text())
     assert all(r["train"]["metrics"]["global_step"] == 4 and r["settings"]["adapters"][0]["sha256"] for r in trained)
     first_adapter = load_file(sweep / "1" / "adapter" / "pytorch_lora_weights.safetensors")
 
@@ -74,7 +78,17 @@ def test_train_and_evaluate_sweep_resumes_and_summarizes(tiny_model, tiny_clip, 
             assert e["delta_method"] == "paired jackknife over images"
             assert e["delta_fid_ci_low"] <= e["delta_fid"] <= e["delta_fid_ci_high"] and 0 <= e["delta_fid_p"] <= 1
     assert any(e["pareto"] for e in entries) and (sweep / "fid_vs_clip.png").is_file()
-    assert "Δfid" in (sweep / "summary.md").read_text()
+    assert "Δfid" in (sweep / "summary.md").read_text() and "gradient_clip_val" in (sweep / "summary.md").read_text()
+
+    # the sweep dir again with other values: cell 0 (now 0.5) finds cell 0 of the first sweep (1.0) in its
+    # folder: refused, naming the key; the folder's record and Hydra's first files are left as they were
+    first_record = (sweep / "0" / ".hydra" / "config.yaml").read_text()
+    res = run_entry([*args[:-1], "trainer.gradient_clip_val=0.5,0.01"], timeout=900)
+    assert res.returncode != 0
+    assert "trainer.gradient_clip_val: recorded 1.0, now 0.5" in res.stdout + res.stderr
+    assert (sweep / "0" / ".hydra" / "config.yaml").read_text() == first_record
+    assert (sweep / "0" / ".hydra" / "rerun-2" / "config.yaml").is_file()   # this attempt's own record
+    assert len(read_rows(sweep / "results.jsonl")) == 3
 
 
 def test_cells_as_separate_jobs_write_one_row_each_and_a_rerun_adds_none(tiny_model, tiny_clip, tmp_path):

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from tests.conftest import compose_cfg, tiny_overrides
 from tests.helpers import RecordStep
-from toolkit.reproducibility import seed_step
+from toolkit.reproducibility import SampleDraws
 from toolkit.tasks import train
 
 
@@ -30,26 +30,33 @@ def module_and_batch(model: str, data: Path, out: Path, *extra: str) -> tuple[An
     return module, batch
 
 
+def each(shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
+    """Sample i's standard normals from its own generator."""
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
+
+
 def by_hand(module: Any, batch: dict[str, Any], *, loss: str = "mse", delta: float = 1.0, density: str = "uniform",
             gamma: float = 0.0, debiased: bool = False, prior: tuple[list[int], float] | None = None) -> torch.Tensor:
-    """The denoising loss from the papers' formulas, drawing the random numbers in the module's order:
-    latent sample, noise, timesteps, perturbation."""
+    """The denoising loss from the papers' formulas, each sample's random numbers from its own
+    generators: latent sample, noise, timestep, perturbation."""
     sched = module.noise_scheduler
+    d = SampleDraws(0, batch["keys"])
     with torch.no_grad():
         params = module.vae.encode(batch["pixel_values"]).latent_dist.parameters
         mean, logvar = params.chunk(2, dim=1)
-        sample = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)
+        sample = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * each(mean.shape, d("latent"))
         x0 = sample * module.vae.config.scaling_factor
         tok = module.tokenizer(batch["captions"], padding="max_length", max_length=module.tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")
         cond = module.text_encoder(tok.input_ids)[0]
-    eps = torch.randn(x0.shape)
+    eps = each(x0.shape, d("noise"))
     n, T = x0.shape[0], sched.config.num_train_timesteps
     if density == "uniform":
-        t = torch.randint(0, T, (n,))
+        t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in d("timestep")])
     else:   # logit-normal (SD3 §3.1): u = sigmoid(N(0, 1)), t = floor(u T)
-        t = (torch.sigmoid(torch.normal(0.0, 1.0, size=(n,))).clamp(0, 1 - 1e-7) * T).long()
-    seen = eps + gamma * torch.randn(eps.shape) if gamma else eps   # input perturbation: x_t from ε + γξ, target ε
+        u = torch.cat([torch.normal(0.0, 1.0, size=(1,), generator=g) for g in d("timestep")])
+        t = (torch.sigmoid(u).clamp(0, 1 - 1e-7) * T).long()
+    seen = eps + gamma * each(eps.shape, d("perturbation")) if gamma else eps   # input perturbation: x_t from ε + γξ
     abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     xt = abar.sqrt() * x0 + (1 - abar).sqrt() * seen
     pred = module.unet(xt, t, encoder_hidden_states=cond).sample.float()
@@ -85,13 +92,10 @@ CASES = {
 def test_the_module_loss_is_the_objectives_formula(case, tiny_model, imagefolder_data, tmp_path):
     overrides, formula = CASES[case]
     module, batch = module_and_batch(tiny_model, imagefolder_data, tmp_path, *overrides)
-    seed_step(0, 0, 0, 0)
-    got = module.diffusion_loss(batch)
-    seed_step(0, 0, 0, 0)
+    got = module.diffusion_loss(batch, draws=SampleDraws(0, batch["keys"]))
     want = by_hand(module, batch, **formula)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     if case != "mse":   # and the option matters: the plain MSE of the same draws differs
-        seed_step(0, 0, 0, 0)
         assert not torch.allclose(by_hand(module, batch), want, rtol=1e-5, atol=1e-7)
 
 
@@ -99,9 +103,7 @@ def test_prior_preservation_weights_through_the_module(tiny_model, imagefolder_d
     module, batch = module_and_batch(tiny_model, imagefolder_data, tmp_path)
     flags = [0, 0, 1, 1]
     batch = {**batch, "prior": torch.tensor(flags), "prior_weight": 0.5}
-    seed_step(0, 0, 0, 0)
-    got = module.diffusion_loss(batch)
-    seed_step(0, 0, 0, 0)
+    got = module.diffusion_loss(batch, draws=SampleDraws(0, batch["keys"]))
     torch.testing.assert_close(got, by_hand(module, batch, prior=(flags, 0.5)), rtol=1e-5, atol=1e-7)
 
 

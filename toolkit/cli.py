@@ -20,23 +20,34 @@ from toolkit.logs import quiet
 quiet()   # before any library is imported: some speak at import time
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from toolkit.config import check_overrides, register_resolvers, renamed_overrides  # noqa: E402
-from toolkit.logs import finish_trackers, route_library_logs  # noqa: E402
+from toolkit.config import check_overrides, credentials_in, register_resolvers, renamed_overrides  # noqa: E402
+from toolkit.logs import finish_trackers, once_per_job, route_library_logs  # noqa: E402
 from toolkit.model_defaults import chosen_lines, model_overrides  # noqa: E402
+from toolkit.run import signals  # noqa: E402
 from toolkit.run.history import record_attempt  # noqa: E402
 from toolkit.run.launch import check_restartable, elastic_resume, job_run_id, shared_run_dir  # noqa: E402
 from toolkit.run.lifecycle import rank_zero  # noqa: E402
-from toolkit.run.resume import launch_args, restore  # noqa: E402
+from toolkit.run.resume import hydra_subdir, launch_args, restore  # noqa: E402
+from toolkit.run.world import adopt_srun_layout, job_world  # noqa: E402
 
 register_resolvers()
+OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)   # Hydra's own files: the entry's
 log = logging.getLogger("toolkit")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
+    # the job's stop signals, in every phase (also in a submitit cell, which does not pass the entry)
+    signals.install(cfg.get("max_requeues"))
+    once_per_job(job_world().rank)             # routine log lines from rank zero only
     cfg = restore(cfg, cfg.paths.output_dir)   # a resume: the run's saved settings
+    # Values as resolved now (a secret arriving through ${oc.env:...}, a resume's saved config),
+    # before the first thing that writes them: Hydra saved the config unresolved, but the run's
+    # history, the CSV/TensorBoard hparams and the dashboards get resolved values.
+    if secret := credentials_in([], cfg):
+        sys.exit(f"config error: {secret}")
     record_attempt(cfg)                        # <run>/run_history.jsonl
     task = importlib.import_module(cfg.get("task_module") or f"toolkit.tasks.{cfg.task_name}")
     route_library_logs()
@@ -47,6 +58,8 @@ def main(cfg: DictConfig) -> dict:
     launch_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
         return task.run(cfg)
+    except signals.Stop as stop:   # what was saved is kept; requeued under SLURM, else exit 143
+        signals.exit_for(stop)
     finally:
         finish_trackers()   # the next multirun cell starts its own dashboard run
         end_processes(launch_env)   # ... and its own DDP processes: this cell's are gone
@@ -97,6 +110,16 @@ def entry() -> None:
             (gc.enable if was_enabled else gc.disable)()
 
 
+def _entry() -> None:
+    previous = signals.install()   # from the first moment: a signal during start-up stops it (exit 143)
+    try:
+        _start()
+    except signals.Stop as stop:
+        signals.exit_for(stop)
+    finally:
+        signals.restore(previous)
+
+
 class ArgsError(ValueError):
     """The command line cannot run: the message says what to change."""
 
@@ -115,6 +138,7 @@ def prepare_args(argv: list[str], notes: list[str] | None = None) -> list[str]:
     if problem := check_overrides(args):   # names the nearest valid key; Hydra does not
         raise ArgsError(problem)
     try:
+        adopt_srun_layout()           # srun -n N: the tasks per node, or refused before any work
         args = shared_run_dir(args)   # torchrun / srun: one run dir from the job's id
         check_restartable()
         if (resumed := elastic_resume(args)) != args:   # torchrun restarted the group: continue the run
@@ -124,12 +148,12 @@ def prepare_args(argv: list[str], notes: list[str] | None = None) -> list[str]:
             args = resumed
         args = launch_args(args)   # a resume: the run's saved overrides + these
         return model_overrides(args)   # what the user left open, from the model
-    except (FileNotFoundError, ValueError) as err:   # RunDirError, ModelDefaultsError are ValueErrors
-        # and a model that cannot be read as given (a single file without model.config, ...)
+    except (FileNotFoundError, ValueError) as err:   # RunDirError, ModelDefaultsError, LaunchError are
+        # ValueErrors, and a model that cannot be read as given (a single file without model.config, ...)
         raise ArgsError(str(err)) from None
 
 
-def _entry() -> None:
+def _start() -> None:
     notes: list[str] = []
     try:
         sys.argv[1:] = prepare_args(sys.argv[1:], notes)

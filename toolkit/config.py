@@ -58,13 +58,32 @@ def sweep_group(task: str) -> str | None:
     return f"{task}/{Path(hc.sweep.dir).name}" if hc is not None else None
 
 
+def swept_keys(sweep_dir: str | Path) -> set[str]:
+    """The keys a multirun varies: its command line's sweeps (``module.lora.r=4,8``) and
+    ``hydra.sweeper.params``, read from the ``multirun.yaml`` Hydra's sweeper writes before the first
+    cell (empty where it cannot be read: the name then shows every override)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    f = Path(sweep_dir) / "multirun.yaml"
+    try:
+        hydra_node = OmegaConf.load(f).get("hydra") or {}
+        task = list(OmegaConf.select(hydra_node, "overrides.task", default=[]) or [])
+        params = OmegaConf.select(hydra_node, "sweeper.params", default=None) or {}
+        swept = {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
+    except Exception:   # a display name only: unreadable, every override is shown, as before
+        return set()
+    return swept | {str(k) for k in params}
+
+
 def cell_name() -> str | None:
-    """A multirun cell's dashboard name: its number and its overrides, paths left out
-    (``3: eval.guidance_scale=5,eval.seed=1``)."""
+    """A multirun cell's dashboard name: its number and the overrides the sweep varies, else all its
+    overrides, paths left out (``3: eval.guidance_scale=5,eval.seed=1``)."""
     hc = _multirun()
     if hc is None:
         return None
     parts = [p for p in hc.job.override_dirname.split(",") if "/" not in p.partition("=")[2]]
+    swept = swept_keys(hc.sweep.dir)
+    parts = [p for p in parts if p.partition("=")[0].lstrip("+~") in swept] or parts
     return f"{hc.job.num}: {','.join(parts)}"[:120]
 
 
@@ -110,6 +129,8 @@ def check_overrides(args: list[str]) -> str | None:
     from hydra.errors import ConfigCompositionException
 
     lines = [a for a in args if "=" in a and not a.startswith("-")]
+    if secret := credentials_in(lines):   # before anything could print or save the value
+        return secret
     try:
         parsed = OverridesParser.create().parse_overrides(lines)
     except Exception:   # noqa: BLE001 - a syntax error: Hydra's own message is precise
@@ -119,7 +140,8 @@ def check_overrides(args: list[str]) -> str | None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
-            return ignored_by_task(compose("config", overrides=plain), parsed)
+            composed = compose("config", overrides=plain)
+            return credentials_in([], composed) or ignored_by_task(composed, parsed)
         except ConfigCompositionException as err:
             text = f"{err} {err.__cause__ or ''}"
         m = re.search(r"full_key: (\S+)", text) or re.search(r"Could not (?:override|append to) '([^']+)'", text)
@@ -137,6 +159,91 @@ def check_overrides(args: list[str]) -> str | None:
     hint = f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
     return (f"unknown config key {bad!r} in {where}{hint} "
             "(python run.py --cfg job prints every valid key; prefix a new key with '+' to add it)")
+
+
+# A URL's start, and a query naming a secret (presigned URLs).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_SECRET_QUERY = re.compile(r"[?&][A-Za-z0-9_-]*(signature|credential|token|secret|password)=", re.IGNORECASE)
+_HOST_PORT = re.compile(r"[^:]*:\d+")
+
+
+def _userinfo(value: str) -> list[tuple[int, int]]:
+    """The spans of ``value`` holding a URL's user info (``scheme://<span>@host``). Not ``urlparse``:
+    it ends the authority at the first ``/`` (RFC 3986), so an unescaped secret holding one, as
+    AWS secret keys do (``s3://AKIA…:abc/def@bucket``), would look like a host and a path. Here the
+    user info runs to the URL's last ``@`` (before any query or fragment), and counts when it has
+    no ``/`` (``user@host``, ``key:secret@host``) or its part before the first ``/`` holds a ``:``
+    and is not a ``host:port`` (``user:abc/def@host``); so ``https://host:8080/@user``,
+    ``s3://bucket/run:1@v2`` and ``git+https://host/repo@v1`` pass. (A secret whose part before
+    its first ``/`` is all digits reads as a port: the one form not caught.)"""
+    spans = []
+    for m in _SCHEME.finditer(value):
+        rest = re.match(r"[^\s?#]*", value[m.end():]).group(0)
+        if "@" not in rest:
+            continue
+        info = rest[: rest.rindex("@")]
+        first = info.split("/")[0]
+        if "/" not in info or ":" in first and not _HOST_PORT.fullmatch(first):
+            spans.append((m.end(), m.end() + len(info)))
+    return spans
+
+
+def has_credentials(value: str) -> bool:
+    """Whether a config value holds a URL carrying credentials (``s3://key:secret@bucket``,
+    ``http://user:pass@endpoint``, a presigned query): they would be saved with the run."""
+    return bool(_userinfo(value) or _SECRET_QUERY.search(value))
+
+
+def redact_url(value: str) -> str:
+    """``value`` with every URL's user info and query replaced by ``<redacted>``."""
+    for start, end in reversed(_userinfo(value)):
+        value = f"{value[:start]}<redacted>{value[end:]}"
+    return re.sub(r"\?[^\s,\]]*", "?<redacted>", value) if _SECRET_QUERY.search(value) else value
+
+
+def _strings(node: Any, key: str = "") -> Any:
+    """(dotted key, value) of every string leaf of a plain container, lists included."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(node, str):
+        yield key, node
+
+
+def _resolved_strings(node: DictConfig | ListConfig, key: str = "") -> Any:
+    """(dotted key, resolved value) of every string leaf that resolves here; one that cannot yet
+    (``${hydra:…}`` before Hydra runs, a missing ``???``) is left out: it is checked where it can."""
+    is_dict = isinstance(node, DictConfig)
+    for k in node.keys() if is_dict else range(len(node)):
+        name = (f"{key}.{k}" if key else str(k)) if is_dict else f"{key}[{k}]"
+        try:
+            value = node[k]
+        except Exception:  # noqa: BLE001 - any resolver's error: not resolvable at this point
+            continue
+        if isinstance(value, DictConfig | ListConfig):
+            yield from _resolved_strings(value, name)
+        elif isinstance(value, str):
+            yield name, value
+
+
+def credentials_in(args: list[str], cfg: DictConfig | None = None) -> str | None:
+    """A message if an override (or, composed, a config file's value, as written or resolved: a
+    secret can arrive through ``${oc.env:…}``) is a URL carrying credentials, naming the key with
+    the secret redacted; checked before Hydra saves the config, and again at the task's start
+    before anything is recorded (``toolkit.cli.main``)."""
+    found = [(a.partition("=")[0].lstrip("+~"), a.partition("=")[2]) for a in args if "=" in a]
+    if cfg is not None:
+        found += list(_strings(OmegaConf.to_container(cfg, resolve=False)))
+        found += list(_resolved_strings(cfg))
+    bad = next(((k, v) for k, v in found if has_credentials(v)), None)
+    if bad is None:
+        return None
+    return (f"{bad[0]}={redact_url(bad[1])}: credentials in a URL would be saved with the run's config and logs; "
+            "give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a credentials file "
+            "(~/.aws/credentials), and the URL without them")
 
 
 # Read by every task (or by the entry itself): never refused as ignored.

@@ -59,4 +59,9 @@ def text_key(text: str) -> str:
 
 def bytes_key(data: bytes) -> str:
     """A cache row's key for an image file's bytes."""
-    return hashlib.sha256(data).hexdigest()[:24]
+    return digest_key(hashlib.sha256(data).hexdigest())
+
+
+def digest_key(sha256: str) -> str:
+    """The cache row's key of bytes whose SHA-256 (hex) is known (a prepared set records each image's)."""
+    return sha256[:24]

@@ -97,6 +97,8 @@ def quiet() -> None:
     if verbose():
         return
     os.environ.setdefault("WANDB_SILENT", "true")   # wandb's banner, sync hints and tips
+    # MLflow's "View run <name> at: <url>" lines, printed at every run's end: toolkit/tracking.py logs each link once
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name, patterns in HARMLESS.items():
         lg = logging.getLogger(name)
         if not any(isinstance(f, HarmlessFilter) for f in lg.filters):
@@ -144,6 +146,24 @@ def route_library_logs() -> None:
         for h in list(lg.handlers):
             lg.removeHandler(h)
         lg.propagate = True
+
+
+class WarningsOnly(logging.Filter):
+    """Warnings and errors pass; the routine lines do not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def once_per_job(rank: int) -> None:
+    """On ranks other than zero the root handlers (console and ``run.log``) keep warnings and
+    errors only: the routine lines (data scan, caches, steps) are the job's, printed by rank zero
+    once, not once per process (srun and torchrun start every rank with the same logging)."""
+    if rank == 0:
+        return
+    for h in logging.getLogger().handlers:
+        if not any(isinstance(f, WarningsOnly) for f in h.filters):
+            h.addFilter(WarningsOnly())
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -13,8 +13,10 @@ saved overrides and config (a resume replays it) and under ``chosen.<key>`` with
 which the task logs once at start. Each comes from the model's family piece
 (``toolkit.models.families``), never from a branch here:
 
-- ``data.resolution`` (null): the model's native size, the denoiser's ``sample_size`` x VAE factor;
-- ``module`` (``auto``): the family's preset (``ModelFamily.preset``); the embedded miniature keeps its own;
+- ``data.resolution`` (null): the model's native size, the denoiser's ``sample_size`` x VAE factor
+  (training, and ``task=prepare``: the smallest side it keeps);
+- ``module`` (``auto``): the family's preset (``ModelFamily.preset``); the embedded miniature keeps its own
+  (training, and ``task=prepare`` for ``prepare.encode=true``);
 - ``generation.scheduler`` / ``steps`` / ``guidance_scale`` (``auto``): the family's sampler, steps
   and guidance (``ModelFamily.sampling``), for the tasks that generate (train's sample grid, eval,
   sample);
@@ -23,14 +25,20 @@ which the task logs once at start. Each comes from the model's family piece
   datamodule keeps out of training) when it has at least ``MIN_REFERENCE`` images, else an error
   asking for one;
 - ``metrics.clip_model`` (``auto``): the miniature's CLIP for the embedded model only; any other
-  model needs a real CLIP named (or ``metrics.clip_model=null``: no CLIP score, said in the row).
+  model needs a real CLIP named (or ``metrics.clip_model=null``: no CLIP score, said in the row);
+- ``callbacks.sample_grid.prompts`` (``auto``): the miniature's shape prompts for the embedded model,
+  for any other the run's own held-out captions (``validation``).
 
 Everything here reads configs only (no weights), so a refusal comes before anything is loaded.
-A sweep over ``model.name_or_path`` needs these set explicitly: they would differ per cell.
+In a sweep (``-m``) they are chosen per cell, from the cell's own composed config (after its
+experiment applies), by the sweeper (``hydra_plugins/toolkit_sweeper``) before any cell starts:
+a sweep over experiments or models naming different models trains each at its own size with its
+own preset, and a cell that cannot be chosen for stops the sweep before anything runs.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,7 @@ from toolkit.config import CONFIG_DIR, register_resolvers
 
 # the embedded miniature's parts, under paths.data_dir (toolkit.config.data_dir)
 EMBEDDED_MODEL, EMBEDDED_CLIP, EMBEDDED_STYLE = "miniature/sd", "miniature/clip", "world/style"
+EMBEDDED_GRID_PROMPTS = "miniature/grid_prompts.txt"   # shapes the miniature knows, striped and not
 EMBEDDED_PRESET = "lora_miniature"
 GENERATION = ("scheduler", "steps", "guidance_scale")   # generation.<key>=auto: the family's
 EMBEDDED_NUM_REF = 500
@@ -49,6 +58,9 @@ EMBEDDED_NUM_REF = 500
 MIN_REFERENCE = 200
 EVAL_TASKS = ("eval", "finetune_eval")
 TRAIN_TASKS = ("train", "finetune_eval")
+# task=prepare builds the training data (the smallest side kept is data.resolution) and, with
+# prepare.encode=true, the training module: both follow the model as in training
+MODEL_TASKS = (*TRAIN_TASKS, "prepare")
 GENERATING_TASKS = ("train", "finetune_eval", "eval", "sample")
 
 
@@ -96,10 +108,15 @@ def family_of_model(m: DictConfig) -> Any:
 
 
 def held_out_count(data: DictConfig) -> int:
+    return _held_out_count(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
+                           data.image_column, data.caption_column, data.revision, data.get("local"))
+
+
+@functools.lru_cache(maxsize=64)
+def _held_out_count(*args: Any) -> int:   # the cells of a sweep share their data: counted once
     from toolkit.data.sources import held_out
 
-    return len(held_out(data.path, data.split, data.validation_split, data.val_fraction, data.seed,
-                        data.image_column, data.caption_column, data.revision, data.get("local")))
+    return len(held_out(*args))
 
 
 def _compose(args: list[str]) -> DictConfig:
@@ -127,7 +144,7 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
     model, clip, style = ((data / p) if data else None for p in (EMBEDDED_MODEL, EMBEDDED_CLIP, EMBEDDED_STYLE))
     embedded = same_path(m.name_or_path, model)
     out: dict[str, tuple[Any, str]] = {}
-    if task in TRAIN_TASKS:
+    if task in MODEL_TASKS:
         if cfg.hydra.runtime.choices.get("module") == "auto":
             if embedded:
                 out["module"] = (EMBEDDED_PRESET, "the embedded miniature's own preset")
@@ -136,6 +153,10 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
                 out["module"] = (family.preset, f"the preset for the {family.name.upper()} family")
         if cfg.data.resolution is None:
             out["data.resolution"] = native_resolution(m.name_or_path, m.revision, m.get("config"))
+        if OmegaConf.select(cfg, "callbacks.sample_grid.prompts") == "auto":
+            out["callbacks.sample_grid.prompts"] = (
+                (str(data / EMBEDDED_GRID_PROMPTS), "the embedded miniature's shape prompts") if embedded else
+                ("validation", "the run's own captions: the first ones of its held-out images"))
     gen = cfg.get("generation")
     if task in GENERATING_TASKS and gen is not None and any(gen.get(k) == "auto" for k in GENERATION):
         family = family_of_model(m)
@@ -171,34 +192,44 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
     return out
 
 
-def model_overrides(args: list[str]) -> list[str]:
-    """``args`` plus an override for every setting left to the model, each with its reason under
-    ``chosen.<key>``. Raises ``ModelDefaultsError`` before any weight is read."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
+def as_overrides(chosen: dict[str, tuple[Any, str]]) -> list[str]:
+    """The choices as command-line overrides: ``key=value`` and ``+chosen.key="value: why"``."""
     from toolkit.run.resume import hydra_quote
 
-    if any(a.startswith("chosen.") or a.startswith("+chosen.") for a in args):
-        return args   # already chosen: a resume's saved overrides, or a DDP child's command line
-    lines = [a for a in args if "=" in a and not a.startswith("-")]
-    parsed = OverridesParser.create().parse_overrides(lines)
-    given = {o.key_or_group for o in parsed}
-    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    cfg = _compose([o.input_line for o in parsed if not o.is_sweep_override()])
-    chosen = choose(cfg, given)
-    model_swept = swept & {"model", "model.name_or_path", "model.config", "task"}
-    # the sampler follows the model alone: a sweep over the data keeps it
-    differ = sorted(k for k in chosen if model_swept or not k.startswith("generation."))
-    if differ and swept & {"model", "model.name_or_path", "model.config", "data", "data.path", "task"}:
-        raise ModelDefaultsError(
-            f"this sweep varies {sorted(swept & {'model', 'model.name_or_path', 'model.config', 'data', 'data.path'})}"
-            f", so the settings that follow the model would differ per cell: set {', '.join(differ)} "
-            "explicitly for the sweep.")
     extra = []
     for key, (value, why) in chosen.items():
         extra.append(f"{key}={hydra_quote(str(value))}")
         extra.append(f"+chosen.{key}={_quote(f'{value}: {why}')}")
-    return [*args, *extra]
+    return extra
+
+
+def already_chosen(args: list[str]) -> bool:
+    """A resume's saved overrides, a DDP child's command line or a sweep cell carry their choices."""
+    return any(a.startswith(("chosen.", "+chosen.")) for a in args)
+
+
+def cell_overrides(cfg: DictConfig, cell: list[str]) -> list[str]:
+    """The choices for one sweep cell (``cell``: its overrides; ``cfg``: its composed config)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if already_chosen(cell):
+        return []
+    given = {o.key_or_group for o in OverridesParser.create().parse_overrides(cell)}
+    return as_overrides(choose(cfg, given))
+
+
+def model_overrides(args: list[str]) -> list[str]:
+    """``args`` plus an override for every setting left to the model, each with its reason under
+    ``chosen.<key>``. Raises ``ModelDefaultsError`` before any weight is read. A sweep (``-m``) is
+    left as it is: its cells are chosen for one by one (``cell_overrides``, by the sweeper)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if already_chosen(args) or any(a in ("-m", "--multirun") for a in args):
+        return args
+    lines = [a for a in args if "=" in a and not a.startswith("-")]
+    parsed = OverridesParser.create().parse_overrides(lines)
+    cfg = _compose([o.input_line for o in parsed])
+    return [*args, *as_overrides(choose(cfg, {o.key_or_group for o in parsed}))]
 
 
 def chosen_lines(cfg: DictConfig) -> list[str]:

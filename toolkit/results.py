@@ -47,6 +47,11 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def without_identity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows made before identities were recorded (``toolkit.run.identity``): another identity, never reused."""
+    return [r for r in rows if "identity" not in r and "identity" not in (r.get("train") or {})]
+
+
 def find_row(path: str | Path, key: str) -> dict[str, Any] | None:
     return next((r for r in read_rows(path) if r.get("key") == key), None)
 

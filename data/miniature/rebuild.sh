@@ -56,3 +56,6 @@ stage unet python -m miniature experiment=pretrain_unet $TRAINER pretrain.miniat
   trainer.max_steps="$UNET_STEPS" +trainer.max_time="$UNET_TIME" pretrain.data.batch_size="$UNET_BATCH" \
   pretrain.data.limit=null callbacks.model_checkpoint.every_n_train_steps=2500 || exit 1
 [ -n "${SKIP_CARD:-}" ] || stage card python -m miniature.pretrain.card "$MINI"
+# the default job's reference features (Inception + CLIP of the 500 test images), keyed by the new CLIP's
+# hash; the job reads the checkout's data/miniature, so only for a rebuild written there
+if [ "$MINI" = data/miniature ]; then stage reference_features python -m miniature.reference_features || exit 1; fi

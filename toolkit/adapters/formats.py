@@ -210,14 +210,19 @@ def save_diffusers(layers: Layers, out_dir: str | Path, family: type[ModelFamily
     for comp, lay in layers.items():
         if lay:
             kwargs[f"{comp}_lora_layers"] = peft_state_dict(lay)
-            kwargs[f"{comp}_lora_adapter_metadata"] = peft_config(lay).to_dict()
+            # peft keeps target_modules as a set: listed in hash order, the same adapter would get other bytes (and
+            # another SHA-256) in every process; sorted, a file's hash is its content's
+            kwargs[f"{comp}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, set) else v
+                                                       for k, v in peft_config(lay).to_dict().items()}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-") as tmp:
         family.pipeline_class.save_lora_weights(tmp, **kwargs)
+        written = Path(tmp) / DIFFUSERS_FILE
         if metadata:   # diffusers' writer takes no metadata of ours: add it to the file it wrote
-            with safe_open(str(Path(tmp) / DIFFUSERS_FILE), framework="pt", device="cpu") as f:
+            with safe_open(str(written), framework="pt", device="cpu") as f:
                 meta = {**(f.metadata() or {}), **metadata}
                 sd = {k: f.get_tensor(k) for k in f.keys()}   # noqa: SIM118 - safe_open is not a Mapping
-            save_file(sd, str(Path(tmp) / DIFFUSERS_FILE), metadata=meta)
+            save_file(sd, str(written), metadata=meta)
+        written.write_bytes(sorted_metadata(written.read_bytes()))
         # safetensors' writer (under diffusers') creates the file 0600: the user's umask decides instead
         os.chmod(Path(tmp) / DIFFUSERS_FILE, 0o666 & ~current_umask())
         os.replace(Path(tmp) / DIFFUSERS_FILE, out_dir / DIFFUSERS_FILE)
@@ -309,8 +314,25 @@ def save_kohya(layers: Layers, path: str | Path, family: type[ModelFamily], deno
             **({"toolkit_kohya_fused": json.dumps(fused)} if fused else {})}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     with atomic_open(path) as f:
-        f.write(save(sd, metadata=meta))
+        f.write(sorted_metadata(save(sd, metadata=meta)))
     return Path(path)
+
+
+def sorted_metadata(blob: bytes) -> bytes:
+    """A safetensors file's bytes with its ``__metadata__`` entries in sorted order. safetensors
+    writes them in the order of a Rust ``HashMap``, seeded anew in every process: the same tensors
+    and metadata got other bytes (another SHA-256, which keys evaluation rows) in another run.
+    Hand-written (no library offers a canonical writer): the header is re-serialised compactly,
+    as safetensors writes it, and padded with spaces to its old length, so every offset stays."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if len(header.get("__metadata__") or {}) < 2:
+        return blob
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:   # never: the same entries, reordered (checked, not assumed)
+        raise AdapterFormatError(f"safetensors header grew from {n} to {len(text)} bytes when sorted")
+    return blob[:8] + text.ljust(n, b" ") + blob[8 + n:]
 
 
 # ------------------------------------------------------------------------------------------ reading

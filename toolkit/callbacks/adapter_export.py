@@ -91,8 +91,7 @@ class AdapterExport(L.Callback):
             self._export(trainer, module, ckpt_dir / "adapters" / f"step={trainer.global_step}")
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if any(getattr(cb, "preempted_at", None) is not None for cb in trainer.callbacks):
-            return   # stopped early: the final adapter is written by the resumed run
+        # (a run stopped by a signal never gets here: callbacks.preemption raises after its checkpoint)
         self._export(trainer, module, self.dirpath)
         if trainer.is_global_zero:
             log_artifact(trainer, self.dirpath)

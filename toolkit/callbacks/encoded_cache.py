@@ -2,7 +2,8 @@
 and train from the cache: no image decoding, no VAE encoder and no text encoder in the step.
 
 Runs at ``on_fit_start``: the model is on its device and DDP is up, so the encoding is sharded
-over ranks (each encodes every world_size-th missing item, then all read every shard).
+over ranks (each encodes every world_size-th missing item of the list rank 0 decided, then all
+read every shard).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from toolkit.data.transforms import train_transform
 from toolkit.data.validate import decode_image
 from toolkit.hashing import bytes_key, module_fingerprint, text_key, tokenizer_fingerprint
 from toolkit.models.objectives import latent_mask
+from toolkit.run.lifecycle import all_ranks
 
 log = logging.getLogger(__name__)
 
@@ -81,27 +83,44 @@ class EncodedCache(L.Callback):
         copy, split over its own ranks: every rank then reads only its node's disk, nothing is sent
         between nodes, and the copy serves later runs on that node. The cost is the encoding done
         once per node instead of once per job; it runs at the node's full speed (all its GPUs), and
-        at any size it is one pass of the frozen encoders over the data, small next to training."""
+        at any size it is one pass of the frozen encoders over the data, small next to training.
+        The to-do list comes from one rank per copy (rank 0, or each node's first): ``fill``."""
         self.dirpath.mkdir(parents=True, exist_ok=True)
         barrier = trainer.strategy.barrier
-        if trainer.num_nodes == 1 or is_shared_filesystem(trainer.strategy, self.dirpath):
-            return {"rank": trainer.global_rank, "world_size": trainer.world_size, "barrier": barrier}
-        if trainer.local_rank == 0:
-            log.info("encoded cache %s is node-local: node %d builds its own copy over its %d ranks",
-                     self.dirpath, trainer.node_rank, trainer.num_devices)
-        return {"rank": trainer.local_rank, "world_size": trainer.num_devices, "barrier": barrier}
+        shared = trainer.num_nodes == 1 or is_shared_filesystem(trainer.strategy, self.dirpath)
+        leader = 0 if shared else trainer.node_rank * trainer.num_devices   # its first rank: Lightning's numbering
+        agree = (lambda todo: todo) if trainer.world_size == 1 else (lambda todo: all_ranks(todo)[leader])
+        if shared:
+            return {"rank": trainer.global_rank, "world_size": trainer.world_size, "barrier": barrier, "agree": agree}
+        if trainer.is_global_zero:
+            log.info("encoded cache %s is node-local: each of the %d nodes builds its own copy over its %d ranks",
+                     self.dirpath, trainer.num_nodes, trainer.num_devices)
+        return {"rank": trainer.local_rank, "world_size": trainer.num_devices, "barrier": barrier, "agree": agree}
 
     @torch.no_grad()
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.encode(module, trainer.datamodule, self.sharding(trainer),
-                    f"rank {trainer.global_rank}, node {trainer.node_rank}")
+                    f"rank {trainer.global_rank} of {trainer.world_size}, node {trainer.node_rank}")
 
-    def prepared(self, dm: Any, name: str, settings: dict[str, Any]) -> None:
+    def root(self, dm: Any) -> Path:
+        """Where this run's stores live: the shared cache, or, when the training set is a prepared
+        set carrying encoded rows (taken: ``from_prepared``), a folder of that set's own,
+        ``prepared-<its identity>``, that only runs training from that set read. A set is data from
+        someone else: its rows in the shared folder (first key wins) could stand in for rows other
+        runs encode themselves, such as the empty caption every run's caption dropout uses or a
+        public image's latents. ``fetch_encoded`` also refuses keys other than the set's own
+        captions and images, so in its folder it cannot pre-empt other sources' rows (a prior set)."""
+        ds = getattr(dm.train_set, "ds", None)
+        if self.from_prepared and isinstance(ds, PreparedDataset) and ds.encoded:
+            return self.dirpath / f"prepared-{ds.identity[:20]}"
+        return self.dirpath
+
+    def prepared(self, dm: Any, name: str, settings: dict[str, Any], dest: Path) -> None:
         """Rows a ``task=prepare`` with ``prepare.encode=true`` stored for this store: fetched into
-        it (verified), so nothing is encoded here; refused when they were made otherwise."""
+        ``dest`` (verified), so nothing is encoded here; refused when they were made otherwise."""
         ds = getattr(dm.train_set, "ds", None)
         if self.from_prepared and isinstance(ds, PreparedDataset):
-            ds.fetch_encoded(name, settings, self.dirpath / name)
+            ds.fetch_encoded(name, settings, dest)
 
     @torch.no_grad()
     def encode(self, module: Any, dm: Any, shard: dict[str, Any], who: str = "rank 0") -> dict[str, dict[str, Any]]:
@@ -109,11 +128,12 @@ class EncodedCache(L.Callback):
         preprocessing) need; ``shard`` splits the work (``fill``). Returns {store folder: settings}."""
         sets = [s for s in (dm.train_set, dm.val_set, dm.train_set.prior) if s is not None]
         used: dict[str, dict[str, Any]] = {}
+        root = self.root(dm)
 
         def open_store(name: str, settings: dict[str, Any]) -> ArrayStore:
-            self.prepared(dm, name, settings)
+            self.prepared(dm, name, settings, root / name)
             used[name] = settings
-            return ArrayStore(self.dirpath / name)
+            return ArrayStore(root / name)
 
         if self.text and module.text_lora_params:
             log.info("text-embedding cache off: the text encoder is being trained")
@@ -201,3 +221,4 @@ class EncodedCache(L.Callback):
                 s.latents = (store, micro_store, mask_store if s.masks else None, keys)
                 log.info("latent cache: %d images (%d encoded now by %s) in %s", len(s.indices), n, who, store.root)
         return used
+

@@ -1,14 +1,22 @@
-"""Survive preemption and Ctrl-C: checkpoint on SIGTERM / SIGUSR1 / SIGINT, write every checkpoint atomically.
+"""Survive preemption and Ctrl-C: checkpoint at an optimizer-step boundary, write every checkpoint atomically.
 
-``PreemptionCheckpoint`` turns a signal into a checkpoint written at the end of the next batch
-that ends an optimizer step (with gradient accumulation, the end of the accumulation window: the
-gradients accumulated so far are in no checkpoint; it is where ``ModelCheckpoint`` saves too, so
-``ckpt_path=last`` resumes exactly), then
-stops training; the train task exits with 128 + the signal number (143 for SIGTERM and SIGUSR1,
-130 for Ctrl-C) and prints the command that resumes the run. A second Ctrl-C stops at once,
-without a checkpoint (the previous ``last.ckpt`` stays: writes are atomic). In a DDP run the
-signal flag is OR-reduced over ranks every batch, so all ranks stop at the same step. SLURM:
-``#SBATCH --signal=USR1@120`` gives the job two minutes' warning.
+``PreemptionCheckpoint`` turns a stop signal received during training (SIGTERM, SIGUSR1,
+SIGUSR2: the job's handler, ``toolkit.run.signals``; Ctrl-C: this callback's) into a checkpoint
+written at the end of the next batch that ends an optimizer step (with gradient accumulation,
+the end of the accumulation window: the gradients accumulated so far are in no checkpoint; it
+is where ``ModelCheckpoint`` saves too, so ``ckpt_path=last`` resumes exactly), then stops
+training at once by raising ``run.signals.Stop``: the train task prints the command that
+resumes the run and exits with 128 + the signal number (143 for SIGTERM, SIGUSR1 and SIGUSR2,
+130 for Ctrl-C); under SLURM a time-limit warning also requeues the job (``run.signals``). A
+second Ctrl-C stops at once, without a checkpoint (the previous ``last.ckpt`` stays: writes are
+atomic). In a DDP run the signal flag is OR-reduced over ranks every batch, so all ranks stop at
+the same step (a signal sent to one rank is enough).
+
+Why raise rather than ``trainer.should_stop``: a stop that way lets Lightning run validation once
+more and then ``ModelCheckpoint.on_train_end`` (Lightning 2.6) write ``last.ckpt`` over this
+checkpoint when it has saved nothing yet in this process, with the interrupted epoch marked
+complete: a resume from that file skipped the rest of the epoch (the requeued job of issue 44,
+tests/test_slurm.py).
 
 The checkpoint is ``<dirpath>/last.ckpt``, the file ``ModelCheckpoint(save_last=True)`` keeps
 current; with ``enable_version_counter=false`` (conf/callbacks) ModelCheckpoint overwrites it
@@ -31,6 +39,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from toolkit.atomic import atomic_open
+from toolkit.run import signals as run_signals
 
 log = logging.getLogger(__name__)
 
@@ -47,57 +56,59 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class PreemptionCheckpoint(L.Callback):
     """Args:
         dirpath: checkpoint folder (the checkpoint is ``<dirpath>/last.ckpt``).
-        signals: signal names that request a checkpoint and a clean stop.
+        signals: the signals turned into a checkpoint during training (of the job's SIGTERM,
+            SIGUSR1, SIGUSR2, and Ctrl-C); one left out stops the job after training instead.
     """
 
-    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
+    def __init__(self, dirpath: str,
+                 signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")) -> None:
+        unknown = set(signals) - {*run_signals.STOP_SIGNALS, "SIGINT"}
+        if unknown:
+            raise ValueError(f"callbacks.preemption.signals: {sorted(unknown)} are not stop signals "
+                             f"({', '.join([*run_signals.STOP_SIGNALS, 'SIGINT'])})")
         self.dirpath, self.signals = Path(dirpath), tuple(signals)
-        self.requested: str | None = None
-        self.preempted_at: int | None = None
-        self.checkpoint: Path | None = None
-        self._previous: dict[int, Any] = {}
-        self._step = -1   # the optimizer step at the previous batch end
+        self.ctrl_c = 0                 # Ctrl-C presses during training
+        self._previous_int: Any = None
+        self._step = -1                 # the optimizer step at the previous batch end
 
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process stopped by it; SIGUSR1 (SLURM's
-        warning) as SIGTERM, the signal that schedulers expect."""
-        return 128 + (signal.SIGINT if self.requested == "SIGINT" else signal.SIGTERM)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.requested is not None:   # second Ctrl-C: stop now
+    def _int_handler(self, signum: int, frame: Any) -> None:
+        self.ctrl_c += 1
+        if self.ctrl_c > 1:   # second Ctrl-C: stop now
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.requested = "SIGINT"
             raise KeyboardInterrupt
-        self.requested = name
-        again = " (Ctrl-C again to stop at once, without one)" if name == "SIGINT" else ""
-        log.warning("%s received: checkpointing at the end of this optimizer step%s", name, again)
+        log.warning("SIGINT received: checkpointing at the end of this optimizer step (Ctrl-C again to stop at "
+                    "once, without one)")
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        # the ranks Lightning's launcher started get this process's stop signals (its own handler did that)
+        run_signals.forward_to(getattr(trainer.strategy.launcher, "procs", None) or [])
+
+    def on_sanity_check_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        run_signals.install()   # in front of the SIGTERM handler Lightning's fit has just put before ours
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        # Registered after Lightning's own handlers (set up at fit start), which they replace
-        # for the run: ours checkpoint first, then stop the same way.
-        for name in self.signals:
-            sig = getattr(signal, name)
-            self._previous[sig] = signal.signal(sig, self._handler)
+        run_signals.training(True)
+        if "SIGINT" in self.signals:
+            self._previous_int = signal.signal(signal.SIGINT, self._int_handler)
         self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        job = run_signals.requested()
+        mine = job if job in self.signals else "SIGINT" if self.ctrl_c else None
         # every rank takes part in the reduction every batch (a collective), and all stop together
-        requested = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
-        if self.preempted_at is not None or not requested or not stepped:
+        if not trainer.strategy.reduce_boolean_decision(mine is not None, all=False) or not stepped:
             return   # mid accumulation window: the accumulated gradients would be lost
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)   # the full state, as ModelCheckpoint saves
-        self.preempted_at, self.checkpoint = trainer.global_step, path
-        trainer.should_stop = True
+        raise run_signals.Stop(mine or "a signal on another rank", path, trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
+        run_signals.training(False)
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous_int = None
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         self.on_train_end(trainer, module)

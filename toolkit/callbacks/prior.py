@@ -63,10 +63,13 @@ class PriorPreservation(L.Callback):
 
     @torch.no_grad()
     def generate(self, trainer: L.Trainer, module: L.LightningModule, out: Path, size: int) -> None:
-        # every rank lists the missing images before any rank writes one (else a fast rank's new
-        # files shrink a slow rank's list, and the shares no longer cover it)
-        trainer.strategy.barrier()
-        todo = [i for i in range(self.num_images) if not (out / f"{i:05d}.png").is_file()]
+        # One list for the job, rank zero's (broadcast): listed on every rank, a fast rank's new files
+        # shrank a slow rank's list, and another job filling the same folder meanwhile made the
+        # ranks' lists differ, leaving images nobody generated. What that job writes meanwhile is
+        # written again here, identically (same seeds), and atomically.
+        todo = trainer.strategy.broadcast(
+            [i for i in range(self.num_images) if not (out / f"{i:05d}.png").is_file()] if trainer.is_global_zero
+            else None, 0)
         mine = todo[trainer.global_rank:: trainer.world_size]
         if mine:
             sched = getattr(diffusers, self.scheduler).from_config(module.noise_scheduler.config)

@@ -2,36 +2,64 @@
 
 The grid is saved to ``<dirpath>/step=N.png`` and logged to wandb (``samples``). Same prompts,
 seeds and scheduler every time, so grids are comparable across steps, runs and checkpoints.
-Rank zero only.
+Rank zero only. The prompts are the user's own captions unless set: ``validation`` takes the
+first ``num_prompts`` distinct captions of the run's held-out images (of its training images when
+it holds none out); ``run.py`` sets the embedded miniature's shape prompts (a prompts file) for
+the embedded model only (``toolkit.model_defaults``); a list or a prompts file is used as given.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
+from toolkit.evaluation.protocol import read_prompts
 from toolkit.inference.pipeline import generate, make_grid
 from toolkit.inference.schedule import sampling_scheduler, training_schedule
+
+log = logging.getLogger(__name__)
+OWN_CAPTIONS = ("validation", "auto")   # auto: run.py chose nothing (composed by hand): the user's captions
 
 
 class SampleGrid(L.Callback):
     """Args:
-        prompts: fixed validation prompts (one grid row each).
+        prompts: one grid row each: ``validation`` (the run's own held-out captions), a list, or a
+            prompts file (one per line).
         seeds: fixed seeds (one grid column each).
         every_n_steps: sampling period in optimizer steps (0: only at the end).
         dirpath: where grids are written.
         steps / guidance_scale / scheduler: generation settings.
+        num_prompts: how many captions ``validation`` takes.
     """
 
-    def __init__(self, prompts: list[str], seeds: list[int], every_n_steps: int, dirpath: str,
-                 steps: int = 20, guidance_scale: float = 5.0, scheduler: str = "DDIMScheduler") -> None:
-        self.prompts, self.seeds, self.every = list(prompts), list(seeds), every_n_steps
+    def __init__(self, prompts: str | list[str], seeds: list[int], every_n_steps: int, dirpath: str,
+                 steps: int = 20, guidance_scale: float = 5.0, scheduler: str = "DDIMScheduler",
+                 num_prompts: int = 4) -> None:
+        own = isinstance(prompts, str) and prompts in OWN_CAPTIONS
+        self.prompts = [] if own else read_prompts(prompts, "callbacks.sample_grid.prompts")
+        self.own, self.num_prompts, self.seeds, self.every = own, num_prompts, list(seeds), every_n_steps
         self.dirpath, self.steps, self.guidance, self.scheduler = Path(dirpath), steps, guidance_scale, scheduler
         self._last = -1
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        if not self.own or self.prompts:
+            return
+        dm = trainer.datamodule
+        for part in (dm.val_set, dm.train_set):   # the held-out captions, else the training ones
+            captions = list(dict.fromkeys(c for c in (part.captions() if part is not None else []) if c))
+            if captions:
+                self.prompts = captions[: self.num_prompts]
+                break
+        if not self.prompts:
+            raise ValueError("callbacks.sample_grid.prompts=validation, but the run's images have no captions: "
+                             "give prompts (a list or a prompts file)")
+        log.info("sample grid: %d captions of the run's %s images × %d seeds", len(self.prompts),
+                 "held-out" if dm.val_set is not None and len(dm.val_set) else "training", len(self.seeds))
 
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, module: L.LightningModule) -> Path | None:
@@ -62,6 +90,8 @@ class SampleGrid(L.Callback):
                 lg.log_image("samples", [grid], step=step, caption=[f"step {step}: rows=prompts, cols=seeds"])
             elif isinstance(lg, TensorBoardLogger):
                 lg.experiment.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+            elif isinstance(lg, MLFlowLogger):   # the run's artifacts: samples/step=N.png
+                lg.experiment.log_artifact(lg.run_id, str(path), "samples")
         return path
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:

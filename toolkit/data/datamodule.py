@@ -23,7 +23,7 @@ from toolkit.data.buckets import BucketBatchSampler, make_buckets, nearest_bucke
 from toolkit.data.captions import TagPolicy, tag_caption
 from toolkit.data.masks import load_mask
 from toolkit.data.prepared import PreparedDataset
-from toolkit.data.sampler import ResumableLoader, ResumableSampler
+from toolkit.data.sampler import ResumableLoader, ResumableSampler, ShardBatches
 from toolkit.data.sources import CAPTION_PROBLEM, fingerprint_listing, split_train_val
 from toolkit.data.transforms import train_transform
 from toolkit.data.validate import (
@@ -56,7 +56,9 @@ class CaptionedImages(torch.utils.data.Dataset):
     """Wraps an HF dataset: decodes (under ``policy``), transforms and returns
     ``{pixel_values, caption}``; an item that fails to decode returns None (logged; dropped by
     ``collate``). Index with ``(epoch, i)`` (``ResumableSampler``) for augmentation drawn from a
-    generator seeded with ``(seed, epoch, i)``, or with ``i``."""
+    generator seeded with ``(seed, epoch, i)``, or with ``i``. Each item carries its ``key``
+    ``(epoch, i, role)`` (role 0: the item, 1: its paired class image), from which the training
+    step seeds the item's own random draws (``toolkit.reproducibility.SampleDraws``)."""
 
     def __init__(self, ds: Any, image_column: str, caption_column: str, resolution: int,
                  center_crop: bool, random_flip: bool, policy: DataPolicy, seed: int = 0,
@@ -98,12 +100,14 @@ class CaptionedImages(torch.utils.data.Dataset):
         row = self.indices[i]
         rng = np.random.default_rng([self.seed, epoch, i])
         item = self._item(row, i, rng)
+        if item is not None:
+            item["key"] = (epoch, i, 0)
         if item is not None and self.tags.varies:   # own generator: independent of the image draws
             tag_rng = np.random.default_rng([self.seed, epoch, i, 1])
             item["caption"] = tag_caption(item["caption"], self.tags, tag_rng)
         if item is not None and self.prior is not None:   # the paired class image, from (seed, epoch, item)
             j = int(np.random.default_rng([self.seed, epoch, i, 2]).integers(len(self.prior)))
-            item["prior"] = {**self.prior[(epoch, j)], "weight": self.prior_weight}
+            item["prior"] = {**self.prior[(epoch, j)], "weight": self.prior_weight, "key": (epoch, i, 1)}
         return item
 
     def _item(self, row: int, i: int, rng: np.random.Generator) -> dict[str, Any] | None:
@@ -136,6 +140,27 @@ class CaptionedImages(torch.utils.data.Dataset):
         return item
 
 
+def scan_split(ds: CaptionedImages, path: str, where: list[Any], cache_dir: str | None, name: str) -> ScanResult:
+    """The data policy over every row of ``ds`` (``toolkit.data.validate.scan``), cached under a key of
+    the rows' source and their place in it (``where``: revision, split, held-out definition, part
+    name), the columns, the resolution, the policy and the source's file listing or fingerprint. The
+    training run's scan of its held-out part and an evaluation of that part against it share it."""
+    if isinstance(ds.ds, PreparedDataset):   # the policy ran when it was prepared (its report lists why)
+        return ds.ds.scan_result()
+    local = Path(str(path)).expanduser()
+    settings = [str(path), *where, len(ds), ds.image_column, ds.caption_column, ds.resolution, repr(ds.policy),
+                fingerprint_listing(local) if local.is_dir() else ds.ds._fingerprint]
+    key = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"{key}.json" if cache_dir else None
+    if cache is not None and (hit := load_scan(cache)) is not None:
+        log.debug("data scan (%s): cached %s", name, cache)
+        return hit
+    result = scan(len(ds), ds.raw, ds.policy, ds.policy.min_side or ds.resolution or 1, desc=f"scanning {name} data")
+    if cache is not None:
+        save_scan(result, cache)
+    return result
+
+
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     items = [it for it in items if it is not None]
     if not items:
@@ -148,7 +173,7 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         return batch
     field = "latent_params" if "latent_params" in items[0] else "pixel_values"
     batch = {field: torch.stack([it[field] for it in items]), "micro": torch.stack([it["micro"] for it in items]),
-             "captions": [it["caption"] for it in items]}
+             "captions": [it["caption"] for it in items], "keys": torch.tensor([it["key"] for it in items])}
     if "mask" in items[0]:
         batch["mask"] = torch.stack([it["mask"] for it in items])
     return batch
@@ -207,7 +232,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         if self.buckets and not self.policy.scan:
             raise ValueError("data.buckets needs data.policy.scan=true (the scan measures every image's size)")
         self.train_set = self.val_set = None
-        self.rank, self.world_size = 0, 1
+        self.rank, self.world_size, self.accumulation = 0, 1, 1
 
     def _wrap(self, ds: Any, train: bool) -> CaptionedImages:
         return CaptionedImages(ds, self.image_column, self.caption_column, self.resolution,
@@ -216,22 +241,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
                                masks=self.masks if train else None)
 
     def _scan(self, ds: CaptionedImages, name: str) -> ScanResult:
-        if isinstance(ds.ds, PreparedDataset):   # the policy ran when it was prepared (its report lists why)
-            return ds.ds.scan_result()
-        settings = [self.path, self.revision, self.split, self.validation_split, self.val_fraction, self.seed,
-                    name, len(ds), self.image_column, self.caption_column, self.resolution, repr(self.policy)]
-        local = Path(self.path).expanduser()
-        settings.append(fingerprint_listing(local) if local.is_dir() else ds.ds._fingerprint)
-        key = hashlib.sha256(json.dumps(settings, default=str).encode()).hexdigest()[:16]
-        cache = Path(self.scan_cache_dir) / f"{key}.json" if self.scan_cache_dir else None
-        if cache is not None and (hit := load_scan(cache)) is not None:
-            log.debug("data scan (%s): cached %s", name, cache)
-            return hit
-        result = scan(len(ds), ds.raw, self.policy, self.policy.min_side or self.resolution,
-                      desc=f"scanning {name} data")
-        if cache is not None:
-            save_scan(result, cache)
-        return result
+        return scan_split(ds, self.path, [self.revision, self.split, self.validation_split, self.val_fraction,
+                                          self.seed, name], self.scan_cache_dir, name)
 
     def _scan_once(self) -> dict[str, ScanResult]:
         """The scans of the train and val sets, run once per job: processes that already share a
@@ -261,6 +272,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, accum = (trainer.world_size, trainer.accumulate_grad_batches) if trainer else (1, 1)
         self.rank, self.world_size = (trainer.global_rank, world) if trainer else (0, 1)
+        self.accumulation = accum
         self.batch_size = per_device_batch_size(self.global_batch_size, world, accum)
         if self.resolution is None:
             raise ValueError("data.resolution is null: run.py sets it to the model's native size "
@@ -269,6 +281,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
                                      self.image_column, self.caption_column, self.revision, self.local)
         self.train_set = self._wrap(train, train=True)
         self.val_set = self._wrap(val, train=False) if val is not None else None
+        if isinstance(train, PreparedDataset):   # never rescanned: its prepare's policy must be this run's
+            train.check_plan(self.policy.min_side or self.resolution, self.policy)
         if self.policy.scan:
             report = self._scan_once()
             for name, ds in (("train", self.train_set), ("val", self.val_set)):
@@ -282,7 +296,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
             if self.report_dir and self.rank == 0:
                 for name, result in report.items():
                     save_scan(result, Path(self.report_dir) / f"data_report_{name}.json")
-            require_items(report["train"], self.path, [self.batch_size * world])
+            require_items(report["train"], self.path, [self.global_batch_size])
         log.info("data: %d train / %d val images from %s, per-device batch %d",
                  len(self.train_set), len(self.val_set or []), self.path, self.batch_size)
 
@@ -298,27 +312,29 @@ class CaptionedImageDataModule(L.LightningDataModule):
                                                self.random_flip, self.policy, self.seed)
         self.train_set.prior_weight = weight
 
-    def _sampler(self, ds: CaptionedImages, shuffle: bool) -> ResumableSampler:
-        return ResumableSampler(len(ds), self.seed, shuffle, self.rank, self.world_size)
-
-    def _bucket_sampler(self, ds: CaptionedImages, shuffle: bool) -> BucketBatchSampler:
+    def _bucket_sampler(self, ds: CaptionedImages, shuffle: bool, accumulation: int) -> BucketBatchSampler:
         bucket_of = [sorted(set(ds.sizes)).index(s) for s in ds.sizes]
-        return BucketBatchSampler(bucket_of, self.batch_size, self.seed, shuffle, self.rank, self.world_size)
+        return BucketBatchSampler(bucket_of, self.batch_size, self.seed, shuffle, self.rank, self.world_size,
+                                  accumulation)
 
     def train_dataloader(self) -> DataLoader:
         kw = {"collate_fn": collate, "num_workers": self.num_workers, "pin_memory": self.pin_memory,
               "persistent_workers": self.num_workers > 0}
         if self.train_set.sizes is not None:
-            return ResumableLoader(self.train_set, batch_sampler=self._bucket_sampler(self.train_set, True), **kw)
-        return ResumableLoader(self.train_set, self._sampler(self.train_set, True), self.batch_size, **kw)
+            order = self._bucket_sampler(self.train_set, True, self.accumulation)
+        else:
+            order = ResumableSampler(len(self.train_set), self.batch_size, self.seed, True, self.rank,
+                                     self.world_size, self.accumulation)
+        return ResumableLoader(self.train_set, order, **kw)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None or len(self.val_set) < self.world_size:
             return []
         kw = {"collate_fn": collate, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
         if self.val_set.sizes is not None:
-            return DataLoader(self.val_set, batch_sampler=self._bucket_sampler(self.val_set, False), **kw)
-        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=self._sampler(self.val_set, False), **kw)
+            return DataLoader(self.val_set, batch_sampler=self._bucket_sampler(self.val_set, False, 1), **kw)
+        return DataLoader(self.val_set, batch_sampler=ShardBatches(len(self.val_set), self.batch_size, self.rank,
+                                                                  self.world_size), **kw)
 
 
 def batch_size(batch: dict[str, Any]) -> int:

@@ -31,6 +31,9 @@ import numpy as np
 import torch
 
 from toolkit.atomic import atomic_open
+from toolkit.data.names import UnsafeName
+from toolkit.data.shards import KEYS_SCHEMA
+from toolkit.data.storage import LocalStore, StorageError, read_json
 from toolkit.logs import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ class ArrayStore:
     def refresh(self) -> None:
         for keys_file in sorted(self.root.glob("*.keys.json")):
             shard = keys_file.name[: -len(".keys.json")] + ".npy"
-            for row, key in enumerate(json.loads(keys_file.read_text())):
+            for row, key in enumerate(read_keys(keys_file)):
                 self.index.setdefault(key, (shard, row))
 
     def __contains__(self, key: str) -> bool:
@@ -96,16 +99,30 @@ class ArrayStore:
         return {**self.__dict__, "_maps": {}}
 
 
+def read_keys(path: Path) -> list[str]:
+    """A shard's key list, read as every JSON file a set brings is (a regular file, below
+    ``MAX_JSON_BYTES``, a list of strings): a damaged or foreign one is a refusal naming it."""
+    try:
+        return read_json(LocalStore(path.parent), path.name, KEYS_SCHEMA)
+    except (StorageError, UnsafeName) as err:
+        raise StorageError(f"{err} (an encoded-cache file: delete it and {path.name.removesuffix('.keys.json')}.npy "
+                           "beside it to encode those rows again)") from None
+
+
 def fill(store: ArrayStore, keys: Sequence[str], inputs: Sequence[Any], encode: Callable[[list[Any]], np.ndarray],
          batch_size: int, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None,
-         desc: str = "encoding") -> int:
+         desc: str = "encoding", agree: Callable[[Any], Any] = lambda todo: todo) -> int:
     """Encode the inputs whose key is missing, this rank's share of them, in batches; returns
-    how many this rank encoded. All ranks see every shard after the barrier."""
-    # Every rank must split the same list: a rank that starts late would otherwise see rows another
-    # has already written, split a shorter list, and leave items nobody encodes.
+    how many this rank encoded. All ranks see every shard after the barrier.
+
+    The to-do list is decided once for the job: after a barrier (no rank of this job has written
+    yet), the group's leader reads the store and ``agree`` hands its list to every rank (a
+    broadcast). Reading the store on each rank instead let two jobs sharing a cache folder split
+    different lists (the other job writes between the ranks' reads): items nobody encoded. Rows
+    another job writes meanwhile are simply found at the end."""
     barrier()
     store.refresh()
-    todo = sorted({k: i for i, k in enumerate(keys) if k not in store}.values())
+    todo = agree(sorted({k: i for i, k in enumerate(keys) if k not in store}.values()))
     # Whole batches dealt round-robin: a batch holds the same items whatever the number of ranks
     # (or nodes building their own copy), so the rows are bit-identical to a one-process build
     # (convolutions' numerics depend on the batch they run in).

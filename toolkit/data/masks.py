@@ -34,7 +34,7 @@ def load_mask(item: Any, source: str, policy: DataPolicy, size: tuple[int, int])
     """The mask of one image as an 8-bit grayscale image of the decoded image's ``size`` (w, h)."""
     if source == "alpha":
         path = item_path(item)
-        data = item.get("bytes") if isinstance(item, dict) and item.get("bytes") else Path(path).read_bytes()
+        data = item["bytes"] if isinstance(item, dict) and item.get("bytes") is not None else Path(path).read_bytes()
         img = ImageOps.exif_transpose(_open(data, policy))
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")

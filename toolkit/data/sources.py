@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import datasets
 
+from toolkit.data.names import outside_dataset
 from toolkit.locate import check_local_or_hub
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,11 @@ def image_files(root: Path) -> list[Path]:
     return sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
 
 
-CAPTION_PROBLEM = "caption_problem"   # column the local sources add: why a caption is unusable
+# Column the local sources add: why a row is unusable before its image is read (its caption, or
+# the row itself: a duplicate name, no metadata row, a path outside the dataset).
+CAPTION_PROBLEM = "caption_problem"
 NO_METADATA_ROW = "no metadata row"
+PATH_OUTSIDE = "path outside the dataset"
 
 
 def read_sidecar_caption(txt: Path) -> tuple[str | None, str | None]:
@@ -113,27 +118,75 @@ def load_captioned(path: str, split: str = "train", image_column: str = "image",
 def imagefolder_dataset(root: Path, split: str, image_column: str, caption_column: str) -> datasets.Dataset:
     """``datasets``' imagefolder, plus a row for every image file of the split that no metadata
     row names (``datasets`` drops those without a word): caption None, ``caption_problem`` "no
-    metadata row"."""
+    metadata row"; and a row for every metadata row naming a file outside the dataset's folder
+    (``datasets`` would stop on the first): ``caption_problem`` "path outside the dataset", its
+    image never read (the row keeps the name as written, for the report, and empty bytes, which
+    every reader takes before a path; the scan rejects it before decoding)."""
     builder = datasets.load_dataset_builder("imagefolder", data_dir=str(root))
+    files = next((v for k, v in (builder.config.data_files or {}).items() if str(k) == split), [])
+    outside = outside_rows([Path(f) for f in map(str, files) if Path(f).name in METADATA_FILES])
+    if outside:   # left out of datasets' read (it refuses the whole set), added back below as rejections
+        import pyarrow.dataset as pds
+
+        keep = None
+        for col in sorted({c for _, c, _, _ in outside}):
+            names = sorted({n for _, c, n, _ in outside if c == col})
+            cond = pds.field(col).is_null() | ~pds.field(col).isin(names)
+            keep = cond if keep is None else keep & cond
+        builder = datasets.load_dataset_builder("imagefolder", data_dir=str(root), filters=keep)
     builder.download_and_prepare()
     ds = builder.as_dataset(split=split)
     if image_column not in ds.column_names or caption_column not in ds.column_names:
         return ds   # load_captioned names the missing column
     ds = ds.cast_column(image_column, datasets.Image(decode=False))
     listed = {str(Path(item["path"]).resolve()) for item in ds[image_column] if item.get("path")}
-    files = next((v for k, v in (builder.config.data_files or {}).items() if str(k) == split), [])
     orphans = sorted(f for f in map(str, files)
                      if Path(f).suffix.lower() in IMAGE_EXTS and str(Path(f).resolve()) not in listed)
     problems = datasets.Value("string")
     ds = ds.add_column(CAPTION_PROBLEM, [None] * len(ds), feature=problems)
-    if not orphans:
+    if orphans:
+        log.warning("%s: %d image file(s) have no row in the metadata file (first: %s); reported as %r",
+                    root, len(orphans), Path(orphans[0]).name, NO_METADATA_ROW)
+    extra = {c: [None] * (len(orphans) + len(outside)) for c in ds.column_names}
+    extra[image_column] = [{"path": f, "bytes": None} for f in orphans] + [
+        {"path": name, "bytes": b""} for _, _, name, _ in outside]
+    extra[CAPTION_PROBLEM] = [NO_METADATA_ROW] * len(orphans) + [
+        f"{PATH_OUTSIDE} ({meta.name} line {line} names {name!r})" for meta, _, name, line in outside]
+    if outside:
+        log.warning("%s: %d metadata row(s) name a file outside the dataset (first: %r); reported as %r", root,
+                    len(outside), outside[0][2], PATH_OUTSIDE)
+    if not orphans and not outside:
         return ds
-    log.warning("%s: %d image file(s) have no row in the metadata file (first: %s); reported as %r",
-                root, len(orphans), Path(orphans[0]).name, NO_METADATA_ROW)
-    extra = {c: [None] * len(orphans) for c in ds.column_names}
-    extra[image_column] = [{"path": f, "bytes": None} for f in orphans]
-    extra[CAPTION_PROBLEM] = [NO_METADATA_ROW] * len(orphans)
     return datasets.concatenate_datasets([ds, datasets.Dataset.from_dict(extra, features=ds.features)])
+
+
+def outside_rows(metadata: list[Path]) -> list[tuple[Path, str, str, int]]:
+    """(metadata file, column, file name, line) of every row of ``metadata`` (``metadata.jsonl`` /
+    ``.csv``) whose ``file_name`` (or ``<column>_file_name``) names a file outside its folder."""
+    import pandas as pd
+
+    found = []
+    for meta in metadata:
+        if meta.suffix == ".jsonl":
+            with open(meta, encoding="utf-8", errors="replace") as f:
+                for line, text in enumerate(f, 1):
+                    if not any(t in text for t in ("..", '"/', "\\", "://")):   # cannot name one: skip the parse
+                        continue
+                    try:
+                        row = json.loads(text)
+                    except ValueError:
+                        continue   # datasets reports a malformed line itself
+                    found += [(meta, k, v, line) for k, v in (row.items() if isinstance(row, dict) else ())
+                              if is_file_column(k) and outside_dataset(v)]
+        else:
+            for chunk in pd.read_csv(meta, dtype=str, chunksize=100_000, usecols=is_file_column):
+                for col in chunk.columns:
+                    found += [(meta, col, v, i + 2) for i, v in chunk[col].items() if outside_dataset(v)]
+    return found
+
+
+def is_file_column(name: str) -> bool:
+    return name == "file_name" or name.endswith("_file_name")
 
 
 def fingerprint_listing(root: str | Path) -> str:
@@ -182,8 +235,8 @@ def held_out(path: str, split: str, validation_split: str | None, val_fraction: 
 
 
 def image_bytes(item: Any) -> bytes:
-    if isinstance(item, dict):
-        return item.get("bytes") or Path(item["path"]).read_bytes()
+    if isinstance(item, dict):   # bytes when given (a prepared sample; b"" for a row whose path is refused)
+        return item["bytes"] if item.get("bytes") is not None else Path(item["path"]).read_bytes()
     if isinstance(item, str | Path):
         return Path(item).read_bytes()
     return item.tobytes()   # an already-decoded PIL image (some hub datasets)

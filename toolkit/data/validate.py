@@ -33,11 +33,13 @@ from toolkit.logs import progress
 log = logging.getLogger(__name__)
 
 
-# Source problems no caption policy can fix: which caption belongs to which image is unknown.
-NEVER_GUESSED = ("duplicate name",)
-# What a source may say about a caption ("<reason>" or "<reason> (<detail>)"); the reason is the
-# report's key, exactly one of these.
-CAPTION_REASONS = ("missing caption", "empty caption", "caption not UTF-8", "duplicate name", "no metadata row")
+# Source problems no caption policy can fix: which caption belongs to which image is unknown, or
+# the row names a file outside the dataset (never read).
+NEVER_GUESSED = ("duplicate name", "path outside the dataset")
+# What a source may say about a row before its image is read ("<reason>" or "<reason> (<detail>)");
+# the reason is the report's key, exactly one of these.
+CAPTION_REASONS = ("missing caption", "empty caption", "caption not UTF-8", "duplicate name", "no metadata row",
+                   "path outside the dataset")
 
 
 class BadItem(ValueError):
@@ -78,7 +80,8 @@ class DataPolicy:
     alpha_background: tuple[int, int, int] = (255, 255, 255)
     max_image_pixels: int | None = None
     scan: bool = True
-    scan_workers: int = 4
+    # threads change no result: out of the repr that keys scan caches and reference sets
+    scan_workers: int = field(default=4, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key, allowed in (("on_error", ("skip", "error")), ("small_images", ("upscale", "skip")),
@@ -90,6 +93,11 @@ class DataPolicy:
         if self.max_image_pixels and hard and self.max_image_pixels > hard:
             raise ValueError(f"data.policy.max_image_pixels={self.max_image_pixels} is above {hard}, the size Pillow "
                              "refuses to open (2 × PIL.Image.MAX_IMAGE_PIXELS); use at most that")
+
+    def deciding(self) -> dict[str, Any]:
+        """The fields that decide which items a scan keeps, and with which captions, besides the
+        smallest side (a prepared set records them; training compares them)."""
+        return {k: getattr(self, k) for k in ("small_images", "captions", "max_image_pixels")}
 
     def pixel_limit(self) -> tuple[int | None, str]:
         """The limit in force and where it comes from."""

@@ -7,8 +7,9 @@ Image i uses caption i of the reference set (cycled) and seed ``eval.seed·10⁶
 ``eval.num_held_out`` images after them cycle through ``eval.held_out_prompts``. Ranks take
 disjoint indices, so N processes give the same images and metrics as one. Each feature space's
 reference features are cached under a key of its own protocol. A row is keyed by the hash of its
-settings (prompts, reference identity, model, adapters, metric and feature-model weights); a cell
-whose key is in the table is skipped.
+identity (``toolkit.run.identity``, view ``evaluation``: the whole config but what cannot change a
+number and what only training reads) and of its settings by content (prompts, reference set,
+model, adapters, metric and feature-model weights); a cell whose key is in the table is skipped.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from toolkit.atomic import atomic_open
-from toolkit.evaluation import reference
+from toolkit.data.sources import CAPTION_PROBLEM
+from toolkit.data.validate import DataPolicy
+from toolkit.evaluation import reference, shipped
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
 from toolkit.evaluation.scores import (
@@ -47,6 +50,7 @@ from toolkit.evaluation.scores import (
 )
 from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import call_kwargs, generate, generation_record, make_grid, pipeline_from_cfg
+from toolkit.logs import route_library_logs
 from toolkit.metrics import perceptual
 from toolkit.metrics.clip import CLIPScorer, load_clip, load_preference
 from toolkit.metrics.features import FeatureModel
@@ -54,7 +58,11 @@ from toolkit.metrics.inception import InceptionFeatures
 from toolkit.metrics.intervals import mean_interval
 from toolkit.metrics.moments import Moments, fid_from_moments
 from toolkit.models.pretrained import denoiser_config, model_family, vae_factor
-from toolkit.results import append_new_row, append_row, find_row, resolved, stored_path
+from toolkit.results import append_new_row, append_row, find_row, read_rows, resolved, stored_path, without_identity
+from toolkit.run import signals
+from toolkit.run.identity import identity
+from toolkit.run.world import cluster_environment, job_world
+from toolkit.tracking import MLflowLogger
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +76,22 @@ def results_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir) / "results.jsonl"
 
 
-def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> None:
+def loggers_of(cfg: DictConfig) -> list[Any]:
+    """The configured dashboards, made at the start of an evaluation: a tracker that cannot be
+    reached fails before anything is computed (wandb and TensorBoard start their runs lazily)."""
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+
+
+def log_to_loggers(loggers: list[Any], row: dict[str, Any], grid_path: Path, table: Path) -> None:
     """The eval row on the dashboards: metrics, the settings as config, the row as a table with the
-    cell's sample grid (wandb) or as a text table (TensorBoard)."""
+    cell's sample grid (wandb), as a text table (TensorBoard), or as a run of its own (MLflow)."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
     name = "eval_" + ("finetuned" if row["settings"].get("adapters") else "base")
-    for lg_cfg in (cfg.get("logger") or {}).values():
-        lg = instantiate(lg_cfg)
+    for lg in loggers:
+        if isinstance(lg, MLflowLogger):   # one run per row, logged once: a sweep compares in the MLflow UI
+            lg.log_row(row, [grid_path], lock=f"{table}.lock")
+            continue
         lg.log_metrics({f"{name}/{k}": v for k, v in row["metrics"].items()})
         if isinstance(lg, WandbLogger):
             import wandb
@@ -92,6 +108,14 @@ def log_to_loggers(cfg: DictConfig, row: dict[str, Any], grid_path: Path) -> Non
             lg.experiment.add_image(f"{name}/grid", np.asarray(Image.open(grid_path).convert("RGB")), 0,
                                     dataformats="HWC")
         lg.finalize("success")
+
+
+def attach_to_loggers(cfg: DictConfig, row_key: str, files: list[Path]) -> None:
+    """Files written after the evaluation (the job's report, summary and comparison grid) to the
+    trackers that keep files per run (MLflow: the row's run and the training's)."""
+    for lg in loggers_of(cfg):
+        if isinstance(lg, MLflowLogger):
+            lg.attach(row_key, files)
 
 
 def prompt_groups(prompts: list[str]) -> tuple[list[str], list[str] | None]:
@@ -121,43 +145,56 @@ def reference_size(cfg: DictConfig) -> tuple[int, int] | None:
 
 
 def build_fabric(cfg: DictConfig) -> Any:
-    """The evaluation's processes. A job that already runs on several (DDP training earlier in this
-    job, or a launch by torchrun / srun / Lightning's launcher: ``WORLD_SIZE`` > 1) evaluates on
-    those same processes, once, sharded; otherwise ``cfg.fabric`` (one process unless
-    ``fabric.devices`` says more)."""
+    """The evaluation's processes. A job that already runs on several evaluates on those same
+    processes, once, sharded: DDP training earlier in this job (its process group is up), or a
+    launch by srun, sbatch, submitit or torchrun (``run.world``: SLURM and torchrun set no
+    ``WORLD_SIZE`` that would tell otherwise, srun none at all); otherwise ``cfg.fabric`` (one
+    process unless ``fabric.devices`` says more, started by Lightning's launcher)."""
     import torch.distributed as dist
     from lightning import Fabric
 
+    route_library_logs()   # importing lightning (here, for an eval task) gave it its own console handler
+    world = job_world()
     joined = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        nodes = int(cfg.trainer.num_nodes) if "trainer" in cfg else 1
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world // nodes))
-        fabric = Fabric(accelerator=cfg.fabric.accelerator, devices=local, num_nodes=world // local, strategy="ddp")
+    size = dist.get_world_size() if joined else world.size if world.external else 1
+    if size > 1:
+        local = world.local_size if world.external else int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or \
+            size // (int(cfg.trainer.num_nodes) if "trainer" in cfg else 1)
+        fabric = Fabric(accelerator=cfg.fabric.accelerator, devices=local, num_nodes=size // local, strategy="ddp",
+                        plugins=[cluster_environment()])
     else:
         fabric = instantiate(cfg.fabric)
     fabric.launch()
+    signals.forward_to(getattr(fabric.strategy.launcher, "procs", None) or [])
     return fabric
 
 
-def reference_set(cfg: DictConfig) -> tuple[Any, dict[str, Any], str, str]:
-    """The reference rows, their identity and their image / caption columns."""
+def reference_set(cfg: DictConfig) -> reference.ReferenceSet:
+    """The usable reference rows (through ``data.policy``), their identity, image column and captions."""
     ev = cfg.eval
     if ev.dataset in (None, "auto"):
         raise ValueError(f"eval.dataset={ev.dataset!r}: run.py chooses it from the model "
                          "(toolkit.model_defaults); composed by hand, name a reference set")
     if ev.dataset == "held_out":
-        ref, ident = reference.load_held_out(cfg.data, ev.num_ref)
-        return ref, ident, cfg.data.image_column, cfg.data.caption_column
-    ref, ident = reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split, ev.num_ref,
-                                          ev.revision, f"{cfg.paths.cache_dir}/prepared")   # as data.local
-    return ref, ident, ev.image_column, ev.caption_column
+        return reference.load_held_out(cfg.data, ev.num_ref)
+    policy = DataPolicy(**OmegaConf.to_container(cfg.data.policy, resolve=True))
+    return reference.load_reference(ev.dataset, ev.image_column, ev.caption_column, ev.split, ev.num_ref,
+                                    ev.revision, f"{cfg.paths.cache_dir}/prepared",   # as data.local
+                                    policy, cfg.data.get("resolution"), cfg.data.get("scan_cache_dir"))
+
+
+MIN_SHARDS = 8   # a small evaluation is cut into this many shards (whole batches allowing), so 8 ranks share it
 
 
 def shard_plan(n: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:
     """Images ``[start, stop)`` per shard: whole batches, so a batch holds the same images whatever
-    the number of processes (the numerics of a batch depend on its members)."""
-    size = max(1, -(-shard_size // batch_size)) * batch_size
+    the number of processes (the numerics of a batch depend on its members); at most
+    ``shard_size`` images (rounded up to whole batches), and at least ``MIN_SHARDS`` shards where
+    the batches allow, so a small evaluation (the default 250 images) is spread over up to 8
+    ranks. The plan depends on n alone, never on the number of processes: a shard holds the same
+    images, scored in the same feature batches, on any number of them."""
+    per_shard = min(-(-shard_size // batch_size), max(1, -(-n // (MIN_SHARDS * batch_size))))
+    size = max(1, per_shard) * batch_size
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
@@ -246,26 +283,38 @@ def protocol_of(space: str, extractor: Any, ref_size: tuple[int, int] | None) ->
 
 
 def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, ref_size: tuple[int, int] | None,
-                       ref_identity: dict[str, Any], extractors: dict[str, Any]) -> tuple[dict[str, np.ndarray],
-                                                                                         dict[str, str]]:
-    """Each space's reference features, from the cache where there (rank zero decides: a node-local
-    cache may differ per node), else computed sharded over the processes from one decoding of the
-    images; and each space's cache key."""
+                       ref_identity: dict[str, Any], extractors: dict[str, Any]
+                       ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """Each space's reference features, from the cache where there, else shipped with the reference
+    set under the same key (``metrics.shipped_reference``; rank zero decides: a node-local cache may
+    differ per node), else computed sharded over the processes from one decoding of the images;
+    each space's cache key; and where each came from (cache, shipped, computed)."""
     rank, world = fabric.global_rank, fabric.world_size
-    keys = {s: reference.cache_key(ref_identity, protocol_of(s, e, ref_size)) for s, e in extractors.items()}
+    protocols = {s: protocol_of(s, e, ref_size) for s, e in extractors.items()}
+    keys = {s: reference.cache_key(ref_identity, p) for s, p in protocols.items()}
     found = {s: reference.load_cached(m.cache_dir, k) for s, k in keys.items()} if m.cache_reference and rank == 0 \
         else {}
+    source = {s: "cache" for s, v in found.items() if v is not None}
+    if rank == 0:
+        folder = reference.shipped_folder(m.get("shipped_reference"))
+        for s in [s for s in extractors if found.get(s) is None]:
+            if (v := shipped.lookup(folder, keys[s], s, ref_identity, protocols[s])) is not None:
+                found[s], source[s] = v, "shipped"
+                if m.cache_reference:   # where the row's reference file points, as if computed
+                    reference.save_cached(m.cache_dir, keys[s], v)
     missing = fabric.broadcast([s for s in extractors if found.get(s) is None], 0)
     real = {s: v for s, v in found.items() if v is not None}
+    source.update(dict.fromkeys(missing, "computed"))
     if missing:
         idx = shard(len(ref), rank, world, m.feature_batch_size)
-        images = [reference.reference_image(ref[i][image_column], ref_size) for i in idx]
+        rows = (ref[i] for i in idx)
+        images = [reference.reference_image(r[image_column], ref_size, r.get(CAPTION_PROBLEM)) for r in rows]
         for s in missing:
             feats = extractors[s](images, desc=f"reference features ({s})")
             real[s] = np.stack(gather_by_index(idx, list(feats), world))
             if rank == 0 and m.cache_reference:
                 reference.save_cached(m.cache_dir, keys[s], real[s])
-    return real, keys
+    return real, keys, source
 
 
 def image_prompts(prompts: list[str], groups: list[str] | None, held: list[str] | None, n: int, n_held: int
@@ -338,7 +387,9 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     out = Path(cfg.paths.output_dir)
     table = results_path(cfg)
 
-    ref, ref_identity, image_column, caption_column = reference_set(cfg)
+    loggers = loggers_of(cfg) if rank == 0 else []
+    refset = reference_set(cfg)
+    ref, ref_identity, image_column = refset.rows, refset.identity, refset.image_column
     wanted = parse_metrics(m.compute)
     needs_clip = any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same") for x in wanted)
     clip = load_clip(m.clip_model, fabric.device) if needs_clip else None
@@ -353,7 +404,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                if (x.space in extractors if x.space else x.name in scorers or x.name == "lpips_diversity")]
     skipped = [x.name for x in wanted if x not in metrics]   # CLIP off: said in the row's protocol
     spaces = list(extractors)
-    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else [str(c) for c in ref[caption_column]]
+    prompts = read_prompts(ev.prompts, "eval.prompts") if ev.prompts else refset.captions
     prompts_sha256 = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     prompts, groups = prompt_groups(prompts)
     held = read_prompts(ev.held_out_prompts, "eval.held_out_prompts") if ev.get("held_out_prompts") else None
@@ -382,15 +433,24 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                                 "num_images": n_held}
     if record:
         settings["train"] = record["settings"]
-    key = settings_key(settings)
+    ident = identity(cfg, "evaluation")
+    # keyed by content: an adapter is its SHA-256 (the path stays in the row's settings, for reading)
+    by_content = [{k: v for k, v in a.items() if k != "path"} for a in settings["adapters"]]
+    key = settings_key({**settings, "adapters": by_content, "identity": ident.digest})
+    if rank == 0 and (old := without_identity(read_rows(table))):
+        log.info("%s: %d rows were made before identities were recorded: never reused as this cell's", table,
+                 len(old))
     done = fabric.broadcast(find_row(table, key) if rank == 0 else None, 0)
     if done is not None and not ev.force:
         if rank == 0:
             log.info("cell %s already in %s: skipped (eval.force=true recomputes)", key, table)
+            for lg in loggers:   # a tracker added later gets the row once (MLflow: never twice)
+                if isinstance(lg, MLflowLogger):
+                    lg.log_row(done, [Path(done["files"]["grid"])], lock=f"{table}.lock")
         return done if rank == 0 else {}
 
     t0 = time.time()
-    real, ckeys = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors)
+    real, ckeys, ref_source = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors)
     t_ref = time.time() - t0
 
     grid = out / "grid.png"
@@ -417,6 +477,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
             for i, img in zip(idx, images):
                 img.save(out / "samples" / f"{i:05d}.png")
         if start == 0:
+            grid.parent.mkdir(parents=True, exist_ok=True)   # eval.save_images=false made no samples/ folder
             make_grid(images[:64], cols=8).save(grid)
         if lp is not None:   # LPIPS pairs a prompt's images, which lie in several shards
             (shard_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -490,7 +551,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                  **{per_image_key(s): f.astype(np.float32) for s, f in fake.items()})
     files = {"per_image": per_image, "grid": grid,
              **{reference_file_key(s): f for s, f in ref_files.items()}}
-    row = {"key": key, "settings": settings, "metrics": metrics_out, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    row = {"key": key, "identity": ident.digest, "settings": settings, "metrics": metrics_out,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "per_prompt": per_prompt(all_prompts, per_img, all_groups, m.level, prompt_index),
            # relative to the table's folder where under it: a moved sweep keeps its files (and pairs)
            "files": {k: stored_path(v, table.parent) for k, v in files.items()},
@@ -506,6 +568,8 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "seed_rule": "seed_i = eval.seed*1e6 + i",
                         "images": {"in_distribution": n, "held_out": n_held},
                         "reference_cache": ckeys.get("inception"), "reference_caches": ckeys,
+                        "reference_source": ref_source,
+                        "reference_scan": refset.scan,   # the data policy's rejections (data.policy)
                         "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused}},
            "run_dir": str(out), **({"train": record} if record else {})}
     if ev.force:
@@ -514,5 +578,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         log.warning("cell %s: a row was written to %s by another job meanwhile; kept that one", key, table)
     shutil.rmtree(shard_dir, ignore_errors=True)   # per_image.npz holds what they held
     log.info("eval %s: %s", key, {k: round(v, 4) for k, v in metrics_out.items()})
-    log_to_loggers(cfg, row, grid)
-    return resolved(row, table.parent)
+    log_to_loggers(loggers, row, grid, table)
+    # as the table holds it (JSON: tuples are lists), so a row computed now pairs with one read back (a
+    # sweep's second cell reads the shared base row from the table)
+    return resolved(json.loads(json.dumps(row, sort_keys=True, default=str)), table.parent)

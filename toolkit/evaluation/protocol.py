@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 
 from toolkit.config import as_list
+from toolkit.run.identity import versions  # noqa: F401 - recorded with every row (the one definition)
 
-PACKAGES = ("toolkit", "torch", "diffusers", "transformers", "peft", "numpy", "scipy", "pillow",
-            "lightning", "datasets")
 METRIC_IMPL = {"fid": "Fréchet distance, Tr((Σ₁Σ₂)^½) from a symmetric eigendecomposition (float64)",
                "kid": "unbiased MMD², kernel (xᵀy/d+1)³, over all real × generated pairs",
                "ci": "grouped jackknife over generated images, reference fixed (FID, KID); Student t over "
@@ -18,16 +15,6 @@ METRIC_IMPL = {"fid": "Fréchet distance, Tr((Σ₁Σ₂)^½) from a symmetric e
                "prdc": "precision/recall (k=3, Kynkäänniemi 2019), density/coverage (k=5, Naeem 2020)",
                "vendi": "Vendi score (Friedman & Dieng 2023): exp entropy of the eigenvalues of XXᵀ/n, linear kernel "
                         "on L2-normalised generated Inception features (the vendi-score package's score_X)"}
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for p in PACKAGES:
-        try:
-            out[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            out[p] = "absent"
-    return out
 
 
 PROMPT_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".lst", ".prompts")

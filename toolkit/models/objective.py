@@ -19,7 +19,7 @@ weight the loss (flow models only).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,25 +121,28 @@ class Objective:
         """The training noise schedule of a DDPM model: the model's, rescaled to zero terminal SNR when asked."""
         return self.prepare(DDPM(scheduler)).scheduler
 
-    def captions(self, captions: Sequence[str]) -> list[str]:
+    def captions(self, captions: Sequence[str], generator: objectives.Generators = None) -> list[str]:
         """The batch's captions with caption dropout applied (training only)."""
-        return objectives.drop_captions(captions, self.caption_dropout)
+        return objectives.drop_captions(captions, self.caption_dropout, generator)
 
     def noised(self, process: Process, latents: torch.Tensor, batch: Mapping[str, Any], training: bool,
-               timesteps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Noised:
+               timesteps: torch.Tensor | None = None,
+               draws: Callable[[str], objectives.Generators] | None = None) -> Noised:
         """Draw noise (and timesteps, unless given) for ``latents``; the denoiser's input, target and
-        weights. The draws are made in one fixed order, so a seed gives the same batch whatever is
-        switched on."""
+        weights. ``draws(kind)`` gives the generators of each kind of draw
+        (``toolkit.reproducibility.SampleDraws``: one per sample, so a sample's draws depend on the
+        sample only); None: torch's global generator."""
+        gen = draws or (lambda kind: None)
         process = process.for_latents(latents)   # Flux: σ shifted by the image size
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        noise = objectives.offset_noise(noise, self.noise_offset, generator)
+        noise = objectives.randn(latents.shape, gen("noise"), latents.device)
+        noise = objectives.offset_noise(noise, self.noise_offset, gen("offset"))
         if timesteps is None:
             t = self.timesteps
             density = "uniform" if t["scheme"] in objectives.FLOW_WEIGHTINGS else t["scheme"]
             timesteps = objectives.sample_timesteps_density(
                 latents.shape[0], process.num_train_timesteps, density, t["min"], t["max"],
-                t["logit_mean"], t["logit_std"], t["mode_scale"], latents.device, generator)
-        seen = objectives.perturb_noise(noise, self.input_perturbation, generator) if training else noise
+                t["logit_mean"], t["logit_std"], t["mode_scale"], latents.device, gen("timestep"))
+        seen = objectives.perturb_noise(noise, self.input_perturbation, gen("perturbation")) if training else noise
         noisy = process.add_noise(latents, seen, timesteps)
         target = process.target(latents, noise, timesteps)
         return Noised(noisy, process.model_timesteps(timesteps), target,

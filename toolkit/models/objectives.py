@@ -29,11 +29,28 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 # SD3's loss weightings: uniform timesteps, the weight on the loss (diffusers' weighting_scheme names)
 FLOW_WEIGHTINGS = ("sigma_sqrt", "cosmap")
 LOSSES = ("mse", "huber", "smooth_l1")
+# One generator for the batch, or one per sample (sample i drawn from its own: toolkit.reproducibility)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def per_sample(generator: Generators) -> bool:
+    return isinstance(generator, Sequence)
+
+
+def randn(shape: Sequence[int], generator: Generators = None, device: torch.device | str = "cpu",
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal draws of ``shape``; with one generator per sample, row i from generator i
+    (drawn on the CPU, where the generators live, then moved)."""
+    if per_sample(generator):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} samples")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype) for g in generator]).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 def sample_timesteps(
     n: int, num_train_timesteps: int, min_timestep: int = 0, max_timestep: int | None = None,
-    device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu", generator: Generators = None,
 ) -> torch.Tensor:
     """Uniform integer timesteps in [min_timestep, max_timestep) (default: the whole schedule)."""
     hi = num_train_timesteps if max_timestep is None else max_timestep
@@ -41,13 +58,15 @@ def sample_timesteps(
         raise ValueError(
             f"timestep range [{min_timestep}, {hi}) must lie inside [0, {num_train_timesteps})"
         )
+    if per_sample(generator):
+        return torch.cat([torch.randint(min_timestep, hi, (1,), generator=g) for g in generator]).long().to(device)
     return torch.randint(min_timestep, hi, (n,), device=device, generator=generator).long()
 
 
 def sample_timesteps_density(
     n: int, num_train_timesteps: int, scheme: str = "uniform", min_timestep: int = 0, max_timestep: int | None = None,
     logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
-    device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu", generator: Generators = None,
 ) -> torch.Tensor:
     """Integer timesteps in [min, max) drawn from a density over u ∈ [0, 1): ``uniform`` (the
     classic DDPM draw, bit-identical to :func:`sample_timesteps`), ``logit_normal`` (u = σ(N(m, s)),
@@ -59,8 +78,11 @@ def sample_timesteps_density(
     hi = num_train_timesteps if max_timestep is None else max_timestep
     if not 0 <= min_timestep < hi <= num_train_timesteps:
         raise ValueError(f"timestep range [{min_timestep}, {hi}) must lie inside [0, {num_train_timesteps})")
-    u = compute_density_for_timestep_sampling(scheme, n, logit_mean=logit_mean, logit_std=logit_std,
-                                              mode_scale=mode_scale, device="cpu", generator=generator)
+    def density(k: int, g: torch.Generator | None) -> torch.Tensor:
+        return compute_density_for_timestep_sampling(scheme, k, logit_mean=logit_mean, logit_std=logit_std,
+                                                     mode_scale=mode_scale, device="cpu", generator=g)
+
+    u = torch.cat([density(1, g) for g in generator]) if per_sample(generator) else density(n, generator)
     t = min_timestep + (u.clamp(0, 1 - 1e-7) * (hi - min_timestep)).long()
     return t.to(device)
 
@@ -87,11 +109,11 @@ def flow_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor | None:
     return None
 
 
-def perturb_noise(noise: torch.Tensor, gamma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def perturb_noise(noise: torch.Tensor, gamma: float, generator: Generators = None) -> torch.Tensor:
     """Input perturbation: the noise the sample is built from is ε + γ·ξ (the target stays ε)."""
     if gamma == 0:
         return noise
-    return noise + gamma * torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + gamma * randn(noise.shape, generator, noise.device, noise.dtype)
 
 
 def debiased_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -107,14 +129,11 @@ def prior_weights(is_prior: torch.Tensor, loss_weight: float) -> torch.Tensor:
     return torch.where(is_prior.bool(), loss_weight * n / n_prior.clamp_min(1), n / (n - n_prior).clamp_min(1))
 
 
-def offset_noise(noise: torch.Tensor, strength: float, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+def offset_noise(noise: torch.Tensor, strength: float, generator: Generators = None) -> torch.Tensor:
     """Add a per-sample, per-channel constant (Guttenberg's noise offset) to Gaussian noise."""
     if strength == 0:
         return noise
-    shift = torch.randn(noise.shape[0], noise.shape[1], 1, 1, device=noise.device,
-                        dtype=noise.dtype, generator=generator)
-    return noise + strength * shift
+    return noise + strength * randn((noise.shape[0], noise.shape[1], 1, 1), generator, noise.device, noise.dtype)
 
 
 def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -180,10 +199,12 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return weighted_loss(pred, target, weights)
 
 
-def drop_captions(captions: Sequence[str], p: float, generator: torch.Generator | None = None
-                  ) -> list[str]:
+def drop_captions(captions: Sequence[str], p: float, generator: Generators = None) -> list[str]:
     """Replace each caption with "" with probability p, so classifier-free guidance keeps working."""
     if p <= 0:
         return list(captions)
-    keep = torch.rand(len(captions), generator=generator) >= p
+    if per_sample(generator):
+        keep = torch.cat([torch.rand(1, generator=g) for g in generator]) >= p
+    else:
+        keep = torch.rand(len(captions), generator=generator) >= p
     return [c if k else "" for c, k in zip(captions, keep.tolist())]

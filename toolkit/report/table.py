@@ -3,9 +3,10 @@
 Entries come from ``toolkit.evaluation.summary.summarize_rows`` and are read generically: every
 numeric key ``m`` is a metric unless it is a setting, a count (``n_*``) or one of the statistics
 suffixes below; its interval is ``m_ci_low``/``m_ci_high`` or ``m_half``; a Δ vs the baseline is
-``delta_m`` with optional ``delta_m_ci_low``/``delta_m_ci_high`` and ``delta_m_p``; booleans
-(``pareto``, ...) are flag columns. ``table_columns`` is the one function that maps these fields
-to columns: adapt it (and only it) when the statistics change.
+``delta_m`` with optional ``delta_m_ci_low``/``delta_m_ci_high`` and ``delta_m_p``, shown under
+``m``; booleans (``pareto``, ...) are flag columns, ``baseline`` the highlighted row.
+``table_columns`` is the one function that maps these fields to columns: adapt it (and only it)
+when the statistics change.
 """
 
 from __future__ import annotations
@@ -64,46 +65,56 @@ def significance(entry: dict[str, Any], m: str) -> tuple[str, str]:
 
 
 def table_columns(entries: list[dict[str, Any]], varying: list[str]) -> tuple[list[dict], list[dict]]:
-    """Summary entries → (columns, records) for the HTML table.
+    """Summary entries → (columns, records) for the HTML table: one column per metric, its Δ vs the
+    baseline beneath the mean in the same cell, so a default job's nine metrics fit a 1280 px screen.
 
-    A column is ``{key, label, title, kind}`` (kind: setting, count, metric, delta, flag); a record
-    is ``{label, baseline, cells}``: the setting's label, whether it is the baseline, and per column
-    key a cell ``{text, sub, sort, mark, title}`` (``sub``: the interval, shown under the mean;
-    ``sort``: a number where the cell has one, else the text).
+    A column is ``{key, label, title, kind}`` (kind: setting, count, metric, flag); a record is
+    ``{label, baseline, cells}``: the setting's label, whether it is the baseline (the row is
+    highlighted; not a column), and per column key a cell ``{text, sub, sort, mark, title, delta}``
+    (``sub``: the interval, shown under the mean; ``sort``: a number where the cell has one, else
+    the text; ``delta``: None, or the Δ as a cell of its own, shown under the metric).
     """
     metrics = metric_names(entries, varying)
     cols = [{"key": k, "label": k.split(".")[-1], "title": k, "kind": "setting"} for k in varying]
     cols += [{"key": k, "label": lab, "title": t, "kind": "count"} for k, (lab, t) in COUNT_LABELS.items()
              if any(k in e for e in entries)]
     for m in metrics:
-        cols.append({"key": m, "label": m, "title": f"{m}: mean [95% interval]", "kind": "metric"})
-        if any(f"delta_{m}" in e for e in entries):
-            cols.append({"key": f"delta_{m}", "label": f"Δ {m}", "kind": "delta",
-                         "title": f"{m} minus the baseline's; * p<0.05, ** p<0.01, *** p<0.001 "
-                                  "(or * when the Δ interval excludes 0)"})
-    flags = sorted({k for e in entries for k, v in e.items() if isinstance(v, bool)})
+        has_delta = any(f"delta_{m}" in e for e in entries)
+        cols.append({"key": m, "label": m, "kind": "metric", "title": f"{m}: mean [95% interval]" + (
+            "; beneath it, Δ: minus the baseline's, * p<0.05, ** p<0.01, *** p<0.001 (or * when the Δ interval "
+            "excludes 0)" if has_delta else "")})
+    flags = sorted({k for e in entries for k, v in e.items() if isinstance(v, bool)} - {"baseline"})
     cols += [{"key": k, "label": k, "title": k, "kind": "flag"} for k in flags]
 
     records = []
     for e in entries:
         rec: dict[str, Any] = {"label": setting_label(e, varying), "baseline": bool(e.get("baseline")), "cells": {}}
         for c in cols:
-            k, v = c["key"], e.get(c["key"])
-            blank = v is None or isinstance(v, float) and number(v) is None   # missing, nan or inf
-            cell = {"text": "—" if blank else fmt(v) if number(v) is not None else str(v),
-                    "sort": "" if blank else number(v) if number(v) is not None else str(v), "sub": "", "mark": "",
-                    "title": ""}
-            if c["kind"] in ("metric", "delta") and (ci := interval(e, k)) is not None:
-                cell["sub"] = f"[{fmt(ci[0])}, {fmt(ci[1])}]"
-            elif c["kind"] == "metric" and isinstance(e.get(f"{k}_ci"), str):   # summarize's text interval
-                cell["title"] = e[f"{k}_ci"]
-            if c["kind"] == "delta" and v is not None:
-                cell["mark"], cell["title"] = significance(e, k[len("delta_"):])
-            if c["kind"] == "flag":
-                cell["text"] = "✓" if v else ""
+            k = c["key"]
+            cell = value_cell(e, k, c["kind"])
+            if c["kind"] == "metric" and f"delta_{k}" in e and not rec["baseline"]:
+                cell["delta"] = value_cell(e, f"delta_{k}", "delta")
+                if e[f"delta_{k}"] is not None:
+                    cell["delta"]["mark"], cell["delta"]["title"] = significance(e, k)
             rec["cells"][k] = cell
         records.append(rec)
     return cols, records
+
+
+def value_cell(e: dict[str, Any], k: str, kind: str) -> dict[str, Any]:
+    """One number (or setting, or flag) of an entry with its interval beneath (``sub``)."""
+    v = e.get(k)
+    blank = v is None or isinstance(v, float) and number(v) is None   # missing, nan or inf
+    cell = {"text": "—" if blank else fmt(v) if number(v) is not None else str(v),
+            "sort": "" if blank else number(v) if number(v) is not None else str(v), "sub": "", "mark": "",
+            "title": "", "delta": None}
+    if kind in ("metric", "delta") and (ci := interval(e, k)) is not None:
+        cell["sub"] = f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+    elif kind == "metric" and isinstance(e.get(f"{k}_ci"), str):   # summarize's text interval
+        cell["title"] = e[f"{k}_ci"]
+    if kind == "flag":
+        cell["text"] = "✓" if v else ""
+    return cell
 
 
 def summary_entries(rows: list[dict[str, Any]], baseline: str | None = None, pareto: tuple[str, str] = PARETO

@@ -58,9 +58,9 @@ def record_attempt(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     out = Path(hc.runtime.output_dir)
     task = [str(o) for o in hc.overrides.task]
-    resumed = str(subdir) != str(SAVED)
+    resumed = str(subdir).startswith(f"{SAVED}/resume-")   # .hydra/rerun-<n>: a sweep cell run again
     if resumed:
-        saved = [str(x) for x in OmegaConf.load(out / SAVED / "overrides.yaml")]
+        saved = [str(x) for x in OmegaConf.to_container(OmegaConf.load(out / SAVED / "overrides.yaml"), resolve=False)]
         new = task[len(saved):] if task[:len(saved)] == saved else [o for o in task if o not in saved]
     else:
         new = task

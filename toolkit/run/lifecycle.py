@@ -9,15 +9,19 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from omegaconf import DictConfig, open_dict
 
+from toolkit.run.signals import Stop
+from toolkit.run.world import job_world
+
 if TYPE_CHECKING:
     import lightning as L
+
+    from toolkit.run.identity import Identity
 
 log = logging.getLogger(__name__)
 INTERRUPTED_EXIT_CODE = 130   # 128 + SIGINT: what a shell reports for Ctrl-C
@@ -40,9 +44,9 @@ class Interrupted(Exception):
 
 
 def rank_zero() -> bool:
-    """This process is global rank zero (or not distributed): from the variables torchrun, SLURM and
-    Lightning's DDP launcher set before our code runs, so it holds before any process group exists."""
-    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+    """This process is global rank zero (or not distributed): from the launcher (``run.world``), so
+    it holds before any process group exists."""
+    return job_world().rank == 0
 
 
 def barrier() -> None:
@@ -51,6 +55,15 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_ranks(value: object) -> list[object]:
+    """Every rank's ``value``, in global-rank order (a collective; Lightning's strategies gather tensors only)."""
+    import torch.distributed as dist
+
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def check_fresh(run: Path, resume: str) -> None:
@@ -109,14 +122,13 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDa
             "convert them to safetensors first.") from None
 
 
-def exit_if_stopped(trainer: L.Trainer, resume: str) -> None:
-    """After ``fit``: a run stopped by a signal (``PreemptionCheckpoint``) exits with its code,
-    naming its checkpoint and the resume command."""
-    stop = next((cb for cb in trainer.callbacks if getattr(cb, "preempted_at", None) is not None), None)
-    if stop is not None:
-        log.warning("stopped by %s at step %d; checkpoint %s. Resume with:\n    %s",
-                    stop.requested or "a signal on another rank", stop.preempted_at, stop.checkpoint, resume)
-        raise SystemExit(stop.exit_code)
+def stopped(stop: Stop, resume: str) -> NoReturn:
+    """A fit a signal stopped (``callbacks.preemption``: after its checkpoint): rank zero names the
+    checkpoint and the command that resumes the run; the entry then exits (or requeues the job)."""
+    if stop.checkpoint is not None and rank_zero():
+        log.warning("stopped by %s at step %d; checkpoint %s. Resume with:\n    %s", stop.name, stop.step,
+                    stop.checkpoint, resume)
+    raise stop
 
 
 def exit_interrupted(trainer: L.Trainer, output_dir: Path, resume: str) -> None:
@@ -128,16 +140,50 @@ def exit_interrupted(trainer: L.Trainer, output_dir: Path, resume: str) -> None:
     raise SystemExit(INTERRUPTED_EXIT_CODE) from None
 
 
-def reuse_or_resume(cfg: DictConfig, out: Path) -> tuple[DictConfig, dict[str, Any] | None]:
+def check_identity(run: Path, ident: Identity, allow: tuple[str, ...] = (), what: str = "resume") -> None:
+    """``run`` holds a training of ``ident`` (``toolkit.run.identity``; keys in ``allow`` may differ),
+    else ``RunDirError`` naming the keys that differ. A folder without a record (made before
+    identities were recorded) is another identity, except for an explicit resume, which continues
+    it with its saved settings (checked by ``toolkit.run.resume``), saying so."""
+    from toolkit.run.identity import RECORD, read_record
+
+    recorded = read_record(run)
+    if recorded is None:
+        if what == "resume":
+            log.warning("%s has no %s (made before identities were recorded): resuming with its saved settings; "
+                        "the content of its model and data files cannot be compared", run, RECORD)
+            return
+        raise RunDirError(
+            f"{run} holds a training made before identities were recorded (no {RECORD}), so it cannot be shown to "
+            f"be this cell's: it is not reused. Run the sweep into a new hydra.sweep.dir (or move {run} away).")
+    changed = ident.differences(recorded, allow)
+    if changed:
+        lines = "\n".join(f"  {c}" for c in changed[:12]) + (f"\n  ... and {len(changed) - 12} more"
+                                                            if len(changed) > 12 else "")
+        hint = ("A sweep numbers its cells by their position (hydra.sweep.subdir = the job number): the same sweep "
+                "dir takes the same values in the same order, or run this sweep into a new hydra.sweep.dir."
+                if what == "cell" else "Start a new run (another hydra.run.dir) for other settings.")
+        raise RunDirError(f"{run} holds another {'cell' if what == 'cell' else 'run'}'s training, which differs from "
+                          f"this one in:\n{lines}\nIt is never reused or continued as this one. "
+                          f"{hint}")
+
+
+def reuse_or_resume(cfg: DictConfig, out: Path, ident: Identity) -> tuple[DictConfig, dict[str, Any] | None]:
     """A sweep cell run again: its finished training's metrics (reused), or its interrupted
-    training continued from its last checkpoint (``cfg`` with ``ckpt_path=last``)."""
+    training continued from its last checkpoint (``cfg`` with ``ckpt_path=last``) — only when the
+    folder's recorded identity is this cell's (``check_identity``)."""
     from toolkit.run.history import record_event
+    from toolkit.run.identity import RESUMABLE
 
     done = out / "train_metrics.json"
-    if done.is_file() and (out / "adapter").is_dir():
+    finished = done.is_file() and (out / "adapter").is_dir()
+    interrupted = (out / "checkpoints" / "last.ckpt").is_file() and cfg.ckpt_path is None
+    if finished or interrupted:
+        check_identity(out, ident, () if finished else RESUMABLE, "cell")
+    if finished:
         log.info("training of %s finished earlier: reused (%s)", out, done)
         return cfg, json.loads(done.read_text())
-    if (out / "checkpoints" / "last.ckpt").is_file() and cfg.ckpt_path is None:
+    if interrupted:
         log.info("training of %s was interrupted: resuming from its last checkpoint", out)
         record_event(out, "resume", ckpt_path="last", why="the sweep ran again over an interrupted cell")
         cfg = copy.deepcopy(cfg)

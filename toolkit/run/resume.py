@@ -6,8 +6,9 @@
     python run.py hydra.run.dir=<run> ckpt_path=last data.path=other           # refused, naming the saved value
 
 ``launch_args`` (toolkit/cli.py, before Hydra) turns a resume command into the run's saved overrides
-(``<run>/.hydra/overrides.yaml``) followed by the new ones, refuses new ones that would change a
-setting outside ``RESUMABLE`` (naming each key with its saved and its new value), and sends
+(``<run>/.hydra/overrides.yaml``) followed by the new ones, refuses new ones that would change the
+run's identity (``toolkit.run.identity``: anything but ``RESUMABLE`` and the keys that cannot change
+a number; naming each key with its saved and its new value), and sends
 Hydra's files for the attempt to ``<run>/.hydra/resume-<n>/``, so the first run's ``.hydra/``
 is never written over. In the task function, ``restore`` takes the run's saved config as the
 truth (if ``conf/`` changed since the run started, the saved values win, with a warning) and
@@ -16,7 +17,6 @@ truth (if ``conf/`` changed since the run started, the saved values win, with a 
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import re
 import shlex
@@ -26,30 +26,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.config import CONFIG_DIR, ROOT, register_resolvers, renamed_overrides
+from toolkit.run.identity import RESUMABLE, identity, may_change_on_resume
 from toolkit.run.lifecycle import RunDirError, check_fresh, nothing_to_resume, rank_zero
 
 log = logging.getLogger(__name__)
-
-# Settings a resume may change: how long to train, how often to checkpoint/sample/validate-log,
-# where and how to log, data-loading speed knobs. Nothing that changes what one step computes.
-RESUMABLE: tuple[str, ...] = (
-    "ckpt_path",
-    # the number of processes: the data order is the same on any (toolkit.data.sampler), and the
-    # loader refuses a resume whose global batch per step would change
-    "trainer.devices", "trainer.num_nodes",
-    "trainer.max_steps", "trainer.max_time", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-    "callbacks.*.every_n_train_steps", "callbacks.*.every_n_steps",
-    "callbacks.progress", "callbacks.progress.*",
-    "logger", "logger.*",
-    "data.num_workers", "data.pin_memory", "data.policy.scan_workers",
-    "paths.cache_dir",
-)
 SAVED = Path(".hydra")
 _ABSENT = "(absent)"
-
-
-def resumable(key: str) -> bool:
-    return any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -97,15 +79,46 @@ def resume_command(run: str | Path) -> str:
     return shlex.join([*launcher(), f"hydra.run.dir={hydra_quote(str(Path(run).resolve()))}", "ckpt_path=last"])
 
 
+_SUBDIRS: dict[str, str | None] = {}
+
+
+def hydra_subdir() -> str | None:
+    """``${hydra_subdir:}``, Hydra's ``output_subdir``: ``.hydra`` for rank zero of a run, nothing for
+    the other ranks (their files would be rank zero's again), and ``.hydra/rerun-<n>`` for a sweep
+    cell whose folder already holds a ``.hydra/`` (the same sweep dir run again): Hydra writes these
+    files before any task code runs, so this is what keeps a cell's first record from being written
+    over by another cell's settings. Decided once per folder and process."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not rank_zero():
+        return None
+    hc = HydraConfig.get()
+    out = str(hc.runtime.output_dir)
+    if out not in _SUBDIRS:
+        first = Path(out) / SAVED / "config.yaml"
+        n = 1 + len(list((Path(out) / SAVED).glob("rerun-*")))
+        _SUBDIRS[out] = f"{SAVED}/rerun-{n}" if hc.mode == RunMode.MULTIRUN and first.is_file() else str(SAVED)
+    return _SUBDIRS[out]
+
+
 def relaunch_as_cell(ckpt_path: str | None) -> None:
     """In a multirun cell, make the command Lightning's DDP launcher re-runs for the other ranks
     (``sys.argv`` plus ``hydra.run.dir``) run this cell, not the sweep again: the cell's own
-    resolved overrides (no ``-m``, no sweep syntax), its run dir, and its resume decision."""
+    resolved overrides (no ``-m``, no sweep syntax), its run dir, and its resume decision. In a
+    cell that submitit started (``hydra/launcher=local``: ``python -m submitit.core._submit``),
+    Lightning would re-run submitit's module: the other ranks run the toolkit's entry instead."""
+    import importlib.util
     import sys
 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
 
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None and spec.name.split(".")[0] not in ("toolkit", "miniature"):
+        __main__.__spec__ = importlib.util.find_spec("toolkit.__main__")   # Lightning runs python -m <this>
     hc = HydraConfig.get()
     args = [a for a in hc.overrides.task if not a.startswith("ckpt_path=")]
     sys.argv[1:] = [*args, *([f"ckpt_path={ckpt_path}"] if ckpt_path else [])]
@@ -162,16 +175,55 @@ def launch_args(args: list[str]) -> list[str]:
                                              else "holds no checkpoint (no last.ckpt under it)"))
     if not (run / SAVED / "config.yaml").is_file():
         return args   # a checkpoint without a saved config (not written by run.py): resume as told
-    saved = renamed_overrides([str(x) for x in OmegaConf.load(run / SAVED / "overrides.yaml")])[0]
-    check_resume(run, saved, args)
+    saved = saved_overrides(run)
+    merged = merge_overrides(saved, args)
+    check_resume(run, saved, merged)
     n = 1 + len(list((run / SAVED).glob("resume-*")))
     subdir = f"{SAVED}/resume-{n}" if rank_zero() else "null"
-    return [*saved, *args, f"hydra.output_subdir={subdir}"]
+    return [*merged, f"hydra.output_subdir={subdir}"]
+
+
+def saved_overrides(run: Path) -> list[str]:
+    """The overrides ``run`` was started with (``.hydra/overrides.yaml``), after the config search
+    path it was composed with (``hydra.searchpath``, in ``.hydra/hydra.yaml``): an experiment of
+    the user's own config folder composes again on resume."""
+    # as written: an override's ${...} is the run's to resolve, not this reader's
+    saved = renamed_overrides([str(x) for x in OmegaConf.to_container(OmegaConf.load(run / SAVED / "overrides.yaml"),
+                                                                       resolve=False)])[0]
+    hydra_file = run / SAVED / "hydra.yaml"
+    hydra = OmegaConf.to_container(OmegaConf.load(hydra_file).hydra.overrides.hydra, resolve=False) \
+        if hydra_file.is_file() else []
+    return [*(str(o) for o in hydra if str(o).startswith("hydra.searchpath=")), *saved]
+
+
+def merge_overrides(saved: list[str], args: list[str]) -> list[str]:
+    """``saved`` then ``args``, each setting once. The commands that resume a run repeat its own
+    overrides (a requeued SLURM job, a restarted torchrun group, the rank Lightning's launcher
+    starts with the parent's command line), and Hydra refuses a second ``+key=...``: an override
+    of a key the saved ones set replaces that one where it stands (keeping its ``+``), an
+    identical one is dropped, the rest follow."""
+
+    def keyed(lines: list[str]) -> dict[str, Any]:
+        ok = [a for a in lines if "=" in a and not a.startswith("-")]
+        return {a: (o.key_or_group, o.package) for a, o in zip(ok, _parse(ok))}
+
+    mine = keyed(saved)
+    at = {mine[a]: i for i, a in enumerate(saved) if a in mine}
+    out, given = list(saved), keyed(args)
+    for a in args:
+        i = at.get(given.get(a))
+        if i is None:
+            out.append(a)
+            continue
+        plus = re.match(r"\+*", out[i]).group()
+        out[i] = plus + a.lstrip("+") if plus and not a.startswith("+") else a
+    return out
 
 
 def _plain(args: list[str]) -> list[str]:
-    """The config overrides among ``args`` (no flags, no ``hydra.*``)."""
-    return [a for a in args if "=" in a and not a.startswith(("-", "hydra.", "+hydra.", "++hydra."))]
+    """The overrides among ``args`` that shape the config: no flags, no ``hydra.*`` but the search path."""
+    return [a for a in args if "=" in a and not a.startswith("-") and
+            (not a.lstrip("+").startswith("hydra.") or a.lstrip("+").startswith("hydra.searchpath="))]
 
 
 def _trains(args: list[str]) -> bool:
@@ -184,28 +236,28 @@ def _trains(args: list[str]) -> bool:
 
 
 def check_resume(run: Path, saved: list[str], args: list[str]) -> None:
-    """Refuse ``args`` that change a non-resumable setting of the run saved in ``run``."""
+    """Refuse ``args`` (``merge_overrides(saved, new)``) if they change the identity of the run saved
+    in ``run`` (``RESUMABLE`` aside)."""
     from hydra.errors import HydraException
 
     try:
-        before, after = flatten(_container(_compose(saved))), flatten(_container(_compose([*saved, *_plain(args)])))
+        before, after = _compose(saved), _compose(_plain(args))
     except HydraException as err:
         raise RunDirError(f"cannot resume {run}: its saved overrides ({run / SAVED / 'overrides.yaml'}) and "
                           f"these do not compose with the current conf/: {err}") from None
-    recorded = flatten(_container(OmegaConf.load(run / SAVED / "config.yaml")))
-    changed = sorted(k for k in set(before) | set(after)
-                     if before.get(k, _ABSENT) != after.get(k, _ABSENT) and not resumable(k))
+    changed = identity(after, with_contents=False).differences(identity(before, with_contents=False).keys,
+                                                               allow=RESUMABLE, labels=("saved", "given"))
     if not changed:
         return
-    lines = [f"  {k}: saved {recorded.get(k, before.get(k, _ABSENT))!r}, given {after.get(k, _ABSENT)!r}"
-             for k in changed[:12]]
-    if len(changed) > 12:
-        lines.append(f"  ... and {len(changed) - 12} more")
+    lines = [f"  {line}" for line in changed[:12]] + ([f"  ... and {len(changed) - 12} more"] if len(changed) > 12
+                                                       else [])
     raise RunDirError(
         f"cannot resume {run} with different settings: a resume continues the run with the settings it "
-        f"started with ({run / SAVED / 'config.yaml'}), and these overrides change them:\n" + "\n".join(lines) +
-        "\nOn resume only these may change: " + ", ".join(RESUMABLE) + ". To train with other settings, start "
-        "a new run (another hydra.run.dir), e.g. from this run's weights with module.init_adapter="
+        f"started with ({run / SAVED / 'config.yaml'}), and these overrides change them:\n" +
+        "\n".join(lines) + "\nOn resume only " + ", ".join(RESUMABLE) + " may change, besides what cannot change a "
+        "number (toolkit/run/identity.py: outputs, logging, progress, loader workers; the number of processes "
+        "with the same trainer.devices × trainer.num_nodes × trainer.accumulate_grad_batches). To train with other "
+        f"settings, start a new run (another hydra.run.dir), e.g. from this run's weights with module.init_adapter="
         f"{run / 'adapter'}.")
 
 
@@ -226,7 +278,8 @@ def _delete(tree: dict[str, Any], key: str) -> None:
 
 
 def restore(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
-    """On a resume, the run's saved config, with only ``RESUMABLE`` keys taken from ``cfg``.
+    """On a resume, the run's saved config, with only the keys a resume may change taken from ``cfg``
+    (``toolkit.run.identity.may_change_on_resume``).
 
     ``cfg`` is what Hydra composed from the saved overrides plus the new ones (already checked by
     ``launch_args``); it differs from the saved config elsewhere only if ``conf/`` changed since
@@ -242,7 +295,7 @@ def restore(cfg: DictConfig, output_dir: str | Path) -> DictConfig:
     for key in sorted(set(flat_now) | set(flat_saved)):
         if flat_now.get(key, _ABSENT) == flat_saved.get(key, _ABSENT):
             continue
-        if not resumable(key):
+        if not may_change_on_resume(key):
             drift.append(key)
         elif key in flat_now:
             _set(saved_tree, key, flat_now[key])

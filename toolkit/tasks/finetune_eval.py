@@ -11,10 +11,12 @@
    intervals and p-values, a grid with base (top) vs fine-tuned (bottom) images for the same
    prompts and seeds; and ``report.html`` (``toolkit.report``).
 
-A multirun is a train-and-evaluate sweep: every cell appends its rows (with the training
-settings, the adapter hash and the training metrics) to ``<sweep dir>/results.jsonl``. Running
-the same sweep again (``hydra.sweep.dir=<that dir>``) skips finished cells, resumes a cell whose
-training was interrupted from its last checkpoint, and evaluates the shared base model once.
+A multirun is a train-and-evaluate sweep: every cell appends its rows (with its training run's
+identity, the adapter hash and the training metrics) to ``<sweep dir>/results.jsonl``. A cell is
+keyed by its identity (``toolkit.run.identity``: the whole config but what cannot change a
+number), so running the same sweep again (``hydra.sweep.dir=<that dir>``) skips finished cells,
+resumes a cell whose training was interrupted from its last checkpoint, evaluates the shared base
+model once, and refuses a folder that holds another cell's training.
 """
 
 from __future__ import annotations
@@ -25,17 +27,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from toolkit.evaluation.job import evaluate, results_path
+from toolkit.evaluation.job import attach_to_loggers, evaluate, reference_set, results_path
 from toolkit.evaluation.pairing import pair
 from toolkit.evaluation.render import finetune_markdown
-from toolkit.hashing import settings_key
 from toolkit.inference.pipeline import make_grid
 from toolkit.report import write_report
-from toolkit.results import read_rows
-from toolkit.run import lifecycle
+from toolkit.results import read_rows, without_identity
+from toolkit.run import lifecycle, signals
+from toolkit.run.identity import Identity, identity
 from toolkit.training.fit import train
 
 log = logging.getLogger(__name__)
@@ -50,36 +52,32 @@ def comparison_grid(base_dir: Path, tuned_dir: Path, n: int, out: Path) -> Path 
     return out
 
 
-def training_record(cfg: DictConfig) -> dict[str, Any]:
-    """The settings that determine a trained adapter (what a train-and-evaluate sweep varies)."""
-    module = OmegaConf.to_container(cfg.module, resolve=True)
-    module.pop("pretrained", None)   # the model is in the eval settings already
-    return {"module": module, "seed": int(cfg.seed),
-            "data": {k: OmegaConf.to_container(cfg.data, resolve=True).get(k) for k in
-                     ("path", "resolution", "global_batch_size", "center_crop", "random_flip", "buckets", "tags")},
-            "trainer": {k: cfg.trainer.get(k) for k in ("max_steps", "precision", "accumulate_grad_batches")}}
-
-
-def train_or_resume(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """Train this cell, resume its interrupted training, or reuse its finished training."""
-    cfg, done = lifecycle.reuse_or_resume(cfg, out)
-    return done if done is not None else train(cfg)
+def train_or_resume(cfg: DictConfig, out: Path, ident: Identity) -> dict[str, Any]:
+    """Train this cell, resume its interrupted training, or reuse its finished training (each only
+    when ``out`` holds this cell's training: ``lifecycle.reuse_or_resume``)."""
+    cfg, done = lifecycle.reuse_or_resume(cfg, out, ident)
+    return done if done is not None else train(cfg, ident)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     table = results_path(cfg)
-    train_settings = training_record(cfg)
-    cell = settings_key({"train": train_settings, "eval": OmegaConf.to_container(cfg.eval, resolve=True),
-                         "metrics": OmegaConf.to_container(cfg.metrics, resolve=True),
-                         "model": OmegaConf.to_container(cfg.model, resolve=True)})
-    finished = next((r for r in read_rows(table) if (r.get("train") or {}).get("cell") == cell), None)
+    trained = identity(cfg, "run")      # what the adapter is: the folder's identity
+    cell = identity(cfg, "cell").digest   # ... and how it is evaluated: the row's
+    rows = read_rows(table)
+    if old := without_identity([r for r in rows if r.get("train")]):
+        log.info("%s: %d train-and-evaluate rows were made before identities were recorded: never reused as this "
+                 "cell's (it is computed)", table, len(old))
+    finished = next((r for r in rows if (r.get("train") or {}).get("cell") == cell), None)
     if finished is not None:
         log.info("train-and-evaluate cell %s already in %s: skipped", cell, table)
         return {"finetuned": finished["metrics"], "skipped": True}
-    train_metrics = train_or_resume(cfg, out)
+    reference_set(cfg)   # the reference set through the data policy now: a bad reference fails before training
+    train_metrics = train_or_resume(cfg, out, trained)
+    signals.check()       # a stop signal after the last step: the training is kept, the evaluation not begun
     lifecycle.barrier()   # rank zero wrote the adapter: every rank reads it next
-    record = {"settings": train_settings, "metrics": train_metrics, "run_dir": str(out), "cell": cell}
+    record = {"settings": trained.nested(), "identity": trained.digest, "metrics": train_metrics,
+              "run_dir": str(out), "cell": cell}
     rows = {}
     for name, adapter in (("base", None), ("finetuned", str(out / "adapter"))):
         sub = copy.deepcopy(cfg)
@@ -105,5 +103,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = {"train": train_metrics, "base": results["base"], "finetuned": results["finetuned"],
                "paired": deltas, "fid_ratio": results["finetuned"]["fid"] / results["base"]["fid"]}
     metrics["report"] = str(write_report(out))
+    attach_to_loggers(cfg, tuned_row["key"], [Path(metrics["report"]), out / "summary.md", *([grid] if grid else [])])
     print(f"report: {metrics['report']}")
     return metrics

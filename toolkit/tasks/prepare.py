@@ -9,8 +9,10 @@ are listed in ``prepare_report.json`` (next to the shards and in the run dir) an
 shard. Kept items keep their order; shard ``j`` holds kept items ``[j·S, (j+1)·S)``.
 
 Resumable without duplicates or losses: the plan (source fingerprint, policy, shard size) is
-written first; each shard is published whole (a local rename, one S3 PUT), then its sidecar with
-its count and SHA-256; a shard counts as done when its sidecar is there. Run the same command
+written first; each shard is written to a file one sample at a time and published whole (a local
+rename; an S3 upload, multipart above ``prepare.multipart_mb``), then its sidecar with its count
+and SHA-256; a shard counts as done when its sidecar is there. Memory does not grow with the
+shard's size (``bench/prepare_memory.py``). Run the same command
 again after a kill: the done shards are skipped, the rest written, the index last. An output
 holding another dataset's or other settings' shards is refused, never overwritten.
 
@@ -35,7 +37,9 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -46,23 +50,34 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from toolkit.data.datamodule import CaptionedImages
+from toolkit.data.names import UnsafeName
+from toolkit.data.prepared import deciding
 from toolkit.data.shards import (
     ENCODED,
+    ENCODED_SCHEMA,
     INDEX,
+    PART_SCHEMA,
     PLAN,
+    PLAN_SCHEMA,
     REPORT,
+    REPORT_SCHEMA,
+    SIDECAR_SCHEMA,
+    STORES_SCHEMA,
     Sample,
+    check_encoded,
+    check_shard,
     index,
     member_spans,
     shard_name,
     sidecar,
     sidecar_name,
-    tar_bytes,
+    write_tar,
 )
 from toolkit.data.sources import fingerprint_listing, image_bytes, load_captioned
-from toolkit.data.storage import StorageError, open_store
+from toolkit.data.storage import StorageError, open_store, read_json
 from toolkit.data.validate import DataPolicy, ScanResult, check_caption, item_name, require_items, save_scan, scan
-from toolkit.run.launch import process_rank
+from toolkit.run.identity import identity
+from toolkit.run.world import job_world
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +89,40 @@ def image_ext(data: bytes) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     d, p = cfg.data, cfg.prepare
-    rank, world = process_rank()
+    rank, world = job_world().rank, job_world().size
     policy = DataPolicy(**OmegaConf.to_container(d.policy, resolve=True))
-    min_side = policy.min_side or d.resolution
+    min_side = policy.min_side or d.resolution   # data.resolution: the model's, from run.py (toolkit.model_defaults)
     if not min_side:
-        raise ValueError("task=prepare needs data.resolution or data.policy.min_side (the smallest side kept)")
-    store = open_store(str(p.output), p.endpoint_url)
+        raise ValueError("task=prepare needs data.resolution or data.policy.min_side (the smallest side kept); "
+                         "run.py sets data.resolution from model.name_or_path")
+    store = open_store(str(p.output), p.endpoint_url, p.multipart_mb)
     store.check()
     ds = load_captioned(d.path, split=d.split, image_column=d.image_column, caption_column=d.caption_column,
                         revision=d.revision)
     local = Path(str(d.path)).expanduser()
     source = {"path": str(d.path), "split": d.split, "revision": d.revision, "rows": len(ds),
               "fingerprint": fingerprint_listing(local) if local.is_dir() else ds._fingerprint}
-    plan = {"source": source, "policy": repr(policy), "min_side": int(min_side),
-            "samples_per_shard": int(p.samples_per_shard), "format": "webdataset tar + wids index v1"}
+    # the policy's fields that decide which items are kept (training compares them: PreparedDataset.check_plan),
+    # and the shards' identity: data + prepare settings but what cannot change them (toolkit.run.identity,
+    # view plan)
+    plan = {"source": source, "policy": policy.deciding(), "min_side": int(min_side),
+            "samples_per_shard": int(p.samples_per_shard), "format": "webdataset tar + wids index v1",
+            "identity": identity(cfg, "plan").keys}
     if world > 1:   # a one-process prepare's plan (and layout) stays as it was
         plan["processes"] = world
     if store.exists(PLAN):
-        before = json.loads(store.get(PLAN))
-        if before != plan:
-            changed = sorted(k for k in plan.keys() | before.keys() if before.get(k) != plan.get(k))
+        # compared by meaning: prepares made before the plan recorded the policy's deciding fields
+        # recorded its repr, and before it recorded the identity none (they are continued and extended
+        # as they were)
+        before, now = (as_meant(x) for x in (read_json(store, PLAN, PLAN_SCHEMA), plan))
+        if "identity" not in before:
+            del now["identity"]
+        if before != now:
+            changed = sorted(k for k in now.keys() | before.keys() if before.get(k) != now.get(k))
+            if "identity" in changed and isinstance(before.get("identity"), dict):   # name the keys
+                was, ident = before["identity"], now["identity"]
+                changed = [*(k for k in changed if k != "identity"),
+                           *sorted(k for k in was.keys() | ident.keys() if was.get(k) != ident.get(k))]
             hint = (f" (it was started with {before.get('processes', 1)} processes: continue it with as many)"
                     if changed == ["processes"] else "")
             raise StorageError(f"{store.url} holds a prepare of another dataset or other settings (differs in: "
@@ -102,7 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         store.put(PLAN, json.dumps(plan, indent=1, sort_keys=True).encode())
     if store.exists(INDEX):
         log.info("%s is already prepared (%s)", store.url, INDEX)
-        counts = json.loads(store.get(REPORT))["counts"]
+        counts = read_json(store, REPORT, REPORT_SCHEMA)["counts"]
     else:
         write_part(cfg, store, ds, policy, int(min_side), rank, world)
         counts = merge_parts(cfg, store, source, plan, world) if rank == 0 else {}
@@ -110,6 +139,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         wait_for(store, [INDEX], "the index (rank 0 merges the parts)", p.wait_s)
         counts = {**counts, **encode(cfg, store, rank, world)}
     return counts
+
+
+def as_meant(plan: dict[str, Any]) -> dict[str, Any]:
+    """A plan with its policy as the fields that decide what is kept (``toolkit.data.prepared.deciding``)."""
+    return {**plan, "policy": deciding(plan["policy"])}
 
 
 def part_name(rank: int, world: int) -> str:
@@ -130,20 +164,20 @@ def write_part(cfg: DictConfig, store: Any, ds: Any, policy: DataPolicy, min_sid
     for j, start in enumerate(range(0, len(result.keep), size)):
         name = shard_name(j, prefix)
         if store.exists(sidecar_name(name)):   # published by an earlier attempt
-            shards.append({k: v for k, v in json.loads(store.get(sidecar_name(name))).items() if k != "samples"})
+            where = f"{store.url}/{sidecar_name(name)}"
+            side = read_json(store, sidecar_name(name), SIDECAR_SCHEMA)
+            meta = check_shard({k: v for k, v in side.items() if k != "samples"}, where)
+            if meta["url"] != name:
+                raise UnsafeName(f"{where}: names shard {meta['url']!r}, not {name!r}; refused")
+            shards.append(meta)
             continue
-        samples = []
-        for row, (w, h) in zip(result.keep[start: start + size], result.sizes[start: start + size], strict=True):
-            image, caption, problem = wrap.raw(row)
-            data = image_bytes(image)
-            samples.append(Sample(f"{row:09d}", data, image_ext(data), check_caption(caption, problem, policy),
-                                  {"width": w, "height": h, "source": item_name(image, row),
-                                   "sha256": hashlib.sha256(data).hexdigest()}))
-        blob = tar_bytes(samples)
-        store.put(name, blob)
-        meta, spans = sidecar(name, samples, blob), member_spans(blob)
+        rows = shard_samples(wrap, result.keep[start: start + size], result.sizes[start: start + size], policy)
+        with store.staged(name) as f:   # published whole on leaving the block (a rename; an S3 upload)
+            written_samples = write_tar(f, rows)
+            spans = member_spans(f)
+            meta = sidecar(name, len(written_samples), f)
         # what training reads at start-up: captions, sizes, and where each image's bytes lie
-        rows_meta = [{"caption": x.caption, **x.meta, "span": spans[f"{x.key}.{x.ext}"]} for x in samples]
+        rows_meta = [{"caption": x.caption, **x.meta, "span": spans[f"{x.key}.{x.ext}"]} for x in written_samples]
         store.put(sidecar_name(name), json.dumps({**meta, "samples": rows_meta}).encode())   # after the shard
         shards.append(meta)
         written += 1
@@ -151,6 +185,17 @@ def write_part(cfg: DictConfig, store: Any, ds: Any, policy: DataPolicy, min_sid
                                                   "scan": asdict(result)}).encode())
     log.info("prepare rank %d/%d: source rows [%d, %d): %s; %d shards (%d written now)", rank, world, lo, hi,
              result.summary(), len(shards), written)
+
+
+def shard_samples(wrap: CaptionedImages, rows: list[int], sizes: list[list[int]], policy: DataPolicy
+                  ) -> Iterator[Sample]:
+    """The kept rows as tar samples, one at a time (a shard is never held in memory)."""
+    for row, (w, h) in zip(rows, sizes, strict=True):
+        image, caption, problem = wrap.raw(row)
+        data = image_bytes(image)
+        yield Sample(f"{row:09d}", data, image_ext(data), check_caption(caption, problem, policy),
+                     {"width": w, "height": h, "source": item_name(image, row),
+                      "sha256": hashlib.sha256(data).hexdigest()})
 
 
 def wait_for(store: Any, names: list[str], what: str, timeout_s: float) -> None:
@@ -172,17 +217,18 @@ def merge_parts(cfg: DictConfig, store: Any, source: dict[str, Any], plan: dict[
     """Rank zero: the parts, in rank order, into one report and one index (published last)."""
     d = cfg.data
     wait_for(store, [part_name(r, world) for r in range(world)], "the other processes' parts", cfg.prepare.wait_s)
-    parts = [json.loads(store.get(part_name(r, world))) for r in range(world)]
+    parts = [read_json(store, part_name(r, world), PART_SCHEMA) for r in range(world)]
     result = ScanResult(keep=[], total=0)
     for part in parts:
-        scanned = ScanResult(**part["scan"])
+        scanned = ScanResult(**{k: part["scan"][k] for k in ("keep", "total", "rejected", "converted", "sizes")})
         result.keep += scanned.keep
         result.sizes += scanned.sizes
         result.total += scanned.total
         result.rejected += scanned.rejected
         result.converted += scanned.converted
     require_items(result, str(d.path))
-    shards = [s for part in parts for s in part["shards"]]
+    shards = [check_shard(s, f"{store.url}/{part_name(r, world)} shard {j}")
+              for r, part in enumerate(parts) for j, s in enumerate(part["shards"])]
     report = {"source": source, "counts": {"total": result.total, "kept": len(result.keep),
                                            "rejected": len(result.rejected), "shards": len(shards),
                                            "shards_written_now": sum(part["written_now"] for part in parts),
@@ -205,9 +251,11 @@ def encode(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]
                 "data": {k: OmegaConf.to_container(cfg.data, resolve=True).get(k) for k in (
                     "resolution", "center_crop", "random_flip", "buckets", "policy", "masks", "tags")},
                 "cache": {k: v for k, v in OmegaConf.to_container(cfg.callbacks.encoded_cache, resolve=True).items()
-                          if k not in ("dirpath", "from_prepared")}}
+                          if k not in ("dirpath", "from_prepared")},
+                # the model by content: new weights at the same path (or a moved hub revision) are another job
+                "content": {k: v for k, v in identity(cfg, "run").keys.items() if k.startswith("content.model")}}
     job = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    done = json.loads(store.get(ENCODED)) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
+    done = read_json(store, ENCODED, ENCODED_SCHEMA) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
     if job in done["jobs"]:
         log.info("%s already carries these encoders' rows (%s)", store.url, ENCODED)
         return done["jobs"][job]["counts"]
@@ -220,16 +268,24 @@ def encode(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]
     wait_for(store, names, "the other processes' encoded rows", cfg.prepare.wait_s)
     stores: dict[str, Any] = {}
     for name in names:
-        for folder, entry in json.loads(store.get(name)).items():
-            stores.setdefault(folder, {"settings": entry["settings"], "files": {}})["files"].update(entry["files"])
+        for folder, entry in check_encoded(read_json(store, name, STORES_SCHEMA), f"{store.url}/{name}").items():
+            merge_store(stores, folder, entry)
     counts = {"encoded_stores": len(stores), "encoded_files": sum(len(e["files"]) for e in stores.values())}
-    done = json.loads(store.get(ENCODED)) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
+    done = read_json(store, ENCODED, ENCODED_SCHEMA) if store.exists(ENCODED) else {"stores": {}, "jobs": {}}
+    check_encoded(done["stores"], f"{store.url}/{ENCODED}")
     for folder, entry in stores.items():
-        done["stores"].setdefault(folder, {"settings": entry["settings"], "files": {}})["files"].update(entry["files"])
+        merge_store(done["stores"], folder, entry)
     done["jobs"][job] = {"settings": settings, "counts": counts, "processes": world}
     store.put(ENCODED, json.dumps(done, indent=1, sort_keys=True, default=str).encode())
     log.info("prepare: encoded rows of %s in %s (%s)", cfg.model.name_or_path, store.url, counts)
     return counts
+
+
+def merge_store(stores: dict[str, Any], folder: str, entry: dict[str, Any]) -> None:
+    """``entry`` (settings, files, sizes) into ``stores[folder]``."""
+    into = stores.setdefault(folder, {"settings": entry["settings"], "files": {}, "sizes": {}})
+    into["files"].update(entry["files"])
+    into.setdefault("sizes", {}).update(entry.get("sizes", {}))
 
 
 def encode_block(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]:
@@ -253,11 +309,13 @@ def encode_block(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str
     used = cache.encode(module, dm, {"rank": 0, "world_size": 1}, f"prepare rank {rank}")
     out = {}
     for folder, settings in used.items():
-        files = {}
+        files, sizes = {}, {}
         for f in sorted((staging / folder).iterdir(), key=lambda f: (f.name.endswith(".keys.json"), f.name)):
-            blob = f.read_bytes()
-            store.put(f"encoded/{folder}/{f.name}", blob)
-            files[f.name] = hashlib.sha256(blob).hexdigest()
-        out[folder] = {"settings": settings, "files": files}
+            with open(f, "rb") as src, store.staged(f"encoded/{folder}/{f.name}") as dst:   # streamed: any size
+                shutil.copyfileobj(src, dst, 4 * 2**20)
+                src.seek(0)
+                files[f.name] = hashlib.file_digest(src, "sha256").hexdigest()
+                sizes[f.name] = src.tell()
+        out[folder] = {"settings": settings, "files": files, "sizes": sizes}
     log.info("prepare rank %d/%d: encoded prepared rows [%d, %d) into %d stores", rank, world, lo, hi, len(out))
     return out

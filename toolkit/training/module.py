@@ -30,7 +30,8 @@ from toolkit.hashing import text_key
 from toolkit.models.families import ModelFamily
 from toolkit.models.objective import Objective
 from toolkit.models.pretrained import load_components
-from toolkit.reproducibility import gather_rng_states, seed_step, set_rng_state
+from toolkit.reproducibility import VALIDATION, SampleDraws, gather_rng_states, seed_micro_batch, set_rng_state
+from toolkit.run.processes import rescale_batch_progress
 from toolkit.training.optimizers import optimizers
 from toolkit.training.speed import Speed
 
@@ -146,6 +147,8 @@ class LoRADiffusion(L.LightningModule):
             raise ValueError(f"module.nonfinite={nonfinite!r}: expected 'stop' or 'skip'")
         self.seed, self.nonfinite, self.max_skipped_steps = seed, nonfinite, max_skipped_steps
         self.skipped_steps = 0
+        self.step_losses: list[torch.Tensor] = []   # this optimizer step's micro-batch losses
+        self.val_total = [0.0, 0]
         self.text_cache: Any = None   # set by the EncodedCache callback
         self.text_encoders_released = False
         # Frozen base weights are absent from our checkpoints, so loading must not be strict.
@@ -243,6 +246,9 @@ class LoRADiffusion(L.LightningModule):
         states = checkpoint.get("rng_states", [])
         if len(states) == self.trainer.world_size:
             set_rng_state(states[self.global_rank])
+        elif rescale_batch_progress(checkpoint, self.trainer.world_size):   # resumed on another number of processes
+            log.info("checkpoint written on %d processes, resumed on %d with the same micro-batches per step",
+                     len(states), self.trainer.world_size)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
     # ---------------------------------------------------------------- the objective
@@ -262,24 +268,27 @@ class LoRADiffusion(L.LightningModule):
         return torch.where(torch.isnan(self.micro_override.to(micro)), micro, self.micro_override.to(micro))
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.sample_latents(self.vae.encode(pixel_values.to(self.vae_dtype)).latent_dist.parameters)
+    def encode_images(self, pixel_values: torch.Tensor, generator: Any = None) -> torch.Tensor:
+        return self.sample_latents(self.vae.encode(pixel_values.to(self.vae_dtype)).latent_dist.parameters, generator)
 
-    def sample_latents(self, params: torch.Tensor) -> torch.Tensor:
-        """Latents from cached posterior parameters: the same draw ``encode_images`` makes."""
+    def sample_latents(self, params: torch.Tensor, generator: Any = None) -> torch.Tensor:
+        """Latents from cached posterior parameters: the same draw ``encode_images`` makes (``generator``:
+        one per sample, or None for torch's global one)."""
         cfg = self.vae.config
-        latents = DiagonalGaussianDistribution(params.to(self.vae_dtype)).sample()
+        latents = DiagonalGaussianDistribution(params.to(self.vae_dtype)).sample(generator)
         shift = getattr(cfg, "shift_factor", None) or 0.0
         return ((latents - shift) * cfg.scaling_factor).float()
 
     def diffusion_loss(self, batch: Mapping[str, Any], timesteps: torch.Tensor | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       draws: SampleDraws | None = None) -> torch.Tensor:
+        """The denoising loss of ``batch``; ``draws``: its per-sample generators (None: torch's global one)."""
+        latent_gen = draws("latent") if draws is not None else None
         if "latent_params" in batch:
-            latents = self.sample_latents(batch["latent_params"])
+            latents = self.sample_latents(batch["latent_params"], latent_gen)
         else:
-            latents = self.encode_images(batch["pixel_values"])
+            latents = self.encode_images(batch["pixel_values"], latent_gen)
         cond = self.encode_text(batch["captions"])
-        noised = self.objective.noised(self.process, latents, batch, self.training, timesteps, generator)
+        noised = self.objective.noised(self.process, latents, batch, self.training, timesteps, draws)
         dtype = self.denoiser_dtype
         args, kwargs = self.family.denoiser_inputs(noised.noisy.to(dtype), noised.timesteps, cond, self.micro(batch),
                                                    dtype, self.guidance)
@@ -308,14 +317,15 @@ class LoRADiffusion(L.LightningModule):
                 enc.eval()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_step(self.seed, self.current_epoch, batch_idx, self.global_rank)
+        seed_micro_batch(self.seed, batch["keys"])   # LoRA dropout: the same masks for the same micro-batch
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor | None:
-        batch = {**batch, "captions": self.objective.captions(batch["captions"])}
-        loss = self.diffusion_loss(batch)
+        draws = SampleDraws(self.seed, batch["keys"])   # every sample's draws from its own (seed, epoch, index)
+        batch = {**batch, "captions": self.objective.captions(batch["captions"], draws("caption_dropout"))}
+        loss = self.diffusion_loss(batch, draws=draws)
         if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
             return self._nonfinite(loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        self.step_losses.append(loss.detach())   # train/loss: the step's mean over every micro-batch
         return loss
 
     def _nonfinite(self, loss: torch.Tensor) -> None:
@@ -332,21 +342,40 @@ class LoRADiffusion(L.LightningModule):
             f"weight was changed. Last good checkpoint: {ckpt} (resume with ckpt_path=last). Lower the "
             "learning rate, check the data, or set module.nonfinite=skip to skip such batches.")
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_total = [0.0, 0]   # Σ over images of their loss (float64), images
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         # Fixed noise and fixed timesteps: each image is scored at every val timestep.
         n, k = len(batch["captions"]), len(self.val_timesteps)
-        gen = torch.Generator(self.device).manual_seed(self.val_seed + batch_idx)
+        draws = SampleDraws(self.val_seed, batch["keys"], repeat=k, stream=VALIDATION)
         field = "latent_params" if "latent_params" in batch else "pixel_values"
         rep = {field: batch[field].repeat_interleave(k, 0), "micro": batch["micro"].repeat_interleave(k, 0),
                "captions": [c for c in batch["captions"] for _ in range(k)]}
         t = torch.tensor(self.val_timesteps, device=self.device).repeat(n)
-        loss = self.diffusion_loss(rep, timesteps=t, generator=gen)
-        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        loss = self.diffusion_loss(rep, timesteps=t, draws=draws)
+        self.val_total[0] += float(loss) * n
+        self.val_total[1] += n
         return loss
 
+    def on_validation_epoch_end(self) -> None:
+        # Σ loss / images over every process: the mean over the same images, whichever process scored them
+        # (Lightning's sync_dist averages the processes' means, which weighs uneven shares differently)
+        total = self.trainer.strategy.reduce(torch.tensor(self.val_total, dtype=torch.float64, device=self.device),
+                                             reduce_op="sum")
+        if total[1] > 0:
+            self.log("val/loss", (total[0] / total[1]).float(), prog_bar=True)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # The norm is one more pass over every gradient: only on the steps the loggers write.
-        if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1):
+        # the step's loss: the mean over its micro-batches, on every process (2 processes × 1 micro-batch and
+        # 1 process × 2 give the same figure); a collective, so every process logs it
+        losses, self.step_losses = self.step_losses, []
+        if losses:
+            self.log("train/loss", self.trainer.strategy.reduce(torch.stack(losses).mean(), reduce_op="mean"),
+                     prog_bar=True)
+        # The norm is one more pass over every gradient: only on the steps the loggers write, and the last
+        last = self.trainer.max_steps > 0 and self.global_step + 1 >= self.trainer.max_steps
+        if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) and not last:
             return
         grads = [p.grad for p in self.denoiser_lora_params + self.text_lora_params if p.grad is not None]
         if grads:

@@ -12,8 +12,8 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.run import lifecycle
-from toolkit.run.launch import external_launcher
 from toolkit.run.lifecycle import RunDirError
+from toolkit.run.world import cluster_environment, job_world
 
 
 def check_shared(trainer: L.Trainer, path: str | Path) -> None:
@@ -47,7 +47,7 @@ def join_job(trainer: L.Trainer, output_dir: Path, ckpt_path: str | None) -> str
     every rank must see that file. An error is raised on every rank at once, never on one while the
     others wait. Lightning's ``fit`` finds the group up and reuses it. Single processes and
     Lightning's own launcher (its ranks start inside ``fit``) resolve on their own, as before."""
-    if trainer.world_size == 1 or external_launcher() is None:
+    if trainer.world_size == 1 or not job_world().external:
         return lifecycle.resolve_ckpt_path(ckpt_path, trainer, output_dir)
     trainer.strategy.setup_environment()   # init_process_group from the launcher's variables
     if trainer.num_nodes > 1:
@@ -61,21 +61,12 @@ def join_job(trainer: L.Trainer, output_dir: Path, ckpt_path: str | None) -> str
     path, error = trainer.strategy.broadcast(decision, 0)
     if error is not None:
         raise lifecycle.NoCheckpoint(error)
-    seen = _gather(path is None or Path(path).is_file())
+    seen = lifecycle.all_ranks(path is None or Path(path).is_file())
     if not all(seen):
         blind = [r for r, ok in enumerate(seen) if not ok]
         raise RunDirError(f"rank 0 resumes from {path}, but ranks {blind} cannot read that file: the checkpoint "
                           "folder must be on storage every node mounts (the run directory)")
     return path
-
-
-def _gather(value: object) -> list[object]:
-    """Every rank's ``value`` (Lightning's strategies gather tensors only)."""
-    import torch.distributed as dist
-
-    out: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
@@ -88,9 +79,12 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     if not cfg.trainer.get("enable_progress_bar", True):   # Lightning refuses a progress callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    if cfg.trainer.get("num_nodes", 1) > 1 and external_launcher() is None:   # else join_job checks it
+    if cfg.trainer.get("num_nodes", 1) > 1 and not job_world().external:   # else join_job checks it
         callbacks.append(SharedRunDir(cfg.paths.output_dir))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    # the launcher's view of the job (run.world), with Lightning's SLURM auto-requeue off: the job's
+    # signals are the toolkit's (run.signals)
+    plugins = [*(instantiate(cfg.trainer.get("plugins")) or []), cluster_environment()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer
