@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
 from tests.test_fault_tolerance import ADAPTER, same_tensors
 from toolkit.adapters.formats import KOHYA_FILE
-from toolkit.reproducibility import seed_step
+from toolkit.reproducibility import seed_global
 
 STEPS = 4
 
@@ -89,9 +89,9 @@ def test_the_module_loss_is_the_flux_formula_written_out(tiny_flux, imagefolder_
     batch = next(iter(dm.train_dataloader()))
     module = instantiate(cfg.module)
     module.eval()
-    seed_step(0, 0, 0, 0)
+    seed_global(0)
     got = module.diffusion_loss(batch)
-    seed_step(0, 0, 0, 0)
+    seed_global(0)
     vae, T = module.vae, module.noise_scheduler.config.num_train_timesteps
     with torch.no_grad():
         mean, logvar = vae.encode(batch["pixel_values"]).latent_dist.parameters.chunk(2, dim=1)
