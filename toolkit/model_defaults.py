@@ -226,7 +226,7 @@ def model_overrides(args: list[str]) -> list[str]:
 
     if already_chosen(args) or any(a in ("-m", "--multirun") for a in args):
         return args
-    lines = [a for a in args if "=" in a and not a.startswith("-")]
+    lines = [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-")]   # deletions too
     parsed = OverridesParser.create().parse_overrides(lines)
     cfg = _compose([o.input_line for o in parsed])
     return [*args, *as_overrides(choose(cfg, {o.key_or_group for o in parsed}))]
