@@ -99,7 +99,8 @@ def reference_stage(pairs: int, work: Path) -> dict:
     m = cfg.metrics
     fabric = Fabric(accelerator="cpu", devices=1)
     extractors = job.feature_models(m, parse_metrics(m.compute), load_clip(m.clip_model), fabric.device)
-    ref, identity, column, _ = job.reference_set(cfg)
+    refset = job.reference_set(cfg)
+    ref, identity, column = refset.rows, refset.identity, refset.image_column
     size = job.reference_size(cfg)
     times: dict[str, list[float]] = {"computed": [], "shipped": []}
     feats = {}

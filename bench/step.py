@@ -4,13 +4,16 @@
     python bench/step.py --model sdxl --batch 1 --checkpointing   # GPU: SDXL base shapes, 1024 px
     python bench/step.py --model sd35m --batch 1 --checkpointing  # GPU: SD3.5-medium shapes, 1024 px
     python bench/step.py --model sd3_narrow --batch 1    # CPU: SD3 at 1024 px (4096 image tokens), narrow widths
+    python bench/step.py --model flux1dev --batch 1 --checkpointing  # GPU: FLUX.1-dev shapes, 1024 px
+    python bench/step.py --model flux_narrow --batch 1   # CPU: Flux at 1024 px (4096 image + 512 text tokens), narrow
     python bench/step.py --model tiny_sdxl               # CPU: the tests' tiny SDXL shapes
 
 No SD-1.5 / SDXL / SD3 weights exist offline, so the components are built from their configs with
 random weights: cost per step depends on shapes, not on weight values. The conditioning, the
 denoiser's call and the noise process go through the family piece the training module uses
 (``toolkit.models.families``): SDXL = two text encoders (penultimate states concatenated, pooled
-projection) + size/crop time ids; SD3 = two CLIPs + T5 into an MMDiT, rectified flow.
+projection) + size/crop time ids; SD3 = two CLIPs + T5 into an MMDiT, rectified flow; Flux = CLIP (pooled)
++ T5 into double/single-stream blocks over packed 2x2 patches, embedded guidance, the image-size shift.
 Naive = what diffusers' LoRA training scripts do each step (VAE encode + text encoders + denoiser
 fwd/bwd); cached = the denoiser fwd/bwd on stored posterior parameters and prompt embeddings (the
 project's latent/text caches). Prints step time, img/s, peak memory (GPU: allocated; CPU: the
@@ -31,8 +34,6 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    UNet2DConditionModel,
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
@@ -42,7 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from miniature.tokenizer import load_clip_tokenizer
 from tests.tiny import tiny_t5_tokenizer
 from toolkit.adapters.inject import add_lora
-from toolkit.models.families import SD, SD3, SDXL
+from toolkit.models.families import SD, SD3, SDXL, Flux
 from toolkit.models.objectives import sample_timesteps
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -68,6 +69,13 @@ SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num
              num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
              pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
              dual_attention_layers=tuple(range(13)))
+FLUX_VAE = dict(SD3_VAE, scaling_factor=0.3611, shift_factor=0.1159)
+FLUX1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                 axes_dims_rope=(16, 56, 56))
+# FLUX.1-dev's scheduler config: σ shifted by the packed sequence length
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
 # The configs of the public checkpoints (the fields that set compute), and tiny CPU stand-ins.
 MODELS = {
     "sd15": dict(family=SD, res=512, vae=SD_VAE, text=[CLIP_L], unet=dict(
@@ -87,6 +95,13 @@ MODELS = {
                        t5=NARROW_T5, unet=dict(SD35M, num_layers=4, attention_head_dim=32, num_attention_heads=2,
                                                joint_attention_dim=160, caption_projection_dim=64,
                                                pooled_projection_dim=160, dual_attention_layers=(0, 1))),
+    "flux1dev": dict(family=Flux, res=1024, vae=FLUX_VAE, text=[CLIP_L], t5=T5_XXL, unet=FLUX1_DEV),
+    # FLUX.1-dev's sequence lengths (4096 image + 512 T5 tokens) and block structure, narrow widths
+    "flux_narrow": dict(family=Flux, res=1024, vae=dict(NARROW_VAE, scaling_factor=0.3611, shift_factor=0.1159),
+                        text=[TINY_CLIP], t5=NARROW_T5, unet=dict(FLUX1_DEV, num_layers=2, num_single_layers=4,
+                                                                  attention_head_dim=32, num_attention_heads=2,
+                                                                  joint_attention_dim=160, pooled_projection_dim=64,
+                                                                  axes_dims_rope=(8, 12, 12))),
     "tiny": dict(family=SD, res=32, vae=TINY_VAE, text=[TINY_CLIP], unet=dict(
         sample_size=16, cross_attention_dim=64, attention_head_dim=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -106,7 +121,7 @@ def base_models(spec: dict, dev: torch.device):
     """Denoiser, VAE and text encoders of a spec, random init, frozen."""
     family = spec["family"]
     with dev:   # random init on the device itself (billions of weights: minutes on the CPU)
-        unet = (SD3Transformer2DModel if family is SD3 else UNet2DConditionModel)(**spec["unet"])
+        unet = family.denoiser_class(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"]).eval()
         encoders = [(CLIPTextModelWithProjection if "projection_dim" in t else CLIPTextModel)(CLIPTextConfig(**t))
                     .eval() for t in spec["text"]]
@@ -139,8 +154,9 @@ def step_fn(family, unet, vae, encoders, tokenizers, process, opt, images, promp
         latents = (DiagonalGaussianDistribution(params).sample(gen) - shift) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen, device=latents.device)
         t = sample_timesteps(latents.shape[0], process.num_train_timesteps, generator=gen, device=latents.device)
-        args, kwargs = family.denoiser_inputs(process.add_noise(latents, noise, t), process.model_timesteps(t), cond,
-                                              micro, unet.dtype)
+        at = process.for_latents(latents)   # Flux: σ shifted by the image size
+        args, kwargs = family.denoiser_inputs(at.add_noise(latents, noise, t), at.model_timesteps(t), cond,
+                                              micro, unet.dtype, family.training_guidance(unet.config, None))
         pred = family.prediction(unet(*args, **kwargs), latents)
         loss = torch.nn.functional.mse_loss(pred.float(), process.target(latents, noise, t).float())
     loss.backward()
@@ -162,7 +178,8 @@ def main() -> None:
     args = ap.parse_args()
     spec = MODELS[args.model]
     family = spec["family"]
-    dev = torch.device("cuda" if torch.cuda.is_available() and not args.model.startswith(("tiny", "sd3_narrow"))
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.model.startswith(("tiny", "sd3_narrow",
+                                                                                           "flux_narrow"))
                        else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -173,8 +190,10 @@ def main() -> None:
         unet.compile()
     tokenizers = [load_clip_tokenizer() for _ in spec["text"]] + ([tiny_t5_tokenizer()] if "t5" in spec else [])
     opt = torch.optim.AdamW(params, lr=1e-4)
-    process = family.noise_process(FlowMatchEulerDiscreteScheduler(shift=3.0) if family is SD3 else DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False))
+    process = family.noise_process(
+        FlowMatchEulerDiscreteScheduler(shift=3.0) if family is SD3 else
+        FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER) if family is Flux else
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False))
     gen = torch.Generator(dev).manual_seed(0)
     images = torch.rand(batch, 3, res, res, generator=gen, device=dev) * 2 - 1
     prompts = [f"a photo of object number {i} on a table, studio light" for i in range(batch)]

@@ -55,7 +55,8 @@ def ship(cfg: DictConfig, folder: str | Path) -> dict[str, Path]:
     needs_clip = any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same") for x in wanted)
     clip = load_clip(m.clip_model, fabric.device) if needs_clip else None
     extractors = job.feature_models(m, wanted, clip, fabric.device)
-    ref, identity, image_column, _ = job.reference_set(cfg)
+    refset = job.reference_set(cfg)   # through the data policy, as the job reads it
+    ref, identity, image_column = refset.rows, refset.identity, refset.image_column
     size = job.reference_size(cfg)
     real, keys, _ = job.reference_features(fabric, m, ref, image_column, size, identity, extractors)
     return {s: shipped.write(folder, keys[s], s, identity, job.protocol_of(s, e, size), real[s])

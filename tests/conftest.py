@@ -26,7 +26,12 @@ from omegaconf import open_dict  # noqa: E402
 
 from miniature.tokenizer import load_clip_tokenizer  # noqa: E402
 from miniature.world import generate  # noqa: E402
-from tests.tiny import build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline  # noqa: E402
+from tests.tiny import (  # noqa: E402
+    build_tiny_flux_pipeline,
+    build_tiny_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sdxl_pipeline,
+)
 from toolkit.config import CONFIG_DIR, ROOT, register_resolvers, renamed_overrides  # noqa: E402
 from toolkit.model_defaults import model_overrides  # noqa: E402
 
@@ -77,6 +82,12 @@ def tiny_sdxl(tmp_path_factory) -> str:
 def tiny_sd3(tmp_path_factory) -> str:
     """A random SD3.5-architecture pipeline (MMDiT, two CLIPs, T5 with an offline tokenizer), save_pretrained."""
     return str(build_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> str:
+    """A random FLUX.1-dev-architecture pipeline (CLIP + T5, guidance-embedded transformer), save_pretrained."""
+    return str(build_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0))
 
 
 @pytest.fixture(scope="session")

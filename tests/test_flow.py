@@ -104,7 +104,7 @@ def test_objective_noised_and_weighted_loss_on_a_flow(flow):
     """What the module gets: one draw order (noise, then t), x_t, the velocity target, SD3's weights."""
     obj = Objective(timesteps={"scheme": "sigma_sqrt"}, input_perturbation=0.1)
     x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    one = torch.Generator().manual_seed(4)   # every kind of draw from one generator: the order is checked
+    one = torch.Generator().manual_seed(4)   # every kind of draw from one generator, in the objective's order
     n = obj.noised(obj.prepare(flow), x0, {}, training=True, draws=lambda kind: one)
     g = torch.Generator().manual_seed(4)
     eps = torch.randn(x0.shape, generator=g)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
 from tests.test_fault_tolerance import ADAPTER, same_tensors
 from toolkit.adapters.formats import KOHYA_FILE
+from toolkit.reproducibility import seed_global
 
 STEPS = 4
 
@@ -77,9 +78,9 @@ def test_the_module_loss_is_the_flow_formula_written_out(tiny_sd3, imagefolder_d
     batch = next(iter(dm.train_dataloader()))
     module = instantiate(cfg.module)
     module.eval()
-    torch.manual_seed(0)
+    seed_global(0)
     got = module.diffusion_loss(batch)
-    torch.manual_seed(0)
+    seed_global(0)
     vae, T = module.vae, module.noise_scheduler.config.num_train_timesteps
     with torch.no_grad():
         mean, logvar = vae.encode(batch["pixel_values"]).latent_dist.parameters.chunk(2, dim=1)
@@ -158,12 +159,12 @@ def test_sd3_two_ddp_processes_train_what_one_process_trains(sd3_run, tiny_sd3, 
     def per_step(folder: Path) -> dict[int, list[str]]:
         steps: dict[int, list[str]] = {}
         for f in sorted(folder.glob("rank*.jsonl")):
-            first: dict[int, list[str]] = {}   # the run's own steps (a resumed copy appends its own later)
+            seen = set()   # a step once per rank: the resume test's run (same overrides) appends its steps again
             for line in f.read_text().splitlines():
                 row = json.loads(line)
-                first.setdefault(row["step"], row["keys"])
-            for step, keys in first.items():
-                steps.setdefault(step, []).extend(keys)
+                if row["step"] not in seen:
+                    seen.add(row["step"])
+                    steps.setdefault(row["step"], []).extend(row["keys"])
         return {s: sorted(k) for s, k in steps.items()}
 
     one, two = per_step(sd3_run / "keys"), per_step(out / "keys")
@@ -311,15 +312,16 @@ def test_settings_follow_an_sd3_model(tiny_sd3, tiny_model):
 
 
 def test_an_unsupported_family_is_refused_naming_the_supported_ones(tmp_path):
-    flux = tmp_path / "flux"
-    (flux / "transformer").mkdir(parents=True)
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
-                                                       "transformer": ["diffusers", "FluxTransformer2DModel"]}))
-    (flux / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    res = run_entry(["task=train", f"model.name_or_path={flux}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
+    qwen = tmp_path / "qwen-image"
+    (qwen / "transformer").mkdir(parents=True)
+    (qwen / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline",
+                                                       "transformer": ["diffusers", "QwenImageTransformer2DModel"]}))
+    (qwen / "transformer" / "config.json").write_text(json.dumps({"_class_name": "QwenImageTransformer2DModel"}))
+    res = run_entry(["task=train", f"model.name_or_path={qwen}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
     assert res.returncode != 0 and "OSError" not in res.stderr
-    assert "no supported model family has a FluxTransformer2DModel denoiser" in res.stderr
-    assert all(f in res.stderr for f in ("sd (StableDiffusionPipeline", "sdxl (", "sd3 (StableDiffusion3Pipeline"))
+    assert "no supported model family has a QwenImageTransformer2DModel denoiser" in res.stderr
+    assert all(f in res.stderr for f in ("sd (StableDiffusionPipeline", "sdxl (", "sd3 (StableDiffusion3Pipeline",
+                                         "flux (FluxPipeline"))
 
 
 def test_an_sd3_single_file_loads_tensor_for_tensor(tiny_sd3, tmp_path):

@@ -35,7 +35,8 @@ def default_job_references():
     m = cfg.metrics
     wanted = parse_metrics(m.compute)
     extractors = job.feature_models(m, wanted, load_clip(m.clip_model), "cpu")
-    ref, identity, column, _ = job.reference_set(cfg)
+    refset = job.reference_set(cfg)
+    ref, identity, column = refset.rows, refset.identity, refset.image_column
     size = job.reference_size(cfg)
     keys = {s: reference.cache_key(identity, job.protocol_of(s, e, size)) for s, e in extractors.items()}
     return ref, column, size, extractors, keys

@@ -1,9 +1,9 @@
-"""Build tiny, randomly initialised pipelines with the exact SD-1.x, SDXL and SD3 component classes.
+"""Build tiny, randomly initialised pipelines with the exact SD-1.x, SDXL, SD3 and Flux.1 component classes.
 
 Used by the tests (and as a starting point for the embedded miniature): they are saved with
 ``save_pretrained`` and read back through the same ``from_pretrained`` path as a hub model.
 
-    python -m tests.tiny OUT_DIR [--seed 0] [--sdxl | --sd3]
+    python -m tests.tiny OUT_DIR [--seed 0] [--sdxl | --sd3 | --flux]
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -250,12 +252,74 @@ def build_tiny_sd3_pipeline(
     return Path(out_dir)
 
 
+def build_tiny_flux_pipeline(
+    out_dir: str | Path,
+    seed: int = 0,
+    clip_dim: int = 32,
+    t5_dim: int = 64,
+    heads: int = 2,
+    head_dim: int = 16,
+    num_layers: int = 1,
+    num_single_layers: int = 2,
+    guidance_embeds: bool = True,
+    vae_channels: tuple[int, ...] = (16, 32),
+) -> Path:
+    """Write a random FLUX.1-layout pipeline (VAE factor 2 by default) to ``out_dir``.
+
+    Same wiring as FLUX.1-dev, only smaller: CLIP-L (``text_encoder``, its pooled output the
+    ``pooled_projection_dim``) and T5 (``text_encoder_2``, with an offline unigram tokenizer) whose
+    states the transformer takes; double- and single-stream blocks with 3-axis RoPE
+    (``axes_dims_rope`` summing to ``head_dim``) over 2x2-packed patches of a 16-channel VAE with
+    FLUX.1's scaling and shift factors; embedded guidance (dev; ``guidance_embeds=False``: schnell);
+    FLUX.1-dev's scheduler config (dynamic shift from the image's sequence length).
+
+    Args:
+        out_dir: where ``save_pretrained`` writes the pipeline.
+        seed: torch seed for the random weights.
+        clip_dim, t5_dim: the text encoders' widths.
+        heads, head_dim: the transformer's attention heads and their width (divisible by 4 for RoPE).
+        num_layers, num_single_layers: double- and single-stream blocks.
+        guidance_embeds: dev (True) or schnell (False).
+        vae_channels: the VAE's ``block_out_channels`` (factor 2^(n-1)).
+    """
+    torch.manual_seed(seed)
+    tokenizer = load_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=clip_dim, intermediate_size=2 * clip_dim, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    tokenizer_2 = tiny_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=t5_dim // 4, d_ff=2 * t5_dim, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1, norm_num_groups=8,
+        sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=t5_dim,
+        pooled_projection_dim=clip_dim, guidance_embeds=guidance_embeds, axes_dims_rope=rope)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096) if guidance_embeds \
+        else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sdxl", action="store_true", help="SDXL layout (two text encoders) instead of SD-1.x")
     ap.add_argument("--sd3", action="store_true", help="SD3.5 layout (MMDiT, two CLIPs and T5)")
+    ap.add_argument("--flux", action="store_true", help="FLUX.1-dev layout (CLIP and T5, packed patches)")
     args = ap.parse_args()
-    build = build_tiny_sdxl_pipeline if args.sdxl else build_tiny_sd3_pipeline if args.sd3 else build_tiny_pipeline
+    build = build_tiny_sdxl_pipeline if args.sdxl else build_tiny_sd3_pipeline if args.sd3 else \
+        build_tiny_flux_pipeline if args.flux else build_tiny_pipeline
     print(build(args.out_dir, seed=args.seed))

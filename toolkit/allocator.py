@@ -9,7 +9,7 @@ with gradient checkpointing 1.52 for 0.91). A fixed threshold (``mallopt(M_MMAP_
 which also stops it from growing) maps every block of 128 KiB or more on its own and unmaps it
 when freed, so resident memory follows live tensors and the memory plan's CPU figures hold
 (``toolkit.plan``). The cost is a page fault per page of each new large block: measured in
-bench/README.md §14 (`bench/allocator.py`). Not glibc (macOS, musl): nothing is changed.
+bench/README.md §18 (`bench/allocator.py`). Not glibc (macOS, musl): nothing is changed.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def native_resolution(name_or_path: str, revision: str | None = None, config: st
     dcfg = denoiser_config(name_or_path, revision, config)
     factor = vae_factor(name_or_path, revision, config)
     return family.native_size(dcfg, factor), (f"the model's native size ({family.denoiser_label} sample_size "
-                                              f"{dcfg['sample_size']} x VAE factor {factor})")
+                                              f"{family.native_sample_size(dcfg)} x VAE factor {factor})")
 
 
 def family_of_model(m: DictConfig) -> Any:
@@ -226,7 +226,7 @@ def model_overrides(args: list[str]) -> list[str]:
 
     if already_chosen(args) or any(a in ("-m", "--multirun") for a in args):
         return args
-    lines = [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-")]   # ~key: a deletion
+    lines = [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-")]   # deletions too
     parsed = OverridesParser.create().parse_overrides(lines)
     cfg = _compose([o.input_line for o in parsed])
     return [*args, *as_overrides(choose(cfg, {o.key_or_group for o in parsed}))]

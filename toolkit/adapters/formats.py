@@ -240,6 +240,7 @@ def kohya_layers(layers: Layers, family: type[ModelFamily], denoiser_config: Map
     projections stacked, rows stored swapped where the layout swaps them), and per fused key its
     parts and their ranks (the ``toolkit_kohya_fused`` metadata)."""
     fused = {m: (name, parts) for name, parts in family.kohya_fused(denoiser_config).items() for m in parts if m}
+    key_module: dict[str, str] = {}   # kohya key of a fused layer -> its original module name
     out: dict[str, AdapterLayer] = {}
     stacks: dict[str, dict[str, AdapterLayer]] = {}
     for comp, lay in layers.items():
@@ -247,6 +248,7 @@ def kohya_layers(layers: Layers, family: type[ModelFamily], denoiser_config: Map
             key = kohya_key(family, comp, name, denoiser_config)
             if comp == family.denoiser and name in fused:
                 stacks.setdefault(key, {})[name] = w
+                key_module[key] = fused[name][0]
                 continue
             if key in out:
                 raise AdapterFormatError(f"two modules map to the kohya key {key!r}; cannot write a kohya file")
@@ -259,7 +261,8 @@ def kohya_layers(layers: Layers, family: type[ModelFamily], denoiser_config: Map
     for key, members in stacks.items():
         parts = fused[next(iter(members))][1]
         try:
-            out[key], ranks = stack_rows([members.get(p) if p else None for p in parts])
+            out[key], ranks = stack_rows([members.get(p) if p else None for p in parts],
+                                         family.kohya_fused_rows(key_module[key], denoiser_config))
         except ValueError as err:
             raise AdapterFormatError(f"{key} ({', '.join(p for p in parts if p)}): {err}") from err
         meta[key] = [[p, r] for p, r in zip(parts, ranks)]
@@ -429,7 +432,7 @@ def _read_kohya(sd: dict[str, torch.Tensor], family: type[ModelFamily],
                 lookup[kohya_key(family, comp, name, cfg)] = (comp, name)
             except ValueError:   # a module the original layout has no name for: no kohya file adapts it
                 continue
-    fused = {family.kohya_prefixes[family.denoiser] + k.replace(".", "_"): v
+    fused = {family.kohya_prefixes[family.denoiser] + k.replace(".", "_"): (k, v)
              for k, v in (family.kohya_fused(cfg).items() if modules is not None else ())}
     ranks = json.loads(meta.get("toolkit_kohya_fused") or "{}")
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -445,12 +448,14 @@ def _read_kohya(sd: dict[str, torch.Tensor], family: type[ModelFamily],
         layer = _kohya_layer(base, parts)
         if modules is None:
             layers.setdefault("file", {})[base] = layer
-        elif base in fused:   # one original projection, several diffusers modules (SD3's qkv)
+        elif base in fused:   # one original projection, several diffusers modules (SD3's / Flux's qkv)
+            original, names = fused[base]
             try:
-                split = split_rows(layer, len(fused[base]), [r for _, r in ranks[base]] if base in ranks else None)
+                split = split_rows(layer, len(names), [r for _, r in ranks[base]] if base in ranks else None,
+                                   family.kohya_fused_rows(original, cfg))
             except ValueError as err:
                 raise AdapterFormatError(f"{base}: {err}") from err
-            for name, part in zip(fused[base], split):
+            for name, part in zip(names, split):
                 if part is None:
                     continue
                 if not name or name not in modules.get(family.denoiser, {}):

@@ -17,6 +17,7 @@ magnitudes are equal, and the set of adapted layers is the same (none dropped, n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,10 +99,12 @@ def lora(down: torch.Tensor, up: torch.Tensor, alpha: float, magnitude: torch.Te
     return AdapterLayer("lora", {"down": down, "up": up}, alpha, magnitude, shape)
 
 
-def stack_rows(parts: list[AdapterLayer | None]) -> tuple[AdapterLayer, list[int]]:
+def stack_rows(parts: list[AdapterLayer | None], rows: Sequence[int] | None = None
+               ) -> tuple[AdapterLayer, list[int]]:
     """One LoRA layer whose update is the parts' updates stacked along the rows (a fused projection:
-    SD3's qkv), exactly; None parts are zero rows (as many as a present part's). Returns the layer and
-    each part's rank (0 for None), which :func:`split_rows` takes back.
+    SD3's qkv, Flux's single-block linear1 = q, k, v, MLP-in), exactly; None parts are zero rows.
+    ``rows``: each part's output rows (None: all equal, as many as a present part's). Returns the
+    layer and each part's rank (0 for None), which :func:`split_rows` takes back.
 
         ΔW = [s₁U₁D₁; s₂U₂D₂; s₃U₃D₃] = s · U D,   D = [D₁; D₂; D₃],   U = blockdiag(s_j U_j) / s
 
@@ -111,51 +114,64 @@ def stack_rows(parts: list[AdapterLayer | None]) -> tuple[AdapterLayer, list[int
         kinds = sorted({w.kind for w in present})
         raise ValueError(f"only LoRA/DoRA layers stack into one fused projection (got {kinds}): a Hadamard (LoHa) "
                          "or Kronecker (LoKr) product of stacked rows is not one of stacked factors")
-    rows = {w.factors["up"].shape[0] for w in present}
     dora = {w.dora for w in present}
-    if len(rows) != 1 or len(dora) != 1 or (dora == {True} and len(present) != len(parts)):
-        raise ValueError("fused parts must have equal output sizes, and DoRA needs every part (its magnitude of an "
-                         "unadapted part is the base weight's, which an adapter file does not hold)")
-    out = rows.pop()
+    if rows is None:
+        sizes = {w.factors["up"].shape[0] for w in present}
+        if len(sizes) != 1:
+            raise ValueError("fused parts of unequal output sizes need their row counts")
+        rows = [sizes.pop()] * len(parts)
+    if len(rows) != len(parts) or any(w is not None and w.factors["up"].shape[0] != r for w, r in zip(parts, rows)):
+        raise ValueError(f"fused parts' output sizes differ from the layout's {list(rows)}")
+    if len(dora) != 1 or (dora == {True} and len(present) != len(parts)):
+        raise ValueError("DoRA needs every part of a fused projection (its magnitude of an unadapted part is the "
+                         "base weight's, which an adapter file does not hold)")
     scales = {w.scale for w in present}
     s = scales.pop() if len(scales) == 1 else 1.0
     down = torch.cat([w.factors["down"] for w in present])
-    up = torch.zeros(out * len(parts), down.shape[0], dtype=down.dtype)
-    col, ranks = 0, []
-    for j, w in enumerate(parts):
+    up = torch.zeros(sum(rows), down.shape[0], dtype=down.dtype)
+    col, row, ranks = 0, 0, []
+    for w, r in zip(parts, rows):
         ranks.append(0 if w is None else int(w.rank))
         if w is not None:
-            up[j * out:(j + 1) * out, col:col + w.rank] = w.factors["up"] * (w.scale / s)
+            up[row:row + r, col:col + w.rank] = w.factors["up"] * (w.scale / s)
             col += w.rank
+        row += r
     magnitude = torch.cat([w.magnitude for w in present]) if dora == {True} else None
     return lora(down, up, s * down.shape[0], magnitude), ranks
 
 
-def split_rows(layer: AdapterLayer, n: int, ranks: list[int] | None = None) -> list[AdapterLayer | None]:
-    """The inverse of :func:`stack_rows`: ``n`` layers, one per block of output rows. With ``ranks``
-    (as :func:`stack_rows` returned them) each part keeps its own columns; without (a fused layer
-    trained as one, as kohya's sd-scripts does) each part has the whole down factor."""
+def split_rows(layer: AdapterLayer, n: int, ranks: list[int] | None = None, rows: Sequence[int] | None = None
+               ) -> list[AdapterLayer | None]:
+    """The inverse of :func:`stack_rows`: ``n`` layers, one per block of output rows (``rows``: their
+    sizes; None: equal). With ``ranks`` (as :func:`stack_rows` returned them) each part keeps its
+    own columns; without (a fused layer trained as one, as kohya's sd-scripts does) each part has
+    the whole down factor."""
     if layer.kind != "lora":
         raise ValueError(f"a fused {layer.kind} layer cannot be split into its parts")
     up, down = layer.factors["up"], layer.factors["down"]
-    if up.shape[0] % n:
-        raise ValueError(f"a fused layer of {up.shape[0]} rows does not split into {n} equal parts")
-    out, total = up.shape[0] // n, down.shape[0]
+    if rows is None:
+        if up.shape[0] % n:
+            raise ValueError(f"a fused layer of {up.shape[0]} rows does not split into {n} equal parts")
+        rows = [up.shape[0] // n] * n
+    if len(rows) != n or sum(rows) != up.shape[0]:
+        raise ValueError(f"a fused layer of {up.shape[0]} rows does not split into parts of {list(rows)} rows")
+    total = down.shape[0]
     dense = ranks is None
     ranks = [total] * n if dense else ranks
     if len(ranks) != n or not dense and sum(ranks) != total:
         raise ValueError(f"fused ranks {ranks} do not fit a rank-{total} layer")
     parts: list[AdapterLayer | None] = []
-    col = 0
-    for j, r in enumerate(ranks):
+    col, row = 0, 0
+    for r, size in zip(ranks, rows):
+        out = slice(row, row + size)
+        row += size
         if r == 0:
             parts.append(None)
             continue
         cols = slice(0, total) if dense else slice(col, col + r)
         col += 0 if dense else r
-        rows = slice(j * out, (j + 1) * out)
-        mag = layer.magnitude[rows] if layer.dora else None
-        parts.append(lora(down[cols].contiguous(), up[rows, cols].contiguous(), layer.scale * r, mag))
+        mag = layer.magnitude[out] if layer.dora else None
+        parts.append(lora(down[cols].contiguous(), up[out, cols].contiguous(), layer.scale * r, mag))
     return parts
 
 

@@ -45,6 +45,8 @@ def kohya_metadata(trainer: L.Trainer, module: L.LightningModule) -> dict[str, A
     if getattr(module, "init_adapter_sha256", None):
         meta["toolkit_init_adapter_sha256"] = module.init_adapter_sha256
     meta["toolkit_schedule"] = json.dumps(training_schedule(module.noise_scheduler.config))
+    if getattr(module, "guidance", None) is not None:   # the embedded guidance it was trained at (FLUX.1-dev)
+        meta["toolkit_training_guidance"] = str(module.guidance)
     return meta
 
 

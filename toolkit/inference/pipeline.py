@@ -46,7 +46,7 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
                   config: str | None = None, vae: str | None = None, adapters: Sequence[str] = (),
                   lora_scales: Sequence[float] = (), adapter_variant: str = "raw", scheduler: str | None = None,
                   fuse_adapters: bool = False, device: str | torch.device = "cpu",
-                  max_sequence_length: int | None = None, quantize: str | None = None,
+                  max_sequence_length: int | None = None, guidance: float | None = None, quantize: str | None = None,
                   vae_slicing: bool = True) -> DiffusionPipeline:
     """Load the base (its family's pipeline class), swap the scheduler (any diffusers scheduler
     class name), and add adapters through the verified loader (``toolkit.adapters.loading``).
@@ -64,6 +64,8 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
         device: where to run.
         max_sequence_length: checked here (a family without T5 refuses it); the images use it through
             :func:`call_kwargs`.
+        guidance: the embedded guidance training feeds (``model.guidance``): checked against the model
+            here; sampling's own is the generation block's ``guidance_scale``.
         quantize: ``model.quantize``: the denoiser's Linear weights quantized while loading
             (``toolkit.models.quantize``); adapters are then never fused (fusing would re-quantize W + ΔW).
         vae_slicing: decode one image at a time (diffusers' ``enable_vae_slicing``): a batch's decode
@@ -87,6 +89,7 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
         pipe = family.pipeline_class.from_pretrained(name_or_path, revision=revision, variant=variant,
                                                      dtype=torch_dtype, use_safetensors=not allow_pickle,
                                                      **family.pretrained_kwargs, **extra)
+    family.training_guidance(getattr(pipe, family.denoiser).config, guidance)
     if vae:
         pipe.vae = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
     if scheduler:

@@ -133,6 +133,7 @@ class Objective:
         (``toolkit.reproducibility.SampleDraws``: one per sample, so a sample's draws depend on the
         sample only); None: torch's global generator."""
         gen = draws or (lambda kind: None)
+        process = process.for_latents(latents)   # Flux: σ shifted by the image size
         noise = objectives.randn(latents.shape, gen("noise"), latents.device)
         noise = objectives.offset_noise(noise, self.noise_offset, gen("offset"))
         if timesteps is None:

@@ -51,6 +51,7 @@ class Components:
     denoiser: torch.nn.Module                    # the family's denoiser (pipeline name family.denoiser)
     noise_scheduler: Any                         # the family's training scheduler (DDPM or flow matching)
     text_options: dict[str, Any]                 # the family's prompt-encoding options (SD3: T5 length)
+    guidance: float | None                       # the embedded guidance training feeds (FLUX.1-dev), else None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -195,9 +196,14 @@ def pipeline_from_single_file(family: type[ModelFamily], path: str, config: str,
     to the file tensor by tensor (``single_file.check_loaded_against_file``)."""
     from toolkit.models.single_file import check_loaded_against_file
 
+    parts: dict[str, Any] = {}
+    if not family.single_file_has_all:   # Flux: BFL's file is the transformer; the rest is model.config's
+        rest = family.pipeline_class.from_pretrained(config, **{family.denoiser: None}, torch_dtype=torch_dtype,
+                                                     local_files_only=True, **family.pretrained_kwargs)
+        parts = {k: v for k, v in rest.components.items() if k != family.denoiser and v is not None}
     try:
         pipe = family.pipeline_class.from_single_file(str(Path(path).expanduser()), config=config,
-                                                      torch_dtype=torch_dtype, local_files_only=True)
+                                                      torch_dtype=torch_dtype, local_files_only=True, **parts)
     except (ValueError, RuntimeError, KeyError) as err:
         raise ValueError(f"{path} could not be read with model.config={config!r} ({family.name} configs): "
                          f"{str(err).splitlines()[0][:300]}. Pass model.config=<the diffusers folder or hub id of the "
@@ -259,6 +265,7 @@ def load_components(
     config: str | None = None,
     vae: str | None = None,
     max_sequence_length: int | None = None,
+    guidance: float | None = None,
     quantize: str | None = None,
     quantize_text_encoders: bool = False,
 ) -> Components:
@@ -276,6 +283,9 @@ def load_components(
         vae: a replacement VAE (folder or hub id), e.g. ``madebyollin/sdxl-vae-fp16-fix``.
         max_sequence_length: T5's prompt length (SD3; None: the pipeline's default, 256). Only the
             ``model=sd3`` preset declares it; the other families refuse it.
+        guidance: the embedded guidance a guidance-distilled transformer (FLUX.1-dev) is trained
+            with; None: the family's (Flux: its pipeline's sampling default, 3.5); refused where the
+            denoiser embeds none (SD, SDXL, SD3, FLUX.1-schnell).
         quantize: ``null | int8 | fp8 | nf4``: the denoiser's Linear weights quantized while loading
             (``toolkit.models.quantize``); adapters stay in float32 on top.
         quantize_text_encoders: the text encoders' too (when they are trained, hence run every step).
@@ -298,4 +308,5 @@ def load_components(
         parts[name].requires_grad_(False)
         parts[name].eval()
     return Components(family, {t: parts[t] for t in family.tokenizers}, {e: parts[e] for e in family.text_encoders},
-                      parts["vae"], parts[family.denoiser], noise_scheduler, text_options)
+                      parts["vae"], parts[family.denoiser], noise_scheduler, text_options,
+                      family.training_guidance(parts[family.denoiser].config, guidance))

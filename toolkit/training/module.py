@@ -124,6 +124,7 @@ class LoRADiffusion(L.LightningModule):
         for name, enc in c.text_encoders.items():   # registered as submodules under their pipeline names
             setattr(self, name, enc)
         self.micro_override = fixed_micro_conditioning(self.family, micro_conditioning)
+        self.guidance = c.guidance   # the embedded guidance training feeds (FLUX.1-dev; model.guidance)
         speed.before_adapters(self.denoiser, self.vae, self.family)
         self.init_adapter_sha256: str | None = None
         if init_adapter:
@@ -291,7 +292,7 @@ class LoRADiffusion(L.LightningModule):
         noised = self.objective.noised(self.process, latents, batch, self.training, timesteps, draws)
         dtype = self.denoiser_dtype
         args, kwargs = self.family.denoiser_inputs(noised.noisy.to(dtype), noised.timesteps, cond, self.micro(batch),
-                                                   dtype)
+                                                   dtype, self.guidance)
         if self.compiled and self.training and not self.compile_checked:   # once, before the first update
             self.speed.check_compiled(self.denoiser, args, kwargs)
             self.compile_checked = True

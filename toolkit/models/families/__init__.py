@@ -14,6 +14,9 @@ settings that follow the model) asks its family piece and never branches on the 
     SD3 / 3.5        MMDiT transformer; two CLIPs + T5; conditioning = both CLIPs' penultimate
                      states (concatenated, zero-padded to T5's width) followed by T5's tokens along
                      the sequence, plus both CLIPs' pooled outputs; rectified flow
+    Flux.1           double- and single-stream transformer over packed 2x2 latent patches with
+                     RoPE position ids; conditioning = T5's tokens plus CLIP's pooled output, and
+                     the embedded guidance (dev); rectified flow with the image-size (dynamic) shift
 
 What a piece says (class attributes, then methods):
 
@@ -28,12 +31,12 @@ What a piece says (class attributes, then methods):
     kohya_*                       adapter key names in the kohya/ComfyUI format
     single_file_state_dict        the pipeline as one checkpoint file in the family's original layout
 
-The pieces: ``base.py`` (the interface), ``unet.py`` (SD, SDXL), ``sd3.py``. Adding a family means
-adding one such module and registering its piece in ``FAMILIES``. Flux.1 fits as
-a piece whose ``denoiser_inputs`` packs 2x2 latent patches and adds image/text position ids and
-the embedded guidance, whose ``prediction`` unpacks, and whose ``flow_shift`` is the dynamic
-shift from the image's sequence length; a family with an LLM text encoder as one whose
-``encode_prompts`` runs the LLM's chat template and hidden-state selection.
+The pieces: ``base.py`` (the interface), ``unet.py`` (SD, SDXL), ``sd3.py``, ``flux.py``. Adding a
+family means adding one such module and registering its piece in ``FAMILIES``. Flux.1's
+``denoiser_inputs`` packs 2x2 latent patches and adds image/text position ids and the embedded
+guidance, its ``prediction`` unpacks, and its noise process shifts σ by the image's sequence
+length; a family with an LLM text encoder fits as one whose ``encode_prompts`` runs the LLM's chat
+template and hidden-state selection.
 """
 
 from __future__ import annotations
@@ -42,13 +45,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from toolkit.models.families.base import Conditioning, ModelFamily, call_default
+from toolkit.models.families.flux import Flux
 from toolkit.models.families.sd3 import SD3
 from toolkit.models.families.unet import SD, SDXL, UNetFamily
 
-__all__ = ["FAMILIES", "SD", "SD3", "SDXL", "Conditioning", "ModelFamily", "UNetFamily", "UnsupportedFamily",
+__all__ = ["FAMILIES", "SD", "SD3", "SDXL", "Flux", "Conditioning", "ModelFamily", "UNetFamily", "UnsupportedFamily",
            "call_default", "family_named", "family_of", "family_of_pipeline", "supported"]
 
-FAMILIES: tuple[type[ModelFamily], ...] = (SD3, SDXL, SD)
+# Flux before SD3: a diffusers Flux LoRA file also has SD3-like joint-block keys (names_adapter)
+FAMILIES: tuple[type[ModelFamily], ...] = (Flux, SD3, SDXL, SD)
 
 
 class UnsupportedFamily(ValueError):

@@ -17,6 +17,16 @@ def call_default(pipeline_class: type, arg: str) -> Any:
     return inspect.signature(pipeline_class.__call__).parameters[arg].default
 
 
+def t5_options(family: type[ModelFamily], max_sequence_length: int | None) -> dict[str, Any]:
+    """T5's prompt length (SD3, Flux): the pipeline's default unless given; T5 takes 1 to 512 tokens."""
+    default = call_default(family.pipeline_class, "max_sequence_length")
+    n = default if max_sequence_length is None else int(max_sequence_length)
+    if not 1 <= n <= 512:
+        raise ValueError(f"model.max_sequence_length={n}: T5 takes 1 to 512 tokens (the {family.name} pipeline "
+                         f"uses {default})")
+    return {"max_sequence_length": n}
+
+
 class ModelFamily:
     """The family interface. Subclasses set the class attributes and override the methods."""
 
@@ -41,6 +51,7 @@ class ModelFamily:
     format_kinds: ClassVar[Mapping[str, tuple[str, ...]]] = {"diffusers": ("lora", "dora"),
                                                              "kohya": ("lora", "dora", "loha", "lokr")}
     pretrained_kwargs: ClassVar[Mapping[str, Any]] = {}   # extra kwargs of pipeline_class.from_pretrained
+    single_file_has_all: ClassVar[bool] = True     # a single file holds every model (False: the denoiser alone)
 
     @classmethod
     def matches(cls, denoiser_class: str, config: Mapping[str, Any]) -> bool:
@@ -54,13 +65,28 @@ class ModelFamily:
 
     @classmethod
     def noise_process(cls, scheduler: Any) -> Any:
-        """The noise process the denoiser is trained on (``toolkit.models.processes``)."""
+        """The noise process the denoiser is trained on (``toolkit.models.processes``), from the
+        scheduler as loaded."""
         raise NotImplementedError
 
     @classmethod
+    def native_sample_size(cls, denoiser_config: Mapping[str, Any]) -> int:
+        """The native latent side: the denoiser config's ``sample_size``."""
+        return int(denoiser_config["sample_size"])
+
+    @classmethod
     def native_size(cls, denoiser_config: Mapping[str, Any], vae_factor: int) -> int:
-        """The training/sampling size in pixels: the denoiser's latent ``sample_size`` x the VAE factor."""
-        return int(denoiser_config["sample_size"]) * vae_factor
+        """The training/sampling size in pixels: the native latent side x the VAE factor."""
+        return cls.native_sample_size(denoiser_config) * vae_factor
+
+    @classmethod
+    def training_guidance(cls, denoiser_config: Mapping[str, Any], guidance: float | None) -> float | None:
+        """The embedded guidance the denoiser is trained with (``model.guidance``; Flux.1-dev's is
+        guidance-distilled); a family whose denoiser embeds none refuses a value."""
+        if guidance is not None:
+            raise ValueError(f"model.guidance={guidance}: a {cls.name} {cls.denoiser_label} embeds no guidance "
+                             "value (only guidance-distilled models such as FLUX.1-dev do); leave it null")
+        return None
 
     # ---------------------------------------------------------------- conditioning
     @classmethod
@@ -80,10 +106,12 @@ class ModelFamily:
 
     @classmethod
     def denoiser_inputs(cls, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
-                        micro: torch.Tensor | None, dtype: torch.dtype) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                        micro: torch.Tensor | None, dtype: torch.dtype, guidance: float | None = None
+                        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` of ``denoiser(*args, **kwargs)`` for noisy latents at ``timesteps``.
 
-        ``micro``: (n, 6) original h, w, crop top, left, target h, w (``toolkit.data.transforms``)."""
+        ``micro``: (n, 6) original h, w, crop top, left, target h, w (``toolkit.data.transforms``);
+        ``guidance``: the embedded guidance (``training_guidance``: None but for guidance-distilled models)."""
         raise NotImplementedError
 
     @classmethod
@@ -133,6 +161,11 @@ class ModelFamily:
         """kohya names of fused layers -> the diffusers modules they stack along the output rows
         (SD3's qkv). Empty where every kohya layer is one diffusers module."""
         return {}
+
+    @classmethod
+    def kohya_fused_rows(cls, original: str, denoiser_config: Mapping[str, Any]) -> tuple[int, ...] | None:
+        """The output rows of each part of the fused ``original`` module (None: equal parts, SD3's qkv)."""
+        return None
 
     @classmethod
     def kohya_row_order(cls, module: str, denoiser_config: Mapping[str, Any]) -> str:

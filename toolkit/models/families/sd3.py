@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from toolkit.models.families.base import Conditioning, ModelFamily, call_default
+from toolkit.models.families.base import Conditioning, ModelFamily, call_default, t5_options
 from toolkit.models.processes import RectifiedFlow
 
 
@@ -51,11 +51,7 @@ class SD3(ModelFamily):
 
     @classmethod
     def text_options(cls, max_sequence_length: int | None = None) -> dict[str, Any]:
-        n = call_default(cls.pipeline_class, "max_sequence_length") if max_sequence_length is None \
-            else int(max_sequence_length)
-        if not 1 <= n <= 512:
-            raise ValueError(f"model.max_sequence_length={n}: T5 takes 1 to 512 tokens (SD3's pipeline uses 256)")
-        return {"max_sequence_length": n}
+        return t5_options(cls, max_sequence_length)
 
     @classmethod
     def encode_prompts(cls, tokenizers, text_encoders, captions, device, options=None) -> Conditioning:
@@ -70,7 +66,7 @@ class SD3(ModelFamily):
         return {"prompt_embeds": embeds, "pooled": pooled}
 
     @classmethod
-    def denoiser_inputs(cls, noisy, timesteps, cond, micro, dtype):
+    def denoiser_inputs(cls, noisy, timesteps, cond, micro, dtype, guidance=None):
         return (), {"hidden_states": noisy, "timestep": timesteps,
                     "encoder_hidden_states": cond["prompt_embeds"].to(dtype),
                     "pooled_projections": cond["pooled"].to(dtype)}

@@ -59,7 +59,7 @@ class SD(UNetFamily):
         return {"prompt_embeds": enc(ids)[0]}
 
     @classmethod
-    def denoiser_inputs(cls, noisy, timesteps, cond, micro, dtype):
+    def denoiser_inputs(cls, noisy, timesteps, cond, micro, dtype, guidance=None):
         return (noisy, timesteps), {"encoder_hidden_states": cond["prompt_embeds"].to(dtype)}
 
     @classmethod
@@ -99,7 +99,7 @@ class SDXL(UNetFamily):
         return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled": pooled}
 
     @classmethod
-    def denoiser_inputs(cls, noisy, timesteps, cond, micro, dtype):
+    def denoiser_inputs(cls, noisy, timesteps, cond, micro, dtype, guidance=None):
         if micro is None:
             raise ValueError("SDXL needs the micro-conditioning (original size, crop, target size) of every image")
         return (noisy, timesteps), {
