@@ -135,7 +135,7 @@ DENIED = ["logger=none", "trainer.enable_progress_bar=true", "trainer.enable_mod
           "callbacks.sample_grid.prompts=[a cat]", "callbacks.encoded_cache.from_prepared=false",
           "module.speed.compile_check=null", "data.num_workers=1", "data.pin_memory=true",
           "data.policy.scan_workers=1", "eval.save_images=false", "eval.force=true", "eval.shard_size=4",
-          "metrics.cache_reference=false"]
+          "metrics.cache_reference=false", "memory.mode=cpu", "memory.device_gib=20"]
 
 
 def finetune_eval_args(model: str, clip: str, data: Path, evaldata: Path, out: Path, cache: Path) -> list[str]:

@@ -17,14 +17,14 @@ from toolkit.config import PACKAGE
 
 # Lower rank = lower room. Rooms of one rank do not import each other.
 RANKS = {
-    "atomic": 0, "logs": 0, "locate": 0, "config": 0, "hashing": 0, "results": 0, "reproducibility": 0, "conf": 0,
-    "tracking": 0,
+    "atomic": 0, "allocator": 0, "logs": 0, "locate": 0, "config": 0, "hashing": 0, "results": 0,
+    "reproducibility": 0, "conf": 0, "tracking": 0,
     "data": 1, "metrics": 1, "models": 1, "run": 1,
     "adapters": 2,
     "inference": 3,
     "evaluation": 4, "training": 4,
     "callbacks": 5, "report": 5,
-    "tasks": 6, "model_defaults": 6,
+    "tasks": 6, "model_defaults": 6, "plan": 6,
     "cli": 7, "__main__": 8,
 }
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from toolkit.allocator import fix_mmap_threshold
 from toolkit.logs import quiet
 
 quiet()   # before any library is imported: some speak at import time
@@ -50,11 +51,17 @@ def main(cfg: DictConfig) -> dict:
         sys.exit(f"config error: {secret}")
     record_attempt(cfg)                        # <run>/run_history.jsonl
     task = importlib.import_module(cfg.get("task_module") or f"toolkit.tasks.{cfg.task_name}")
+    plan = importlib.import_module("toolkit.plan")   # with the task's imports: the collector is off until they end
     route_library_logs()
     imports_done()
     if rank_zero():
         for line in chosen_lines(cfg):   # what was chosen for the user, from the model
             log.info("chosen %s", line)
+    try:
+        if plan.at_start(cfg):   # memory.plan=only (--plan): the plan is all this run does
+            return {"memory_plan": "printed"}
+    except plan.PlanError as err:
+        sys.exit(f"memory plan: {err}")
     launch_env = {k: os.environ.get(k) for k in DDP_ENV}
     try:
         return task.run(cfg)
@@ -101,6 +108,7 @@ def entry() -> None:
     this triggers cost ~1.2 s of a ~6 s start-up, plus ~1.5 s more for the one at interpreter exit
     (py-spy, bench/README.md §11). So the collector is off until the task's imports are done
     (``imports_done``, the pattern of the ``gc.freeze`` docs); reference counting frees as usual."""
+    fix_mmap_threshold()   # resident memory follows live tensors: the plan's CPU figures hold
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -129,6 +137,7 @@ def prepare_args(argv: list[str], notes: list[str] | None = None) -> list[str]:
     refused, the job's run dir (torchrun / srun), a restart or a resume's saved overrides, and the
     values left open filled from the model. Everything the entry does before Hydra composes, in one
     place (``tests/test_docs.py`` runs every documented command through it)."""
+    argv = ["memory.plan=only" if a == "--plan" else a for a in argv]   # --plan: print the memory plan, stop
     try:
         args, renames = renamed_overrides(argv)
     except ValueError as err:   # a key whose meaning moved (REPLACED)

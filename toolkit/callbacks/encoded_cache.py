@@ -26,10 +26,17 @@ from toolkit.data.sources import fingerprint_listing, image_bytes
 from toolkit.data.transforms import train_transform
 from toolkit.data.validate import decode_image
 from toolkit.hashing import bytes_key, module_fingerprint, text_key, tokenizer_fingerprint
+from toolkit.models.footprints import skeleton_of, text_encode, traced, untraced, vae_encode
+from toolkit.models.memory import Memory, Scaled, weight_bytes
 from toolkit.models.objectives import latent_mask
 from toolkit.run.lifecycle import all_ranks
 
 log = logging.getLogger(__name__)
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a training size: the resolution, or a bucket's (width, height)."""
+    return (size, size) if isinstance(size, int) else (int(size[1]), int(size[0]))
 
 
 def settings_key(settings: dict[str, Any]) -> str:
@@ -66,15 +73,38 @@ class EncodedCache(L.Callback):
         dirpath: cache root (shared by runs; one folder per encoder + preprocessing).
         latents: cache VAE posterior parameters (needs ``data.center_crop=true``).
         text: cache prompt embeddings (skipped when the text encoder is trained).
-        batch_size: encoding batch.
+        batch_size: the largest encoding batch (items; with flips the VAE sees twice as many images).
         dtype: storage dtype of the cached arrays (``float16`` halves the disk; ``float32`` exact).
         from_prepared: take the rows a prepared set carries (``prepare.encode=true``); false: encode here.
+        memory: the budget (``toolkit.models.memory.Memory``): each encoder takes the largest batch
+            ≤ ``batch_size`` whose traced peak, with all weights on the device, fits it; None:
+            ``batch_size`` as given.
     """
 
     def __init__(self, dirpath: str, latents: bool = True, text: bool = True, batch_size: int = 64,
-                 dtype: str = "float16", from_prepared: bool = True) -> None:
+                 dtype: str = "float16", from_prepared: bool = True, memory: Memory | None = None) -> None:
         self.dirpath, self.latents, self.text, self.from_prepared = Path(dirpath), latents, text, from_prepared
-        self.batch_size, self.dtype = batch_size, np.dtype(dtype)
+        self.batch_size, self.dtype, self.memory = batch_size, np.dtype(dtype), memory
+
+    def batch(self, module: Any, cost: Any, what: str) -> int:
+        """``batch_size``, or fewer where the budget says so (the same on every rank and node: from
+        the configs and the budget alone)."""
+        if self.memory is None:
+            return self.batch_size
+        n = self.memory.batch(cost, weight_bytes(module), self.batch_size, what,
+                              "Raise memory.budget_gib (below the device's memory) or lower data.resolution.")
+        if n < self.batch_size:
+            log.info("%s: batch %d (memory.budget_gib=%g; at most %d asked)", what, n, self.memory.budget_gib,
+                     self.batch_size)
+        return n
+
+    def latent_batch(self, module: Any, vae: Any, size: tuple[int, int], flips: int) -> int:
+        cost = Scaled(vae_encode(vae, size, module.vae.dtype, self.traces), flips)
+        return self.batch(module, cost, f"latent cache encoding ({size[0]}x{size[1]}, {flips} variant(s) an image)")
+
+    @property
+    def traces(self) -> str | None:
+        return self.memory.traces if self.memory is not None else None
 
     def sharding(self, trainer: L.Trainer) -> dict[str, Any]:
         """Who encodes what. On storage every rank sees (one cache for the job) the missing items are
@@ -143,12 +173,19 @@ class EncodedCache(L.Callback):
             captions = sorted({""} | {c for s in sets for c in s.captions()})   # "" for caption dropout
             settings = text_settings(module, self.dtype)
             module.text_cache = {}
+            if traced(module.family) or self.memory is None:
+                cost, _ = text_encode(module.family, [skeleton_of(e) for e in module.text_encoders],
+                                      module.text_encoders[0].dtype, self.traces)
+                text_batch = self.batch(module, cost, "text cache encoding")
+            else:
+                log.warning(untraced(module.family, "text cache encoding"))
+                text_batch = self.batch_size
             for field in module.family.cache_fields:   # one store per conditioning tensor (SDXL: + pooled)
                 stored = field_dtype(field, module.family, self.dtype)
                 extra = {"stored": stored} if stored != str(self.dtype) else {}
                 store = open_store(f"text-{settings_key(settings)}-{field}", {**settings, "field": field, **extra})
                 enc = lambda batch, f=field, d=stored: to_rows(module.encode_text(batch, cached=False)[f], d)
-                n = fill(store, [text_key(c) for c in captions], captions, enc, self.batch_size,
+                n = fill(store, [text_key(c) for c in captions], captions, enc, text_batch,
                          desc=f"text cache ({field})", **shard)
                 module.text_cache[field] = store
                 log.info("text cache (%s, %s): %d prompts (%d encoded now by %s) in %s", field, stored, len(captions),
@@ -172,6 +209,7 @@ class EncodedCache(L.Callback):
             mask_store = (open_store(f"masks-{folder}-{mask_key}", {**settings, "kind": "masks", "masks": mask_src})
                           if masks else None)
             factor = 2 ** (len(module.vae.config.block_out_channels) - 1)
+            vae = skeleton_of(module.vae)
 
             def mask_rows(items: list[Any], size: int | tuple[int, int]) -> np.ndarray:
                 rng, rows = np.random.default_rng(0), []
@@ -209,8 +247,9 @@ class EncodedCache(L.Callback):
                 groups: dict[Any, list[int]] = {}   # one encoding shape per bucket
                 for pos, row in enumerate(s.indices):
                     groups.setdefault(s.target_size(pos), []).append(row)
-                n = sum(fill(store, [keys[r] for r in rows], [items[r] for r in rows], encoder(size), self.batch_size,
-                             desc="latent cache", **shard) for size, rows in groups.items())
+                n = sum(fill(store, [keys[r] for r in rows], [items[r] for r in rows], encoder(size),
+                             self.latent_batch(module, vae, _hw(size), flips), desc="latent cache", **shard)
+                        for size, rows in groups.items())
                 for size, rows in groups.items():
                     fill(micro_store, [keys[r] for r in rows], [items[r] for r in rows],
                          lambda its, size=size: variants(its, size)[1], self.batch_size, desc="micro-conditioning",

@@ -25,9 +25,11 @@ import lightning as L
 import torch
 
 from toolkit.atomic import atomic_open
+from toolkit.callbacks.sample_grid import generation_batch, vae_slicing
 from toolkit.data.sources import load_captioned
 from toolkit.hashing import module_fingerprint, tokenizer_fingerprint
 from toolkit.inference.pipeline import generate
+from toolkit.models.memory import Memory
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +41,18 @@ class PriorPreservation(L.Callback):
         loss_weight: λ, the weight of the class-image loss.
         dirpath: cache root of generated class images.
         seed: image i uses seed ``seed·10⁶ + i``.
-        steps / guidance_scale / scheduler / negative_prompt / batch_size: generation settings.
+        steps / guidance_scale / scheduler / negative_prompt: generation settings.
+        batch_size: the most images generated at once; fewer where ``memory`` says so.
+        memory: the budget (``toolkit.models.memory.Memory``); None: ``batch_size`` as given.
     """
 
     def __init__(self, class_prompt: str | None, dirpath: str, num_images: int = 100, loss_weight: float = 1.0,
                  seed: int = 0, steps: int = 25, guidance_scale: float = 5.0, scheduler: str = "DDIMScheduler",
-                 negative_prompt: str | None = None, batch_size: int = 8) -> None:
+                 negative_prompt: str | None = None, batch_size: int = 8, memory: Memory | None = None) -> None:
         self.class_prompt, self.dirpath, self.num_images = class_prompt, Path(dirpath), num_images
         self.loss_weight, self.seed, self.steps, self.guidance = loss_weight, seed, steps, guidance_scale
         self.scheduler, self.negative_prompt, self.batch_size = scheduler, negative_prompt, batch_size
+        self.memory = memory
 
     @property
     def active(self) -> bool:
@@ -80,11 +85,13 @@ class PriorPreservation(L.Callback):
             for model in module.models.values():   # the base model's prior, whatever the adapter holds
                 if getattr(model, "peft_config", None):
                     model.disable_adapters()
+            batch = generation_batch(module, self.memory, self.batch_size, size, self.guidance, "class images")
             try:
-                images = generate(pipe, [self.class_prompt] * len(mine), [self.seed * 10**6 + i for i in mine],
-                                  self.steps, self.guidance, self.negative_prompt, size, size, self.batch_size,
-                                  desc=f"class images (rank {trainer.global_rank})",
-                                  call_kwargs=module.family.call_kwargs(module.text_options))
+                with vae_slicing(module.vae):
+                    images = generate(pipe, [self.class_prompt] * len(mine), [self.seed * 10**6 + i for i in mine],
+                                      self.steps, self.guidance, self.negative_prompt, size, size, batch,
+                                      desc=f"class images (rank {trainer.global_rank})",
+                                      call_kwargs=module.family.call_kwargs(module.text_options))
             finally:
                 for model in module.models.values():
                     if getattr(model, "peft_config", None):

@@ -10,7 +10,9 @@ the embedded model only (``toolkit.model_defaults``); a list or a prompts file i
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -21,9 +23,44 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogg
 from toolkit.evaluation.protocol import read_prompts
 from toolkit.inference.pipeline import generate, make_grid
 from toolkit.inference.schedule import sampling_scheduler, training_schedule
+from toolkit.models.footprints import generation, skeleton_of, traced, untraced
+from toolkit.models.memory import Memory, weight_bytes
 
 log = logging.getLogger(__name__)
 OWN_CAPTIONS = ("validation", "auto")   # auto: run.py chose nothing (composed by hand): the user's captions
+
+
+def generation_batch(module: L.LightningModule, memory: Memory | None, cap: int, size: int | None, guidance: float,
+                     what: str) -> int:
+    """The largest batch ≤ ``cap`` whose traced peak, with the whole module on the device, fits
+    ``memory.budget_gib`` (``cap`` itself without a budget), at ``size`` px (None: the native size,
+    as the pipeline generates). Images do not depend on it beyond float rounding: each has its own
+    seeded generator, and the VAE decodes one image at a time (slicing)."""
+    if memory is None:
+        return cap
+    if not traced(module.family):
+        log.warning(untraced(module.family, what))
+        return cap
+    unet, vae = skeleton_of(module.denoiser), skeleton_of(module.vae)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = size or int(unet.config.sample_size) * factor
+    cost = generation(module.family, unet, [skeleton_of(e) for e in module.text_encoders], vae,
+                      (size // factor, size // factor), module.denoiser_dtype, guidance > 1, cache_dir=memory.traces)
+    return memory.batch(cost, weight_bytes(module), cap, what,
+                        "Raise memory.budget_gib (below the device's memory) or lower data.resolution.")
+
+
+@contextlib.contextmanager
+def vae_slicing(vae: torch.nn.Module) -> Iterator[None]:
+    """The VAE decodes (and encodes) one image at a time for the block: a batch's decode then holds
+    one image's activations, and each image is decoded as at batch 1."""
+    before = vae.use_slicing
+    vae.use_slicing = True
+    try:
+        yield
+    finally:
+        vae.use_slicing = before
+
 
 
 class SampleGrid(L.Callback):
@@ -35,15 +72,18 @@ class SampleGrid(L.Callback):
         dirpath: where grids are written.
         steps / guidance_scale / scheduler: generation settings.
         num_prompts: how many captions ``validation`` takes.
+        batch_size: the most images generated at once; fewer where ``memory`` says so.
+        memory: the budget (``toolkit.models.memory.Memory``); None: ``batch_size`` as given.
     """
 
     def __init__(self, prompts: str | list[str], seeds: list[int], every_n_steps: int, dirpath: str,
                  steps: int = 20, guidance_scale: float = 5.0, scheduler: str = "DDIMScheduler",
-                 num_prompts: int = 4) -> None:
+                 num_prompts: int = 4, batch_size: int = 16, memory: Memory | None = None) -> None:
         own = isinstance(prompts, str) and prompts in OWN_CAPTIONS
         self.prompts = [] if own else read_prompts(prompts, "callbacks.sample_grid.prompts")
         self.own, self.num_prompts, self.seeds, self.every = own, num_prompts, list(seeds), every_n_steps
         self.dirpath, self.steps, self.guidance, self.scheduler = Path(dirpath), steps, guidance_scale, scheduler
+        self.batch_size, self.memory = batch_size, memory
         self._last = -1
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
@@ -70,15 +110,17 @@ class SampleGrid(L.Callback):
         # the schedule being trained (zero terminal SNR: rescaled betas, trailing timesteps), as sampling will use
         sched = sampling_scheduler(self.scheduler, module.noise_scheduler.config,
                                    training_schedule(module.noise_scheduler.config))
-        pipe = module.family.pipeline(module.pipeline_components, sched)
-        pipe.set_progress_bar_config(disable=True)
+        pairs = [(p, s) for p in self.prompts for s in self.seeds]
+        batch = generation_batch(module, self.memory, min(self.batch_size, len(pairs)), None, self.guidance,
+                                 f"sample grid ({len(pairs)} images)")
         modes = {m: m.training for m in module.modules()}
         module.eval()  # LoRA dropout off while sampling; each submodule's mode restored after
-        pairs = [(p, s) for p in self.prompts for s in self.seeds]
-        with module.text_encoders_on_device():
+        with module.text_encoders_on_device(), vae_slicing(module.vae):   # released encoders back for the prompts
+            pipe = module.family.pipeline(module.pipeline_components, sched)
+            pipe.set_progress_bar_config(disable=True)
             images = generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], self.steps, self.guidance,
-                              batch_size=len(pairs), progress=False, call_kwargs=module.family.call_kwargs(
-                                  module.text_options))
+                              batch_size=batch, progress=False,
+                              call_kwargs=module.family.call_kwargs(module.text_options))
         for m, mode in modes.items():
             m.training = mode
         grid = make_grid(images, cols=len(self.seeds))

@@ -35,6 +35,7 @@ from toolkit.atomic import atomic_open
 from toolkit.data.sources import CAPTION_PROBLEM
 from toolkit.data.validate import DataPolicy
 from toolkit.evaluation import reference, shipped
+from toolkit.evaluation.budget import eval_budget
 from toolkit.evaluation.distributed import gather_by_index, shard
 from toolkit.evaluation.protocol import METRIC_IMPL, read_prompts, versions
 from toolkit.evaluation.scores import (
@@ -252,27 +253,28 @@ def check_moments(fid: float, fid_moments: float) -> None:
                            f"({fid_moments!r}) differ: the evaluation shards are inconsistent")
 
 
-def feature_models(m: DictConfig, metrics: list[Metric], clip: CLIPScorer | None, device: Any
-                   ) -> dict[str, Any]:
+def feature_models(m: DictConfig, metrics: list[Metric], clip: CLIPScorer | None, device: Any,
+                   batch_size: int | None = None) -> dict[str, Any]:
     """The extractor of every feature space ``metrics`` use. ``features.clip=same`` is the CLIP
     score's model (absent, with its metrics, when ``metrics.clip_model=null``); any other space
-    named null while a metric needs it is an error saying which key to set."""
+    named null while a metric needs it is an error saying which key to set. ``batch_size``: the
+    budget's (``evaluation.budget``), else ``metrics.feature_batch_size``."""
     out: dict[str, Any] = {}
+    batch = batch_size or m.feature_batch_size
     for space in spaces_needed(metrics):
         name = m.features.get(space)
         if space == "inception":
-            out[space] = InceptionFeatures(name, device, m.feature_batch_size, m.channels_last)
+            out[space] = InceptionFeatures(name, device, batch, m.channels_last)
         elif space == "clip" and name == "same":
             if clip is not None:
-                out[space] = FeatureModel("clip", clip.name, device, m.feature_batch_size, model=clip.model,
-                                          sha256=clip.sha256)
+                out[space] = FeatureModel("clip", clip.name, device, batch, model=clip.model, sha256=clip.sha256)
         elif not name:
             users = [x.name for x in metrics if x.space == space]
             raise ValueError(f"metrics.compute has {users}, computed on metrics.features.{space}, which is null: "
                              f"name the model (hub id or local folder; README, Evaluation) or drop them from "
                              "metrics.compute")
         else:
-            out[space] = FeatureModel(space, name, device, m.feature_batch_size)
+            out[space] = FeatureModel(space, name, device, batch)
     return out
 
 
@@ -283,7 +285,7 @@ def protocol_of(space: str, extractor: Any, ref_size: tuple[int, int] | None) ->
 
 
 def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, ref_size: tuple[int, int] | None,
-                       ref_identity: dict[str, Any], extractors: dict[str, Any]
+                       ref_identity: dict[str, Any], extractors: dict[str, Any], batch_size: int | None = None
                        ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
     """Each space's reference features, from the cache where there, else shipped with the reference
     set under the same key (``metrics.shipped_reference``; rank zero decides: a node-local cache may
@@ -306,7 +308,7 @@ def reference_features(fabric: Any, m: DictConfig, ref: Any, image_column: str, 
     real = {s: v for s, v in found.items() if v is not None}
     source.update(dict.fromkeys(missing, "computed"))
     if missing:
-        idx = shard(len(ref), rank, world, m.feature_batch_size)
+        idx = shard(len(ref), rank, world, batch_size or m.feature_batch_size)   # the extractors' batches
         rows = (ref[i] for i in idx)
         images = [reference.reference_image(r[image_column], ref_size, r.get(CAPTION_PROBLEM)) for r in rows]
         for s in missing:
@@ -391,11 +393,14 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
     refset = reference_set(cfg)
     ref, ref_identity, image_column = refset.rows, refset.identity, refset.image_column
     wanted = parse_metrics(m.compute)
+    # batches from memory.budget_gib and the configs alone: the same on every process (whole-batch shards)
+    mem = instantiate(cfg.memory)
+    budget = eval_budget(cfg, ev, mem)
     needs_clip = any(x.name == "clip_score" or (x.space == "clip" and m.features.clip == "same") for x in wanted)
-    clip = load_clip(m.clip_model, fabric.device) if needs_clip else None
-    preference = load_preference(m.get("preference_model"), fabric.device) if any(
+    clip = load_clip(m.clip_model, fabric.device, budget.feature_batch) if needs_clip else None
+    preference = load_preference(m.get("preference_model"), fabric.device, budget.feature_batch) if any(
         x.name == "preference" for x in wanted) else None
-    extractors = feature_models(m, wanted, clip, fabric.device)
+    extractors = feature_models(m, wanted, clip, fabric.device, budget.feature_batch)
     lp, lp_protocol = perceptual.load(m.lpips.net, m.lpips.backbone, m.lpips.heads) if any(
         x.name == "lpips_diversity" for x in wanted) else (None, {})
     lp = lp.to(fabric.device) if lp is not None else None
@@ -450,11 +455,12 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         return done if rank == 0 else {}
 
     t0 = time.time()
-    real, ckeys, ref_source = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors)
+    real, ckeys, ref_source = reference_features(fabric, m, ref, image_column, ref_size, ref_identity, extractors,
+                                                 budget.feature_batch)
     t_ref = time.time() - t0
 
     grid = out / "grid.png"
-    plan, shard_dir = shard_plan(total, int(ev.shard_size), int(ev.batch_size)), out / "eval_shards" / key
+    plan, shard_dir = shard_plan(total, int(ev.shard_size), budget.generation_batch), out / "eval_shards" / key
     mine = plan[rank::world]
     todo = [(a, b) for a, b in mine if not shard_file(shard_dir, a, b).is_file()]   # others: an earlier attempt's
     made, reused = 0, len(mine) - len(todo)
@@ -469,7 +475,7 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
         my_prompts = [all_prompts[i] for i in idx]
         tg = time.time()
         images = generate(pipe, my_prompts, [int(ev.seed) * 10**6 + i for i in idx], ev.steps, ev.guidance_scale,
-                          ev.negative_prompt, ev.height, ev.width, ev.batch_size,
+                          ev.negative_prompt, ev.height, ev.width, budget.generation_batch,
                           desc=f"generate {start}-{stop} (rank {rank})", call_kwargs=call_kwargs(cfg.model))
         timing["generate"] += time.time() - tg
         if ev.save_images:
@@ -570,7 +576,9 @@ def evaluate(cfg: DictConfig, record: dict[str, Any] | None = None) -> dict[str,
                         "reference_cache": ckeys.get("inception"), "reference_caches": ckeys,
                         "reference_source": ref_source,
                         "reference_scan": refset.scan,   # the data policy's rejections (data.policy)
-                        "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused}},
+                        "shards": {"images": plan[0][1] - plan[0][0], "count": len(plan), "reused": reused},
+                        "memory": {"budget_gib": mem.budget_gib, "generation_batch": budget.generation_batch,
+                                   "feature_batch": budget.feature_batch}},
            "run_dir": str(out), **({"train": record} if record else {})}
     if ev.force:
         append_row(table, row)

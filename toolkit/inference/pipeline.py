@@ -22,10 +22,12 @@ from toolkit.config import as_list
 from toolkit.hashing import file_sha256
 from toolkit.inference.schedule import sampling_scheduler
 from toolkit.logs import progress as progress_bar
+from toolkit.models import quantize as quantization
 from toolkit.models.families import family_of_pipeline
 from toolkit.models.pretrained import (
     check_model_path,
     is_single_file,
+    load_denoiser,
     load_vae,
     model_family,
     pipeline_from_single_file,
@@ -44,7 +46,8 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
                   config: str | None = None, vae: str | None = None, adapters: Sequence[str] = (),
                   lora_scales: Sequence[float] = (), adapter_variant: str = "raw", scheduler: str | None = None,
                   fuse_adapters: bool = False, device: str | torch.device = "cpu",
-                  max_sequence_length: int | None = None, guidance: float | None = None) -> DiffusionPipeline:
+                  max_sequence_length: int | None = None, guidance: float | None = None, quantize: str | None = None,
+                  vae_slicing: bool = True) -> DiffusionPipeline:
     """Load the base (its family's pipeline class), swap the scheduler (any diffusers scheduler
     class name), and add adapters through the verified loader (``toolkit.adapters.loading``).
 
@@ -63,18 +66,29 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
             :func:`call_kwargs`.
         guidance: the embedded guidance training feeds (``model.guidance``): checked against the model
             here; sampling's own is the generation block's ``guidance_scale``.
+        quantize: ``model.quantize``: the denoiser's Linear weights quantized while loading
+            (``toolkit.models.quantize``); adapters are then never fused (fusing would re-quantize W + ΔW).
+        vae_slicing: decode one image at a time (diffusers' ``enable_vae_slicing``): a batch's decode
+            holds one image's activations, and each image is decoded as at batch 1.
     """
     del trust_remote_code  # diffusers pipelines here are the stock classes: no remote code
     check_model_path(name_or_path, config, allow_pickle)
+    quantization.check(quantize, torch.device(device).type, is_single_file(name_or_path))
+    if quantize and fuse_adapters and adapters:
+        raise ValueError(f"generation.fuse_adapters=true with model.quantize={quantize}: fusing would re-quantize "
+                         "W + ΔW into the base's format (other images than the adapter applied on top); set "
+                         "generation.fuse_adapters=false")
     family = model_family(name_or_path, revision, config)
     family.text_options(max_sequence_length)
     torch_dtype = resolve_dtype(dtype)
     if is_single_file(name_or_path):
         pipe = pipeline_from_single_file(family, name_or_path, config, torch_dtype)
     else:
+        extra = {family.denoiser: load_denoiser(family, name_or_path, revision, variant, torch_dtype, allow_pickle,
+                                                quantize)} if quantize else {}
         pipe = family.pipeline_class.from_pretrained(name_or_path, revision=revision, variant=variant,
                                                      dtype=torch_dtype, use_safetensors=not allow_pickle,
-                                                     **family.pretrained_kwargs)
+                                                     **family.pretrained_kwargs, **extra)
     family.training_guidance(getattr(pipe, family.denoiser).config, guidance)
     if vae:
         pipe.vae = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
@@ -86,6 +100,8 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
         pipe.fuse_lora(components=list(family.lora_components()), adapter_names=[a.name for a in loaded])
         pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
+    if vae_slicing:
+        pipe.vae.enable_slicing()
     return pipe.to(device)
 
 

@@ -26,23 +26,25 @@ from toolkit.metrics.features import OPENAI_MEAN, OPENAI_STD, clip_square, mean_
 log = logging.getLogger(__name__)
 
 
-def load_clip(name_or_path: str | None, device: str | torch.device = "cpu") -> CLIPScorer | None:
+def load_clip(name_or_path: str | None, device: str | torch.device = "cpu", batch_size: int = 64
+              ) -> CLIPScorer | None:
     """A scorer, or None when ``metrics.clip_model`` is null (the metric is skipped, and the row says
     so). A model that was named but cannot be found is an error, not a silently missing column."""
     if not name_or_path:
         log.warning("CLIP score skipped: metrics.clip_model is null")
         return None
     check_local_or_hub(str(name_or_path), "metrics.clip_model", "model")
-    return CLIPScorer(name_or_path, device)
+    return CLIPScorer(name_or_path, device, batch_size)
 
 
-def load_preference(name_or_path: str | None, device: str | torch.device = "cpu") -> CLIPScorer:
+def load_preference(name_or_path: str | None, device: str | torch.device = "cpu", batch_size: int = 64
+                    ) -> CLIPScorer:
     """The preference scorer ``metrics.compute=[..., preference]`` needs: ``metrics.preference_model``."""
     if not name_or_path:
         raise ValueError("metrics.compute has preference, but metrics.preference_model is null: name a CLIPModel "
                          "fine-tuned on preferences (yuvalkirstain/PickScore_v1, or its local folder)")
     check_local_or_hub(str(name_or_path), "metrics.preference_model", "model")
-    return CLIPScorer(name_or_path, device, kind="preference")
+    return CLIPScorer(name_or_path, device, batch_size, kind="preference")
 
 
 class CLIPScorer:

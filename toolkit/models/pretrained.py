@@ -26,6 +26,7 @@ import torch
 from diffusers import AutoencoderKL, ConfigMixin, DiffusionPipeline
 
 from toolkit.locate import check_local_or_hub
+from toolkit.models import quantize as quantization
 from toolkit.models.families import ModelFamily, family_of
 
 log = logging.getLogger(__name__)
@@ -212,8 +213,11 @@ def pipeline_from_single_file(family: type[ModelFamily], path: str, config: str,
 
 
 def load_pipeline_components(name_or_path: str, revision: str | None, variant: str | None, torch_dtype: torch.dtype,
-                             trust_remote_code: bool, allow_pickle: bool, config: str | None) -> dict[str, Any]:
-    """The family's pipeline components (a dict by pipeline name), from a folder/hub id or a single file."""
+                             trust_remote_code: bool, allow_pickle: bool, config: str | None,
+                             quantize: str | None = None, quantize_text_encoders: bool = False) -> dict[str, Any]:
+    """The family's pipeline components (a dict by pipeline name), from a folder/hub id or a single file;
+    ``quantize`` (``toolkit.models.quantize``): the UNet's (and the text encoders') Linear weights
+    quantized as they are read."""
     family = model_family(name_or_path, revision, config)
     if is_single_file(name_or_path):
         pipe = pipeline_from_single_file(family, name_or_path, config, torch_dtype)
@@ -230,14 +234,25 @@ def load_pipeline_components(name_or_path: str, revision: str | None, variant: s
     out: dict[str, Any] = {}
     for tok in family.tokenizers:
         out[tok] = getattr(transformers, index[tok][1]).from_pretrained(name_or_path, subfolder=tok, revision=revision)
+    text_q = {"quantization_config": quantization.transformers_config(quantize, torch_dtype)} \
+        if quantize and quantize_text_encoders else {}
     for comp in family.text_encoders:
         out[comp] = getattr(transformers, index[comp][1]).from_pretrained(
             name_or_path, subfolder=comp, variant=variant, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            **kw)
+            **kw, **text_q)
     out["vae"] = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, dtype=torch_dtype, **kw)
-    out[family.denoiser] = family.denoiser_class.from_pretrained(name_or_path, subfolder=family.denoiser,
-                                                                 variant=variant, dtype=torch_dtype, **kw)
+    out[family.denoiser] = load_denoiser(family, name_or_path, revision, variant, torch_dtype, allow_pickle, quantize)
     return out
+
+
+def load_denoiser(family: type[ModelFamily], name_or_path: str, revision: str | None, variant: str | None,
+                  torch_dtype: torch.dtype, allow_pickle: bool, quantize: str | None = None) -> Any:
+    """The family's denoiser of a folder / hub id, its Linear weights quantized while read when
+    ``quantize`` is set."""
+    q = {"quantization_config": quantization.diffusers_config(quantize, torch_dtype)} if quantize else {}
+    return family.denoiser_class.from_pretrained(name_or_path, subfolder=family.denoiser, variant=variant,
+                                                 revision=revision, dtype=torch_dtype,
+                                                 use_safetensors=not allow_pickle, **q)
 
 
 def load_components(
@@ -251,6 +266,8 @@ def load_components(
     vae: str | None = None,
     max_sequence_length: int | None = None,
     guidance: float | None = None,
+    quantize: str | None = None,
+    quantize_text_encoders: bool = False,
 ) -> Components:
     """Load tokenizer(s), text encoder(s), VAE, the denoiser and the training noise scheduler, all frozen.
 
@@ -269,13 +286,18 @@ def load_components(
         guidance: the embedded guidance a guidance-distilled transformer (FLUX.1-dev) is trained
             with; None: the family's (Flux: its pipeline's sampling default, 3.5); refused where the
             denoiser embeds none (SD, SDXL, SD3, FLUX.1-schnell).
+        quantize: ``null | int8 | fp8 | nf4``: the denoiser's Linear weights quantized while loading
+            (``toolkit.models.quantize``); adapters stay in float32 on top.
+        quantize_text_encoders: the text encoders' too (when they are trained, hence run every step).
     """
     check_model_path(name_or_path, config, allow_pickle)
+    # the weights are quantized where they are read: on the GPU when there is one (diffusers' choice)
+    quantization.check(quantize, "cuda" if torch.cuda.is_available() else "cpu", is_single_file(name_or_path))
     torch_dtype = resolve_dtype(dtype)
     family = model_family(name_or_path, revision, config)
     text_options = family.text_options(max_sequence_length)
     parts = load_pipeline_components(name_or_path, revision, variant, torch_dtype, trust_remote_code, allow_pickle,
-                                     config)
+                                     config, quantize, quantize_text_encoders)
     if vae:
         parts["vae"] = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
     parts["vae"] = parts["vae"].to(vae_dtype(parts["vae"], torch_dtype))

@@ -75,6 +75,10 @@ NOT_IDENTITY: dict[str, str] = {
     "prepare.output": "where a prepared set is written (its plan is stored there)",
     "prepare.endpoint_url": "which S3 endpoint serves it",
     "prepare.wait_s": "how long processes of one prepare wait for each other",
+    "memory.traces": "where traced memory footprints are kept (keyed by shapes, dtypes and library versions)",
+    "memory.plan": "whether the memory plan is printed before the run (or only printed)",
+    "memory.mode": "which memory the plan counts (cpu or gpu); batches come from memory.budget_gib alone",
+    "memory.device_gib": "what the plan checks each phase against: it refuses or lets the run through unchanged",
 }
 
 # recorded with a result, not in its identity: how a job is spread, never what it computes
@@ -88,6 +92,8 @@ RECORDED: dict[str, str] = {
     "fabric.devices": "evaluation processes: N give the images and metrics one gives",
     "fabric.strategy": "how evaluation processes meet",
     "prepare.device": "where a prepare encodes (rounding only)",
+    "memory.budget_gib": "the batch of frozen-model phases (encoding, grids, generation, features): float rounding "
+                         "only (tests/test_memory.py); the evaluation row records it",
 }
 
 # a resume may change these besides every key above: users extend (or cap) a run

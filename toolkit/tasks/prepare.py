@@ -250,8 +250,10 @@ def encode(cfg: DictConfig, store: Any, rank: int, world: int) -> dict[str, Any]
                 "pretrained": OmegaConf.to_container(cfg.module.pretrained, resolve=True),
                 "data": {k: OmegaConf.to_container(cfg.data, resolve=True).get(k) for k in (
                     "resolution", "center_crop", "random_flip", "buckets", "policy", "masks", "tags")},
-                "cache": {k: v for k, v in OmegaConf.to_container(cfg.callbacks.encoded_cache, resolve=True).items()
-                          if k not in ("dirpath", "from_prepared")},
+                # the encoding batch follows memory.budget_gib; where traces are kept: no
+                "cache": {**{k: v for k, v in OmegaConf.to_container(cfg.callbacks.encoded_cache, resolve=True).items()
+                             if k not in ("dirpath", "from_prepared", "memory")},
+                          "budget_gib": cfg.memory.budget_gib},
                 # the model by content: new weights at the same path (or a moved hub revision) are another job
                 "content": {k: v for k, v in identity(cfg, "run").keys.items() if k.startswith("content.model")}}
     job = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]

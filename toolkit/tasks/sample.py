@@ -14,9 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from toolkit.config import as_list
+from toolkit.evaluation.budget import generation_budget
 from toolkit.evaluation.protocol import read_prompts, versions
 from toolkit.inference.pipeline import call_kwargs, generate, generation_record, make_grid, pipeline_from_cfg
 
@@ -30,9 +32,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prompts = read_prompts(s.prompts)
     seeds = [int(x) for x in as_list(s.seeds)]
     pairs = [(p, sd) for p in prompts for sd in seeds]
+    batch, _, _ = generation_budget(cfg, s, instantiate(cfg.memory))   # sample.batch_size at most
     pipe = pipeline_from_cfg(cfg, s)
     images = generate(pipe, [p for p, _ in pairs], [sd for _, sd in pairs], s.steps, s.guidance_scale,
-                      s.negative_prompt, s.height, s.width, s.batch_size, call_kwargs=call_kwargs(cfg.model))
+                      s.negative_prompt, s.height, s.width, batch, call_kwargs=call_kwargs(cfg.model))
     record = {**generation_record(cfg, s), "versions": versions()}
     rows = []
     for i, (img, (prompt, seed)) in enumerate(zip(images, pairs)):

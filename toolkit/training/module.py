@@ -111,7 +111,8 @@ class LoRADiffusion(L.LightningModule):
         self.pretrained = dict(pretrained)
         self.objective = objective or Objective()
         speed = speed or Speed()
-        c = load_components(**self.pretrained)
+        # a trained text encoder runs every step (no text cache), so model.quantize covers it too
+        c = load_components(**self.pretrained, quantize_text_encoders=text_encoder_lora is not None)
         self.family, self.text_options = c.family, c.text_options
         # the family's noise process (DDPM / rectified flow), checked against the objective's options
         self.process = self.objective.prepare(self.family.noise_process(c.noise_scheduler))
