@@ -79,6 +79,8 @@ NOT_IDENTITY: dict[str, str] = {
     "memory.plan": "whether the memory plan is printed before the run (or only printed)",
     "memory.mode": "which memory the plan counts (cpu or gpu); batches come from memory.budget_gib alone",
     "memory.device_gib": "what the plan checks each phase against: it refuses or lets the run through unchanged",
+    "callbacks.encoded_cache.memory": "the root memory settings handed to the callback: memory.* says each",
+    "callbacks.prior.memory": "the root memory settings handed to the callback: memory.* says each",
 }
 
 # recorded with a result, not in its identity: how a job is spread, never what it computes
