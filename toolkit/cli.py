@@ -108,7 +108,8 @@ def entry() -> None:
     this triggers cost ~1.2 s of a ~6 s start-up, plus ~1.5 s more for the one at interpreter exit
     (py-spy, bench/README.md §11). So the collector is off until the task's imports are done
     (``imports_done``, the pattern of the ``gc.freeze`` docs); reference counting frees as usual."""
-    fix_mmap_threshold()   # resident memory follows live tensors: the plan's CPU figures hold
+    if os.environ.get("TOOLKIT_LEAN_MALLOC") == "1":   # opt-in: halves CPU training speed (toolkit/allocator.py)
+        fix_mmap_threshold()   # resident memory follows live tensors: the plan's CPU figures hold
     was_enabled = gc.isenabled()
     gc.disable()
     try:
