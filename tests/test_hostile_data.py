@@ -326,13 +326,14 @@ def test_metadata_rows_outside_the_dataset_are_counted_rejections(csv, imagefold
     assert str(outside) not in opened and not [p for p in opened if "outside" in Path(p).name]
 
 
-def test_an_evaluation_reference_with_a_row_outside_the_dataset_stops_naming_it(imagefolder_data, tmp_path):
-    from toolkit.data.sources import CAPTION_PROBLEM
-    from toolkit.evaluation.reference import load_reference, reference_image
+def test_an_evaluation_reference_with_rows_outside_the_dataset_counts_them_rejected(imagefolder_data, tmp_path):
+    """A reference set goes through the training data's policy (issue 43): a metadata row naming a
+    file outside the dataset is a counted rejection, as in training, and its file is never read."""
+    from tests.test_prepared_hostile import opened_files
+    from toolkit.evaluation.reference import load_reference
 
-    root, _ = with_outside_rows(imagefolder_data, tmp_path, csv=False)
-    ref, _ = load_reference(str(root), "image", "text", "train", None)
-    row = ref[len(ref) - 3]
-    with pytest.raises(ValueError, match=r"reference image ../outside.png: path outside the dataset \(metadata.jsonl "
-                                         r"line 17 names '../outside.png'\); fix or remove its metadata row"):
-        reference_image(row["image"], None, row[CAPTION_PROBLEM])
+    root, outside = with_outside_rows(imagefolder_data, tmp_path, csv=False)
+    with opened_files() as opened:
+        ref = load_reference(str(root), "image", "text", "train", None)
+    assert ref.scan["rejected"] == {"path outside the dataset": 3} and ref.scan["total"] == len(ref.rows) + 3
+    assert str(outside) not in opened

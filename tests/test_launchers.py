@@ -210,3 +210,18 @@ def test_a_ddp_cell_of_the_local_launcher_trains_what_lightnings_two_processes_t
                      f"paths.cache_dir={tmp_path / 'cache'}", "seed=0"], timeout=1500, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-4000:]
     assert same_tensors(sweep / "0" / ADAPTER, lightning_ddp)
+
+
+def test_a_resume_repeating_the_runs_own_deletions_composes_once():
+    """A requeued job, a restarted torchrun group or the rank Lightning's launcher starts repeat the
+    run's overrides, deletions (~key) included: each setting is applied once (a second ~key made Hydra
+    refuse: 'Could not delete from config'), and a deletion stays part of what the resume compares."""
+    from toolkit.run.resume import _compose, _plain, merge_overrides
+
+    saved = ["task=train", "trainer.max_steps=4", "~callbacks.sample_grid", "+callbacks.keys.dirpath=x"]
+    again = merge_overrides(saved, [*saved, "hydra.run.dir=r", "ckpt_path=last", "trainer.max_steps=8"])
+    assert again == ["task=train", "trainer.max_steps=8", "~callbacks.sample_grid", "+callbacks.keys.dirpath=x",
+                     "hydra.run.dir=r", "ckpt_path=last"]
+    assert "~callbacks.sample_grid" in _plain(again)
+    cfg = _compose([a for a in _plain(again) if not a.startswith("+callbacks.keys")])
+    assert "sample_grid" not in cfg.callbacks and cfg.trainer.max_steps == 8

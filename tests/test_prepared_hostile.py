@@ -420,7 +420,7 @@ def test_an_edited_sidecar_is_another_reference_set(valid_set, tmp_path):
 
     root = tmp_path / "set"
     shutil.copytree(valid_set, root)
-    before = load_reference(str(root), "image", "text", "train", None, local=str(tmp_path / "local"))[1]
+    before = load_reference(str(root), "image", "text", "train", None, local=str(tmp_path / "local")).identity
     rewrite(root / "shard-000001.json", lambda d: d["samples"][0].update(caption="another caption"))
-    after = load_reference(str(root), "image", "text", "train", None, local=str(tmp_path / "local"))[1]
+    after = load_reference(str(root), "image", "text", "train", None, local=str(tmp_path / "local")).identity
     assert before != after and cache_key(before, {}) != cache_key(after, {})

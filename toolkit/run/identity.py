@@ -74,6 +74,7 @@ NOT_IDENTITY: dict[str, str] = {
     "metrics.cache_reference": "whether reference features are kept between evaluations",
     "prepare.output": "where a prepared set is written (its plan is stored there)",
     "prepare.endpoint_url": "which S3 endpoint serves it",
+    "prepare.multipart_mb": "how uploads are cut into parts; the stored shards are the same bytes",
     "prepare.wait_s": "how long processes of one prepare wait for each other",
     "memory.traces": "where traced memory footprints are kept (keyed by shapes, dtypes and library versions)",
     "memory.plan": "whether the memory plan is printed before the run (or only printed)",

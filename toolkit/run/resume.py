@@ -51,7 +51,8 @@ def _container(cfg: Any) -> dict[str, Any]:
 def _parse(args: list[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    return OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    return OverridesParser.create().parse_overrides([a for a in args
+                                                     if ("=" in a or a.startswith("~")) and not a.startswith("-")])
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -203,9 +204,9 @@ def merge_overrides(saved: list[str], args: list[str]) -> list[str]:
     of a key the saved ones set replaces that one where it stands (keeping its ``+``), an
     identical one is dropped, the rest follow."""
 
-    def keyed(lines: list[str]) -> dict[str, Any]:
-        ok = [a for a in lines if "=" in a and not a.startswith("-")]
-        return {a: (o.key_or_group, o.package) for a, o in zip(ok, _parse(ok))}
+    def keyed(lines: list[str]) -> dict[str, Any]:   # a deletion (~key) is keyed apart from a value of that key
+        ok = [a for a in lines if ("=" in a or a.startswith("~")) and not a.startswith("-")]
+        return {a: ("del" if a.startswith("~") else "set", o.key_or_group, o.package) for a, o in zip(ok, _parse(ok))}
 
     mine = keyed(saved)
     at = {mine[a]: i for i, a in enumerate(saved) if a in mine}
@@ -221,9 +222,10 @@ def merge_overrides(saved: list[str], args: list[str]) -> list[str]:
 
 
 def _plain(args: list[str]) -> list[str]:
-    """The overrides among ``args`` that shape the config: no flags, no ``hydra.*`` but the search path."""
-    return [a for a in args if "=" in a and not a.startswith("-") and
-            (not a.lstrip("+").startswith("hydra.") or a.lstrip("+").startswith("hydra.searchpath="))]
+    """The overrides among ``args`` that shape the config (deletions, ``~key``, included): no flags, no
+    ``hydra.*`` but the search path."""
+    return [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-") and
+            (not a.lstrip("+~").startswith("hydra.") or a.lstrip("+").startswith("hydra.searchpath="))]
 
 
 def _trains(args: list[str]) -> bool:
