@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from toolkit.evaluation.scores import parse_metrics, spaces_needed
+from toolkit.locate import check_local_or_hub
 from toolkit.models import footprints as fp
 from toolkit.models import parts as model_parts
 from toolkit.models.memory import Footprint, MaxOf, Memory
@@ -85,12 +86,15 @@ def extractors(metrics: DictConfig, traces: str | None) -> list[Extractor]:
     wanted = parse_metrics(metrics.compute)
     out, clip = [], metrics.get("clip_model")
     if clip and any(x.name == "clip_score" or (x.space == "clip" and metrics.features.clip == "same") for x in wanted):
+        check_local_or_hub(str(clip), "metrics.clip_model", "model")   # a missing one named before its config is read
         out.append(extractor("clip_score", str(clip), traces))
     for space in spaces_needed(wanted):
         name = metrics.features.get(space)
         if space == "clip" and name == "same":
             continue
         if space == "inception" or name:
+            if space != "inception":
+                check_local_or_hub(str(name), f"metrics.features.{space}", "model")
             out.append(extractor(space, name, traces))
     return out
 
