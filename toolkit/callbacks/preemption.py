@@ -36,6 +36,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from toolkit.atomic import atomic_open
@@ -53,7 +54,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
 
-class PreemptionCheckpoint(L.Callback):
+class PreemptionCheckpoint(Checkpoint):
+    # A Checkpoint: Lightning runs checkpoint callbacks after every other one, so the state saved at
+    # the step's end holds that step's EMA update and every other callback's (an L.Callback listed
+    # before the EMA saved the step without it: the resumed EMA adapter differed)
     """Args:
         dirpath: checkpoint folder (the checkpoint is ``<dirpath>/last.ckpt``).
         signals: the signals turned into a checkpoint during training (of the job's SIGTERM,
