@@ -173,12 +173,13 @@ class EncodedCache(L.Callback):
             captions = sorted({""} | {c for s in sets for c in s.captions()})   # "" for caption dropout
             settings = text_settings(module, self.dtype)
             module.text_cache = {}
-            if traced(module.family) or self.memory is None:
+            if traced(module.family) and self.memory is not None:
                 cost, _ = text_encode(module.family, [skeleton_of(e) for e in module.text_encoders],
                                       module.text_encoders[0].dtype, self.traces)
                 text_batch = self.batch(module, cost, "text cache encoding")
-            else:
-                log.warning(untraced(module.family, "text cache encoding"))
+            else:   # no budget, or a family the tracer does not cover: the configured batch
+                if self.memory is not None:
+                    log.warning(untraced(module.family, "text cache encoding"))
                 text_batch = self.batch_size
             for field in module.family.cache_fields:   # one store per conditioning tensor (SDXL: + pooled)
                 stored = field_dtype(field, module.family, self.dtype)

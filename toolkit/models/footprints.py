@@ -69,7 +69,10 @@ class StandInTokenizer:
 
 
 def context_length(encoder: torch.nn.Module) -> int:
-    return int(encoder.config.max_position_embeddings)
+    """Tokens a caption takes in ``encoder``: CLIP's position table; T5 has relative positions and
+    no table (its config's ``n_positions``, 512 for the T5 of SD3 and Flux, is what pipelines use at most)."""
+    cfg = encoder.config
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512)
 
 
 def _config(module: torch.nn.Module) -> dict[str, Any]:
