@@ -187,7 +187,9 @@ def training_rows(cfg: DictConfig, p: model_parts.Parts, mem: Memory, mode: str,
     val = fp.denoise(p.family, p.unet, model_parts.conditioning(p, t), latent, p.dtype, False, mode, amp, t)
     rows.append(Row("validation loss", batch * k, resident, resident + val.at(batch * k),
                     note=f"{batch} images x {k} timesteps, no gradients", knob=STEP_KNOBS))
-    grid = cb.sample_grid
+    grid = cb.get("sample_grid")
+    if grid is None:   # ~callbacks.sample_grid: no grid
+        return rows
     own = isinstance(grid.prompts, str) and grid.prompts in OWN_CAPTIONS   # the run's captions: at most num_prompts
     n_grid = (int(grid.num_prompts) if own else len(read_prompts(grid.prompts, "callbacks.sample_grid.prompts"))) \
         * len(grid.seeds)
