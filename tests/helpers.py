@@ -164,3 +164,19 @@ class SlowSteps(L.Callback):
         import time
 
         time.sleep(self.seconds)
+
+
+def keys_per_step(folder: Path) -> dict[int, list[str]]:
+    """The sample keys each optimizer step trained on, over every rank's ``WriteBatchKeys`` file:
+    a step once per rank (a resumed copy of the run, replaying its overrides, appends its own later)."""
+    import json
+
+    steps: dict[int, list[str]] = {}
+    for f in sorted(folder.glob("rank*.jsonl")):
+        seen: set[int] = set()
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            if row["step"] not in seen:
+                seen.add(row["step"])
+                steps.setdefault(row["step"], []).extend(row["keys"])
+    return {s: sorted(k) for s, k in steps.items()}

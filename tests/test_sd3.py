@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
+from tests.helpers import keys_per_step
 from tests.test_fault_tolerance import ADAPTER, same_tensors
 from toolkit.adapters.formats import KOHYA_FILE
 from toolkit.reproducibility import seed_global
@@ -156,18 +157,8 @@ def test_sd3_two_ddp_processes_train_what_one_process_trains(sd3_run, tiny_sd3, 
     r0, r1 = (load_file(out / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
 
-    def per_step(folder: Path) -> dict[int, list[str]]:
-        steps: dict[int, list[str]] = {}
-        for f in sorted(folder.glob("rank*.jsonl")):
-            seen = set()   # a step once per rank: the resume test's run (same overrides) appends its steps again
-            for line in f.read_text().splitlines():
-                row = json.loads(line)
-                if row["step"] not in seen:
-                    seen.add(row["step"])
-                    steps.setdefault(row["step"], []).extend(row["keys"])
-        return {s: sorted(k) for s, k in steps.items()}
 
-    one, two = per_step(sd3_run / "keys"), per_step(out / "keys")
+    one, two = keys_per_step(sd3_run / "keys"), keys_per_step(out / "keys")
     assert two and all(two[s] == one[s] for s in two)
 
 
