@@ -93,6 +93,32 @@ def test_the_model_is_identified_by_its_content(tiny_model, tmp_path):
     assert fingerprint(str(model), tmp_path / "cache") == fingerprint(str(model), None)   # cache = a fresh hash
 
 
+def test_a_loaded_models_fingerprint_is_its_weights_and_config_not_where_it_was_read(tmp_path, monkeypatch):
+    """``module_fingerprint`` (the key of reference features, shipped ones included, and of the text and
+    latent caches): the same CLIP read from another folder, by a relative path or by another library
+    release keeps it (a shipped key must hold in any checkout); one changed weight or setting does not."""
+    import shutil
+
+    from transformers import CLIPModel
+
+    from toolkit.config import data_dir
+    from toolkit.hashing import module_fingerprint
+
+    here = Path(data_dir()) / "miniature" / "clip"
+    first = module_fingerprint(CLIPModel.from_pretrained(str(here)))
+    moved = shutil.copytree(here, tmp_path / "elsewhere" / "clip")
+    monkeypatch.chdir(tmp_path)
+    model = CLIPModel.from_pretrained("elsewhere/clip")
+    model.config.transformers_version = "0.0.1"
+    assert module_fingerprint(model) == first
+    with __import__("torch").no_grad():
+        next(model.parameters()).view(-1)[0] += 1
+    assert module_fingerprint(model) != first
+    model = CLIPModel.from_pretrained(moved)
+    model.config.logit_scale_init_value += 1
+    assert module_fingerprint(model) != first
+
+
 def test_a_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     import toolkit.run.fingerprint as fp
 

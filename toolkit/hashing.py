@@ -14,6 +14,10 @@ from typing import Any
 import torch
 
 ADAPTER_PARTS = (".lora_", ".hada_", ".lokr_")   # peft's adapter tensors: not part of the base's identity
+# what a loaded model's config records about where and with which library version it was read, not what
+# it computes: left out of its fingerprint, so a model moved or read by another release keeps its identity
+# (and every cache and shipped feature keyed by it) — at any depth (CLIP's vision_config has its own)
+CONFIG_NOT_IDENTITY = ("_name_or_path", "_commit_hash", "transformers_version", "_diffusers_version")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -28,12 +32,19 @@ def settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def without_location(cfg: Any) -> Any:
+    """A model config less ``CONFIG_NOT_IDENTITY``, at any depth."""
+    if isinstance(cfg, dict):
+        return {k: without_location(v) for k, v in cfg.items() if k not in CONFIG_NOT_IDENTITY}
+    return [without_location(v) for v in cfg] if isinstance(cfg, list | tuple) else cfg
+
+
 def module_fingerprint(model: torch.nn.Module) -> str:
     """Hash of a model's config and every tensor of its state dict, adapters left out: the frozen
     base's identity (an injected adapter renames ``x.weight`` to ``x.base_layer.weight``; undone here)."""
     cfg = getattr(model, "config", {})
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(without_location(cfg), sort_keys=True, default=str).encode())
     for name, t in sorted((k.replace(".base_layer.", "."), v) for k, v in model.state_dict().items()
                           if not any(p in k for p in ADAPTER_PARTS)):
         h.update(name.encode())
