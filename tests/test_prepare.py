@@ -623,7 +623,7 @@ def test_a_prepare_made_by_the_previous_version_is_continued_and_extended(imagef
         (out / name).unlink()
     assert prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p3"))["shards_written_now"] == 1
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == tars
-    with pytest.raises(StorageError, match=r"another dataset or other settings \(differs in: policy, data\.policy\.captions\)"):
+    with pytest.raises(StorageError, match=r"other settings \(differs in: policy, data\.policy\.captions\)"):
         prepare.run(prepare_cfg(imagefolder_data, str(out), tmp_path / "p4", "data.policy.captions=empty"))
 
 
