@@ -1,9 +1,10 @@
-"""Build tiny, randomly initialised pipelines with the exact SD-1.x, SDXL, SD3 and Flux.1 component classes.
+"""Build tiny, randomly initialised pipelines with the exact SD-1.x, SDXL, SD3, Flux.1 and Flux.2 Klein
+component classes.
 
 Used by the tests (and as a starting point for the embedded miniature): they are saved with
 ``save_pretrained`` and read back through the same ``from_pretrained`` path as a hub model.
 
-    python -m tests.tiny OUT_DIR [--seed 0] [--sdxl | --sd3 | --flux]
+    python -m tests.tiny OUT_DIR [--seed 0] [--sdxl | --sd3 | --flux | --flux2]
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
@@ -29,6 +33,9 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Qwen2TokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -312,6 +319,99 @@ def build_tiny_flux_pipeline(
     return Path(out_dir)
 
 
+# Qwen3's chat template, reduced to what Flux2KleinPipeline asks of it (a user turn, the generation prompt,
+# and the empty think block that enable_thinking=False writes)
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+QWEN3_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def tiny_qwen_tokenizer(model_max_length: int = 32768) -> Qwen2TokenizerFast:
+    """A Qwen2 (byte-level BPE) tokenizer built offline: the 256 byte symbols, one merge chain per
+    miniature-world word (so each is one token after a space), Qwen3's special tokens and chat template."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges: list[tuple[str, str]] = []
+    for word in ("\u0120" + w for w in T5_WORDS):   # Ġ: the byte-level space
+        for i in range(2, len(word) + 1):
+            pair = (word[: i - 1], word[i - 1])
+            if word[:i] not in vocab:
+                vocab[word[:i]] = len(vocab)
+                merges.append(pair)
+    for tok in QWEN3_SPECIAL:
+        vocab[tok] = len(vocab)
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN3_SPECIAL[1:])})
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_flux2_klein_pipeline(
+    out_dir: str | Path,
+    seed: int = 0,
+    text_dim: int = 16,
+    text_layers: int = 27,
+    heads: int = 2,
+    head_dim: int = 16,
+    num_layers: int = 1,
+    num_single_layers: int = 2,
+    latent_channels: int = 8,
+    vae_channels: tuple[int, ...] = (16, 32),
+) -> Path:
+    """Write a random FLUX.2 [klein]-layout pipeline (VAE factor 2 by default) to ``out_dir``.
+
+    Same wiring as FLUX.2-klein-base, only smaller: a text-only Qwen3 causal LM (``text_encoder``;
+    ``text_layers`` deep so that the hidden states the pipeline stacks, layers 9, 18 and 27, exist) with
+    an offline byte-level BPE tokenizer and Qwen3's chat template; the transformer's
+    ``joint_attention_dim`` is three of its widths (the stacked layers); double- and single-stream
+    blocks with 4-axis RoPE (``axes_dims_rope`` summing to ``head_dim``) over the VAE's 2x2-patchified
+    latents, no guidance embedding (Klein is guided by CFG); ``AutoencoderKLFlux2`` whose batch-norm
+    statistics normalise the patchified latents (random non-trivial statistics here, so that a missed
+    normalisation shows); FLUX.2's scheduler config (dynamic shift).
+
+    Args:
+        out_dir: where ``save_pretrained`` writes the pipeline.
+        seed: torch seed for the random weights.
+        text_dim, text_layers: the Qwen3 encoder's width and depth (at least 27 layers).
+        heads, head_dim: the transformer's attention heads and their width (divisible by 4 for RoPE).
+        num_layers, num_single_layers: double- and single-stream blocks.
+        latent_channels: the VAE's latent channels (FLUX.2: 32); the transformer takes four times as many.
+        vae_channels: the VAE's ``block_out_channels`` (factor 2^(n-1)).
+    """
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim,
+        num_hidden_layers=text_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=text_dim // 2,
+        max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>")))
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1, norm_num_groups=8,
+        sample_size=32)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.1 * torch.randn_like(vae.bn.running_mean))
+        vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
+    q = head_dim // 4
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=3 * text_dim,
+        timestep_guidance_channels=32, axes_dims_rope=(q, q, q, head_dim - 3 * q), guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = Flux2KleinPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out_dir")
@@ -319,7 +419,9 @@ if __name__ == "__main__":
     ap.add_argument("--sdxl", action="store_true", help="SDXL layout (two text encoders) instead of SD-1.x")
     ap.add_argument("--sd3", action="store_true", help="SD3.5 layout (MMDiT, two CLIPs and T5)")
     ap.add_argument("--flux", action="store_true", help="FLUX.1-dev layout (CLIP and T5, packed patches)")
+    ap.add_argument("--flux2", action="store_true", help="FLUX.2 [klein] layout (a Qwen3 text encoder)")
     args = ap.parse_args()
     build = build_tiny_sdxl_pipeline if args.sdxl else build_tiny_sd3_pipeline if args.sd3 else \
-        build_tiny_flux_pipeline if args.flux else build_tiny_pipeline
+        build_tiny_flux_pipeline if args.flux else build_tiny_flux2_klein_pipeline if args.flux2 else \
+        build_tiny_pipeline
     print(build(args.out_dir, seed=args.seed))
