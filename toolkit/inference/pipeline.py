@@ -7,6 +7,7 @@ or the rank that made it. That is what makes sharded evaluation equal single-pro
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,14 +145,21 @@ def generate(pipe: DiffusionPipeline, prompts: Sequence[str], seeds: Sequence[in
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     size = default_size(pipe)
+    negative = {}
+    if negative_prompt:   # FLUX.2 [klein]'s pipeline takes none (its CFG runs against "")
+        if "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
+            raise ValueError(f"negative_prompt={negative_prompt!r}: {type(pipe).__name__} takes no negative prompt; "
+                             "leave it null")
+        negative = {"negative_prompt": [negative_prompt]}
     images: list[Image.Image] = []
     bar = progress_bar(total=len(prompts), desc=desc, unit="img", disable=not progress)
     for i in range(0, len(prompts), batch_size):
         p, s = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
         gens = [torch.Generator("cpu").manual_seed(int(x)) for x in s]
-        out = pipe(p, generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
-                   negative_prompt=[negative_prompt] * len(p) if negative_prompt else None,
-                   height=height or size, width=width or size, output_type="pil", **(call_kwargs or {}))
+        # prompt by name: Flux2KleinPipeline's first argument is a reference image
+        out = pipe(prompt=p, generator=gens, num_inference_steps=steps, guidance_scale=guidance_scale,
+                   **{k: v * len(p) for k, v in negative.items()}, height=height or size, width=width or size,
+                   output_type="pil", **(call_kwargs or {}))
         images.extend(out.images)
         bar.update(len(p))
     bar.close()

@@ -240,7 +240,8 @@ def load_pipeline_components(name_or_path: str, revision: str | None, variant: s
         out[comp] = getattr(transformers, index[comp][1]).from_pretrained(
             name_or_path, subfolder=comp, variant=variant, dtype=torch_dtype, trust_remote_code=trust_remote_code,
             **kw, **text_q)
-    out["vae"] = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, dtype=torch_dtype, **kw)
+    out["vae"] = family.vae_class.from_pretrained(name_or_path, subfolder="vae", variant=variant, dtype=torch_dtype,
+                                                  **kw)
     out[family.denoiser] = load_denoiser(family, name_or_path, revision, variant, torch_dtype, allow_pickle, quantize)
     return out
 

@@ -275,10 +275,8 @@ class LoRADiffusion(L.LightningModule):
     def sample_latents(self, params: torch.Tensor, generator: Any = None) -> torch.Tensor:
         """Latents from cached posterior parameters: the same draw ``encode_images`` makes (``generator``:
         one per sample, or None for torch's global one)."""
-        cfg = self.vae.config
         latents = DiagonalGaussianDistribution(params.to(self.vae_dtype)).sample(generator)
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        return ((latents - shift) * cfg.scaling_factor).float()
+        return self.family.training_latents(latents, self.vae)
 
     def diffusion_loss(self, batch: Mapping[str, Any], timesteps: torch.Tensor | None = None,
                        draws: SampleDraws | None = None) -> torch.Tensor:

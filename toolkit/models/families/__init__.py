@@ -17,6 +17,10 @@ settings that follow the model) asks its family piece and never branches on the 
     Flux.1           double- and single-stream transformer over packed 2x2 latent patches with
                      RoPE position ids; conditioning = T5's tokens plus CLIP's pooled output, and
                      the embedded guidance (dev); rectified flow with the image-size (dynamic) shift
+    Flux.2 [klein]   double- and single-stream transformer over 2x2-patchified, batch-norm-normalised
+                     latents with 4-axis RoPE ids; conditioning = a Qwen3 LLM's hidden states after
+                     three layers (chat template), stacked per token; no embedded guidance; rectified
+                     flow with the config's dynamic shift
 
 What a piece says (class attributes, then methods):
 
@@ -31,12 +35,13 @@ What a piece says (class attributes, then methods):
     kohya_*                       adapter key names in the kohya/ComfyUI format
     single_file_state_dict        the pipeline as one checkpoint file in the family's original layout
 
-The pieces: ``base.py`` (the interface), ``unet.py`` (SD, SDXL), ``sd3.py``, ``flux.py``. Adding a
+The pieces: ``base.py`` (the interface), ``unet.py`` (SD, SDXL), ``sd3.py``, ``flux.py``, ``flux2.py``. Adding a
 family means adding one such module and registering its piece in ``FAMILIES``. Flux.1's
 ``denoiser_inputs`` packs 2x2 latent patches and adds image/text position ids and the embedded
 guidance, its ``prediction`` unpacks, and its noise process shifts σ by the image's sequence
-length; a family with an LLM text encoder fits as one whose ``encode_prompts`` runs the LLM's chat
-template and hidden-state selection.
+length; Flux.2 [klein], the family with an LLM text encoder, is one whose ``encode_prompts`` runs the
+pipeline's chat template and hidden-state selection and whose ``training_latents`` normalises the
+patchified latents.
 """
 
 from __future__ import annotations
@@ -46,14 +51,16 @@ from typing import Any
 
 from toolkit.models.families.base import Conditioning, ModelFamily, call_default
 from toolkit.models.families.flux import Flux
+from toolkit.models.families.flux2 import Flux2Klein
 from toolkit.models.families.sd3 import SD3
 from toolkit.models.families.unet import SD, SDXL, UNetFamily
 
-__all__ = ["FAMILIES", "SD", "SD3", "SDXL", "Flux", "Conditioning", "ModelFamily", "UNetFamily", "UnsupportedFamily",
-           "call_default", "family_named", "family_of", "family_of_pipeline", "supported"]
+__all__ = ["FAMILIES", "SD", "SD3", "SDXL", "Flux", "Flux2Klein", "Conditioning", "ModelFamily", "UNetFamily",
+           "UnsupportedFamily", "call_default", "family_named", "family_of", "family_of_pipeline", "supported"]
 
-# Flux before SD3: a diffusers Flux LoRA file also has SD3-like joint-block keys (names_adapter)
-FAMILIES: tuple[type[ModelFamily], ...] = (Flux, SD3, SDXL, SD)
+# Flux.2 before Flux before SD3: a diffusers Flux LoRA file also has SD3-like joint-block keys, a Flux.2 one
+# Flux-like single blocks (names_adapter)
+FAMILIES: tuple[type[ModelFamily], ...] = (Flux2Klein, Flux, SD3, SDXL, SD)
 
 
 class UnsupportedFamily(ValueError):

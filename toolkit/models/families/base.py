@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
+from diffusers import AutoencoderKL
 
 Conditioning = dict[str, torch.Tensor]   # per-caption tensors (the text cache stores each field)
 
@@ -36,6 +37,7 @@ class ModelFamily:
     denoiser_label: ClassVar[str]                  # what messages call it
     denoiser_class: ClassVar[type]
     scheduler_class: ClassVar[type]                # the training noise scheduler
+    vae_class: ClassVar[type] = AutoencoderKL      # the pipeline's VAE class
     input_layer: ClassVar[str]                     # the denoiser's first layer: its weight dtype is the input dtype
     text_encoders: ClassVar[tuple[str, ...]]       # pipeline component names
     tokenizers: ClassVar[tuple[str, ...]]
@@ -60,8 +62,11 @@ class ModelFamily:
 
     @classmethod
     def sampling(cls) -> dict[str, Any]:
-        """The sampler (a diffusers scheduler class name), steps and guidance the family samples with."""
-        raise NotImplementedError
+        """The sampler (a diffusers scheduler class name), steps and guidance the family samples with:
+        the training scheduler's class and the pipeline's own defaults, unless the family says otherwise."""
+        return {"scheduler": cls.scheduler_class.__name__,
+                "steps": call_default(cls.pipeline_class, "num_inference_steps"),
+                "guidance_scale": call_default(cls.pipeline_class, "guidance_scale")}
 
     @classmethod
     def noise_process(cls, scheduler: Any) -> Any:
@@ -103,6 +108,13 @@ class ModelFamily:
                        options: Mapping[str, Any] | None = None) -> Conditioning:
         """Per-caption conditioning tensors (``cache_fields``), as the family's pipeline computes them."""
         raise NotImplementedError
+
+    @classmethod
+    def training_latents(cls, latents: torch.Tensor, vae: Any) -> torch.Tensor:
+        """The latents the denoiser is trained on, from a VAE sample: shifted and scaled by the VAE
+        config's factors (FLUX.2: patchified and normalised by the VAE's batch-norm statistics)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
 
     @classmethod
     def denoiser_inputs(cls, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,

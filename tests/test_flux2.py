@@ -1,0 +1,245 @@
+"""FLUX.2 [klein] on the denoiser family piece, on a tiny Klein-architecture pipeline built here (a text-only
+Qwen3 causal LM with an offline byte-level BPE tokenizer and chat template, double- and single-stream
+blocks over 2x2-patchified latents with 4-axis RoPE ids, ``AutoencoderKLFlux2`` with batch-norm latent
+statistics, FLUX.2's dynamic-shift scheduler) read through the hub path: the loss is the Flux.2 formula
+written out, training runs through the real entry point (the family read from model_index.json) and
+resumes bit for bit, the text cache holds the pipeline's stacked Qwen3 states, sampling equals the stock
+``Flux2KleinPipeline`` with the exported LoRA, and the file loads there with no key left unread.
+
+One training run is shared (``flux2_run``); the others are as few as the checks need.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.conftest import compose_cfg, run_entry, tiny_overrides
+from tests.test_fault_tolerance import ADAPTER, same_tensors
+from toolkit.reproducibility import seed_global
+
+STEPS = 4
+TEXT = 64   # the prompt's tokens (the pipeline's 512 by default): the chat-templated captions fit in 64
+
+
+@pytest.fixture(scope="module")
+def tiny_flux2(tmp_path_factory) -> str:
+    """A random FLUX.2 [klein]-architecture pipeline (Qwen3 + its tokenizer, no guidance embedding), save_pretrained."""
+    from tests.tiny import build_tiny_flux2_klein_pipeline
+
+    return str(build_tiny_flux2_klein_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux2", seed=0))
+
+
+def flux2_overrides(model: str, data: Path, out: Path, *extra: str) -> list[str]:
+    """The tiny run with Klein's own preset (module=lora_flux2), smaller, with α ≠ r so the exported
+    scales are checked, a learning rate at which 4 steps change the images; no in-training grids
+    (sampling is checked against the stock pipeline below)."""
+    base = [a for a in tiny_overrides(model, data, out) if not a.startswith("module=")]
+    return base + ["module=lora_flux2", "module.lora.r=4", "module.lora.alpha=8", "module.optimizer.lr=1e-2",
+                   f"+model.max_sequence_length={TEXT}",
+                   "module.lr_scheduler.num_warmup_steps=0", "module.speed.gradient_checkpointing=false",
+                   "trainer.deterministic=true", f"trainer.max_steps={STEPS}", "~callbacks.sample_grid", *extra]
+
+
+@pytest.fixture(scope="module")
+def flux2_run(tiny_flux2, imagefolder_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("flux2_run")
+    res = run_entry(flux2_overrides(tiny_flux2, imagefolder_data, out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    (out / "entry.log").write_text(res.stdout + res.stderr)
+    return out
+
+
+def images(folder: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p)).astype(int) for p in sorted((folder / "samples").glob("*.png"))]
+
+
+class Messages(logging.Handler):
+    """Every record of the named loggers while in use (diffusers' and peft's key warnings)."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.names, self.got = names, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.got.append(record.getMessage())
+
+    def __enter__(self) -> Messages:
+        for n in self.names:
+            logging.getLogger(n).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for n in self.names:
+            logging.getLogger(n).removeHandler(self)
+
+
+def stock_images(model: str, lora: Path | None, n: int = 2, steps: int = 3) -> list[np.ndarray]:
+    """The stock diffusers pipeline, as a user runs it (Klein's sampler and CFG 4; the run's steps); the
+    LoRA file loaded with no key left unread and every layer of it in the transformer."""
+    import warnings
+
+    from diffusers import Flux2KleinPipeline
+
+    pipe = Flux2KleinPipeline.from_pretrained(model)
+    if lora is not None:
+        with Messages("diffusers", "peft") as log, warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        said = log.got + [str(w.message) for w in warned]
+        assert not [m for m in said if "unexpected" in m.lower() or "missing" in m.lower()], said
+        layers = {k.rsplit(".lora_", 1)[0].removeprefix("transformer.") for k in load_file(lora) if ".lora_" in k}
+        loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
+        assert layers and loaded == layers
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=["a red circle"] * n, generator=[torch.Generator("cpu").manual_seed(s) for s in range(n)],
+               num_inference_steps=steps, guidance_scale=4.0, height=16, width=16, max_sequence_length=TEXT)
+    return [np.asarray(im).astype(int) for im in out.images]
+
+
+# ------------------------------------------------------------------------------------------ the loss
+def qwen3_states(module, captions: list[str], layers=(9, 18, 27), length: int = TEXT) -> torch.Tensor:
+    """The captions in Qwen3's chat template (thinking off), padded to ``length``; the hidden states after
+    ``layers`` side by side per token."""
+    texts = [module.tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False) for c in captions]
+    assert texts[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    enc = module.tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    hidden = module.text_encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                                 output_hidden_states=True, use_cache=False).hidden_states
+    return torch.cat([hidden[i] for i in layers], dim=-1)
+
+
+def test_the_module_loss_is_the_flux2_formula_written_out(tiny_flux2, imagefolder_data, tmp_path):
+    """z from the VAE posterior; x₀ = its 2x2 patches (4·C channels at half the side) normalised by the VAE's
+    batch-norm running statistics; σ = e^μ/(e^μ + 1/u − 1) at u = (t+1)/N with μ on the line through (256,
+    0.5) and (4096, 1.15) at the token count; x_t = (1−σ)x₀ + σε; the transformer given the tokens, their
+    (0, row, col, 0) ids, (0, 0, 0, l) text ids, σ, no guidance, and Qwen3's layers 9/18/27; target ε − x₀."""
+    cfg = compose_cfg(flux2_overrides(tiny_flux2, imagefolder_data, tmp_path, "data.val_fraction=0"), tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = instantiate(cfg.module)
+    module.eval()
+    seed_global(0)
+    got = module.diffusion_loss(batch)
+    seed_global(0)
+    vae, T = module.vae, module.noise_scheduler.config.num_train_timesteps
+    with torch.no_grad():
+        mean, logvar = vae.encode(batch["pixel_values"]).latent_dist.parameters.chunk(2, dim=1)
+        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)
+        n, c, H, W = z.shape
+        h, w = H // 2, W // 2
+        patches = z.reshape(n, c, h, 2, w, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, 4 * c, h, w)
+        bn = vae.bn
+        x0 = (patches - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+        text = qwen3_states(module, batch["captions"])
+    eps = torch.randn(x0.shape)
+    t = (torch.sigmoid(torch.normal(0.0, 1.0, size=(n,))).clamp(0, 1 - 1e-7) * T).long()
+    seq = h * w
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq - 256)
+    u = (t + 1).double() / T
+    sigma = (math.exp(mu) / (math.exp(mu) + (1 / u - 1))).float().view(-1, 1, 1, 1)
+    xt = (1 - sigma) * x0 + sigma * eps
+    tokens = xt.permute(0, 2, 3, 1).reshape(n, seq, 4 * c)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    zero = torch.zeros_like(rows)
+    img_ids = torch.stack([zero, rows, cols, zero], -1).reshape(1, seq, 4).expand(n, -1, -1)
+    L = text.shape[1]
+    txt_ids = torch.stack([torch.zeros(L, dtype=torch.long)] * 3 + [torch.arange(L)], -1).expand(n, -1, -1)
+    out = module.transformer(hidden_states=tokens, timestep=sigma.flatten(), guidance=None,
+                             encoder_hidden_states=text, txt_ids=txt_ids, img_ids=img_ids).sample
+    pred = out.reshape(n, h, w, 4 * c).permute(0, 3, 1, 2)
+    want = ((pred.float() - (eps - x0)) ** 2).flatten(1).mean(1).mean()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_flux2_trains_its_lora_through_the_entry_point(flux2_run):
+    ck = torch.load(flux2_run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    keys = list(ck["state_dict"])
+    assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)   # frozen base not saved
+    assert any(".attn.add_q_proj." in k for k in keys) and any(".ff_context.linear_in." in k for k in keys)
+    assert any(k.startswith("transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj.") for k in keys)
+    log = (flux2_run / "entry.log").read_text()
+    assert "chosen generation.guidance_scale=4.0" in log and "chosen generation.steps=50" in log
+    assert "text cache (prompt_embeds, bfloat16)" in log
+    metrics = json.loads((flux2_run / "train_metrics.json").read_text())
+    assert math.isfinite(metrics["train/loss"])
+
+
+def test_flux2_resume_is_bit_identical(flux2_run, tmp_path):
+    run = tmp_path / "resumed"
+    shutil.copytree(flux2_run, run)
+    for p in (run / "adapter", run / "checkpoints" / "adapters" / f"step={STEPS}"):
+        shutil.rmtree(p)
+    (run / "checkpoints" / f"step={STEPS}.ckpt").unlink()
+    shutil.copy(run / "checkpoints" / "step=2.ckpt", run / "checkpoints" / "last.ckpt")   # stopped at step 2
+    res = run_entry([f"hydra.run.dir={run}", "ckpt_path=last"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert same_tensors(run / ADAPTER, flux2_run / ADAPTER)
+
+
+# ------------------------------------------------------------------------------------------ text cache
+def test_the_flux2_text_cache_holds_the_pipelines_qwen3_states(tiny_flux2, imagefolder_data, tmp_path):
+    """The family's conditioning is Qwen3's stacked states as written out above; the cache holds them as
+    bfloat16 bits (an LLM's activations), and float32 storage gives them back exactly."""
+    from toolkit.callbacks.encoded_cache import EncodedCache
+
+    cfg = compose_cfg(flux2_overrides(tiny_flux2, imagefolder_data, tmp_path), tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    module = instantiate(cfg.module)
+    captions = sorted(set(dm.train_set.captions()))[:3] + [""]
+    with torch.no_grad():
+        direct = module.encode_text(captions, cached=False)
+        torch.testing.assert_close(direct["prompt_embeds"], qwen3_states(module, captions), rtol=0, atol=0)
+    assert direct["prompt_embeds"].shape[1:] == (TEXT, 48)
+    for dtype in ("float16", "float32"):
+        cache = EncodedCache(str(tmp_path / "cache"), latents=False, dtype=dtype)
+        cache.encode(module, dm, {"rank": 0, "world_size": 1, "barrier": lambda: None})
+        with torch.no_grad():
+            got = module.encode_text(captions)
+        want = direct["prompt_embeds"] if dtype == "float32" else direct["prompt_embeds"].to(torch.bfloat16).float()
+        assert torch.equal(got["prompt_embeds"], want)
+
+
+# ------------------------------------------------------------------------------------------ sampling / adapter
+def test_sampling_equals_the_stock_klein_pipeline_with_the_exported_lora(flux2_run, tiny_flux2, tmp_path):
+    out = tmp_path / "sample"
+    res = run_entry(["task=sample", f"model.name_or_path={tiny_flux2}", f"adapter={flux2_run}", "sample.steps=3",
+                     "sample.seeds=[0,1]", "sample.prompts=[a red circle]", "sample.height=16", "sample.width=16",
+                     f"+model.max_sequence_length={TEXT}", f"hydra.run.dir={out}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours = images(out)
+    row = json.loads((out / "samples" / "00000.json").read_text())
+    assert row["scheduler"] == "FlowMatchEulerDiscreteScheduler" and row["guidance_scale"] == 4.0
+    stock = stock_images(tiny_flux2, flux2_run / ADAPTER)
+    base = stock_images(tiny_flux2, None)
+    assert len(ours) == len(stock) == 2
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(ours, stock))       # fused vs peft layers: ≤ 1 level
+    assert any(np.abs(a - b).max() > 1 for a, b in zip(stock, base))       # and the LoRA does something
+
+
+# ------------------------------------------------------------------------------------------ the model's settings
+def test_settings_follow_a_klein_model_and_flux2_dev_is_not_taken_for_it(tiny_flux2):
+    from tests.test_first_run import chosen
+    from toolkit.models.families import Flux2Klein, UnsupportedFamily, family_of
+
+    got = chosen(["task=train", f"model.name_or_path={tiny_flux2}"])
+    assert got["module"] == "lora_flux2" and got["data.resolution"] == "256"   # the pipeline's 128 latents x VAE 2
+    assert (got["generation.scheduler"], got["generation.steps"], got["generation.guidance_scale"]) == \
+        ("FlowMatchEulerDiscreteScheduler", "50", "4.0")                      # Flux2KleinPipeline's defaults
+    assert family_of("Flux2Transformer2DModel", {"guidance_embeds": False}) is Flux2Klein
+    with pytest.raises(UnsupportedFamily, match="Flux2Transformer2DModel"):   # FLUX.2 [dev]: Mistral, guidance
+        family_of("Flux2Transformer2DModel", {"guidance_embeds": True})

@@ -1,0 +1,143 @@
+"""FLUX.2 [klein] (4B / 9B, base and distilled): a double- and single-stream transformer over the VAE's
+2x2-patchified latents, conditioned by a text-only LLM (Qwen3) through its chat template and a stack of
+its intermediate hidden states; rectified flow.
+
+What the transformer sees, exactly as ``Flux2KleinPipeline.__call__`` gives it:
+
+    hidden_states          the VAE latents cut into 2x2 patches (``_patchify_latents``: 4·C channels at
+                           half the side), normalised by the VAE's batch-norm statistics
+                           (``vae.bn.running_mean/var``) and flattened to (n, h·w, 4·C)
+                           (``_pack_latents``; the prediction is scattered back, ``_unpack_latents_with_ids``)
+    img_ids, txt_ids       4-axis (t, row, column, l) RoPE ids: (0, row, col, 0) per patch
+                           (``_prepare_latent_ids``), (0, 0, 0, token) per text token (``_prepare_text_ids``)
+    timestep               σ (the pipeline divides the scheduler's σ·1000 by 1000)
+    guidance               none: Klein embeds no guidance (the base models take real CFG against "")
+    encoder_hidden_states  Qwen3's hidden states after layers 9, 18 and 27, concatenated per token
+                           (``_get_qwen3_prompt_embeds``: the prompt in the chat template with thinking
+                           off, padded to ``max_sequence_length``, 512 by default)
+
+The training latents are therefore the normalised patchified ones (diffusers'
+``train_dreambooth_lora_flux2_klein.py`` does the same), so noise, target and loss live where the pipeline
+samples. σ carries the dynamic shift FLUX.2's scheduler config declares (``use_dynamic_shifting``, μ on
+the config's line through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift) at the
+token count), as for FLUX.1 (``toolkit.models.processes.RectifiedFlow``). The pipeline samples with
+BFL's empirical μ (``compute_empirical_mu``: also a function of the step count), which the training σ
+cannot follow, since a training step has no step count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+from toolkit.models.families.base import Conditioning, ModelFamily, call_default
+from toolkit.models.processes import RectifiedFlow
+
+
+def token_count(shape: Sequence[int]) -> int:
+    """Tokens of a batch of training latents of ``shape`` (n, 4·C, h, w): one per patchified pixel."""
+    return int(shape[-2]) * int(shape[-1])
+
+
+class Flux2Klein(ModelFamily):
+    name = "flux2"
+    pipeline_class = Flux2KleinPipeline
+    denoiser = "transformer"
+    denoiser_label = "transformer"
+    denoiser_class = Flux2Transformer2DModel
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    vae_class = AutoencoderKLFlux2
+    input_layer = "x_embedder"
+    text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
+    # diffusers' Flux2 loader reads kohya files under these names (_convert_kohya_flux2_lora_to_diffusers)
+    kohya_prefixes = {"transformer": "lora_unet_"}
+    base_model_version = "flux2"
+    cache_fields = ("prompt_embeds",)
+    # an LLM's residual stream carries a few "massive activations" far beyond the rest (Sun et al., 2024):
+    # bfloat16 keeps their range where float16 may not
+    wide_fields = ("prompt_embeds",)
+    preset = "lora_flux2"
+    # sampling: the base class's, i.e. the pipeline's own defaults (the base models' recipe: 50 steps, CFG 4)
+    # the toolkit writes the diffusers file only (no kohya/BFL layout is written for this family)
+    format_kinds = {"diffusers": ("lora", "dora"), "kohya": ()}
+
+    @classmethod
+    def matches(cls, denoiser_class: str, config: Mapping[str, Any]) -> bool:
+        # FLUX.2 [dev] shares the transformer class but embeds guidance and reads Mistral's states
+        # (Flux2Pipeline): not this family
+        return denoiser_class == cls.denoiser_class.__name__ and not config.get("guidance_embeds", True)
+
+    @classmethod
+    def noise_process(cls, scheduler: Any) -> Any:
+        return RectifiedFlow(scheduler, image_seq_len=token_count)
+
+    @classmethod
+    def lora_components(cls) -> tuple[str, ...]:
+        return (cls.denoiser,)   # Flux2LoraLoaderMixin reads the transformer's LoRA only
+
+    @classmethod
+    def native_sample_size(cls, denoiser_config: Mapping[str, Any]) -> int:
+        # the transformer config has no sample_size: the pipeline's default_sample_size (128 latents)
+        return cls.pipeline_class(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                  transformer=None).default_sample_size
+
+    @classmethod
+    def text_options(cls, max_sequence_length: int | None = None) -> dict[str, Any]:
+        default = call_default(cls.pipeline_class, "max_sequence_length")
+        n = default if max_sequence_length is None else int(max_sequence_length)
+        if n < 1:
+            raise ValueError(f"model.max_sequence_length={n}: the prompt's token count (chat template included) "
+                             f"must be positive; the {cls.name} pipeline uses {default}")
+        return {"max_sequence_length": n}
+
+    @classmethod
+    def encode_prompts(cls, tokenizers, text_encoders, captions, device, options=None) -> Conditioning:
+        # Flux2KleinPipeline.encode_prompt itself: the chat template, the stacked hidden states
+        (tokenizer,), (encoder,) = tokenizers, text_encoders
+        pipe = cls.pipeline_class(transformer=None, scheduler=None, vae=None, text_encoder=encoder, tokenizer=tokenizer)
+        embeds, _ = pipe.encode_prompt(prompt=list(captions), device=torch.device(device),
+                                       **cls.text_options(**(options or {})))
+        return {"prompt_embeds": embeds}
+
+    @classmethod
+    def training_latents(cls, latents: torch.Tensor, vae: Any) -> torch.Tensor:
+        # Flux2KleinPipeline's latent space: patchified, then normalised by the VAE's batch-norm statistics
+        # (what __call__ undoes before decoding)
+        x = cls.pipeline_class._patchify_latents(latents)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x)
+        return ((x - mean) / std).float()
+
+    @classmethod
+    def denoiser_inputs(cls, noisy, timesteps, cond, micro, dtype, guidance=None):
+        embeds = cond["prompt_embeds"].to(dtype)
+        kwargs = {"hidden_states": cls.pipeline_class._pack_latents(noisy),
+                  "timestep": timesteps.to(dtype) / 1000,   # the pipeline's divisor; the model multiplies back
+                  "guidance": None, "encoder_hidden_states": embeds,
+                  "txt_ids": cls.pipeline_class._prepare_text_ids(embeds).to(noisy.device),
+                  "img_ids": cls.pipeline_class._prepare_latent_ids(noisy).to(noisy.device)}
+        return (), kwargs
+
+    @classmethod
+    def prediction(cls, output: Any, noisy: torch.Tensor) -> torch.Tensor:
+        ids = cls.pipeline_class._prepare_latent_ids(noisy).to(noisy.device)
+        return cls.pipeline_class._unpack_latents_with_ids(output.sample, ids, noisy.shape[-2], noisy.shape[-1])
+
+    @classmethod
+    def call_kwargs(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {"max_sequence_length": cls.text_options(**options)["max_sequence_length"]}
+
+    @classmethod
+    def names_adapter(cls, keys: Sequence[str], base_model_version: str) -> bool:
+        # diffusers' Flux2 transformer keys: its single blocks' fused qkv+MLP projection, the double blocks' SwiGLU
+        return base_model_version.startswith("flux2") or any(
+            "to_qkv_mlp_proj" in k or ".ff.linear_in." in k or ".ff_context.linear_in." in k for k in keys)
+
+    @classmethod
+    def single_file_state_dict(cls, pipe: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("writing a FLUX.2 [klein] pipeline as one BFL checkpoint file is not supported; "
+                                  "merge with merge.formats=[diffusers]")
