@@ -26,7 +26,13 @@ import pytest
 from miniature.world import generate
 from tests.conftest import ROOT, run_entry
 from tests.docs import CODE_PATH, LINK, anchors, documented_commands, expand_braces
-from tests.tiny import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
+from tests.tiny import (
+    build_tiny_flux2_klein_pipeline,
+    build_tiny_flux_pipeline,
+    build_tiny_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sdxl_pipeline,
+)
 
 COMMANDS = documented_commands(ROOT)
 PLACEHOLDER = re.compile(r"^<[^<>]+>$")
@@ -39,6 +45,7 @@ STANDINS = {
     "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", {"sample_size": 128}),
     "stabilityai/stable-diffusion-3.5-medium": ("sd3", {"sample_size": 128}),
     "black-forest-labs/FLUX.1-dev": ("flux", {}),   # 1024 px: the pipeline's default_sample_size x VAE 8
+    "black-forest-labs/FLUX.2-klein-base-4B": ("flux2", {}),   # likewise
     "madebyollin/sdxl-vae-fp16-fix": ("vae", {}),
     "openai/clip-vit-large-patch14": ("clip", {}),
     "openai/clip-vit-large-patch14-336": ("clip", {}),
@@ -145,6 +152,8 @@ def hub_cache(root: Path, tmp: Path) -> Path:
                 build_tiny_sd3_pipeline(out, vae_channels=(8,) * 4, **kw)
             elif kind == "flux":
                 build_tiny_flux_pipeline(out, vae_channels=(8,) * 4, **kw)
+            elif kind == "flux2":
+                build_tiny_flux2_klein_pipeline(out, vae_channels=(8,) * 4, **kw)
             elif kind == "vae":
                 build_tiny_sdxl_pipeline(tmp / "vae-src", vae_channels=(8,) * 4, sample_size=128)
                 shutil.copytree(tmp / "vae-src" / "vae", out)
