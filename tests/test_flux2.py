@@ -4,7 +4,9 @@ blocks over 2x2-patchified latents with 4-axis RoPE ids, ``AutoencoderKLFlux2`` 
 statistics, FLUX.2's dynamic-shift scheduler) read through the hub path: the loss is the Flux.2 formula
 written out, training runs through the real entry point (the family read from model_index.json) and
 resumes bit for bit, the text cache holds the pipeline's stacked Qwen3 states, sampling equals the stock
-``Flux2KleinPipeline`` with the exported LoRA, and the file loads there with no key left unread.
+``Flux2KleinPipeline`` with the exported LoRA, and the file loads there with no key left unread; the
+kohya/BFL (ComfyUI) file reads back to the trained updates, is read whole by diffusers' own kohya-Flux2
+converter, and samples as the diffusers file.
 
 One training run is shared (``flux2_run``); the others are as few as the checks need.
 """
@@ -26,6 +28,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
 from tests.test_fault_tolerance import ADAPTER, same_tensors
+from toolkit.adapters.formats import KOHYA_FILE
 from toolkit.reproducibility import seed_global
 
 STEPS = 4
@@ -84,9 +87,16 @@ class Messages(logging.Handler):
             logging.getLogger(n).removeHandler(self)
 
 
-def stock_images(model: str, lora: Path | None, n: int = 2, steps: int = 3) -> list[np.ndarray]:
+def trained_layers(run: Path) -> set[str]:
+    """The transformer modules the run's diffusers file adapts."""
+    return {k.rsplit(".lora_", 1)[0].removeprefix("transformer.") for k in load_file(run / ADAPTER) if ".lora_" in k}
+
+
+def stock_images(model: str, lora: Path | None, n: int = 2, steps: int = 3, layers: set[str] | None = None
+                 ) -> list[np.ndarray]:
     """The stock diffusers pipeline, as a user runs it (Klein's sampler and CFG 4; the run's steps); the
-    LoRA file loaded with no key left unread and every layer of it in the transformer."""
+    LoRA file loaded with no key left unread and every layer of it (``layers``, or the diffusers file's
+    own) in the transformer."""
     import warnings
 
     from diffusers import Flux2KleinPipeline
@@ -98,7 +108,7 @@ def stock_images(model: str, lora: Path | None, n: int = 2, steps: int = 3) -> l
             pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
         said = log.got + [str(w.message) for w in warned]
         assert not [m for m in said if "unexpected" in m.lower() or "missing" in m.lower()], said
-        layers = {k.rsplit(".lora_", 1)[0].removeprefix("transformer.") for k in load_file(lora) if ".lora_" in k}
+        layers = layers or {k.rsplit(".lora_", 1)[0].removeprefix("transformer.") for k in load_file(lora)}
         loaded = {n for n, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A}
         assert layers and loaded == layers
     pipe.set_progress_bar_config(disable=True)
@@ -174,6 +184,7 @@ def test_flux2_trains_its_lora_through_the_entry_point(flux2_run):
     log = (flux2_run / "entry.log").read_text()
     assert "chosen generation.guidance_scale=4.0" in log and "chosen generation.steps=50" in log
     assert "text cache (prompt_embeds, bfloat16)" in log
+    assert (flux2_run / "adapter" / KOHYA_FILE).is_file()
     metrics = json.loads((flux2_run / "train_metrics.json").read_text())
     assert math.isfinite(metrics["train/loss"])
 
@@ -229,6 +240,57 @@ def test_sampling_equals_the_stock_klein_pipeline_with_the_exported_lora(flux2_r
     assert len(ours) == len(stock) == 2
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(ours, stock))       # fused vs peft layers: ≤ 1 level
     assert any(np.abs(a - b).max() > 1 for a, b in zip(stock, base))       # and the LoRA does something
+
+
+def test_the_toolkit_reads_its_kohya_file_back_to_the_trained_updates(flux2_run, tiny_flux2):
+    from toolkit.adapters.formats import read_adapter
+    from toolkit.adapters.layers import compare_updates
+    from toolkit.adapters.loading import module_shapes
+    from toolkit.models.families import Flux2Klein
+    from toolkit.models.pretrained import skeletons
+
+    _, models = skeletons(tiny_flux2)
+    mods = {c: module_shapes(m) for c, m in models.items()}
+    cfg = models["transformer"].config
+    kohya = read_adapter(flux2_run / "adapter" / KOHYA_FILE, Flux2Klein, mods, cfg).require_matched()
+    diff = read_adapter(flux2_run / ADAPTER, Flux2Klein, mods, cfg).require_matched()
+    cmp = compare_updates(diff.updates("transformer"), kohya.updates("transformer"))
+    assert cmp.ok(1e-6), cmp.describe()
+    names = {k.split(".")[0] for k in load_file(flux2_run / "adapter" / KOHYA_FILE)}
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
+            "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_mlp_0",
+            "lora_unet_single_blocks_1_linear1"} <= names
+    assert {w.rank for w in kohya.layers["transformer"].values()} == {4}   # the parts' own ranks, not 3 x 4
+
+
+def test_kohya_file_read_whole_by_diffusers_flux2_converter_samples_as_the_diffusers_file(flux2_run, tiny_flux2):
+    """diffusers' own ``_convert_kohya_flux2_lora_to_diffusers`` (what ``Flux2KleinPipeline.load_lora_weights``
+    calls on it) leaves no key unread, gives every trained layer with B·A = the trained update (1e-6), and
+    the stock pipeline samples the kohya file as the diffusers file (≤ 1 level)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux2_lora_to_diffusers
+
+    from toolkit.adapters.formats import read_adapter
+    from toolkit.adapters.layers import compare_updates
+    from toolkit.adapters.loading import module_shapes
+    from toolkit.models.families import Flux2Klein
+    from toolkit.models.pretrained import skeletons
+
+    kohya = flux2_run / "adapter" / KOHYA_FILE
+    with Messages("diffusers") as log:
+        converted = _convert_kohya_flux2_lora_to_diffusers(dict(load_file(kohya)))
+    assert not [m for m in log.got if "Unsupported keys" in m], log.got
+    got = {k.removeprefix("transformer.").removesuffix(".lora_A.weight"):
+           converted[k.replace(".lora_A.", ".lora_B.")].double() @ v.double()
+           for k, v in converted.items() if k.endswith(".lora_A.weight")}
+    assert set(got) == trained_layers(flux2_run) and len(converted) == 2 * len(got)
+    _, models = skeletons(tiny_flux2)
+    mods = {c: module_shapes(m) for c, m in models.items()}
+    want = read_adapter(flux2_run / ADAPTER, Flux2Klein, mods, models["transformer"].config).updates("transformer")
+    cmp = compare_updates(want, got)
+    assert cmp.ok(1e-6), cmp.describe()
+    stock = stock_images(tiny_flux2, flux2_run / ADAPTER)
+    via_kohya = stock_images(tiny_flux2, kohya, layers=trained_layers(flux2_run))
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(stock, via_kohya))
 
 
 # ------------------------------------------------------------------------------------------ the model's settings

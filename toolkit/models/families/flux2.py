@@ -27,6 +27,7 @@ cannot follow, since a training step has no step count.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,35 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 
 from toolkit.models.families.base import Conditioning, ModelFamily, call_default
 from toolkit.models.processes import RectifiedFlow
+
+# The original (BFL) module names kohya / musubi / ComfyUI LoRA files use for FLUX.2, per diffusers module:
+# (name, part of a fused projection or None). Hand-written because diffusers ships only the reader
+# (``_convert_kohya_flux2_lora_to_diffusers``); these are its names, and the tests read files written
+# with them back through it.
+_FIXED = {"x_embedder": "img_in", "context_embedder": "txt_in",
+          "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+          "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer", "proj_out": "final_layer.linear"}
+_DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+           "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+           "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.to_out.0": ("img_attn.proj", None),
+           "attn.to_add_out": ("txt_attn.proj", None), "ff.linear_in": ("img_mlp.0", None),
+           "ff.linear_out": ("img_mlp.2", None), "ff_context.linear_in": ("txt_mlp.0", None),
+           "ff_context.linear_out": ("txt_mlp.2", None)}
+_SINGLE = {"attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)}   # fused already
+_BLOCK_RE = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
+
+
+def bfl_module_name(module: str) -> str:
+    """The original name of a FLUX.2 transformer module (``transformer_blocks.0.attn.to_k`` ->
+    ``double_blocks.0.img_attn.qkv``, its second third)."""
+    if module in _FIXED:
+        return _FIXED[module]
+    m = _BLOCK_RE.fullmatch(module)
+    table, block = (_DOUBLE, "double_blocks") if m and m[1] == "transformer_blocks" else (_SINGLE, "single_blocks")
+    if m is None or m[3] not in table:
+        raise ValueError(f"FLUX.2 transformer module {module!r} has no name in the original (BFL) layout that "
+                         "diffusers' kohya converter reads")
+    return f"{block}.{m[2]}.{table[m[3]][0]}"
 
 
 def token_count(shape: Sequence[int]) -> int:
@@ -53,8 +83,10 @@ class Flux2Klein(ModelFamily):
     input_layer = "x_embedder"
     text_encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)
-    # diffusers' Flux2 loader reads kohya files under these names (_convert_kohya_flux2_lora_to_diffusers)
-    kohya_prefixes = {"transformer": "lora_unet_"}
+    # kohya / musubi / ComfyUI names (BFL module names), which diffusers' Flux2 loader converts
+    # (_convert_kohya_flux2_lora_to_diffusers); it reads no text-encoder LoRA, so no Qwen3 module has a
+    # kohya name (kohya_module_name refuses each; the prefix only lets the reader ask)
+    kohya_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
     base_model_version = "flux2"
     cache_fields = ("prompt_embeds",)
     # an LLM's residual stream carries a few "massive activations" far beyond the rest (Sun et al., 2024):
@@ -62,8 +94,9 @@ class Flux2Klein(ModelFamily):
     wide_fields = ("prompt_embeds",)
     preset = "lora_flux2"
     # sampling: the base class's, i.e. the pipeline's own defaults (the base models' recipe: 50 steps, CFG 4)
-    # the toolkit writes the diffusers file only (no kohya/BFL layout is written for this family)
-    format_kinds = {"diffusers": ("lora", "dora"), "kohya": ()}
+    # q/k/v are one fused projection in the original layout: a LoRA stacks along its rows; diffusers'
+    # Flux2 loader drops DoRA magnitudes from a kohya file, so that file carries LoRA only
+    format_kinds = {"diffusers": ("lora", "dora"), "kohya": ("lora",)}
 
     @classmethod
     def matches(cls, denoiser_class: str, config: Mapping[str, Any]) -> bool:
@@ -136,6 +169,23 @@ class Flux2Klein(ModelFamily):
         # diffusers' Flux2 transformer keys: its single blocks' fused qkv+MLP projection, the double blocks' SwiGLU
         return base_model_version.startswith("flux2") or any(
             "to_qkv_mlp_proj" in k or ".ff.linear_in." in k or ".ff_context.linear_in." in k for k in keys)
+
+    @classmethod
+    def kohya_module_name(cls, component: str, module: str, denoiser_config: Mapping[str, Any]) -> str:
+        if component != cls.denoiser:
+            raise ValueError(f"{component}.{module}: diffusers' FLUX.2 loader reads no text-encoder LoRA, so a kohya "
+                             "file has no name for it")
+        return bfl_module_name(module)
+
+    @classmethod
+    def kohya_fused(cls, denoiser_config: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        # the double blocks' qkv of each stream, split in equal thirds (kohya_fused_rows: None)
+        out: dict[str, list[str]] = {}
+        for i in range(int(denoiser_config["num_layers"])):
+            for rest, (name, part) in _DOUBLE.items():
+                if part is not None:
+                    out.setdefault(f"double_blocks.{i}.{name}", [""] * 3)[part] = f"transformer_blocks.{i}.{rest}"
+        return {k: tuple(v) for k, v in out.items()}
 
     @classmethod
     def single_file_state_dict(cls, pipe: Any) -> dict[str, torch.Tensor]:
