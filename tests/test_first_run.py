@@ -69,6 +69,11 @@ def test_preset_follows_the_family(which, preset, size, tiny_model, tiny_sdxl):
                                                     str(Path(data_dir()) / "miniature/grid_prompts.txt"))
     assert chosen(["task=train", f"model.name_or_path={model}", "module=dora", "data.resolution=8",
                    "callbacks.sample_grid.prompts=[a cat]", *GIVEN_GENERATION]) == {}
+    # a run saved before some settings were left to the model (its overrides carry the choices of then):
+    # only what is still open is chosen when it resumes
+    older = ["task=train", f"model.name_or_path={model}", f"module={preset}", f"+chosen.module={preset}: why",
+             f"data.resolution={size}", f"+chosen.data.resolution={size}: why"]
+    assert set(chosen(older)) == {"callbacks.sample_grid.prompts", *(g.split("=")[0] for g in GIVEN_GENERATION)}
 
 
 def test_a_sweep_over_experiments_chooses_what_follows_each_cells_model(other_size_model, tiny_sdxl, imagefolder_data,

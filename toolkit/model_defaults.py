@@ -203,17 +203,10 @@ def as_overrides(chosen: dict[str, tuple[Any, str]]) -> list[str]:
     return extra
 
 
-def already_chosen(args: list[str]) -> bool:
-    """A resume's saved overrides, a DDP child's command line or a sweep cell carry their choices."""
-    return any(a.startswith(("chosen.", "+chosen.")) for a in args)
-
-
 def cell_overrides(cfg: DictConfig, cell: list[str]) -> list[str]:
     """The choices for one sweep cell (``cell``: its overrides; ``cfg``: its composed config)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if already_chosen(cell):
-        return []
     given = {o.key_or_group for o in OverridesParser.create().parse_overrides(cell)}
     return as_overrides(choose(cfg, given))
 
@@ -221,10 +214,12 @@ def cell_overrides(cfg: DictConfig, cell: list[str]) -> list[str]:
 def model_overrides(args: list[str]) -> list[str]:
     """``args`` plus an override for every setting left to the model, each with its reason under
     ``chosen.<key>``. Raises ``ModelDefaultsError`` before any weight is read. A sweep (``-m``) is
-    left as it is: its cells are chosen for one by one (``cell_overrides``, by the sweeper)."""
+    left as it is: its cells are chosen for one by one (``cell_overrides``, by the sweeper). What a
+    resume's saved overrides or a DDP child's command line already carry is no longer open, so only
+    settings still open are chosen (those a newer version leaves to the model, on a run made before it)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if already_chosen(args) or any(a in ("-m", "--multirun") for a in args):
+    if any(a in ("-m", "--multirun") for a in args):
         return args
     lines = [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-")]   # deletions too
     parsed = OverridesParser.create().parse_overrides(lines)
