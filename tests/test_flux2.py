@@ -305,3 +305,20 @@ def test_settings_follow_a_klein_model_and_flux2_dev_is_not_taken_for_it(tiny_fl
     assert family_of("Flux2Transformer2DModel", {"guidance_embeds": False}) is Flux2Klein
     with pytest.raises(UnsupportedFamily, match="Flux2Transformer2DModel"):   # FLUX.2 [dev]: Mistral, guidance
         family_of("Flux2Transformer2DModel", {"guidance_embeds": True})
+
+
+def test_a_negative_prompt_reaches_the_pipelines_that_take_one_and_klein_refuses_it(tiny_flux2, tiny_model):
+    """``generate`` names the prompt (Klein's first argument is a reference image) and passes a negative
+    prompt only to a pipeline that takes one: SD's images change with it; Klein's pipeline is refused."""
+    from diffusers import Flux2KleinPipeline, StableDiffusionPipeline
+
+    from toolkit.inference.pipeline import generate
+
+    with pytest.raises(ValueError, match="Flux2KleinPipeline takes no negative prompt"):
+        generate(Flux2KleinPipeline.from_pretrained(tiny_flux2), ["a red circle"], [0], 1, 4.0,
+                 negative_prompt="blurry", progress=False)
+    sd = StableDiffusionPipeline.from_pretrained(tiny_model)
+    sd.set_progress_bar_config(disable=True)
+    plain, negative = (np.asarray(generate(sd, ["a red circle"], [0], 2, 5.0, negative_prompt=neg, height=16, width=16,
+                                           progress=False)[0]).astype(int) for neg in (None, "a blue square"))
+    assert np.abs(plain - negative).max() > 1
