@@ -293,6 +293,30 @@ def test_kohya_file_read_whole_by_diffusers_flux2_converter_samples_as_the_diffu
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(stock, via_kohya))
 
 
+def test_merge_and_inspect_flux2(flux2_run, tiny_flux2, tmp_path):
+    """merge: the diffusers folder samples as the base with the LoRA (a single file is refused, naming the
+    format that works); inspect: both files name the FLUX.2 family and the same layers, all matched."""
+    from toolkit.tasks import inspect, merge
+
+    out = tmp_path / "merge"
+    with pytest.raises(ValueError, match=r"set merge.formats=\[diffusers\]"):
+        merge.run(compose_cfg(["task=merge", f"model.name_or_path={tiny_flux2}", f"adapter={flux2_run}",
+                               f"hydra.run.dir={out}"], out))
+    got = merge.run(compose_cfg(["task=merge", f"model.name_or_path={tiny_flux2}", f"adapter={flux2_run}",
+                                 "merge.formats=[diffusers]", "merge.dtype=float32", f"hydra.run.dir={out}"], out))
+    assert got["layers_merged"] == len(trained_layers(flux2_run)) and got["max_rel_err"] <= 1e-6
+    merged, with_lora = stock_images(str(out / "merged"), None), stock_images(tiny_flux2, flux2_run / ADAPTER)
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(merged, with_lora))
+
+    got = inspect.run(compose_cfg(["task=inspect", f"model.name_or_path={tiny_flux2}",
+                                   f"adapter=[{flux2_run / ADAPTER},{flux2_run / 'adapter' / KOHYA_FILE}]",
+                                   f"hydra.run.dir={tmp_path / 'inspect'}"], tmp_path / "inspect"))
+    infos = json.loads(Path(got["details"]).read_text())
+    assert [i["family_named_by_file"] for i in infos] == ["flux2", "flux2"]
+    assert infos[0]["layers_per_component"] == infos[1]["layers_per_component"]
+    assert all(i["base_model_match"]["unmatched"] == 0 for i in infos)
+
+
 # ------------------------------------------------------------------------------------------ the model's settings
 def test_settings_follow_a_klein_model_and_flux2_dev_is_not_taken_for_it(tiny_flux2):
     from tests.test_first_run import chosen

@@ -67,6 +67,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     pipe = load_pipeline(**{**model, "dtype": "float32"})   # merged in float32, cast when written
     family = family_of_pipeline(pipe)
+    if "single_file" in formats and not family.single_file_layout:
+        raise ValueError(f"merge.formats={formats}: a {family.name} model is not written as one checkpoint file; "
+                         "set merge.formats=[diffusers]")
     loaded = load_adapters(pipe, family, adapters, [float(s) for s in as_list(mc.lora_scale)], cfg.adapter_variant)
     apply_schedule(pipe, loaded)   # the merged model's scheduler config: the schedule it was trained with
     models = components(pipe, family)

@@ -54,6 +54,7 @@ class ModelFamily:
                                                              "kohya": ("lora", "dora", "loha", "lokr")}
     pretrained_kwargs: ClassVar[Mapping[str, Any]] = {}   # extra kwargs of pipeline_class.from_pretrained
     single_file_has_all: ClassVar[bool] = True     # a single file holds every model (False: the denoiser alone)
+    single_file_layout: ClassVar[bool] = True      # the toolkit writes the family's single-file layout
 
     @classmethod
     def matches(cls, denoiser_class: str, config: Mapping[str, Any]) -> bool:

@@ -97,6 +97,7 @@ class Flux2Klein(ModelFamily):
     # q/k/v are one fused projection in the original layout: a LoRA stacks along its rows; diffusers'
     # Flux2 loader drops DoRA magnitudes from a kohya file, so that file carries LoRA only
     format_kinds = {"diffusers": ("lora", "dora"), "kohya": ("lora",)}
+    single_file_layout = False   # BFL's FLUX.2 transformer file is not written (merge: the diffusers folder)
 
     @classmethod
     def matches(cls, denoiser_class: str, config: Mapping[str, Any]) -> bool:
@@ -187,7 +188,3 @@ class Flux2Klein(ModelFamily):
                     out.setdefault(f"double_blocks.{i}.{name}", [""] * 3)[part] = f"transformer_blocks.{i}.{rest}"
         return {k: tuple(v) for k, v in out.items()}
 
-    @classmethod
-    def single_file_state_dict(cls, pipe: Any) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("writing a FLUX.2 [klein] pipeline as one BFL checkpoint file is not supported; "
-                                  "merge with merge.formats=[diffusers]")
