@@ -1,8 +1,9 @@
-"""What the entry's allocator policy (``toolkit/allocator.py``: glibc's mmap threshold held at
-128 KiB) costs a training step: the miniature's LoRA step, glibc's default against the policy,
-each in a fresh process, alternating (A B A B ...), median of the pairs' ratios.
+"""What the entry's allocator policy (``toolkit/allocator.py``: glibc's mmap threshold held at a
+fixed value) costs a training step: the miniature's LoRA step, glibc's default against the policy at
+each ``--thresholds`` value, each in a fresh process, alternating (A B C ... A B C ...), median of the
+rounds' ratios to the default.
 
-    python bench/allocator.py --pairs 3 --steps 8
+    python bench/allocator.py --pairs 3 --steps 8 --thresholds 128K
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ print(json.dumps({"ms": ms, "peak_rss": rss}))
 """
 
 
-def one(policy: bool, steps: int, batch: int) -> dict:
+def one(threshold: int | None, steps: int, batch: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    if policy:   # what toolkit.allocator.fix_mmap_threshold sets, given to glibc at start
-        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    if threshold:   # what toolkit.allocator.fix_mmap_threshold sets, given to glibc at start
+        env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "data" / "miniature" / "sd"), str(steps),
                           str(batch)], capture_output=True, text=True, env=env, check=True).stdout
@@ -54,15 +55,23 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--thresholds", default="128K", help="comma-separated fixed thresholds (K/M suffixes)")
     args = ap.parse_args()
-    ratios = []
+    sizes = [int(float(t[:-1]) * {"K": 2**10, "M": 2**20}[t[-1].upper()]) if t[-1].isalpha() else int(t)
+             for t in args.thresholds.split(",")]
+    ratios: dict[int, list[float]] = {t: [] for t in sizes}
     for i in range(args.pairs):
-        a, b = one(False, args.steps, args.batch), one(True, args.steps, args.batch)
-        ratios.append(b["ms"] / a["ms"])
-        print(f"pair {i}: glibc default {a['ms']:.0f} ms/step, peak RSS {a['peak_rss'] / 2**30:.2f} GiB · "
-              f"policy {b['ms']:.0f} ms/step, peak RSS {b['peak_rss'] / 2**30:.2f} GiB · ratio {ratios[-1]:.3f}",
-              flush=True)
-    print(f"policy / default, step time: median {statistics.median(ratios):.3f} over {args.pairs} pairs")
+        a = one(None, args.steps, args.batch)
+        line = [f"round {i}: glibc default {a['ms']:.0f} ms/step, peak RSS {a['peak_rss'] / 2**30:.2f} GiB"]
+        for t in sizes:
+            b = one(t, args.steps, args.batch)
+            ratios[t].append(b["ms"] / a["ms"])
+            line.append(f"{t // 1024} KiB {b['ms']:.0f} ms/step, peak RSS {b['peak_rss'] / 2**30:.2f} GiB "
+                        f"(x{ratios[t][-1]:.3f})")
+        print(" · ".join(line), flush=True)
+    for t in sizes:
+        print(f"threshold {t // 1024} KiB / default, step time: median {statistics.median(ratios[t]):.3f} "
+              f"over {args.pairs} rounds")
 
 
 if __name__ == "__main__":

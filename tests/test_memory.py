@@ -174,3 +174,20 @@ def test_the_plan_prints_before_loading_and_refuses_what_will_not_fit(tiny_model
     cfg = compose_cfg(args + ["memory.mode=gpu", "memory.device_gib=0.012", "memory.budget_gib=1"], tmp_path / "gpu")
     problems = "\n".join(build(cfg).problems)
     assert "encoding: latent cache needs" in problems and "set memory.budget_gib to at most 0.01 " in problems
+    # cpu mode with glibc's default allocator: said, and a phase within its slack of the memory is "tight"
+    # (not refused); with the policy (the entry sets MALLOC_MMAP_THRESHOLD_) neither
+    from toolkit.plan import GLIBC_SLACK, render
+
+    cpu = compose_cfg(args + ["memory.mode=cpu"], tmp_path / "cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+        plan = build(cpu)
+        step = next(r for r in plan.rows if r.phase == "training step")
+        plan.device = int(plan.total(step) * (1 + GLIBC_SLACK) / 2)
+        text = "\n".join(render(plan))
+        assert "allocator: glibc's default" in text and "TOOLKIT_LEAN_MALLOC=1" in text
+        assert plan.verdict(step) == "fits (tight: see the allocator note)" and not plan.problems
+        mp.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+        lean = build(cpu)
+        lean.device = plan.device
+        assert "allocator" not in "\n".join(render(lean)) and lean.verdict(step) == "fits"
