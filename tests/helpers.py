@@ -180,3 +180,43 @@ def keys_per_step(folder: Path) -> dict[int, list[str]]:
                 seen.add(row["step"])
                 steps.setdefault(row["step"], []).extend(row["keys"])
     return {s: sorted(k) for s, k in steps.items()}
+
+
+def kohya_read_back(run: Path, model: str, family: Any, adapter: str) -> Any:
+    """A transformer family's run: its kohya file and its diffusers file (``adapter``) read by the toolkit
+    against the model's module shapes give the same updates (1e-6), every layer matched; the kohya read."""
+    from toolkit.adapters.formats import KOHYA_FILE, read_adapter
+    from toolkit.adapters.layers import compare_updates
+    from toolkit.adapters.loading import module_shapes
+    from toolkit.models.pretrained import skeletons
+
+    _, models = skeletons(model)
+    mods = {c: module_shapes(m) for c, m in models.items()}
+    cfg = models["transformer"].config
+    kohya = read_adapter(run / "adapter" / KOHYA_FILE, family, mods, cfg).require_matched()
+    diff = read_adapter(run / adapter, family, mods, cfg).require_matched()
+    cmp = compare_updates(diff.updates("transformer"), kohya.updates("transformer"))
+    assert cmp.ok(1e-6), cmp.describe()
+    assert {w.rank for w in kohya.layers["transformer"].values()} == {4}   # the parts' own ranks, not 3 x 4
+    return kohya
+
+
+def loss_and_vae_sample(cfg: DictConfig) -> tuple[torch.Tensor, LoRADiffusion, dict[str, Any], torch.Tensor]:
+    """The module's diffusion loss on the first training batch at seed 0, the module, the batch, and the
+    VAE's latent sample z drawn as the module draws it (seed 0 again: what follows z is the module's noise)."""
+    from hydra.utils import instantiate
+
+    from toolkit.reproducibility import seed_global
+
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = instantiate(cfg.module)
+    module.eval()
+    seed_global(0)
+    got = module.diffusion_loss(batch)
+    seed_global(0)
+    with torch.no_grad():
+        mean, logvar = module.vae.encode(batch["pixel_values"]).latent_dist.parameters.chunk(2, dim=1)
+        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)
+    return got, module, batch, z

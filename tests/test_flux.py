@@ -32,10 +32,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
-from tests.helpers import keys_per_step
+from tests.helpers import keys_per_step, kohya_read_back, loss_and_vae_sample
 from tests.test_fault_tolerance import ADAPTER, same_tensors
 from toolkit.adapters.formats import KOHYA_FILE
-from toolkit.reproducibility import seed_global
 
 STEPS = 4
 
@@ -85,18 +84,9 @@ def test_the_module_loss_is_the_flux_formula_written_out(tiny_flux, imagefolder_
     (0, row, col) ids, zero text ids, σ, the guidance 3.5, T5's 512 tokens and CLIP's pooled output;
     target ε − x₀ after unpacking."""
     cfg = compose_cfg(flux_overrides(tiny_flux, imagefolder_data, tmp_path, "data.val_fraction=0"), tmp_path)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    module = instantiate(cfg.module)
-    module.eval()
-    seed_global(0)
-    got = module.diffusion_loss(batch)
-    seed_global(0)
+    got, module, batch, z = loss_and_vae_sample(cfg)
     vae, T = module.vae, module.noise_scheduler.config.num_train_timesteps
     with torch.no_grad():
-        mean, logvar = vae.encode(batch["pixel_values"]).latent_dist.parameters.chunk(2, dim=1)
-        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)
         x0 = (z - vae.config.shift_factor) * vae.config.scaling_factor
         ids = module.tokenizer(batch["captions"], padding="max_length", max_length=77, truncation=True,
                                return_tensors="pt").input_ids
@@ -218,23 +208,13 @@ def test_sampling_equals_the_stock_pipeline_with_the_exported_lora(flux_run, tin
 
 
 def test_the_toolkit_reads_its_kohya_file_back_to_the_trained_updates(flux_run, tiny_flux):
-    from toolkit.adapters.formats import read_adapter
-    from toolkit.adapters.layers import compare_updates
-    from toolkit.adapters.loading import module_shapes
     from toolkit.models.families import Flux
-    from toolkit.models.pretrained import skeletons
 
-    _, models = skeletons(tiny_flux)
-    mods = {c: module_shapes(m) for c, m in models.items()}
-    cfg = models["transformer"].config
-    kohya = read_adapter(flux_run / "adapter" / KOHYA_FILE, Flux, mods, cfg).require_matched()
-    diff = read_adapter(flux_run / ADAPTER, Flux, mods, cfg).require_matched()
-    cmp = compare_updates(diff.updates("transformer"), kohya.updates("transformer"))
-    assert cmp.ok(1e-6), cmp.describe()
+    kohya_read_back(flux_run, tiny_flux, Flux, ADAPTER)
     names = {k.split(".")[0] for k in load_file(flux_run / "adapter" / KOHYA_FILE)}
     assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
             "lora_unet_single_blocks_1_linear1", "lora_unet_double_blocks_0_img_attn_proj"} <= names
-    assert {w.rank for w in kohya.layers["transformer"].values()} == {4}   # the parts' own ranks, not 3 x 4
+
 
 
 def flux1_layers(rank: int = 1):

@@ -27,9 +27,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
+from tests.helpers import kohya_read_back, loss_and_vae_sample
 from tests.test_fault_tolerance import ADAPTER, same_tensors
 from toolkit.adapters.formats import KOHYA_FILE
-from toolkit.reproducibility import seed_global
 
 STEPS = 4
 TEXT = 64   # the prompt's tokens (the pipeline's 512 by default): the chat-templated captions fit in 64
@@ -136,18 +136,9 @@ def test_the_module_loss_is_the_flux2_formula_written_out(tiny_flux2, imagefolde
     0.5) and (4096, 1.15) at the token count; x_t = (1−σ)x₀ + σε; the transformer given the tokens, their
     (0, row, col, 0) ids, (0, 0, 0, l) text ids, σ, no guidance, and Qwen3's layers 9/18/27; target ε − x₀."""
     cfg = compose_cfg(flux2_overrides(tiny_flux2, imagefolder_data, tmp_path, "data.val_fraction=0"), tmp_path)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    module = instantiate(cfg.module)
-    module.eval()
-    seed_global(0)
-    got = module.diffusion_loss(batch)
-    seed_global(0)
+    got, module, batch, z = loss_and_vae_sample(cfg)
     vae, T = module.vae, module.noise_scheduler.config.num_train_timesteps
     with torch.no_grad():
-        mean, logvar = vae.encode(batch["pixel_values"]).latent_dist.parameters.chunk(2, dim=1)
-        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)
         n, c, H, W = z.shape
         h, w = H // 2, W // 2
         patches = z.reshape(n, c, h, 2, w, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, 4 * c, h, w)
@@ -243,24 +234,14 @@ def test_sampling_equals_the_stock_klein_pipeline_with_the_exported_lora(flux2_r
 
 
 def test_the_toolkit_reads_its_kohya_file_back_to_the_trained_updates(flux2_run, tiny_flux2):
-    from toolkit.adapters.formats import read_adapter
-    from toolkit.adapters.layers import compare_updates
-    from toolkit.adapters.loading import module_shapes
     from toolkit.models.families import Flux2Klein
-    from toolkit.models.pretrained import skeletons
 
-    _, models = skeletons(tiny_flux2)
-    mods = {c: module_shapes(m) for c, m in models.items()}
-    cfg = models["transformer"].config
-    kohya = read_adapter(flux2_run / "adapter" / KOHYA_FILE, Flux2Klein, mods, cfg).require_matched()
-    diff = read_adapter(flux2_run / ADAPTER, Flux2Klein, mods, cfg).require_matched()
-    cmp = compare_updates(diff.updates("transformer"), kohya.updates("transformer"))
-    assert cmp.ok(1e-6), cmp.describe()
+    kohya_read_back(flux2_run, tiny_flux2, Flux2Klein, ADAPTER)
     names = {k.split(".")[0] for k in load_file(flux2_run / "adapter" / KOHYA_FILE)}
     assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
             "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_mlp_0",
             "lora_unet_single_blocks_1_linear1"} <= names
-    assert {w.rank for w in kohya.layers["transformer"].values()} == {4}   # the parts' own ranks, not 3 x 4
+
 
 
 def test_kohya_file_read_whole_by_diffusers_flux2_converter_samples_as_the_diffusers_file(flux2_run, tiny_flux2):

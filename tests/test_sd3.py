@@ -23,10 +23,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
-from tests.helpers import keys_per_step
+from tests.helpers import keys_per_step, kohya_read_back, loss_and_vae_sample
 from tests.test_fault_tolerance import ADAPTER, same_tensors
 from toolkit.adapters.formats import KOHYA_FILE
-from toolkit.reproducibility import seed_global
 
 STEPS = 4
 
@@ -74,18 +73,9 @@ def test_the_module_loss_is_the_flow_formula_written_out(tiny_sd3, imagefolder_d
     given σ·N and the diffusers SD3 example's prompt encoding (CLIP penultimate states padded to T5's width,
     then T5's; both pooled outputs)."""
     cfg = compose_cfg(sd3_overrides(tiny_sd3, imagefolder_data, tmp_path, "data.val_fraction=0"), tmp_path)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    module = instantiate(cfg.module)
-    module.eval()
-    seed_global(0)
-    got = module.diffusion_loss(batch)
-    seed_global(0)
+    got, module, batch, z = loss_and_vae_sample(cfg)
     vae, T = module.vae, module.noise_scheduler.config.num_train_timesteps
     with torch.no_grad():
-        mean, logvar = vae.encode(batch["pixel_values"]).latent_dist.parameters.chunk(2, dim=1)
-        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)
         x0 = (z - vae.config.shift_factor) * vae.config.scaling_factor
         hidden, pooled = [], []
         for tok, enc in ((module.tokenizer, module.text_encoder), (module.tokenizer_2, module.text_encoder_2)):
@@ -211,21 +201,10 @@ def test_kohya_file_read_whole_by_diffusers_single_file_converter(sd3_run, tiny_
 
 
 def test_the_toolkit_reads_its_kohya_file_back_to_the_trained_updates(sd3_run, tiny_sd3):
-    from toolkit.adapters.layers import compare_updates
-    from toolkit.adapters.loading import module_shapes
     from toolkit.models.families import SD3
-    from toolkit.models.pretrained import skeletons
 
-    _, models = skeletons(tiny_sd3)
-    mods = {c: module_shapes(m) for c, m in models.items()}
-    from toolkit.adapters.formats import read_adapter
+    kohya_read_back(sd3_run, tiny_sd3, SD3, ADAPTER)
 
-    cfg = models["transformer"].config
-    kohya = read_adapter(sd3_run / "adapter" / KOHYA_FILE, SD3, mods, cfg).require_matched()
-    diff = read_adapter(sd3_run / ADAPTER, SD3, mods, cfg).require_matched()
-    cmp = compare_updates(diff.updates("transformer"), kohya.updates("transformer"))
-    assert cmp.ok(1e-6), cmp.describe()
-    assert {w.rank for w in kohya.layers["transformer"].values()} == {4}   # the parts' own ranks, not 3 x 4
 
 
 def test_merge_writes_a_single_file_that_from_single_file_loads(sd3_run, tiny_sd3, tmp_path):
