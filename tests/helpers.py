@@ -220,3 +220,21 @@ def loss_and_vae_sample(cfg: DictConfig) -> tuple[torch.Tensor, LoRADiffusion, d
         mean, logvar = module.vae.encode(batch["pixel_values"]).latent_dist.parameters.chunk(2, dim=1)
         z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)
     return got, module, batch, z
+
+
+def resumes_bit_identically(run: Path, copy: Path, steps: int, adapter: str) -> None:
+    """A copy of a finished ``steps``-step run, stopped as if at its step-2 checkpoint, resumed through the
+    entry point (``ckpt_path=last``): its exported adapter equals the uninterrupted run's, tensor for tensor."""
+    import shutil
+
+    from tests.conftest import run_entry
+    from tests.test_fault_tolerance import same_tensors
+
+    shutil.copytree(run, copy)
+    for p in (copy / "adapter", copy / "checkpoints" / "adapters" / f"step={steps}"):
+        shutil.rmtree(p)
+    (copy / "checkpoints" / f"step={steps}.ckpt").unlink()
+    shutil.copy(copy / "checkpoints" / "step=2.ckpt", copy / "checkpoints" / "last.ckpt")   # stopped at step 2
+    res = run_entry([f"hydra.run.dir={copy}", "ckpt_path=last"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert same_tensors(copy / adapter, run / adapter)

@@ -32,8 +32,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
-from tests.helpers import keys_per_step, kohya_read_back, loss_and_vae_sample
-from tests.test_fault_tolerance import ADAPTER, same_tensors
+from tests.helpers import keys_per_step, kohya_read_back, loss_and_vae_sample, resumes_bit_identically
+from tests.test_fault_tolerance import ADAPTER
 from toolkit.adapters.formats import KOHYA_FILE
 
 STEPS = 4
@@ -162,15 +162,7 @@ def load_file_metadata(path: Path) -> dict[str, str]:
 
 
 def test_flux_resume_is_bit_identical(flux_run, tmp_path):
-    run = tmp_path / "resumed"
-    shutil.copytree(flux_run, run)
-    for p in (run / "adapter", run / "checkpoints" / "adapters" / f"step={STEPS}"):
-        shutil.rmtree(p)
-    (run / "checkpoints" / f"step={STEPS}.ckpt").unlink()
-    shutil.copy(run / "checkpoints" / "step=2.ckpt", run / "checkpoints" / "last.ckpt")   # stopped at step 2
-    res = run_entry([f"hydra.run.dir={run}", "ckpt_path=last"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert same_tensors(run / ADAPTER, flux_run / ADAPTER)
+    resumes_bit_identically(flux_run, tmp_path / "resumed", STEPS, ADAPTER)
 
 
 @pytest.mark.slow

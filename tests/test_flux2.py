@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
-from tests.helpers import kohya_read_back, loss_and_vae_sample
-from tests.test_fault_tolerance import ADAPTER, same_tensors
+from tests.helpers import kohya_read_back, loss_and_vae_sample, resumes_bit_identically
+from tests.test_fault_tolerance import ADAPTER
 from toolkit.adapters.formats import KOHYA_FILE
 
 STEPS = 4
@@ -181,15 +180,7 @@ def test_flux2_trains_its_lora_through_the_entry_point(flux2_run):
 
 
 def test_flux2_resume_is_bit_identical(flux2_run, tmp_path):
-    run = tmp_path / "resumed"
-    shutil.copytree(flux2_run, run)
-    for p in (run / "adapter", run / "checkpoints" / "adapters" / f"step={STEPS}"):
-        shutil.rmtree(p)
-    (run / "checkpoints" / f"step={STEPS}.ckpt").unlink()
-    shutil.copy(run / "checkpoints" / "step=2.ckpt", run / "checkpoints" / "last.ckpt")   # stopped at step 2
-    res = run_entry([f"hydra.run.dir={run}", "ckpt_path=last"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert same_tensors(run / ADAPTER, flux2_run / ADAPTER)
+    resumes_bit_identically(flux2_run, tmp_path / "resumed", STEPS, ADAPTER)
 
 
 # ------------------------------------------------------------------------------------------ text cache

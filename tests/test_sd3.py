@@ -12,7 +12,6 @@ One training run is shared (``sd3_run``); the others are as few as the checks ne
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
-from tests.helpers import keys_per_step, kohya_read_back, loss_and_vae_sample
-from tests.test_fault_tolerance import ADAPTER, same_tensors
+from tests.helpers import keys_per_step, kohya_read_back, loss_and_vae_sample, resumes_bit_identically
+from tests.test_fault_tolerance import ADAPTER
 from toolkit.adapters.formats import KOHYA_FILE
 
 STEPS = 4
@@ -124,15 +123,7 @@ def load_file_metadata(path: Path) -> dict[str, str]:
 
 
 def test_sd3_resume_is_bit_identical(sd3_run, tiny_sd3, imagefolder_data, tmp_path):
-    run = tmp_path / "resumed"
-    shutil.copytree(sd3_run, run)
-    for p in (run / "adapter", run / "checkpoints" / "adapters" / f"step={STEPS}"):
-        shutil.rmtree(p)
-    (run / "checkpoints" / f"step={STEPS}.ckpt").unlink()
-    shutil.copy(run / "checkpoints" / "step=2.ckpt", run / "checkpoints" / "last.ckpt")   # stopped at step 2
-    res = run_entry([f"hydra.run.dir={run}", "ckpt_path=last"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert same_tensors(run / ADAPTER, sd3_run / ADAPTER)
+    resumes_bit_identically(sd3_run, tmp_path / "resumed", STEPS, ADAPTER)
 
 
 def test_sd3_two_ddp_processes_train_what_one_process_trains(sd3_run, tiny_sd3, imagefolder_data, tmp_path):
