@@ -238,3 +238,48 @@ def resumes_bit_identically(run: Path, copy: Path, steps: int, adapter: str) -> 
     res = run_entry([f"hydra.run.dir={copy}", "ckpt_path=last"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert same_tensors(copy / adapter, run / adapter)
+
+
+def ddp_overrides(out: Path) -> list[str]:
+    """2 DDP processes, 3 steps, each rank's LoRA dumped and each step's batch keys written (in ``out``)."""
+    return ["trainer=ddp", "trainer.devices=2", "trainer.max_steps=3",
+            "+callbacks.dump._target_=tests.helpers.DumpRankLoRA", f"+callbacks.dump.dirpath={out}/ranks",
+            *batch_keys(out)]
+
+
+def batch_keys(out: Path) -> list[str]:
+    """Overrides that write each step's batch keys into ``out/keys`` (``WriteBatchKeys``)."""
+    return ["+callbacks.keys._target_=tests.helpers.WriteBatchKeys", f"+callbacks.keys.dirpath={out / 'keys'}"]
+
+
+def finished_run(args: list[str], out: Path) -> Path:
+    """``python run.py ARGS`` run to its end (asserted), its console kept in ``out/entry.log``; ``out``."""
+    from tests.conftest import run_entry
+
+    res = run_entry(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (out / "entry.log").write_text(res.stdout + res.stderr)
+    return out
+
+
+def sample_images(folder: Path) -> list[Any]:
+    """``task=sample``'s images in ``folder/samples``, as integer arrays."""
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(p)).astype(int) for p in sorted((folder / "samples").glob("*.png"))]
+
+
+def two_ranks_train_what_one_trains(args: list[str], out: Path, one_process_run: Path) -> None:
+    """The run ``args`` (with ``ddp_overrides(out)``) on 2 processes: both ranks hold one LoRA, and together
+    they train on the images the one-process run (its ``keys`` folder) trains on, step by step."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_entry
+
+    res = run_entry(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (load_file(out / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    one, two = keys_per_step(one_process_run / "keys"), keys_per_step(out / "keys")
+    assert two and all(two[s] == one[s] for s in two)

@@ -28,11 +28,19 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
-from tests.helpers import keys_per_step, kohya_read_back, loss_and_vae_sample, resumes_bit_identically
+from tests.helpers import (
+    batch_keys,
+    ddp_overrides,
+    finished_run,
+    kohya_read_back,
+    loss_and_vae_sample,
+    resumes_bit_identically,
+    sample_images,
+    two_ranks_train_what_one_trains,
+)
 from tests.test_fault_tolerance import ADAPTER
 from toolkit.adapters.formats import KOHYA_FILE
 
@@ -51,16 +59,8 @@ def flux_overrides(model: str, data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def flux_run(tiny_flux, imagefolder_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("flux_run")
-    res = run_entry(flux_overrides(tiny_flux, imagefolder_data, out,
-                                   "+callbacks.keys._target_=tests.helpers.WriteBatchKeys",
-                                   f"+callbacks.keys.dirpath={out / 'keys'}"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    (out / "entry.log").write_text(res.stdout + res.stderr)
-    return out
+    return finished_run(flux_overrides(tiny_flux, imagefolder_data, out, *batch_keys(out)), out)
 
-
-def images(folder: Path) -> list[np.ndarray]:
-    return [np.asarray(Image.open(p)).astype(int) for p in sorted((folder / "samples").glob("*.png"))]
 
 
 def stock_images(model: str, lora: Path | None, n: int = 2, steps: int = 3, transformer=None,
@@ -169,18 +169,9 @@ def test_flux_resume_is_bit_identical(flux_run, tmp_path):
 def test_flux_two_ddp_processes_train_what_one_process_trains(flux_run, tiny_flux, imagefolder_data, tmp_path):
     """Both ranks hold one LoRA, and together they train on the images one process trains on, step by step."""
     out = tmp_path / "ddp"
-    res = run_entry(flux_overrides(tiny_flux, imagefolder_data, out, "trainer=ddp", "trainer.devices=2",
-                                   "trainer.max_steps=3", "+callbacks.dump._target_=tests.helpers.DumpRankLoRA",
-                                   f"+callbacks.dump.dirpath={out}/ranks", "callbacks.sample_grid.every_n_steps=0",
-                                   "+callbacks.keys._target_=tests.helpers.WriteBatchKeys",
-                                   f"+callbacks.keys.dirpath={out / 'keys'}"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    r0, r1 = (load_file(out / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
-    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
-
-
-    one, two = keys_per_step(flux_run / "keys"), keys_per_step(out / "keys")
-    assert two and all(two[s] == one[s] for s in two)
+    args = flux_overrides(tiny_flux, imagefolder_data, out, "callbacks.sample_grid.every_n_steps=0",
+                          *ddp_overrides(out))
+    two_ranks_train_what_one_trains(args, out, flux_run)
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -190,7 +181,7 @@ def test_sampling_equals_the_stock_pipeline_with_the_exported_lora(flux_run, tin
                      "sample.seeds=[0,1]", "sample.prompts=[a red circle]", "sample.height=16", "sample.width=16",
                      f"hydra.run.dir={out}"])
     assert res.returncode == 0, res.stderr[-3000:]
-    ours = images(out)
+    ours = sample_images(out)
     row = json.loads((out / "samples" / "00000.json").read_text())
     assert row["scheduler"] == "FlowMatchEulerDiscreteScheduler" and row["guidance_scale"] == 3.5
     stock = stock_images(tiny_flux, flux_run / ADAPTER)

@@ -22,11 +22,19 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
-from tests.helpers import kohya_read_back, loss_and_vae_sample, resumes_bit_identically
+from tests.helpers import (
+    batch_keys,
+    ddp_overrides,
+    finished_run,
+    kohya_read_back,
+    loss_and_vae_sample,
+    resumes_bit_identically,
+    sample_images,
+    two_ranks_train_what_one_trains,
+)
 from tests.test_fault_tolerance import ADAPTER
 from toolkit.adapters.formats import KOHYA_FILE
 
@@ -56,14 +64,8 @@ def flux2_overrides(model: str, data: Path, out: Path, *extra: str) -> list[str]
 @pytest.fixture(scope="module")
 def flux2_run(tiny_flux2, imagefolder_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("flux2_run")
-    res = run_entry(flux2_overrides(tiny_flux2, imagefolder_data, out))
-    assert res.returncode == 0, res.stderr[-3000:]
-    (out / "entry.log").write_text(res.stdout + res.stderr)
-    return out
+    return finished_run(flux2_overrides(tiny_flux2, imagefolder_data, out, *batch_keys(out)), out)
 
-
-def images(folder: Path) -> list[np.ndarray]:
-    return [np.asarray(Image.open(p)).astype(int) for p in sorted((folder / "samples").glob("*.png"))]
 
 
 class Messages(logging.Handler):
@@ -183,6 +185,36 @@ def test_flux2_resume_is_bit_identical(flux2_run, tmp_path):
     resumes_bit_identically(flux2_run, tmp_path / "resumed", STEPS, ADAPTER)
 
 
+@pytest.mark.slow
+def test_flux2_two_ddp_processes_train_what_one_process_trains(flux2_run, tiny_flux2, imagefolder_data, tmp_path):
+    """Both ranks hold one LoRA, and together they train on the images one process trains on, step by step."""
+    out = tmp_path / "ddp"
+    two_ranks_train_what_one_trains(flux2_overrides(tiny_flux2, imagefolder_data, out, *ddp_overrides(out)), out,
+                                    flux2_run)
+
+
+def test_evaluate_flux2(flux2_run, tiny_flux2, tiny_clip, imagefolder_data, tmp_path):
+    """task=eval of the trained LoRA: FID/KID/CLIP score with intervals; the row names the family and the
+    sampler Klein samples with, and its CFG."""
+    from toolkit.results import read_rows
+    from toolkit.tasks import eval as eval_task
+
+    table = tmp_path / "results.jsonl"
+    out = tmp_path / "eval"
+    m = eval_task.run(compose_cfg(["task=eval", f"model.name_or_path={tiny_flux2}", f"adapter={flux2_run}",
+                                   f"metrics.clip_model={tiny_clip}", f"eval.dataset={imagefolder_data}",
+                                   "eval.num_images=4", "eval.steps=2", "eval.batch_size=4",
+                                   "metrics.interval_groups=4", "eval.num_ref=null", "eval.height=16", "eval.width=16",
+                                   f"+model.max_sequence_length={TEXT}", "fabric.accelerator=cpu", "logger=none",
+                                   f"eval.results_file={table}", f"hydra.run.dir={out}"], out))
+    assert m["n_fake"] == 4 and m["fid"] > 0 and m["fid_ci_low"] <= m["fid"] <= m["fid_ci_high"]
+    assert m["clip_score_ci_low"] <= m["clip_score"] <= m["clip_score_ci_high"]
+    (row,) = read_rows(table)
+    assert row["settings"]["family"] == "flux2"
+    settings = row["settings"]
+    assert settings["scheduler"] == "FlowMatchEulerDiscreteScheduler" and settings["guidance_scale"] == 4.0
+
+
 # ------------------------------------------------------------------------------------------ text cache
 def test_the_flux2_text_cache_holds_the_pipelines_qwen3_states(tiny_flux2, imagefolder_data, tmp_path):
     """The family's conditioning is Qwen3's stacked states as written out above; the cache holds them as
@@ -214,7 +246,7 @@ def test_sampling_equals_the_stock_klein_pipeline_with_the_exported_lora(flux2_r
                      "sample.seeds=[0,1]", "sample.prompts=[a red circle]", "sample.height=16", "sample.width=16",
                      f"+model.max_sequence_length={TEXT}", f"hydra.run.dir={out}"])
     assert res.returncode == 0, res.stderr[-3000:]
-    ours = images(out)
+    ours = sample_images(out)
     row = json.loads((out / "samples" / "00000.json").read_text())
     assert row["scheduler"] == "FlowMatchEulerDiscreteScheduler" and row["guidance_scale"] == 4.0
     stock = stock_images(tiny_flux2, flux2_run / ADAPTER)

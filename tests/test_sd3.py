@@ -18,11 +18,19 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import compose_cfg, run_entry, tiny_overrides
-from tests.helpers import keys_per_step, kohya_read_back, loss_and_vae_sample, resumes_bit_identically
+from tests.helpers import (
+    batch_keys,
+    ddp_overrides,
+    finished_run,
+    kohya_read_back,
+    loss_and_vae_sample,
+    resumes_bit_identically,
+    sample_images,
+    two_ranks_train_what_one_trains,
+)
 from tests.test_fault_tolerance import ADAPTER
 from toolkit.adapters.formats import KOHYA_FILE
 
@@ -41,16 +49,8 @@ def sd3_overrides(model: str, data: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def sd3_run(tiny_sd3, imagefolder_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sd3_run")
-    res = run_entry(sd3_overrides(tiny_sd3, imagefolder_data, out,
-                                  "+callbacks.keys._target_=tests.helpers.WriteBatchKeys",
-                                  f"+callbacks.keys.dirpath={out / 'keys'}"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    (out / "entry.log").write_text(res.stdout + res.stderr)
-    return out
+    return finished_run(sd3_overrides(tiny_sd3, imagefolder_data, out, *batch_keys(out)), out)
 
-
-def images(folder: Path) -> list[np.ndarray]:
-    return [np.asarray(Image.open(p)).astype(int) for p in sorted((folder / "samples").glob("*.png"))]
 
 
 def stock_images(model: str, lora: Path | None, n: int = 2, steps: int = 3, transformer=None) -> list[np.ndarray]:
@@ -129,18 +129,8 @@ def test_sd3_resume_is_bit_identical(sd3_run, tiny_sd3, imagefolder_data, tmp_pa
 def test_sd3_two_ddp_processes_train_what_one_process_trains(sd3_run, tiny_sd3, imagefolder_data, tmp_path):
     """Both ranks hold one LoRA, and together they train on the images one process trains on, step by step."""
     out = tmp_path / "ddp"
-    res = run_entry(sd3_overrides(tiny_sd3, imagefolder_data, out, "trainer=ddp", "trainer.devices=2",
-                                  "trainer.max_steps=3", "+callbacks.dump._target_=tests.helpers.DumpRankLoRA",
-                                  f"+callbacks.dump.dirpath={out}/ranks", "callbacks.sample_grid.every_n_steps=0",
-                                  "+callbacks.keys._target_=tests.helpers.WriteBatchKeys",
-                                  f"+callbacks.keys.dirpath={out / 'keys'}"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    r0, r1 = (load_file(out / "ranks" / f"rank{r}.safetensors") for r in (0, 1))
-    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
-
-
-    one, two = keys_per_step(sd3_run / "keys"), keys_per_step(out / "keys")
-    assert two and all(two[s] == one[s] for s in two)
+    args = sd3_overrides(tiny_sd3, imagefolder_data, out, "callbacks.sample_grid.every_n_steps=0", *ddp_overrides(out))
+    two_ranks_train_what_one_trains(args, out, sd3_run)
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -150,7 +140,7 @@ def test_sampling_equals_the_stock_pipeline_with_the_exported_lora(sd3_run, tiny
                      "sample.seeds=[0,1]", "sample.prompts=[a red circle]", "sample.height=16", "sample.width=16",
                      f"hydra.run.dir={out}"])
     assert res.returncode == 0, res.stderr[-3000:]
-    ours = images(out)
+    ours = sample_images(out)
     row = json.loads((out / "samples" / "00000.json").read_text())
     assert row["scheduler"] == "FlowMatchEulerDiscreteScheduler" and row["guidance_scale"] == 7.0
     stock = stock_images(tiny_sd3, sd3_run / ADAPTER)
