@@ -6,6 +6,7 @@
     python bench/step.py --model sd3_narrow --batch 1    # CPU: SD3 at 1024 px (4096 image tokens), narrow widths
     python bench/step.py --model flux1dev --batch 1 --checkpointing  # GPU: FLUX.1-dev shapes, 1024 px
     python bench/step.py --model flux_narrow --batch 1   # CPU: Flux at 1024 px (4096 image + 512 text tokens), narrow
+    python bench/step.py --model flux2_narrow --batch 1  # CPU: FLUX.2 [klein] at 1024 px (a Qwen3 encoder), narrow
     python bench/step.py --model tiny_sdxl               # CPU: the tests' tiny SDXL shapes
 
 No SD-1.5 / SDXL / SD3 weights exist offline, so the components are built from their configs with
@@ -13,7 +14,9 @@ random weights: cost per step depends on shapes, not on weight values. The condi
 denoiser's call and the noise process go through the family piece the training module uses
 (``toolkit.models.families``): SDXL = two text encoders (penultimate states concatenated, pooled
 projection) + size/crop time ids; SD3 = two CLIPs + T5 into an MMDiT, rectified flow; Flux = CLIP (pooled)
-+ T5 into double/single-stream blocks over packed 2x2 patches, embedded guidance, the image-size shift.
++ T5 into double/single-stream blocks over packed 2x2 patches, embedded guidance, the image-size shift;
+FLUX.2 [klein] = a Qwen3 LLM's stacked hidden states into the FLUX.2 transformer over patchified,
+batch-norm-normalised latents, the image-size shift.
 Naive = what diffusers' LoRA training scripts do each step (VAE encode + text encoders + denoiser
 fwd/bwd); cached = the denoiser fwd/bwd on stored posterior parameters and prompt embeddings (the
 project's latent/text caches). Prints step time, img/s, peak memory (GPU: allocated; CPU: the
@@ -31,19 +34,26 @@ from pathlib import Path
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    T5Config,
+    T5EncoderModel,
+)
 
 from miniature.tokenizer import load_clip_tokenizer
-from tests.tiny import tiny_t5_tokenizer
+from tests.tiny import tiny_qwen_tokenizer, tiny_t5_tokenizer
 from toolkit.adapters.inject import add_lora
-from toolkit.models.families import SD, SD3, SDXL, Flux
+from toolkit.models.families import SD, SD3, SDXL, Flux, Flux2Klein
 from toolkit.models.objectives import sample_timesteps
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -102,6 +112,18 @@ MODELS = {
                                                                   attention_head_dim=32, num_attention_heads=2,
                                                                   joint_attention_dim=160, pooled_projection_dim=64,
                                                                   axes_dims_rope=(8, 12, 12))),
+    # FLUX.2 [klein]'s sequence lengths (4096 image tokens of 2x2-patchified 32-channel latents, 512 prompt
+    # tokens) and block structure (Qwen3 states after layers 9/18/27 stacked), narrow widths
+    "flux2_narrow": dict(family=Flux2Klein, res=1024,
+                         vae=dict(latent_channels=32, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+                                  norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4),
+                         qwen=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=27, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
+                                   tie_word_embeddings=True),
+                         unet=dict(patch_size=1, in_channels=128, num_layers=2, num_single_layers=4,
+                                   attention_head_dim=32, num_attention_heads=2, joint_attention_dim=3 * 64,
+                                   timestep_guidance_channels=32, axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)),
     "tiny": dict(family=SD, res=32, vae=TINY_VAE, text=[TINY_CLIP], unet=dict(
         sample_size=16, cross_attention_dim=64, attention_head_dim=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -122,11 +144,15 @@ def base_models(spec: dict, dev: torch.device):
     family = spec["family"]
     with dev:   # random init on the device itself (billions of weights: minutes on the CPU)
         unet = family.denoiser_class(**spec["unet"])
-        vae = AutoencoderKL(**spec["vae"]).eval()
+        vae = family.vae_class(**spec["vae"]).eval()
         encoders = [(CLIPTextModelWithProjection if "projection_dim" in t else CLIPTextModel)(CLIPTextConfig(**t))
-                    .eval() for t in spec["text"]]
+                    .eval() for t in spec.get("text", [])]
         if "t5" in spec:
             encoders.append(T5EncoderModel(T5Config(**spec["t5"])).eval())
+        if "qwen" in spec:
+            tok = tiny_qwen_tokenizer()
+            encoders.append(Qwen3ForCausalLM(Qwen3Config(**spec["qwen"], vocab_size=len(tok),
+                                                         pad_token_id=tok.pad_token_id)).eval())
     for m in (unet, vae, *encoders):
         m.requires_grad_(False)
     return unet, vae, encoders
@@ -150,8 +176,7 @@ def step_fn(family, unet, vae, encoders, tokenizers, process, opt, images, promp
                 cond = family.encode_prompts(tokenizers, encoders, prompts, images.device, family.text_options())
             else:
                 params, cond = cached
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = (DiagonalGaussianDistribution(params).sample(gen) - shift) * vae.config.scaling_factor
+        latents = family.training_latents(DiagonalGaussianDistribution(params).sample(gen), vae)
         noise = torch.randn(latents.shape, generator=gen, device=latents.device)
         t = sample_timesteps(latents.shape[0], process.num_train_timesteps, generator=gen, device=latents.device)
         at = process.for_latents(latents)   # Flux: σ shifted by the image size
@@ -179,7 +204,7 @@ def main() -> None:
     spec = MODELS[args.model]
     family = spec["family"]
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.model.startswith(("tiny", "sd3_narrow",
-                                                                                           "flux_narrow"))
+                                                                                           "flux_narrow", "flux2"))
                        else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -188,11 +213,12 @@ def main() -> None:
     unet, vae, encoders, params = build(spec, dev, args.checkpointing)
     if args.compile:
         unet.compile()
-    tokenizers = [load_clip_tokenizer() for _ in spec["text"]] + ([tiny_t5_tokenizer()] if "t5" in spec else [])
+    tokenizers = [load_clip_tokenizer() for _ in spec.get("text", [])]
+    tokenizers += ([tiny_t5_tokenizer()] if "t5" in spec else []) + ([tiny_qwen_tokenizer()] if "qwen" in spec else [])
     opt = torch.optim.AdamW(params, lr=1e-4)
     process = family.noise_process(
         FlowMatchEulerDiscreteScheduler(shift=3.0) if family is SD3 else
-        FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER) if family is Flux else
+        FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER) if family in (Flux, Flux2Klein) else
         DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False))
     gen = torch.Generator(dev).manual_seed(0)
     images = torch.rand(batch, 3, res, res, generator=gen, device=dev) * 2 - 1

@@ -201,9 +201,11 @@ def kohya_read_back(run: Path, model: str, family: Any, adapter: str) -> Any:
     return kohya
 
 
-def loss_and_vae_sample(cfg: DictConfig) -> tuple[torch.Tensor, LoRADiffusion, dict[str, Any], torch.Tensor]:
+def loss_and_vae_sample(cfg: DictConfig, draw: bool = True
+                        ) -> tuple[torch.Tensor, LoRADiffusion, dict[str, Any], torch.Tensor]:
     """The module's diffusion loss on the first training batch at seed 0, the module, the batch, and the
-    VAE's latent sample z drawn as the module draws it (seed 0 again: what follows z is the module's noise)."""
+    VAE's latent sample z drawn as the module draws it (seed 0 again: what follows z is the module's noise);
+    ``draw=False``: z is the posterior's mean, nothing drawn."""
     from hydra.utils import instantiate
 
     from toolkit.reproducibility import seed_global
@@ -218,7 +220,7 @@ def loss_and_vae_sample(cfg: DictConfig) -> tuple[torch.Tensor, LoRADiffusion, d
     seed_global(0)
     with torch.no_grad():
         mean, logvar = module.vae.encode(batch["pixel_values"]).latent_dist.parameters.chunk(2, dim=1)
-        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape)
+        z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape) if draw else mean
     return got, module, batch, z
 
 

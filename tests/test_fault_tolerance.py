@@ -207,7 +207,7 @@ def test_misspelt_key_fails_at_start_naming_the_nearest_key():
 
 @pytest.mark.parametrize("override,message", [
     ("data.global_batch_size=5", r"global_batch_size=5 is not divisible .* use a multiple of 2"),
-    ("data.resolution=15", r"resolution=15 is not divisible by the VAE's downsampling factor 2 .* use 14 or 16"),
+    ("data.resolution=15", r"resolution=15 is not divisible by 2, the VAE's downsampling factor 2 .* use 14 or 16"),
     ("model.name_or_path=/no/such/model", r"no local file or folder .*/no/such/model\), and it cannot be a hub"),
     ("model.name_or_path=my_model", r"no local file or folder .*my_model\); and offline mode is on \(HF_HUB_OFFLINE"),
     ("data.caption_column=prompt", r"data.caption_column='prompt' is not a column .* columns are"),

@@ -74,6 +74,12 @@ def test_preset_follows_the_family(which, preset, size, tiny_model, tiny_sdxl):
     older = ["task=train", f"model.name_or_path={model}", f"module={preset}", f"+chosen.module={preset}: why",
              f"data.resolution={size}", f"+chosen.data.resolution={size}: why"]
     assert set(chosen(older)) == {"callbacks.sample_grid.prompts", *(g.split("=")[0] for g in GIVEN_GENERATION)}
+    # one reopened on resume (given null again) is chosen again, its old reason replaced (Hydra refuses two)
+    from toolkit.model_defaults import _compose
+
+    reopened = model_overrides([*older, "data.resolution=null"])
+    assert sum(a.startswith("+chosen.data.resolution=") for a in reopened) == 1
+    assert str(_compose([a for a in reopened if "=" in a]).data.resolution) == size
 
 
 def test_a_sweep_over_experiments_chooses_what_follows_each_cells_model(other_size_model, tiny_sdxl, imagefolder_data,

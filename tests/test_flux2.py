@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,12 +133,13 @@ def qwen3_states(module, captions: list[str], layers=(9, 18, 27), length: int = 
 
 
 def test_the_module_loss_is_the_flux2_formula_written_out(tiny_flux2, imagefolder_data, tmp_path):
-    """z from the VAE posterior; x₀ = its 2x2 patches (4·C channels at half the side) normalised by the VAE's
+    """z = the VAE posterior's mean (the pipeline's and diffusers' Klein example's); x₀ = its 2x2 patches
+    (4·C channels at half the side) normalised by the VAE's
     batch-norm running statistics; σ = e^μ/(e^μ + 1/u − 1) at u = (t+1)/N with μ on the line through (256,
     0.5) and (4096, 1.15) at the token count; x_t = (1−σ)x₀ + σε; the transformer given the tokens, their
     (0, row, col, 0) ids, (0, 0, 0, l) text ids, σ, no guidance, and Qwen3's layers 9/18/27; target ε − x₀."""
     cfg = compose_cfg(flux2_overrides(tiny_flux2, imagefolder_data, tmp_path, "data.val_fraction=0"), tmp_path)
-    got, module, batch, z = loss_and_vae_sample(cfg)
+    got, module, batch, z = loss_and_vae_sample(cfg, draw=False)
     vae, T = module.vae, module.noise_scheduler.config.num_train_timesteps
     with torch.no_grad():
         n, c, H, W = z.shape
@@ -297,13 +299,15 @@ def test_kohya_file_read_whole_by_diffusers_flux2_converter_samples_as_the_diffu
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(stock, via_kohya))
 
 
-def test_merge_and_inspect_flux2(flux2_run, tiny_flux2, tmp_path):
-    """merge: the diffusers folder samples as the base with the LoRA (a single file is refused, naming the
-    format that works); inspect: both files name the FLUX.2 family and the same layers, all matched."""
+def test_merge_and_inspect_flux2(flux2_run, tiny_flux2, tmp_path, monkeypatch):
+    """merge: the diffusers folder samples as the base with the LoRA (a single file is refused before any
+    weight loads, naming the format that works); inspect: both files name the FLUX.2 family and the same
+    layers, all matched."""
     from toolkit.tasks import inspect, merge
 
     out = tmp_path / "merge"
-    with pytest.raises(ValueError, match=r"set merge.formats=\[diffusers\]"):
+    with monkeypatch.context() as mp, pytest.raises(ValueError, match=r"set merge.formats=\[diffusers\]"):
+        mp.setattr(merge, "load_pipeline", lambda **_: pytest.fail("loaded before refusing"))
         merge.run(compose_cfg(["task=merge", f"model.name_or_path={tiny_flux2}", f"adapter={flux2_run}",
                                f"hydra.run.dir={out}"], out))
     got = merge.run(compose_cfg(["task=merge", f"model.name_or_path={tiny_flux2}", f"adapter={flux2_run}",
@@ -322,7 +326,7 @@ def test_merge_and_inspect_flux2(flux2_run, tiny_flux2, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the model's settings
-def test_settings_follow_a_klein_model_and_flux2_dev_is_not_taken_for_it(tiny_flux2):
+def test_settings_follow_a_klein_model_and_flux2_dev_is_not_taken_for_it(tiny_flux2, tmp_path):
     from tests.test_first_run import chosen
     from toolkit.models.families import Flux2Klein, UnsupportedFamily, family_of
 
@@ -331,8 +335,53 @@ def test_settings_follow_a_klein_model_and_flux2_dev_is_not_taken_for_it(tiny_fl
     assert (got["generation.scheduler"], got["generation.steps"], got["generation.guidance_scale"]) == \
         ("FlowMatchEulerDiscreteScheduler", "50", "4.0")                      # Flux2KleinPipeline's defaults
     assert family_of("Flux2Transformer2DModel", {"guidance_embeds": False}) is Flux2Klein
-    with pytest.raises(UnsupportedFamily, match="Flux2Transformer2DModel"):   # FLUX.2 [dev]: Mistral, guidance
+    distilled = Path(shutil.copytree(tiny_flux2, tmp_path / "distilled"))   # FLUX.2-klein-4B's model_index.json
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    got = chosen(["task=train", f"model.name_or_path={distilled}"])   # the step-distilled models' recipe
+    assert (got["generation.steps"], got["generation.guidance_scale"]) == ("4", "1.0")
+    with pytest.raises(UnsupportedFamily, match=r"Flux2Transformer2DModel denoiser \(FLUX.2 \[dev\] .* not supported"):
         family_of("Flux2Transformer2DModel", {"guidance_embeds": True})
+
+
+
+def test_a_text_encoder_adapter_is_refused_before_loading(tiny_flux2, imagefolder_data, tmp_path):
+    """diffusers' Flux2 loader reads the transformer's LoRA only: a text-encoder adapter could never be
+    used, so it is refused (not left untrained without a word), naming the key."""
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(flux2_overrides(tiny_flux2, imagefolder_data, tmp_path, "module.text_encoder_lora={_target_:"
+                                      "toolkit.adapters.inject.adapter_config,r:4,alpha:4,target_modules:[q_proj]}"),
+                      tmp_path)
+    with pytest.raises(Exception, match="reads the transformer's LoRA only.*module.text_encoder_lora=null"):
+        instantiate(cfg.module)
+
+
+def test_the_text_cache_key_holds_the_chat_template(tiny_flux2):
+    """Klein's prompt goes through the tokenizer's chat template: another template is another text cache."""
+    from transformers import AutoTokenizer
+
+    from toolkit.hashing import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(tiny_flux2, subfolder="tokenizer")
+    first = tokenizer_fingerprint(tok)
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert tokenizer_fingerprint(tok) != first
+
+
+def test_sizes_follow_the_patches_and_the_native_size(tiny_flux2, tmp_path):
+    """A training size the 2x2 patches of the VAE's latents cannot tile is refused before loading, naming
+    the sizes that work; a generation without a size takes the pipeline's native one (no crash reading a
+    sample_size the transformer config does not have)."""
+    from toolkit.evaluation.budget import size_of
+    from toolkit.models import parts as model_parts
+    from toolkit.models.pretrained import check_resolution
+
+    with pytest.raises(ValueError, match=r"resolution=18 is not divisible by 4, .* 2x2 latent patches .* 16 or 20"):
+        check_resolution(tiny_flux2, 18)
+    check_resolution(tiny_flux2, 20)
+    cfg = compose_cfg(["task=sample", f"model.name_or_path={tiny_flux2}", "sample.prompts=[a red circle]"], tmp_path)
+    assert size_of(cfg, cfg.sample, model_parts.parts(cfg.model)) == (256, 256)   # 128 latents x VAE 2
 
 
 def test_a_negative_prompt_reaches_the_pipelines_that_take_one_and_klein_refuses_it(tiny_flux2, tiny_model):

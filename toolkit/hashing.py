@@ -54,12 +54,14 @@ def module_fingerprint(model: torch.nn.Module) -> str:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Hash of what decides a tokenizer's ids: its class, vocabulary, merges / normaliser (the fast
-    tokenizer's serialised state), maximum length, padding side and special tokens."""
+    tokenizer's serialised state), maximum length, padding side, special tokens and chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
             "backend": backend.to_str() if backend is not None else None,
             "max_length": tokenizer.model_max_length, "padding_side": tokenizer.padding_side,
             "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()}}
+    if getattr(tokenizer, "chat_template", None):   # an LLM encoder's prompt is templated (FLUX.2 [klein]'s Qwen3)
+        spec["chat_template"] = tokenizer.chat_template
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -159,8 +159,11 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
                 ("validation", "the run's own captions: the first ones of its held-out images"))
     gen = cfg.get("generation")
     if task in GENERATING_TASKS and gen is not None and any(gen.get(k) == "auto" for k in GENERATION):
+        from toolkit.models.pretrained import denoiser_config, pipeline_index
+
         family = family_of_model(m)
-        sampling = family.sampling()
+        sampling = family.sampling(pipeline_index(m.name_or_path, m.revision, m.get("config")),
+                                   denoiser_config(m.name_or_path, m.revision, m.get("config")))
         for k in GENERATION:
             if gen.get(k) == "auto":
                 out[f"generation.{k}"] = (sampling[k], f"the {family.name.upper()} family's sampling {k}")
@@ -224,7 +227,11 @@ def model_overrides(args: list[str]) -> list[str]:
     lines = [a for a in args if ("=" in a or a.startswith("~")) and not a.startswith("-")]   # deletions too
     parsed = OverridesParser.create().parse_overrides(lines)
     cfg = _compose([o.input_line for o in parsed])
-    return [*args, *as_overrides(choose(cfg, {o.key_or_group for o in parsed}))]
+    chosen = choose(cfg, {o.key_or_group for o in parsed})
+    # a key chosen before and reopened now (a resume given ``data.resolution=null``): its old reason goes,
+    # Hydra refuses a second ``+chosen.<key>``
+    stale = tuple(f"{p}chosen.{k}=" for k in chosen for p in ("+", ""))
+    return [*(a for a in args if not a.startswith(stale)), *as_overrides(chosen)]
 
 
 def chosen_lines(cfg: DictConfig) -> list[str]:

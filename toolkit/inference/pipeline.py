@@ -92,7 +92,7 @@ def load_pipeline(name_or_path: str, revision: str | None = None, variant: str |
                                                      **family.pretrained_kwargs, **extra)
     family.training_guidance(getattr(pipe, family.denoiser).config, guidance)
     if vae:
-        pipe.vae = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
+        pipe.vae = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle, vae_class=family.vae_class)
     if scheduler:
         pipe.scheduler = sampling_scheduler(scheduler, pipe.scheduler.config, None)
     loaded = load_adapters(pipe, family, list(adapters), list(lora_scales), adapter_variant)

@@ -259,11 +259,11 @@ def train_step(family: type[ModelFamily], unet: torch.nn.Module, fields: Mapping
     return {"activations": act, "optimizer_state": state, "adapter": adapter}
 
 
-def vae_skeleton(name_or_path: str, revision: str | None = None, subfolder: str | None = "vae") -> AutoencoderKL:
-    """The VAE built from its config on the meta device."""
+def vae_skeleton(name_or_path: str, revision: str | None = None, subfolder: str | None = "vae",
+                 vae_class: type = AutoencoderKL) -> Any:
+    """The VAE built from its config on the meta device, as the family's VAE class."""
     with meta_init():
-        return AutoencoderKL.from_config(AutoencoderKL.load_config(name_or_path, subfolder=subfolder,
-                                                                   revision=revision))
+        return vae_class.from_config(vae_class.load_config(name_or_path, subfolder=subfolder, revision=revision))
 
 
 def skeleton_of(module: torch.nn.Module) -> torch.nn.Module:

@@ -45,7 +45,8 @@ class Parts:
 
     @property
     def native(self) -> int:
-        return int(self.unet.config.sample_size) * self.factor
+        """The family's native size in pixels (Flux's from its pipeline: its transformer config has none)."""
+        return self.family.native_size(self.unet.config, self.factor)
 
     def weights(self) -> dict[str, int]:
         """Bytes per component, as loaded: the denoiser (and trained text encoders) quantized if asked."""
@@ -62,7 +63,8 @@ def _parts(name: str, revision: str | None, config: str | None, vae: str | None,
     with fp.meta_init():   # no initialiser runs: the skeletons' weights are never read
         family, models = skeletons(name, revision, config)
     root = vae or config_root(name, config)
-    vae_skel = fp.vae_skeleton(root, None if vae else revision, _vae_subfolder(root) if vae else "vae")
+    vae_skel = fp.vae_skeleton(root, None if vae else revision, _vae_subfolder(root) if vae else "vae",
+                               family.vae_class)
     torch_dtype = resolve_dtype(dtype)
     return Parts(family, models[family.denoiser].to(torch_dtype),
                  [models[e].to(torch_dtype) for e in family.text_encoders],

@@ -165,21 +165,25 @@ def vae_factor(name_or_path: str, revision: str | None = None, config: str | Non
 def check_resolution(name_or_path: str, resolution: int, revision: str | None = None, config: str | None = None
                      ) -> None:
     check_model_path(name_or_path, config, allow_pickle=True)
-    factor = vae_factor(name_or_path, revision, config)
+    vae, patch = vae_factor(name_or_path, revision, config), model_family(name_or_path, revision, config).latent_patch
+    factor = vae * patch
     if resolution % factor:
         lo, hi = resolution // factor * factor, (resolution // factor + 1) * factor
-        raise ValueError(f"data.resolution={resolution} is not divisible by the VAE's downsampling factor "
-                         f"{factor} ({name_or_path}); use {lo or hi} or {hi}.")
+        why = f"the VAE's downsampling factor {vae}" + (f" x the {patch}x{patch} latent patches a token spans"
+                                                        if patch > 1 else "")
+        raise ValueError(f"data.resolution={resolution} is not divisible by {factor}, {why} ({name_or_path}); "
+                         f"use {lo or hi} or {hi}.")
 
 
-def load_vae(vae: str, dtype: torch.dtype, revision: str | None = None, use_safetensors: bool = True
-             ) -> AutoencoderKL:
-    """A replacement VAE: a folder/hub id holding the VAE itself, or a pipeline with a ``vae/``."""
+def load_vae(vae: str, dtype: torch.dtype, revision: str | None = None, use_safetensors: bool = True,
+             vae_class: type = AutoencoderKL) -> Any:
+    """A replacement VAE: a folder/hub id holding the VAE itself, or a pipeline with a ``vae/``, read as
+    the family's VAE class (``ModelFamily.vae_class``: FLUX.2's carries its latents' batch-norm statistics)."""
     located(str(vae), "model.vae")
     local = Path(vae).expanduser()
     sub = None if (local / "config.json").is_file() or not (local / "vae").is_dir() else "vae"
-    return AutoencoderKL.from_pretrained(vae, subfolder=sub, revision=revision, dtype=dtype,
-                                         use_safetensors=use_safetensors)
+    return vae_class.from_pretrained(vae, subfolder=sub, revision=revision, dtype=dtype,
+                                     use_safetensors=use_safetensors)
 
 
 def vae_dtype(vae: AutoencoderKL, dtype: torch.dtype) -> torch.dtype:
@@ -300,7 +304,7 @@ def load_components(
     parts = load_pipeline_components(name_or_path, revision, variant, torch_dtype, trust_remote_code, allow_pickle,
                                      config, quantize, quantize_text_encoders)
     if vae:
-        parts["vae"] = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle)
+        parts["vae"] = load_vae(vae, torch_dtype, use_safetensors=not allow_pickle, vae_class=family.vae_class)
     parts["vae"] = parts["vae"].to(vae_dtype(parts["vae"], torch_dtype))
     root = config_root(name_or_path, config)
     noise_scheduler = family.scheduler_class.from_pretrained(root, subfolder="scheduler",

@@ -29,7 +29,7 @@ from toolkit.adapters.inject import add_lora, init_from_file
 from toolkit.hashing import text_key
 from toolkit.models.families import ModelFamily
 from toolkit.models.objective import Objective
-from toolkit.models.pretrained import load_components
+from toolkit.models.pretrained import load_components, model_family
 from toolkit.reproducibility import VALIDATION, SampleDraws, gather_rng_states, seed_micro_batch, set_rng_state
 from toolkit.run.processes import rescale_batch_progress
 from toolkit.training.optimizers import optimizers
@@ -111,6 +111,13 @@ class LoRADiffusion(L.LightningModule):
         self.pretrained = dict(pretrained)
         self.objective = objective or Objective()
         speed = speed or Speed()
+        if text_encoder_lora is not None:   # refused before any weight loads, not silently left untrained
+            family = model_family(self.pretrained["name_or_path"], self.pretrained.get("revision"),
+                                  self.pretrained.get("config"))
+            if not any(n in family.lora_components() for n in family.text_encoders):
+                raise ValueError(f"module.text_encoder_lora: the {family.name} family's LoRA loader "
+                                 f"({family.pipeline_class.__name__}) reads the {family.denoiser_label}'s LoRA only, "
+                                 "so a text-encoder adapter could not be used: set module.text_encoder_lora=null")
         # a trained text encoder runs every step (no text cache), so model.quantize covers it too
         c = load_components(**self.pretrained, quantize_text_encoders=text_encoder_lora is not None)
         self.family, self.text_options = c.family, c.text_options
@@ -274,8 +281,8 @@ class LoRADiffusion(L.LightningModule):
 
     def sample_latents(self, params: torch.Tensor, generator: Any = None) -> torch.Tensor:
         """Latents from cached posterior parameters: the same draw ``encode_images`` makes (``generator``:
-        one per sample, or None for torch's global one)."""
-        latents = DiagonalGaussianDistribution(params.to(self.vae_dtype)).sample(generator)
+        one per sample, or None for torch's global one; the family says draw or mean)."""
+        latents = self.family.posterior_latents(DiagonalGaussianDistribution(params.to(self.vae_dtype)), generator)
         return self.family.training_latents(latents, self.vae)
 
     def diffusion_loss(self, batch: Mapping[str, Any], timesteps: torch.Tensor | None = None,

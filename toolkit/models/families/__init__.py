@@ -78,8 +78,9 @@ def family_of(denoiser_class: str, config: Mapping[str, Any], what: str = "this 
         if fam.matches(denoiser_class, config):
             return fam
     detail = f", addition_embed_type={config.get('addition_embed_type')!r}" if "addition_embed_type" in config else ""
-    raise UnsupportedFamily(f"{what}: no supported model family has a {denoiser_class}{detail} denoiser. "
-                            f"Supported: {supported()}.")
+    near = [f.other_variants for f in FAMILIES if f.denoiser_class.__name__ == denoiser_class and f.other_variants]
+    raise UnsupportedFamily(f"{what}: no supported model family has a {denoiser_class}{detail} denoiser"
+                            f"{' (' + '; '.join(near) + ')' if near else ''}. Supported: {supported()}.")
 
 
 def family_of_pipeline(pipe: Any) -> type[ModelFamily]:

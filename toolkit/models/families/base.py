@@ -38,6 +38,8 @@ class ModelFamily:
     denoiser_class: ClassVar[type]
     scheduler_class: ClassVar[type]                # the training noise scheduler
     vae_class: ClassVar[type] = AutoencoderKL      # the pipeline's VAE class
+    latent_patch: ClassVar[int] = 1                # latent pixels a token spans per side (Flux: 2x2 patches)
+    other_variants: ClassVar[str] = ""             # a refusal says of the others of its denoiser class
     input_layer: ClassVar[str]                     # the denoiser's first layer: its weight dtype is the input dtype
     text_encoders: ClassVar[tuple[str, ...]]       # pipeline component names
     tokenizers: ClassVar[tuple[str, ...]]
@@ -62,9 +64,11 @@ class ModelFamily:
         return denoiser_class == cls.denoiser_class.__name__
 
     @classmethod
-    def sampling(cls) -> dict[str, Any]:
+    def sampling(cls, index: Mapping[str, Any] | None = None, denoiser_config: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
         """The sampler (a diffusers scheduler class name), steps and guidance the family samples with:
-        the training scheduler's class and the pipeline's own defaults, unless the family says otherwise."""
+        the training scheduler's class and the pipeline's own defaults, unless the family says otherwise
+        (for the model whose ``model_index.json`` and denoiser config are given: a distilled model's own)."""
         return {"scheduler": cls.scheduler_class.__name__,
                 "steps": call_default(cls.pipeline_class, "num_inference_steps"),
                 "guidance_scale": call_default(cls.pipeline_class, "guidance_scale")}
@@ -109,6 +113,12 @@ class ModelFamily:
                        options: Mapping[str, Any] | None = None) -> Conditioning:
         """Per-caption conditioning tensors (``cache_fields``), as the family's pipeline computes them."""
         raise NotImplementedError
+
+    @classmethod
+    def posterior_latents(cls, posterior: Any, generator: Any = None) -> torch.Tensor:
+        """The VAE latents a training image gives: a draw from the posterior (diffusers' SD/SDXL/SD3/Flux
+        LoRA scripts)."""
+        return posterior.sample(generator)
 
     @classmethod
     def training_latents(cls, latents: torch.Tensor, vae: Any) -> torch.Tensor:

@@ -47,6 +47,7 @@ class Flux(ModelFamily):
     denoiser_label = "transformer"
     denoiser_class = FluxTransformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
+    latent_patch = PATCH
     input_layer = "x_embedder"
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
@@ -84,12 +85,15 @@ class Flux(ModelFamily):
             return super().training_guidance(denoiser_config, guidance)   # schnell: none to give
         return float(call_default(cls.pipeline_class, "guidance_scale") if guidance is None else guidance)
 
+
     @classmethod
-    def sampling(cls) -> dict[str, Any]:
-        # the pipeline's own defaults (FLUX.1-dev's recipe: 28 steps, embedded guidance 3.5)
-        return {"scheduler": cls.scheduler_class.__name__,
-                "steps": call_default(cls.pipeline_class, "num_inference_steps"),
-                "guidance_scale": call_default(cls.pipeline_class, "guidance_scale")}
+    def sampling(cls, index=None, denoiser_config=None) -> dict[str, Any]:
+        # the pipeline's defaults are FLUX.1-dev's (28 steps, embedded guidance 3.5); schnell (no guidance
+        # embedding) is timestep-distilled: its recipe is 4 steps, guidance 0
+        out = super().sampling(index, denoiser_config)
+        if denoiser_config is not None and not denoiser_config.get("guidance_embeds"):
+            out.update(steps=4, guidance_scale=0.0)
+        return out
 
     @classmethod
     def text_options(cls, max_sequence_length: int | None = None) -> dict[str, Any]:

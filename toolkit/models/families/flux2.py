@@ -80,6 +80,9 @@ class Flux2Klein(ModelFamily):
     denoiser_class = Flux2Transformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     vae_class = AutoencoderKLFlux2
+    latent_patch = 2   # _patchify_latents: 2x2 latent pixels a token
+    other_variants = ("FLUX.2 [dev] (guidance embedded, a Mistral text encoder) is not supported; "
+                      "FLUX.2 [klein] (no guidance embedding, a Qwen3 text encoder) is")
     input_layer = "x_embedder"
     text_encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)
@@ -93,7 +96,6 @@ class Flux2Klein(ModelFamily):
     # bfloat16 keeps their range where float16 may not
     wide_fields = ("prompt_embeds",)
     preset = "lora_flux2"
-    # sampling: the base class's, i.e. the pipeline's own defaults (the base models' recipe: 50 steps, CFG 4)
     # q/k/v are one fused projection in the original layout: a LoRA stacks along its rows; diffusers'
     # Flux2 loader drops DoRA magnitudes from a kohya file, so that file carries LoRA only
     format_kinds = {"diffusers": ("lora", "dora"), "kohya": ("lora",)}
@@ -138,13 +140,28 @@ class Flux2Klein(ModelFamily):
         return {"prompt_embeds": embeds}
 
     @classmethod
+    def sampling(cls, index=None, denoiser_config=None) -> dict[str, Any]:
+        # the pipeline's own defaults are the base models' recipe (50 steps, CFG 4); the step-distilled
+        # models (model_index.json: is_distilled) sample in 4 steps without CFG (the pipeline ignores it)
+        out = super().sampling(index, denoiser_config)
+        if (index or {}).get("is_distilled"):
+            out.update(steps=4, guidance_scale=1.0)
+        return out
+
+    @classmethod
+    def posterior_latents(cls, posterior: Any, generator: Any = None) -> torch.Tensor:
+        # the posterior's mean: what Flux2KleinPipeline encodes an image to (_encode_vae_image, argmax),
+        # what diffusers' Klein LoRA example trains on and what the VAE's batch-norm statistics describe
+        return posterior.mode()
+
+    @classmethod
     def training_latents(cls, latents: torch.Tensor, vae: Any) -> torch.Tensor:
         # Flux2KleinPipeline's latent space: patchified, then normalised by the VAE's batch-norm statistics
-        # (what __call__ undoes before decoding)
-        x = cls.pipeline_class._patchify_latents(latents)
-        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x)
-        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x)
-        return ((x - mean) / std).float()
+        # (what __call__ undoes before decoding), in float32 as diffusers' Klein example does
+        x = cls.pipeline_class._patchify_latents(latents).float()
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).float()
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps)
+        return (x - mean) / std
 
     @classmethod
     def denoiser_inputs(cls, noisy, timesteps, cond, micro, dtype, guidance=None):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from toolkit.models.families.base import Conditioning, ModelFamily, call_default, t5_options
+from toolkit.models.families.base import Conditioning, ModelFamily, t5_options
 from toolkit.models.processes import RectifiedFlow
 
 
@@ -42,12 +42,6 @@ class SD3(ModelFamily):
         # SD3LoraLoaderMixin: transformer, text_encoder, text_encoder_2 (no T5)
         return (cls.denoiser, "text_encoder", "text_encoder_2")
 
-    @classmethod
-    def sampling(cls) -> dict[str, Any]:
-        # the pipeline's own defaults (SD3-medium's recipe) and the model's own (flow-matching) sampler
-        return {"scheduler": cls.scheduler_class.__name__,
-                "steps": call_default(cls.pipeline_class, "num_inference_steps"),
-                "guidance_scale": call_default(cls.pipeline_class, "guidance_scale")}
 
     @classmethod
     def text_options(cls, max_sequence_length: int | None = None) -> dict[str, Any]:

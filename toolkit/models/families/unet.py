@@ -29,7 +29,7 @@ class UNetFamily(ModelFamily):
         return AttnProcessor2_0()
 
     @classmethod
-    def sampling(cls) -> dict[str, Any]:
+    def sampling(cls, index=None, denoiser_config=None) -> dict[str, Any]:
         # The toolkit's choice for the UNet families: DDIM at 25 steps keeps evaluation affordable, guidance 5.
         return {"scheduler": "DDIMScheduler", "steps": 25, "guidance_scale": 5.0}
 
