@@ -176,7 +176,7 @@ def step_fn(family, unet, vae, encoders, tokenizers, process, opt, images, promp
                 cond = family.encode_prompts(tokenizers, encoders, prompts, images.device, family.text_options())
             else:
                 params, cond = cached
-        latents = family.training_latents(DiagonalGaussianDistribution(params).sample(gen), vae)
+        latents = family.training_latents(family.posterior_latents(DiagonalGaussianDistribution(params), gen), vae)
         noise = torch.randn(latents.shape, generator=gen, device=latents.device)
         t = sample_timesteps(latents.shape[0], process.num_train_timesteps, generator=gen, device=latents.device)
         at = process.for_latents(latents)   # Flux: σ shifted by the image size

@@ -343,6 +343,10 @@ def test_settings_follow_a_flux_model_and_schnell_refuses_a_guidance(tiny_flux, 
     schnell = build_tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False, num_single_layers=1)
     got = chosen(["task=train", f"model.name_or_path={schnell}"])   # timestep-distilled: its own recipe
     assert (got["generation.steps"], got["generation.guidance_scale"]) == ("4", "0.0")
+    from toolkit.model_defaults import ModelDefaultsError
+
+    with pytest.raises(ModelDefaultsError, match=r"generation.guidance_scale=3.5: FLUX.1 \[schnell\] embeds no"):
+        chosen(["task=sample", f"model.name_or_path={schnell}", "generation.guidance_scale=3.5"])   # same images
     cfg = compose_cfg(flux_overrides(str(schnell), imagefolder_data, tmp_path, "+model.guidance=2.0"), tmp_path)
     with pytest.raises(InstantiationException, match="model.guidance=2.0: a flux transformer embeds no guidance"):
         instantiate(cfg.module)

@@ -340,6 +340,10 @@ def test_settings_follow_a_klein_model_and_flux2_dev_is_not_taken_for_it(tiny_fl
     (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
     got = chosen(["task=train", f"model.name_or_path={distilled}"])   # the step-distilled models' recipe
     assert (got["generation.steps"], got["generation.guidance_scale"]) == ("4", "1.0")
+    from toolkit.model_defaults import ModelDefaultsError
+
+    with pytest.raises(ModelDefaultsError, match=r"sample.guidance_scale=4.0: a step-distilled FLUX.2 \[klein\]"):
+        chosen(["task=sample", f"model.name_or_path={distilled}", "sample.guidance_scale=4.0"])
     with pytest.raises(UnsupportedFamily, match=r"Flux2Transformer2DModel denoiser \(FLUX.2 \[dev\] .* not supported"):
         family_of("Flux2Transformer2DModel", {"guidance_embeds": True})
 
@@ -355,6 +359,21 @@ def test_a_text_encoder_adapter_is_refused_before_loading(tiny_flux2, imagefolde
                       tmp_path)
     with pytest.raises(Exception, match="reads the transformer's LoRA only.*module.text_encoder_lora=null"):
         instantiate(cfg.module)
+
+
+def test_a_replacement_vae_is_read_as_the_familys_class_and_another_class_is_refused(tiny_flux2):
+    """model.vae= with Klein: read as AutoencoderKLFlux2 (its batch-norm statistics kept); a VAE of another
+    class is refused, not loaded with defaults filling what it lacks."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+
+    from toolkit.models.pretrained import load_vae
+
+    vae = load_vae(tiny_flux2, torch.float32, vae_class=AutoencoderKLFlux2)
+    stored = AutoencoderKLFlux2.from_pretrained(tiny_flux2, subfolder="vae")
+    assert torch.equal(vae.bn.running_var, stored.bn.running_var) and vae.bn.running_var.std() > 0
+    with pytest.raises(ValueError, match="a AutoencoderKLFlux2, not the AutoencoderKL"):
+        load_vae(tiny_flux2, torch.float32, vae_class=AutoencoderKL)
 
 
 def test_the_text_cache_key_holds_the_chat_template(tiny_flux2):
@@ -380,6 +399,8 @@ def test_sizes_follow_the_patches_and_the_native_size(tiny_flux2, tmp_path):
     with pytest.raises(ValueError, match=r"resolution=18 is not divisible by 4, .* 2x2 latent patches .* 16 or 20"):
         check_resolution(tiny_flux2, 18)
     check_resolution(tiny_flux2, 20)
+    with pytest.raises(ValueError, match=r"data.buckets.step=6: bucket sides must be multiples of 4"):
+        check_resolution(tiny_flux2, 20, bucket_step=6)
     cfg = compose_cfg(["task=sample", f"model.name_or_path={tiny_flux2}", "sample.prompts=[a red circle]"], tmp_path)
     assert size_of(cfg, cfg.sample, model_parts.parts(cfg.model)) == (256, 256)   # 128 latents x VAE 2
 

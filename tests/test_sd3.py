@@ -372,3 +372,17 @@ def test_dora_on_sd3_exports_whole_in_both_formats(tiny_sd3, imagefolder_data, t
     assert compare_updates(diff.updates("transformer"), kohya.updates("transformer")).ok(1e-6)
     assert compare_updates(diff.magnitudes("transformer"), kohya.magnitudes("transformer")).ok(1e-6)
     assert kohya.kinds() == {"dora"}
+
+
+def test_a_size_the_transformers_patches_cannot_tile_is_refused_before_loading(tiny_sd3):
+    """SD3's transformer cuts latents into patch_size x patch_size patches (its config): the training size
+    must be a multiple of that x the VAE factor, refused before any weight loads otherwise."""
+    from diffusers import SD3Transformer2DModel
+
+    from toolkit.models.pretrained import check_resolution, vae_factor
+
+    factor = vae_factor(tiny_sd3) * SD3Transformer2DModel.load_config(tiny_sd3, subfolder="transformer")["patch_size"]
+    assert factor > vae_factor(tiny_sd3)
+    with pytest.raises(ValueError, match=rf"not divisible by {factor}, .* latent patches"):
+        check_resolution(tiny_sd3, 4 * factor + vae_factor(tiny_sd3))
+    check_resolution(tiny_sd3, 4 * factor)

@@ -119,6 +119,10 @@ def _held_out_count(*args: Any) -> int:   # the cells of a sweep share their dat
     return len(held_out(*args))
 
 
+GUIDANCE_KEYS = ("generation.guidance_scale", "eval.guidance_scale", "sample.guidance_scale",
+                 "callbacks.sample_grid.guidance_scale")
+
+
 def _compose(args: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -134,6 +138,17 @@ def _compose(args: list[str]) -> DictConfig:
 
 def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def check_guidance(cfg: DictConfig, family: Any, index: Any, dcfg: Any) -> None:
+    """A sampling guidance the model ignores (schnell; a step-distilled Klein) is refused: rows and grids
+    would carry a guidance their images were not made with (a guidance sweep: the same images, other labels)."""
+    if (why := family.guidance_ignored(index, dcfg)) is None:
+        return
+    for key in GUIDANCE_KEYS:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 1:
+            raise ModelDefaultsError(f"{key}={value}: {why}; set it to at most 1 (or leave generation.* to the model)")
 
 
 def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
@@ -158,15 +173,17 @@ def choose(cfg: DictConfig, given: set[str]) -> dict[str, tuple[Any, str]]:
                 (str(data / EMBEDDED_GRID_PROMPTS), "the embedded miniature's shape prompts") if embedded else
                 ("validation", "the run's own captions: the first ones of its held-out images"))
     gen = cfg.get("generation")
-    if task in GENERATING_TASKS and gen is not None and any(gen.get(k) == "auto" for k in GENERATION):
+    if task in GENERATING_TASKS and gen is not None:
         from toolkit.models.pretrained import denoiser_config, pipeline_index
 
         family = family_of_model(m)
-        sampling = family.sampling(pipeline_index(m.name_or_path, m.revision, m.get("config")),
-                                   denoiser_config(m.name_or_path, m.revision, m.get("config")))
-        for k in GENERATION:
-            if gen.get(k) == "auto":
-                out[f"generation.{k}"] = (sampling[k], f"the {family.name.upper()} family's sampling {k}")
+        index, dcfg = (f(m.name_or_path, m.revision, m.get("config")) for f in (pipeline_index, denoiser_config))
+        if any(gen.get(k) == "auto" for k in GENERATION):
+            sampling = family.sampling(index, dcfg)
+            for k in GENERATION:
+                if gen.get(k) == "auto":
+                    out[f"generation.{k}"] = (sampling[k], f"the {family.name.upper()} family's sampling {k}")
+        check_guidance(cfg, family, index, dcfg)
     if task in EVAL_TASKS:
         if cfg.eval.dataset == "auto":
             if embedded and same_path(OmegaConf.select(cfg, "data.path", throw_on_missing=False), style / "train"):

@@ -17,8 +17,10 @@ import torch
 
 from toolkit.data.sampler import MicroBatchSampler
 
+STEP = 64   # bucket sides' default step (pixels)
 
-def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+
+def make_buckets(resolution: int, step: int = STEP, max_aspect: float = 2.0) -> list[tuple[int, int]]:
     """(width, height) pairs with ~resolution² pixels, sides multiples of ``step``."""
     area, out = resolution * resolution, set()
     w = step

@@ -162,17 +162,24 @@ def vae_factor(name_or_path: str, revision: str | None = None, config: str | Non
     return 2 ** (len(cfg["block_out_channels"]) - 1)
 
 
-def check_resolution(name_or_path: str, resolution: int, revision: str | None = None, config: str | None = None
-                     ) -> None:
+def check_resolution(name_or_path: str, resolution: int, revision: str | None = None, config: str | None = None,
+                     bucket_step: int | None = None) -> None:
+    """Before any weight loads: the training size (and the aspect buckets' side step) a multiple of the
+    VAE's factor x the latent patch a token spans (SD3's transformer, Flux's packing: 2)."""
     check_model_path(name_or_path, config, allow_pickle=True)
-    vae, patch = vae_factor(name_or_path, revision, config), model_family(name_or_path, revision, config).latent_patch
+    family = model_family(name_or_path, revision, config)
+    vae = vae_factor(name_or_path, revision, config)
+    patch = family.latent_patch(denoiser_config(name_or_path, revision, config))
     factor = vae * patch
+    why = f"the VAE's downsampling factor {vae}" + (f" x the {patch}x{patch} latent patches a token spans"
+                                                    if patch > 1 else "")
     if resolution % factor:
         lo, hi = resolution // factor * factor, (resolution // factor + 1) * factor
-        why = f"the VAE's downsampling factor {vae}" + (f" x the {patch}x{patch} latent patches a token spans"
-                                                        if patch > 1 else "")
         raise ValueError(f"data.resolution={resolution} is not divisible by {factor}, {why} ({name_or_path}); "
                          f"use {lo or hi} or {hi}.")
+    if bucket_step and bucket_step % factor:
+        raise ValueError(f"data.buckets.step={bucket_step}: bucket sides must be multiples of {factor}, {why} "
+                         f"({name_or_path}); use a multiple of {factor}.")
 
 
 def load_vae(vae: str, dtype: torch.dtype, revision: str | None = None, use_safetensors: bool = True,
@@ -182,6 +189,9 @@ def load_vae(vae: str, dtype: torch.dtype, revision: str | None = None, use_safe
     located(str(vae), "model.vae")
     local = Path(vae).expanduser()
     sub = None if (local / "config.json").is_file() or not (local / "vae").is_dir() else "vae"
+    kind = vae_class.load_config(vae, subfolder=sub, revision=revision).get("_class_name")
+    if kind and kind != vae_class.__name__:   # diffusers would warn only, filling gaps with defaults
+        raise ValueError(f"model.vae={vae}: a {kind}, not the {vae_class.__name__} this model's pipeline uses")
     return vae_class.from_pretrained(vae, subfolder=sub, revision=revision, dtype=dtype,
                                      use_safetensors=use_safetensors)
 

@@ -30,8 +30,7 @@ from toolkit.adapters.loading import components, load_adapters
 from toolkit.config import as_list
 from toolkit.evaluation.protocol import versions
 from toolkit.inference.pipeline import apply_schedule, load_pipeline
-from toolkit.models.families import family_of_pipeline
-from toolkit.models.pretrained import model_family, resolve_dtype
+from toolkit.models.pretrained import check_model_path, model_family, resolve_dtype
 from toolkit.models.single_file import pipeline_to_single_file
 
 log = logging.getLogger(__name__)
@@ -65,12 +64,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if existing:
         raise FileExistsError(f"{existing} already exist; merge into another run dir or set merge.name")
 
+    check_model_path(model["name_or_path"], model.get("config"), model.get("allow_pickle", False))
     family = model_family(model["name_or_path"], model.get("revision"), model.get("config"))
     if "single_file" in formats and not family.single_file_layout:   # from the configs, before any weight loads
         raise ValueError(f"merge.formats={formats}: a {family.name} model is not written as one checkpoint file; "
                          "set merge.formats=[diffusers]")
     pipe = load_pipeline(**{**model, "dtype": "float32"})   # merged in float32, cast when written
-    family = family_of_pipeline(pipe)
     loaded = load_adapters(pipe, family, adapters, [float(s) for s in as_list(mc.lora_scale)], cfg.adapter_variant)
     apply_schedule(pipe, loaded)   # the merged model's scheduler config: the schedule it was trained with
     models = components(pipe, family)

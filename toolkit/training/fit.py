@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from toolkit.config import in_multirun
+from toolkit.data.buckets import STEP as BUCKET_STEP
 from toolkit.locate import check_local_or_hub
 from toolkit.models.pretrained import check_resolution
 from toolkit.run import lifecycle, signals
@@ -56,7 +57,8 @@ def train(cfg: DictConfig, ident: Identity | None = None) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.trainer = trainer
     datamodule.setup("fit")
-    check_resolution(cfg.model.name_or_path, datamodule.resolution, cfg.model.revision, cfg.model.get("config"))
+    check_resolution(cfg.model.name_or_path, datamodule.resolution, cfg.model.revision, cfg.model.get("config"),
+                     datamodule.buckets.get("step", BUCKET_STEP) if datamodule.buckets else None)
     module = instantiate(cfg.module)
     if in_multirun():   # DDP in a sweep cell: the other ranks must run this cell, not the sweep
         relaunch_as_cell(cfg.ckpt_path)

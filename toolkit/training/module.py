@@ -29,7 +29,7 @@ from toolkit.adapters.inject import add_lora, init_from_file
 from toolkit.hashing import text_key
 from toolkit.models.families import ModelFamily
 from toolkit.models.objective import Objective
-from toolkit.models.pretrained import load_components, model_family
+from toolkit.models.pretrained import check_model_path, load_components, model_family
 from toolkit.reproducibility import VALIDATION, SampleDraws, gather_rng_states, seed_micro_batch, set_rng_state
 from toolkit.run.processes import rescale_batch_progress
 from toolkit.training.optimizers import optimizers
@@ -112,6 +112,8 @@ class LoRADiffusion(L.LightningModule):
         self.objective = objective or Objective()
         speed = speed or Speed()
         if text_encoder_lora is not None:   # refused before any weight loads, not silently left untrained
+            check_model_path(self.pretrained["name_or_path"], self.pretrained.get("config"),
+                             self.pretrained.get("allow_pickle", False))
             family = model_family(self.pretrained["name_or_path"], self.pretrained.get("revision"),
                                   self.pretrained.get("config"))
             if not any(n in family.lora_components() for n in family.text_encoders):

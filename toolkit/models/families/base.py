@@ -38,7 +38,6 @@ class ModelFamily:
     denoiser_class: ClassVar[type]
     scheduler_class: ClassVar[type]                # the training noise scheduler
     vae_class: ClassVar[type] = AutoencoderKL      # the pipeline's VAE class
-    latent_patch: ClassVar[int] = 1                # latent pixels a token spans per side (Flux: 2x2 patches)
     other_variants: ClassVar[str] = ""             # a refusal says of the others of its denoiser class
     input_layer: ClassVar[str]                     # the denoiser's first layer: its weight dtype is the input dtype
     text_encoders: ClassVar[tuple[str, ...]]       # pipeline component names
@@ -113,6 +112,17 @@ class ModelFamily:
                        options: Mapping[str, Any] | None = None) -> Conditioning:
         """Per-caption conditioning tensors (``cache_fields``), as the family's pipeline computes them."""
         raise NotImplementedError
+
+    @classmethod
+    def guidance_ignored(cls, index: Mapping[str, Any], denoiser_config: Mapping[str, Any]) -> str | None:
+        """Why this model's pipeline ignores a sampling guidance above 1 (a distilled model), or None."""
+        return None
+
+    @classmethod
+    def latent_patch(cls, denoiser_config: Mapping[str, Any]) -> int:
+        """Latent pixels one token spans per side: a training size must be a multiple of it x the VAE factor
+        (a UNet: 1; a transformer: its config's ``patch_size``; Flux packs 2x2 patches in its pipeline)."""
+        return int(denoiser_config.get("patch_size") or 1)
 
     @classmethod
     def posterior_latents(cls, posterior: Any, generator: Any = None) -> torch.Tensor:

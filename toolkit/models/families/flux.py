@@ -47,7 +47,6 @@ class Flux(ModelFamily):
     denoiser_label = "transformer"
     denoiser_class = FluxTransformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
-    latent_patch = PATCH
     input_layer = "x_embedder"
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
@@ -85,6 +84,16 @@ class Flux(ModelFamily):
             return super().training_guidance(denoiser_config, guidance)   # schnell: none to give
         return float(call_default(cls.pipeline_class, "guidance_scale") if guidance is None else guidance)
 
+
+    @classmethod
+    def guidance_ignored(cls, index, denoiser_config) -> str | None:
+        if not denoiser_config.get("guidance_embeds"):
+            return "FLUX.1 [schnell] embeds no guidance and FluxPipeline runs no CFG: it samples without any"
+        return None
+
+    @classmethod
+    def latent_patch(cls, denoiser_config: Mapping[str, Any]) -> int:
+        return PATCH   # the pipeline packs 2x2 latent pixels a token (the transformer's patch_size is 1)
 
     @classmethod
     def sampling(cls, index=None, denoiser_config=None) -> dict[str, Any]:

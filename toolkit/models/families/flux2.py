@@ -80,7 +80,6 @@ class Flux2Klein(ModelFamily):
     denoiser_class = Flux2Transformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     vae_class = AutoencoderKLFlux2
-    latent_patch = 2   # _patchify_latents: 2x2 latent pixels a token
     other_variants = ("FLUX.2 [dev] (guidance embedded, a Mistral text encoder) is not supported; "
                       "FLUX.2 [klein] (no guidance embedding, a Qwen3 text encoder) is")
     input_layer = "x_embedder"
@@ -138,6 +137,16 @@ class Flux2Klein(ModelFamily):
         embeds, _ = pipe.encode_prompt(prompt=list(captions), device=torch.device(device),
                                        **cls.text_options(**(options or {})))
         return {"prompt_embeds": embeds}
+
+    @classmethod
+    def guidance_ignored(cls, index, denoiser_config) -> str | None:
+        if index.get("is_distilled"):
+            return "a step-distilled FLUX.2 [klein] samples without CFG (Flux2KleinPipeline ignores a guidance above 1)"
+        return None
+
+    @classmethod
+    def latent_patch(cls, denoiser_config: Mapping[str, Any]) -> int:
+        return 2   # _patchify_latents: 2x2 latent pixels a token (the transformer's patch_size is 1)
 
     @classmethod
     def sampling(cls, index=None, denoiser_config=None) -> dict[str, Any]:
