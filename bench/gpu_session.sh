@@ -12,6 +12,12 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers, peft, lightning, datasets, hydra, pyarrow; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+# The memory plan's gpu mode against torch's allocator, SDXL at 1024 px (issue 45; not yet run: written
+# while no GPU was lent): latent-cache encode at the budget's batch, grid decode, text cache, a guided
+# sampling step, the LoRA step with checkpointing in bf16 and with an int8 base
+timeout 300 python3 bench/memory.py --device cuda --json "$OUT/memory_gpu.json" --cells sdxl:encode:fp32:1024:3 \
+    sdxl:decode:fp32:1024:1 sdxl:text:bf16:1024:64 sdxl:denoise:bf16:1024:2 sdxl:step:bf16:1024:1:ckpt \
+    sdxl:step:int8:1024:1:ckpt > "$OUT/memory_gpu.log" 2>&1; echo "memory_gpu: $?"; tail -8 "$OUT/memory_gpu.log"
 step() { name=$1; shift; timeout 170 python3 bench/step.py "$@" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1; echo "$name: $?"; tail -3 "$OUT/$name.log"; }
 # SDXL at 1024 px: batch 1 with gradient checkpointing (does an SDXL LoRA fit 24 GB?), then throughput at batch 4
 step sdxl_b1_ckpt --model sdxl --batch 1 --checkpointing --steps 8 --warmup 3

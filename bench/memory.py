@@ -3,6 +3,7 @@
     python bench/memory.py                                  # the CPU table (a fresh process per cell)
     python bench/memory.py --cells sd15_mid:encode:fp32:512:4 --json out.json
     python bench/memory.py --write-configs sdxl /tmp/sdxl    # configs only; run.py model.name_or_path=/tmp/sdxl --plan
+    python bench/memory.py --device cuda --cells sdxl:encode:fp32:1024:3   # GPU: plan gpu mode vs the allocator
 
 Each cell builds the components a phase runs from their configs (random weights at the layout's
 real shapes: memory depends on shapes, not values), then runs the phase once and reads the
@@ -65,9 +66,15 @@ def vmhwm() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def reset_peak() -> int:
-    """Free what can be freed, return it to the OS, and restart the peak at the current RSS."""
+def reset_peak(device: str = "cpu") -> int:
+    """Free what can be freed, return it to the OS, and restart the peak at the current RSS (on a GPU: at
+    what torch's allocator holds now; the peak is then ``torch.cuda.max_memory_allocated``)."""
     gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     return psutil.Process().memory_info().rss
@@ -111,21 +118,22 @@ def lora(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
 
 
-def run_phase(layout: str, phase: str, precision: str, res: int, batch: int, ckpt: bool) -> dict:
-    """Build, reset the peak, run the phase: the measured side of one cell."""
+def run_phase(layout: str, phase: str, precision: str, res: int, batch: int, ckpt: bool, device: str = "cpu") -> dict:
+    """Build, reset the peak, run the phase: the measured side of one cell (``device``: cpu, the process's
+    resident memory; cuda, torch's allocator on the GPU, the weights moved there)."""
     from toolkit.models.families import SD, SDXL
     from toolkit.models.footprints import StandInTokenizer, context_length
 
-    base = reset_peak()   # the libraries only
+    base = reset_peak(device)   # the libraries only (cuda: nothing yet)
     spec, dtype = LAYOUTS[layout], DTYPES[precision]
     family = SDXL if spec["family"] is SDXL else SD
     sk = skeletons(layout)
     latent = (res // 2 ** (len(spec["vae"]["block_out_channels"]) - 1),) * 2
     parts = PHASE_PARTS[phase]
-    vae = real(sk["vae"], torch.float32 if dtype != torch.float32 and family is SDXL else dtype) if "vae" in parts \
-        else None
-    encs = [real(e, dtype) for e in sk["text"]] if "text" in parts else []
-    unet = real(sk["unet"], dtype) if "unet" in parts else None
+    vae = real(sk["vae"], torch.float32 if dtype != torch.float32 and family is SDXL else dtype).to(device) \
+        if "vae" in parts else None
+    encs = [real(e, dtype).to(device) for e in sk["text"]] if "text" in parts else []
+    unet = real(sk["unet"], dtype).to(device) if "unet" in parts else None
     if unet is not None and precision == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -137,34 +145,40 @@ def run_phase(layout: str, phase: str, precision: str, res: int, batch: int, ckp
             unet.enable_gradient_checkpointing()
         opt = torch.optim.AdamW(params, lr=1e-4)
     cond_dim = spec["unet"].get("cross_attention_dim")
-    before = reset_peak()
+    before = reset_peak(device)
+    zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
     with torch.no_grad() if phase != "step" else torch.enable_grad():
         if phase == "encode":
-            vae.encode(torch.zeros(batch, 3, res, res, dtype=vae.dtype)).latent_dist.parameters.sum()
+            vae.encode(zeros(batch, 3, res, res, dtype=vae.dtype)).latent_dist.parameters.sum()
         elif phase == "decode":
-            vae.decode(torch.zeros(batch, 4, *latent, dtype=vae.dtype))
+            vae.decode(zeros(batch, 4, *latent, dtype=vae.dtype))
         elif phase == "text":
-            family.encode_prompts([StandInTokenizer(context_length(e)) for e in encs], encs, ["x"] * batch, "cpu")
+            family.encode_prompts([StandInTokenizer(context_length(e)) for e in encs], encs, ["x"] * batch, device)
         else:
             rows = 2 * batch if phase == "denoise" else batch
-            kw = {"encoder_hidden_states": torch.zeros(rows, 77, cond_dim, dtype=dtype)}
+            kw = {"encoder_hidden_states": zeros(rows, 77, cond_dim, dtype=dtype)}
             if family is SDXL:
                 proj = spec["text"][-1]["projection_dim"]
-                kw["added_cond_kwargs"] = {"text_embeds": torch.zeros(rows, proj, dtype=dtype),
-                                           "time_ids": torch.zeros(rows, 6, dtype=dtype)}
+                kw["added_cond_kwargs"] = {"text_embeds": zeros(rows, proj, dtype=dtype),
+                                           "time_ids": zeros(rows, 6, dtype=dtype)}
             for _ in range(2 if phase == "step" else 1):
-                out = unet(torch.zeros(rows, 4, *latent, dtype=dtype), torch.zeros(rows, dtype=torch.long), **kw).sample
+                out = unet(zeros(rows, 4, *latent, dtype=dtype), zeros(rows, dtype=torch.long), **kw).sample
                 if phase == "step":
                     out.float().pow(2).mean().backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 del out
-    peak = vmhwm()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else vmhwm()
     return {"rss_libraries": base, "rss_before_phase": before, "peak": peak}
 
 
-def estimate(layout: str, phase: str, precision: str, res: int, batch: int, ckpt: bool, traces: str | None) -> dict:
-    """The plan's side of one cell: weights from the configs + the traced phase."""
+def estimate(layout: str, phase: str, precision: str, res: int, batch: int, ckpt: bool, traces: str | None,
+             device: str = "cpu") -> dict:
+    """The plan's side of one cell: weights from the configs + the traced phase (the plan's gpu mode on cuda:
+    the attention kernels that hold no whole attention matrix)."""
+    mode = "gpu" if device == "cuda" else "cpu"
     from functools import partial
 
     from toolkit.models import footprints as fp
@@ -188,7 +202,7 @@ def estimate(layout: str, phase: str, precision: str, res: int, batch: int, ckpt
         return {"weights": sum(quantized_bytes(e, None, dtype) for e in sk["text"]), "phase": text.at(batch)}
     weights = quantized_bytes(sk["unet"], quant, dtype)
     if phase == "denoise":
-        return {"weights": weights, "phase": fp.denoise(family, sk["unet"], fields, latent, dtype, True, "cpu", None,
+        return {"weights": weights, "phase": fp.denoise(family, sk["unet"], fields, latent, dtype, True, mode, None,
                                                         traces).at(batch)}
 
     def adapt(unet: torch.nn.Module) -> None:
@@ -197,16 +211,16 @@ def estimate(layout: str, phase: str, precision: str, res: int, batch: int, ckpt
             unet.enable_gradient_checkpointing()
 
     st = fp.train_step(family, sk["unet"], fields, latent, batch, dtype, partial(torch.optim.AdamW, lr=1e-4), adapt,
-                       f"r4-attention-ckpt{ckpt}", "cpu", None, 4, traces)
+                       f"r4-attention-ckpt{ckpt}", mode, None, 4, traces)
     return {"weights": weights + st["adapter"], "phase": st["activations"] + st["optimizer_state"]}
 
 
-def cell(name: str, traces: str | None) -> dict:
+def cell(name: str, traces: str | None, device: str = "cpu") -> dict:
     layout, phase, precision, res, batch, *rest = name.split(":")
     ckpt = bool(rest and rest[0] == "ckpt")
     args = (layout, phase, precision, int(res), int(batch), ckpt)
-    measured = run_phase(*args)
-    est = estimate(*args, traces)
+    measured = run_phase(*args, device)
+    est = estimate(*args, traces, device)
     total_est = measured["rss_libraries"] + est["weights"] + est["phase"]
     phase_meas = measured["peak"] - measured["rss_before_phase"]
     return {"cell": name, **measured, "weights_estimated": est["weights"],
@@ -216,9 +230,10 @@ def cell(name: str, traces: str | None) -> dict:
             "phase_error": est["phase"] / phase_meas - 1 if phase_meas > 0 else None}
 
 
-def fresh(name: str, traces: str | None) -> dict:
+def fresh(name: str, traces: str | None, device: str = "cpu") -> dict:
     """One cell in a fresh process (its own libraries, nothing else alive)."""
-    cmd = [sys.executable, __file__, "--cells", name, "--json", "-"] + (["--traces", traces] if traces else [])
+    cmd = [sys.executable, __file__, "--cells", name, "--json", "-", "--device", device] + \
+        (["--traces", traces] if traces else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     if res.returncode:
         raise RuntimeError(f"cell {name} failed:\n{res.stderr[-3000:]}")
@@ -245,6 +260,8 @@ def main() -> None:
     ap.add_argument("--cells", nargs="*", help="layout:phase:precision:resolution:batch[:ckpt] (default: the table)")
     ap.add_argument("--json", help="write the rows here ('-': stdout, one line)")
     ap.add_argument("--traces", default=None, help="keep traced footprints in this folder")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: peaks from torch's GPU allocator against the plan's gpu mode (libraries not counted)")
     ap.add_argument("--write-configs", nargs=2, metavar=("LAYOUT", "DIR"),
                     help="write LAYOUT's configs (no weights) as a pipeline folder, for --plan")
     args = ap.parse_args()
@@ -256,12 +273,12 @@ def main() -> None:
         from toolkit.allocator import fix_mmap_threshold
 
         fix_mmap_threshold()
-        print(json.dumps([cell(c, args.traces) for c in args.cells]))
+        print(json.dumps([cell(c, args.traces, args.device) for c in args.cells]))
         return
     rows = []
     for name in args.cells or TABLE:
         try:
-            r = fresh(name, args.traces)
+            r = fresh(name, args.traces, args.device)
         except RuntimeError as err:   # one cell's failure (e.g. out of RAM) is reported, the table goes on
             print(f"{name:<34} FAILED: {str(err)[-400:]}", flush=True)
             continue
