@@ -80,7 +80,6 @@ class Plan:
     rows: list[Row] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
     lean: bool = True                 # cpu mode: the allocator policy holds resident memory to the tensors'
 
     def total(self, row: Row) -> int:

@@ -84,7 +84,6 @@ class Flux(ModelFamily):
             return super().training_guidance(denoiser_config, guidance)   # schnell: none to give
         return float(call_default(cls.pipeline_class, "guidance_scale") if guidance is None else guidance)
 
-
     @classmethod
     def guidance_ignored(cls, index, denoiser_config) -> str | None:
         if not denoiser_config.get("guidance_embeds"):

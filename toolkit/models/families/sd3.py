@@ -42,7 +42,6 @@ class SD3(ModelFamily):
         # SD3LoraLoaderMixin: transformer, text_encoder, text_encoder_2 (no T5)
         return (cls.denoiser, "text_encoder", "text_encoder_2")
 
-
     @classmethod
     def text_options(cls, max_sequence_length: int | None = None) -> dict[str, Any]:
         return t5_options(cls, max_sequence_length)
