@@ -243,7 +243,8 @@ def fresh(name: str, traces: str | None, device: str = "cpu") -> dict:
 GiB = 2**30
 TABLE = [
     "tiny_sd:encode:fp32:64:8", "tiny_sd:step:fp32:64:8", "tiny_sdxl:step:fp32:64:8",
-    "sd15_mid:encode:fp32:512:4", "sd15_mid:decode:fp32:512:2", "sd15_mid:text:fp32:512:16",
+    "sd15_mid:encode:fp32:512:4", "sd15_mid:decode:fp32:512:1", "sd15_mid:decode:fp32:512:2",
+    "sd15_mid:text:fp32:512:16",
     "sd15_mid:denoise:fp32:512:4", "sd15_mid:step:fp32:512:2", "sd15_mid:step:fp32:512:2:ckpt",
     "sd15_mid:step:int8:512:2", "sd15_mid:step:bf16:512:2",
     "sdxl_mid:encode:fp32:1024:1", "sdxl_mid:denoise:fp32:1024:1", "sdxl_mid:step:fp32:1024:1:ckpt",

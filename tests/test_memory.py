@@ -43,9 +43,21 @@ def test_budget_arithmetic_and_refusal():
         Memory(plan="sometimes")
 
 
+def test_a_convolution_holds_scratch_the_size_of_its_larger_operand_while_it_runs():
+    # measured on oneDNN (toolkit/models/memory.py: _SCRATCH); the VAE decoder's peak is made of it
+    for cin, cout in ((8, 32), (32, 8)):
+        conv, x = torch.nn.Conv2d(cin, cout, 3, padding=1), torch.zeros(1, cin, 64, 64)
+        with torch.no_grad(), LiveBytes([*conv.parameters(), x]) as live:
+            y = conv(x)
+        out, larger = y.numel() * 4, max(cin, cout) * 64 * 64 * 4
+        assert live.live == out and live.peak == out + larger, (cin, cout, live.peak)
+
+
 # A fresh process per cell: the libraries, the weights at the layout's shapes, then one phase
-# (bench/memory.py). tiny: the tests' SD; mid: SD-1.5's and SDXL's layouts at a quarter width.
-CELLS = ["tiny_sd:step:fp32:64:8", "sd15_mid:encode:fp32:512:2", "sdxl_mid:step:fp32:256:2:ckpt"]
+# (bench/memory.py). tiny: the tests' SD; mid: SD-1.5's and SDXL's layouts at a quarter width;
+# sd15 decode: the published VAE, whose peak is a full-resolution convolution's scratch.
+CELLS = ["tiny_sd:step:fp32:64:8", "sd15_mid:encode:fp32:512:2", "sdxl_mid:step:fp32:256:2:ckpt",
+         "sd15:decode:fp32:512:1"]
 
 
 def test_cpu_estimates_are_within_15_percent_of_fresh_processes(tmp_path):
@@ -191,3 +203,30 @@ def test_the_plan_prints_before_loading_and_refuses_what_will_not_fit(tiny_model
         lean = build(cpu)
         lean.device = plan.device
         assert "allocator" not in "\n".join(render(lean)) and lean.verdict(step) == "fits"
+
+
+def test_ddp_leaves_the_frozen_text_encoders_alone_so_they_can_leave_the_device(tiny_module, tmp_path):
+    """A GPU run moves cached text encoders to host memory, under DDP too: DDP must neither check,
+    broadcast nor sync them (here they leave for the meta device, which DDP cannot handle either)."""
+    import lightning as L
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = tiny_module[0]
+    module = instantiate(cfg.module)
+    module.trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module.setup("fit")   # what Lightning calls before its DDP strategy wraps the module
+    text = {n for n, _ in [*module.named_parameters(), *module.named_buffers()]
+            if n.split(".")[0] in module.family.text_encoders}
+    assert text and set(module._ddp_params_and_buffers_to_ignore) == text
+    for enc in module.text_encoders:
+        enc.to("meta")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(module)
+        assert not any(b.is_meta for b in ddp.modules_buffers)   # nor synced before each forward
+        module._ddp_params_and_buffers_to_ignore = []   # without the list DDP refuses the module
+        with pytest.raises(Exception, match="meta|same type of devices"):
+            DistributedDataParallel(module)
+    finally:
+        dist.destroy_process_group()

@@ -9,8 +9,8 @@ checkpointing recomputes, the optimizer's state), picked by the same dispatch as
 attention costs what the kernel that runs costs: PyTorch 2.13's CPU SDPA is a flash kernel (its
 output and log-sum-exp; measured +6 MB at 8192 tokens where the n×n matrix is 256 MB), as CUDA's
 flash / memory-efficient kernels are, and ``module.speed.attention=default`` materialises the
-matrix on both, which the trace then counts. Not seen: a kernel's private scratch (oneDNN/cuDNN
-workspaces) and allocator slack.
+matrix on both, which the trace then counts. A convolution's scratch (oneDNN's reorder buffer) is
+added while it runs (``_SCRATCH``); other kernels' private scratch and allocator slack are not seen.
 
 A CUDA tensor cannot be faked on a CPU-only PyTorch (its device guard aborts the process), so the
 GPU mode traces CPU kernels under an emulation of CUDA autocast's cast lists (``CudaAutocast``):
@@ -61,10 +61,31 @@ class Footprint:
         return Footprint(max(peak_1 - per, 0), per)
 
 
+def _nbytes(t: Any) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+# A convolution's scratch while it runs, which no tensor shows: oneDNN (PyTorch's CPU convolution)
+# holds one more buffer the size of the larger of its input and output (a reorder to or from its
+# blocked layout). Measured, one Conv2d in float32 without gradients in a fresh process (the entry's
+# allocator policy): 128→128 channels at 512² peak 263 MiB for a 128 MiB output; 512→128 at 256²,
+# 162 MiB for a 128 MiB input and a 32 MiB output; 128→512 at 256², 263 MiB; 128→3 at 1024², 583 MiB
+# for a 512 MiB input. It is what the VAE decoder's peak (its full-resolution convolutions) was
+# missing: −17 % at SDXL's 1024 px before it was counted (bench/README §18). A channels-last input
+# needs no reorder (oneDNN's brgemm kernel reads it as it is): diffusers' VAE decoder turns
+# channels-last after its attention at batch ≥ 2, where this over-counts by one buffer (+20 % on a
+# quarter-width decode at batch 2); counted anyway, as the layout is the kernels' choice, and the
+# toolkit decodes one image at a time (VAE slicing), where it is exact. The backward convolution's
+# scratch is not counted (a UNet's convolutions are small beside what a step holds). On a GPU
+# cuDNN's workspace takes its place; the same transient is counted there (unmeasured).
+_SCRATCH = {torch.ops.aten.convolution.default: lambda args, out: max(_nbytes(args[0]), _nbytes(out))}
+
+
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of every tensor storage an op returns until the storage is freed; ``peak``
     is the largest total. The storages of ``existing`` tensors (the weights: a view of a weight,
-    as ``linear`` makes of it, is no new memory) are not counted."""
+    as ``linear`` makes of it, is no new memory) are not counted. An op in ``_SCRATCH`` also holds
+    its scratch while it runs (counted at that moment, on top of what is live with its output)."""
 
     def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
@@ -93,6 +114,9 @@ class LiveBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t)
+        scratch = _SCRATCH.get(func)
+        if scratch is not None:
+            self.peak = max(self.peak, self.live + scratch(args, out))
         return out
 
 
@@ -185,7 +209,7 @@ def trace_key(spec: dict[str, Any]) -> str:
     import transformers
 
     full = {**spec, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "tracer": 2}
+            "transformers": transformers.__version__, "tracer": 3}
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
