@@ -205,28 +205,48 @@ def test_the_plan_prints_before_loading_and_refuses_what_will_not_fit(tiny_model
         assert "allocator" not in "\n".join(render(lean)) and lean.verdict(step) == "fits"
 
 
-def test_ddp_leaves_the_frozen_text_encoders_alone_so_they_can_leave_the_device(tiny_module, tmp_path):
-    """A GPU run moves cached text encoders to host memory, under DDP too: DDP must neither check,
-    broadcast nor sync them (here they leave for the meta device, which DDP cannot handle either)."""
+def test_cached_text_encoders_leave_the_gpu_under_ddp_and_ddp_leaves_their_buffers_alone(tiny_module, tmp_path):
+    """A GPU run moves cached text encoders to host memory, under DDP too: DDP broadcasts every buffer
+    it holds before each forward (over NCCL: GPU tensors only), so it must not hold theirs; their
+    weights are still broadcast once, from rank 0, when DDP wraps the module."""
+    from types import SimpleNamespace
+
     import lightning as L
     import torch.distributed as dist
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
     from torch.nn.parallel import DistributedDataParallel
+
+    from toolkit.plan import build
 
     cfg = tiny_module[0]
     module = instantiate(cfg.module)
     module.trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     module.setup("fit")   # what Lightning calls before its DDP strategy wraps the module
-    text = {n for n, _ in [*module.named_parameters(), *module.named_buffers()]
-            if n.split(".")[0] in module.family.text_encoders}
-    assert text and set(module._ddp_params_and_buffers_to_ignore) == text
-    for enc in module.text_encoders:
-        enc.to("meta")
+    prefixes = tuple(f"{e}." for e in module.family.text_encoders)
+    text_buffers = {n for n, _ in module.named_buffers() if n.startswith(prefixes)}
+    assert text_buffers and set(module._ddp_params_and_buffers_to_ignore) == text_buffers   # CLIP's position ids
+    assert not dist.is_initialized()
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         ddp = DistributedDataParallel(module)
-        assert not any(b.is_meta for b in ddp.modules_buffers)   # nor synced before each forward
-        module._ddp_params_and_buffers_to_ignore = []   # without the list DDP refuses the module
-        with pytest.raises(Exception, match="meta|same type of devices"):
-            DistributedDataParallel(module)
+        held = {id(b) for b in ddp.modules_buffers}
+        assert not any(id(b) in held for n, b in module.named_buffers() if n.startswith(prefixes))
+        assert not ddp.parameters_to_ignore & {n for n, _ in module.named_parameters()}   # weights: from rank 0
     finally:
         dist.destroy_process_group()
+    # released on a GPU under DDP on several processes; kept under a strategy that shards or holds them
+    for strategy, released in ((DDPStrategy(), True), (SingleDeviceStrategy("cpu"), False)):
+        module.text_encoders_released = False
+        module._trainer = SimpleNamespace(world_size=8, strategy=strategy)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(module), "device", property(lambda self: torch.device("cuda")))
+            module.release_text_encoders()
+        assert module.text_encoders_released is released, strategy
+    module.text_encoders_released = False
+    # the plan counts them off the GPU in the step under DDP, on the device under another strategy
+    args = ["memory.mode=gpu", "trainer.devices=2"]
+    base = tiny_overrides(str(cfg.model.name_or_path), str(cfg.data.path), tmp_path / "plan")
+    for strategy, note in (("ddp", True), ("fsdp", False)):
+        plan = build(compose_cfg(base + args + [f"+trainer.strategy={strategy}"], tmp_path / strategy))
+        step = next(r for r in plan.rows if r.phase == "training step")
+        assert ("text encoders off the GPU" in step.note) is note, (strategy, step.note)

@@ -182,9 +182,10 @@ def training_rows(cfg: DictConfig, p: model_parts.Parts, mem: Memory, mode: str,
                              f"{flips} variant(s) an image, VAE in {str(p.vae_dtype).removeprefix('torch.')}"))
     if text_cached:
         rows.append(budgeted("encoding: text cache", text_cost, int(cb.encoded_cache.batch_size), all_weights))
-    # the frozen text encoders leave the GPU once every caption is cached, under DDP too
-    # (LoRADiffusion.release_text_encoders; DDP ignores them: frozen_text_tensors)
-    released = text_cached and mode == "gpu"
+    # the frozen text encoders leave the GPU once every caption is cached, in one process or under
+    # DDP (LoRADiffusion.release_text_encoders; DDP leaves their buffers alone: frozen_text_buffers)
+    ddp = world == 1 or str(tr.get("strategy", "auto")).startswith(("ddp", "auto"))
+    released = text_cached and mode == "gpu" and ddp
     text_weights = sum(v for k, v in weights.items() if k in p.family.text_encoders)
     resident = all_weights - (text_weights if released else 0) + step["optimizer_state"]
     extra, notes = 0, []

@@ -76,8 +76,11 @@ def _nbytes(t: Any) -> int:
 # channels-last after its attention at batch ≥ 2, where this over-counts by one buffer (+20 % on a
 # quarter-width decode at batch 2); counted anyway, as the layout is the kernels' choice, and the
 # toolkit decodes one image at a time (VAE slicing), where it is exact. The backward convolution's
-# scratch is not counted (a UNet's convolutions are small beside what a step holds). On a GPU
-# cuDNN's workspace takes its place; the same transient is counted there (unmeasured).
+# scratch is not counted (a UNet's convolutions are small beside what a step holds). Measured for
+# float32, which VAEs run in (``force_upcast``): in bfloat16 oneDNN holds about two output-sized
+# buffers (a review measured SD-1.5's decode in bf16 at −12 % of its peak), and a build without
+# oneDNN falls back to im2col (~9× the input). On a GPU cuDNN's workspace takes its place; the same
+# transient is counted there (unmeasured).
 _SCRATCH = {torch.ops.aten.convolution.default: lambda args, out: max(_nbytes(args[0]), _nbytes(out))}
 
 

@@ -210,23 +210,28 @@ class LoRADiffusion(L.LightningModule):
     def tokenizers(self) -> list[Any]:
         return [getattr(self, n) for n in self.family.tokenizers]
 
-    def frozen_text_tensors(self) -> list[str]:
-        """Names of the frozen text encoders' parameters and buffers, as DDP names them. DDP is told
-        to leave them alone (``_ddp_params_and_buffers_to_ignore``, read when it wraps the module): it
-        would otherwise broadcast them from rank 0 when it wraps the module and their buffers before
-        every forward, from the device they were on then, and so fail once they have left it. Every
-        rank loads them from the same files and nothing trains them, so nothing is lost."""
+    def frozen_text_buffers(self) -> list[str]:
+        """Names of the frozen text encoders' buffers (CLIP's position ids), as DDP names them. DDP is
+        told to leave them alone (``_ddp_params_and_buffers_to_ignore``, read when it wraps the
+        module): it broadcasts every other buffer from rank 0 before each forward, which fails (NCCL
+        takes only GPU tensors) once the encoders have left the GPU. Their parameters are still
+        broadcast once, when DDP wraps the module, before they leave: every rank encodes captions
+        with rank 0's weights, as before. Nothing trains them, so nothing else of DDP touches them."""
         if self.text_lora_params:
             return []
         prefixes = tuple(f"{n}." for n in self.family.text_encoders)
-        tensors = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
-        return [n for n, t in tensors if n.startswith(prefixes) and not t.requires_grad]
+        return [n for n, _ in self.named_buffers(remove_duplicate=False) if n.startswith(prefixes)]
 
     def release_text_encoders(self) -> None:
         """Once every caption is cached (``EncodedCache``) frozen text encoders leave the accelerator
         (T5-XXL alone is ~9 GB in bfloat16); sampling brings them back for its prompts
-        (:meth:`text_encoders_on_device`). Under DDP too: it ignores them (:meth:`frozen_text_tensors`)."""
+        (:meth:`text_encoders_on_device`). In one process, or under Lightning's DDP, which leaves
+        their buffers alone (:meth:`frozen_text_buffers`); other strategies (FSDP, DeepSpeed) shard
+        or hold them, so they stay."""
         if self.text_lora_params or self.device.type == "cpu":
+            return
+        if self.trainer.world_size > 1 and not isinstance(self.trainer.strategy, L.pytorch.strategies.DDPStrategy):
+            log.info("text encoders stay on %s: %s is not DDP", self.device, type(self.trainer.strategy).__name__)
             return
         for enc in self.text_encoders:
             enc.to("cpu")
@@ -319,7 +324,7 @@ class LoRADiffusion(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":   # before the strategy wraps the module in DDP
-            self._ddp_params_and_buffers_to_ignore = self.frozen_text_tensors()
+            self._ddp_params_and_buffers_to_ignore = self.frozen_text_buffers()
         if stage == "fit" and not self.compiled:   # the run's length and device are known here, not in __init__
             steps = self.trainer.max_steps if self.trainer.max_steps > 0 else None
             self.compiled = self.speed.compile_denoiser(self.denoiser, self.trainer.strategy.root_device.type, steps)
