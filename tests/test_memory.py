@@ -213,7 +213,7 @@ def test_cached_text_encoders_leave_the_gpu_under_ddp_and_ddp_leaves_their_buffe
 
     import lightning as L
     import torch.distributed as dist
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
     from torch.nn.parallel import DistributedDataParallel
 
     from toolkit.plan import build
@@ -235,7 +235,8 @@ def test_cached_text_encoders_leave_the_gpu_under_ddp_and_ddp_leaves_their_buffe
     finally:
         dist.destroy_process_group()
     # released on a GPU under DDP on several processes; kept under a strategy that shards or holds them
-    for strategy, released in ((DDPStrategy(), True), (SingleDeviceStrategy("cpu"), False)):
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)   # a DDPStrategy subclass (deepspeed not installed)
+    for strategy, released in ((DDPStrategy(), True), (SingleDeviceStrategy("cpu"), False), (deepspeed, False)):
         module.text_encoders_released = False
         module._trainer = SimpleNamespace(world_size=8, strategy=strategy)
         with pytest.MonkeyPatch.context() as mp:
@@ -246,7 +247,8 @@ def test_cached_text_encoders_leave_the_gpu_under_ddp_and_ddp_leaves_their_buffe
     # the plan counts them off the GPU in the step under DDP, on the device under another strategy
     args = ["memory.mode=gpu", "trainer.devices=2"]
     base = tiny_overrides(str(cfg.model.name_or_path), str(cfg.data.path), tmp_path / "plan")
-    for strategy, note in (("ddp", True), ("fsdp", False)):
-        plan = build(compose_cfg(base + args + [f"+trainer.strategy={strategy}"], tmp_path / strategy))
+    target = "{_target_:lightning.pytorch.strategies.DDPStrategy}"
+    for n, (strategy, note) in enumerate((("ddp", True), ("fsdp", False), ("deepspeed", False), (target, True))):
+        plan = build(compose_cfg(base + args + [f"+trainer.strategy={strategy}"], tmp_path / f"s{n}"))
         step = next(r for r in plan.rows if r.phase == "training step")
         assert ("text encoders off the GPU" in step.note) is note, (strategy, step.note)

@@ -184,7 +184,9 @@ def training_rows(cfg: DictConfig, p: model_parts.Parts, mem: Memory, mode: str,
         rows.append(budgeted("encoding: text cache", text_cost, int(cb.encoded_cache.batch_size), all_weights))
     # the frozen text encoders leave the GPU once every caption is cached, in one process or under
     # DDP (LoRADiffusion.release_text_encoders; DDP leaves their buffers alone: frozen_text_buffers)
-    ddp = world == 1 or str(tr.get("strategy", "auto")).startswith(("ddp", "auto"))
+    strategy = tr.get("strategy", "auto")   # a name, or a config of a Strategy class (its _target_)
+    name = str(strategy.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(strategy, DictConfig) else str(strategy)
+    ddp = world == 1 or name.startswith(("ddp", "auto")) or name == "DDPStrategy"
     released = text_cached and mode == "gpu" and ddp
     text_weights = sum(v for k, v in weights.items() if k in p.family.text_encoders)
     resident = all_weights - (text_weights if released else 0) + step["optimizer_state"]

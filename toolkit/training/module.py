@@ -225,13 +225,17 @@ class LoRADiffusion(L.LightningModule):
     def release_text_encoders(self) -> None:
         """Once every caption is cached (``EncodedCache``) frozen text encoders leave the accelerator
         (T5-XXL alone is ~9 GB in bfloat16); sampling brings them back for its prompts
-        (:meth:`text_encoders_on_device`). In one process, or under Lightning's DDP, which leaves
-        their buffers alone (:meth:`frozen_text_buffers`); other strategies (FSDP, DeepSpeed) shard
-        or hold them, so they stay."""
+        (:meth:`text_encoders_on_device`). In one process, or several under Lightning's DDP, which
+        leaves their buffers alone (:meth:`frozen_text_buffers`); with several processes under
+        another strategy (FSDP, DeepSpeed: subclasses of DDP's that shard or hold them) they stay."""
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, XLAStrategy
+
         if self.text_lora_params or self.device.type == "cpu":
             return
-        if self.trainer.world_size > 1 and not isinstance(self.trainer.strategy, L.pytorch.strategies.DDPStrategy):
-            log.info("text encoders stay on %s: %s is not DDP", self.device, type(self.trainer.strategy).__name__)
+        strategy = self.trainer.strategy
+        ddp = isinstance(strategy, DDPStrategy) and not isinstance(strategy, (DeepSpeedStrategy, XLAStrategy))
+        if self.trainer.world_size > 1 and not ddp:
+            log.info("text encoders stay on %s: %s is not DDP", self.device, type(strategy).__name__)
             return
         for enc in self.text_encoders:
             enc.to("cpu")
